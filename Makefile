@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make run` (main job) and `make test` (test suite).
+# Both create .venv and install the project with torch pinned to the CPU build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: run test lint bench clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e examples/m3tfed-example-plugin
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/m3tfed run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check core plugins experts tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/moe_layer.py
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,1 @@
+"""Federation: components, the round loop, the update pipeline, checkpoints."""

@@ -1,0 +1,198 @@
+"""Typed plugin specs: what a plugin hands to m3tfed through a ``register`` callback.
+
+A spec is a small frozen record: a name, a version, metadata institutions choose by
+(modalities, tasks, parameter count, licence, minimum memory) and a ``build`` factory.
+Specs describe plugins; they do not validate the modules they build (that is
+``m3tfed.contracts``) and they do not know where they were found (the plugin manager
+fills ``package``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+# Parameter counts in metadata are declared for a module built at this width, so that
+# one number in registry.toml can be checked against the real module.
+REFERENCE_D_MODEL = 256
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Fields common to every plugin kind."""
+
+    kind: ClassVar[str] = "spec"
+
+    name: str
+    build: Callable[..., Any]
+    version: str = "0.0.0"
+    description: str = ""
+    license: str = "unknown"
+    min_memory_mb: float = 0.0
+    modalities: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    # Filled by the plugin manager: the distribution (or module) the spec came from.
+    package: str = ""
+
+    def with_package(self, package: str) -> Spec:
+        return replace(self, package=package)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready metadata (everything but the factory)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in self.__dataclass_fields__:
+            if f == "build":
+                continue
+            value = getattr(self, f)
+            out[f] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class EncoderSpec(Spec):
+    """A modality encoder: ``build(d_model, **options)`` returns an ``nn.Module`` whose
+    ``forward(inputs)`` returns :class:`Tokens` and whose ``example_input(batch_size,
+    generator)`` makes a valid random batch (used by the contract checks).
+
+    ``trainable`` names the part that travels in a round; frozen backbones never do.
+    """
+
+    kind: ClassVar[str] = "encoder"
+    modality: str = ""
+    params: int | None = None  # at REFERENCE_D_MODEL, trainable + frozen
+
+
+@dataclass(frozen=True)
+class ExpertSpec(Spec):
+    """A task expert: ``build(d_model, **options)`` returns a module mapping ``[N, d]``
+    to ``[N, d]``. Empty ``modalities``/``tasks`` mean "general purpose"."""
+
+    kind: ClassVar[str] = "expert"
+    params: int | None = None  # at REFERENCE_D_MODEL with default options
+    size: str = "base"  # "small" experts suit institutions with little compute
+
+
+@dataclass(frozen=True)
+class TaskSpec(Spec):
+    """A task: ``build(d_model, **options)`` returns a :class:`m3tfed.tasks.TaskHead`
+    (head module + loss + metrics + label spec)."""
+
+    kind: ClassVar[str] = "task"
+
+
+@dataclass(frozen=True)
+class RouterSpec(Spec):
+    """A router: ``build(d_model, num_experts, **options)`` returns a module whose
+    ``forward(x [N, d], expert_mask [E] bool)`` returns :class:`Routing`."""
+
+    kind: ClassVar[str] = "router"
+
+
+@dataclass(frozen=True)
+class AggregatorSpec(Spec):
+    """A per-component update rule: ``build(**options)`` returns an object with
+    ``aggregate(component, current, updates) -> new_state``."""
+
+    kind: ClassVar[str] = "aggregator"
+
+
+@dataclass(frozen=True)
+class DataSourceSpec(Spec):
+    """A data source: ``build(**options)`` returns per-institution datasets."""
+
+    kind: ClassVar[str] = "data"
+
+
+@dataclass(frozen=True)
+class BackendSpec(Spec):
+    """Where institutions run: ``build(**options)`` returns a backend that executes a
+    round's local training jobs (in-process simulation, an FL engine, ...)."""
+
+    kind: ClassVar[str] = "backend"
+
+
+@dataclass(frozen=True)
+class UpdateStageSpec(Spec):
+    """A stage of the update pipeline (clip, privacy, compress): ``build(**options)``
+    returns an object with ``process(updates, context) -> updates``. ``order`` sorts
+    stages: lower runs first."""
+
+    kind: ClassVar[str] = "stage"
+    order: int = 100
+
+
+SPEC_TYPES: dict[str, type[Spec]] = {
+    cls.kind: cls
+    for cls in (
+        EncoderSpec,
+        ExpertSpec,
+        TaskSpec,
+        RouterSpec,
+        AggregatorSpec,
+        DataSourceSpec,
+        BackendSpec,
+        UpdateStageSpec,
+    )
+}
+
+
+class Tokens(NamedTuple):
+    """An encoder's output: ``tokens [B, T, d]`` and ``mask [B, T]`` (True = real token).
+
+    A sample lacking the modality has an all-False row; that is normal, not an error.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+class Routing(NamedTuple):
+    """A router's decision as a flat list of (token, expert, weight) assignments.
+
+    One format serves top-k (N*k assignments, minus overflow), expert choice (E*C) and
+    dense soft mixtures (N*E): the MoE layer groups assignments by expert and runs each
+    expert once on its tokens.
+    """
+
+    token_index: torch.Tensor  # [M] long, into the flattened tokens
+    expert_index: torch.Tensor  # [M] long, into the global expert list
+    weight: torch.Tensor  # [M] float, gate value multiplying the expert's output
+    aux_losses: dict[str, torch.Tensor] = {}
+    stats: dict[str, Any] = {}
+
+
+@dataclass
+class PluginError:
+    """A plugin that failed to load or violated its contract."""
+
+    plugin: str
+    package: str
+    kind: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} plugin {self.plugin!r} from {self.package!r}: {self.error}"
+
+
+@dataclass
+class Catalogue:
+    """Every spec registered by the loaded plugins, by kind then name."""
+
+    specs: dict[str, dict[str, Spec]] = field(
+        default_factory=lambda: {kind: {} for kind in SPEC_TYPES}
+    )
+    broken: list[PluginError] = field(default_factory=list)
+
+    def get(self, kind: str, name: str) -> Spec:
+        from .errors import UnknownPluginError
+
+        try:
+            return self.specs[kind][name]
+        except KeyError:
+            raise UnknownPluginError(kind, name, sorted(self.specs.get(kind, {}))) from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.specs[kind])

@@ -1,0 +1,1 @@
+"""Built-in task experts (registered through the m3tfed entry-point group)."""

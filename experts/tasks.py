@@ -1,0 +1,1 @@
+"""Built-in tasks (registered through the m3tfed entry-point group)."""

@@ -1,0 +1,1 @@
+"""Built-in data (registered through the m3tfed entry-point group)."""

@@ -1,0 +1,1 @@
+"""Built-in encoders (registered through the m3tfed entry-point group)."""

@@ -1,0 +1,1 @@
+"""Built-in routers (registered through the m3tfed entry-point group)."""
