@@ -194,6 +194,7 @@ BUILTIN_MODULES = (
     "m3tfed.plugins.aggregators",
     "m3tfed.plugins.data",
     "m3tfed.plugins.backends",
+    "m3tfed.plugins.pipeline",
     "m3tfed.experts",
     "m3tfed.experts.tasks",
 )

@@ -1,0 +1,101 @@
+"""The ``m3tfed`` command: ``run``, ``resume`` and ``plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import M3TError
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugin_manager import get_catalogue
+    from .registry import compare, load_registry
+
+    catalogue = get_catalogue()
+    registry = load_registry(args.registry)
+    rows = compare(registry, catalogue)
+    broken = [{"plugin": b.plugin, "package": b.package, "kind": b.kind, "error": b.error} for b in catalogue.broken]
+    if args.check:
+        from .testing import check_plugin
+
+        for row in rows:
+            if row["installed"] and row["kind"] in ("encoder", "expert", "router", "task"):
+                try:
+                    check_plugin(row["kind"], row["name"], catalogue=catalogue)
+                    row["check"] = "passed"
+                except Exception as exc:  # report every failing plugin, not just the first
+                    row["check"] = f"failed: {exc}"
+    if args.json:
+        print(json.dumps({"registry": registry.source, "plugins": rows, "broken": broken}, indent=2, default=str))
+        return 0
+    print(f"registry: {registry.source}")
+    header = f"{'kind':<11}{'name':<22}{'package':<24}{'version':<9}{'status':<17}{'modalities/tasks'}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        meta = row["installed"] or row["registry"]
+        tags = ",".join(meta.get("modalities") or []) + ("/" + ",".join(meta.get("tasks") or []) if meta.get("tasks") else "")
+        if "modality" in meta and meta["modality"]:
+            tags = meta["modality"]
+        flag = row["status"] if row["status"] == "ok" else f"! {row['status']}"
+        line = f"{row['kind']:<11}{row['name']:<22}{meta.get('package', ''):<24}{meta.get('version', ''):<9}{flag:<17}{tags or '(general)'}"
+        if "check" in row:
+            line += f"  [{row['check']}]"
+        print(line)
+    for b in catalogue.broken:
+        print(f"BROKEN {b}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .federation.job import run_job
+
+    run_job(args.config, overrides=args.set or [], name=args.name, runs_dir=Path(args.runs_dir), data_root=args.data)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .federation.job import resume_job
+
+    resume_job(Path(args.run_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m3tfed", description="Federated multi-modal mixture-of-experts for education.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federation (default: the embedded synthetic one)")
+    run.add_argument("config", nargs="?", default=None, help="TOML config (default: the embedded synthetic federation)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set rounds=20")
+    run.add_argument("--name", default=None, help="run name (default: config name + time)")
+    run.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
+    run.add_argument("--data", default=None, help="root folder for data sources that read files")
+    run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    resume.add_argument("run_dir")
+    resume.set_defaults(func=cmd_resume)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins beside registry.toml")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--check", action="store_true", help="run the contract checks on every plugin")
+    plugins.add_argument("--registry", default=None, help="registry file (default: ./registry.toml or the packaged one)")
+    plugins.set_defaults(func=cmd_plugins)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except M3TError as exc:
+        print(f"m3tfed: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

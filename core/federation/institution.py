@@ -1,0 +1,257 @@
+"""An institution: its data, its selection, its personal parts, and local training.
+
+This module is the one place that decides what leaves an institution (FL4Health's
+"parameter exchanger"): :meth:`Institution.train` returns deltas only for the shared
+components it received, after the institution-side update stages ran. Personal
+components (``InstitutionConfig.personal``) are kept in ``personal_state`` and never
+returned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model import M3TModel, ModelConfig
+from ..specs import Catalogue
+from .aggregation import ComponentUpdate
+from .config import FederationSettings, InstitutionConfig
+from .data import InstitutionData, eval_batches, iterate_batches, model_inputs
+
+State = dict[str, dict[str, torch.Tensor]]  # component -> parameter name -> tensor
+
+
+class InstitutionTimeout(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainJob:
+    """What the server sends: the institution's shared components (and, on its first
+    participation, initial values for its personal ones) plus training settings."""
+
+    institution: str
+    round: int
+    components: State
+    versions: dict[str, int]
+    steps: int
+    lr: float
+    seed: int
+    proximal_mu: dict[str, float] = field(default_factory=dict)
+    timeout_s: float = 120.0
+
+
+@dataclass
+class TrainResult:
+    institution: str
+    round: int
+    updates: list[ComponentUpdate]
+    num_samples: int
+    loss: float
+    tokens_per_expert: dict[str, int]
+    seconds: float
+
+
+def seed_for(*parts: int | str) -> int:
+    """A stable 63-bit seed from parts (Python's hash() of str is salted per process)."""
+    h = 1469598103934665603
+    for p in parts:
+        for b in str(p).encode():
+            h = ((h ^ b) * 1099511628211) % (1 << 63)
+    return h
+
+
+class ModelPool:
+    """One model object per distinct selection, shared by every institution with that
+    selection: an institution loads its components into it before use. Memory then grows
+    with the trainable state of institutions, not with their number."""
+
+    def __init__(self, config: ModelConfig, catalogue: Catalogue, accelerator=None):
+        self.config, self.catalogue = config, catalogue
+        self.accelerator = accelerator
+        self.models: dict[tuple, M3TModel] = {}
+
+    def get(self, modalities: list[str], tasks: list[str], experts: list[str]) -> M3TModel:
+        key = (tuple(modalities), tuple(tasks), tuple(experts))
+        if key not in self.models:
+            model = M3TModel(self.config, modalities, tasks, experts, catalogue=self.catalogue)
+            if self.accelerator is not None:
+                model = self.accelerator.prepare_model(model)
+            self.models[key] = model
+        return self.models[key]
+
+
+def default_accelerator():
+    """One accelerate ``Accelerator`` per process (it owns device placement and backward)."""
+    global _ACCELERATOR
+    if _ACCELERATOR is None:
+        from accelerate import Accelerator
+
+        _ACCELERATOR = Accelerator(cpu=not torch.cuda.is_available())
+    return _ACCELERATOR
+
+
+_ACCELERATOR = None
+
+
+class Institution:
+    def __init__(
+        self,
+        config: InstitutionConfig,
+        data: InstitutionData,
+        experts: list[str],
+        settings: FederationSettings,
+        pool: ModelPool,
+        stages: list[Any] | None = None,
+        weight_experts_by: str = "tokens",
+    ):
+        self.config, self.data, self.experts = config, data, experts
+        self.settings, self.pool = settings, pool
+        self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
+        self.weight_experts_by = weight_experts_by
+        self.personal_state: State = {}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def model(self) -> M3TModel:
+        return self.pool.get(self.config.modalities, self.config.tasks, self.experts)
+
+    def component_names(self) -> list[str]:
+        return self.model().component_names()
+
+    def is_personal(self, component: str) -> bool:
+        return component in self.config.personal
+
+    def local_steps(self) -> int:
+        s = self.settings
+        if s.local_epochs is not None:
+            return max(1, int(s.local_epochs * self.data.num_train / s.batch_size))
+        return s.local_steps
+
+    def load(self, shared: State) -> M3TModel:
+        """Put ``shared`` and this institution's personal state into its model."""
+        model = self.model()
+        for comp in model.component_names():
+            if self.is_personal(comp):
+                if comp not in self.personal_state:
+                    if comp not in shared:
+                        raise KeyError(f"{self.name}: no initial value for personal component {comp!r}")
+                    self.personal_state[comp] = {k: v.clone() for k, v in shared[comp].items()}
+                model.load_component_state(comp, self.personal_state[comp])
+            else:
+                if comp not in shared:
+                    raise KeyError(f"{self.name}: the server did not send component {comp!r}")
+                model.load_component_state(comp, shared[comp])
+        return model
+
+    # -- training ----------------------------------------------------------------
+    def train(self, job: TrainJob) -> TrainResult:
+        start = time.perf_counter()
+        model = self.load(job.components)
+        sent = {c: s for c, s in job.components.items() if not self.is_personal(c)}
+        loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s)
+        updates = []
+        for comp, received in sent.items():
+            trained = model.component_state(comp)
+            delta = {k: trained[k] - received[k] for k in received}
+            weight = float(self.data.num_train)
+            if comp.startswith("expert.") and self.weight_experts_by == "tokens":
+                weight = float(tokens.get(comp.removeprefix("expert."), 0))
+                if weight == 0:
+                    continue  # no token reached this expert: the institution did not train it
+            updates.append(ComponentUpdate(self.name, comp, delta, weight, job.versions.get(comp, 0)))
+        for comp in self.config.personal:
+            if comp in model.component_names():
+                self.personal_state[comp] = model.component_state(comp)
+        for stage in self.stages:
+            updates = stage.process(updates, {"institution": self.name, "round": job.round})
+        return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start)
+
+    def fit(
+        self,
+        model: M3TModel,
+        steps: int,
+        lr: float,
+        seed: int,
+        anchor: State | None = None,
+        proximal_mu: dict[str, float] | None = None,
+        deadline: float | None = None,
+        only: Callable[[str], bool] | None = None,
+    ) -> tuple[float, dict[str, int]]:
+        """Local training for ``steps`` mini-batches over all of this institution's tasks.
+
+        ``only(component)`` restricts which components train (personalization);
+        ``anchor``/``proximal_mu`` add FedProx's (mu/2)||w - w_global||^2 per component.
+        Returns the mean loss and the tokens routed to each expert.
+        """
+        from ..model import component_of
+
+        accelerator = self.pool.accelerator
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        params = [p for n, p in model.named_parameters() if p.requires_grad and (only is None or only(component_of(n)))]
+        s = self.settings
+        opt = (
+            torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+            if s.optimizer == "adamw"
+            else torch.optim.SGD(params, lr=lr, weight_decay=s.weight_decay)
+        )
+        prox = []
+        if anchor and proximal_mu:
+            named = dict(model.named_parameters())
+            for comp, mu in proximal_mu.items():
+                if mu > 0 and comp in anchor:
+                    prox += [(named[n], w0, mu) for n, w0 in anchor[comp].items()]
+        model.train()
+        batches = iterate_batches(self.data.train, s.batch_size, gen)
+        counts = torch.zeros(len(model.expert_names), dtype=torch.long)
+        total = 0.0
+        for _ in range(steps):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise InstitutionTimeout(f"{self.name} ran past its time limit of {self.settings.timeout_s}s")
+            batch = next(batches)
+            inputs = model_inputs(batch)
+            loss = torch.zeros(())
+            for task in self.config.tasks:
+                task_loss, out = model.loss(inputs, task, batch["targets"][task])
+                loss = loss + task_loss
+                counts += out.tokens_per_expert
+            for p, w0, mu in prox:
+                loss = loss + 0.5 * mu * (p - w0).pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        tokens = {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
+        return total / max(steps, 1), tokens
+
+    # -- evaluation --------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: M3TModel, split: str = "test", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
+        """Metrics per task on a split, and tokens routed to each expert per task."""
+        model.eval()
+        data = getattr(self.data, split)
+        metrics, routing = {}, {}
+        for task in self.config.tasks:
+            preds, targets = [], []
+            counts = torch.zeros(len(model.expert_names), dtype=torch.long)
+            for batch in eval_batches(data, batch_size):
+                out = model(model_inputs(batch), task)
+                preds.append(out.pred)
+                targets.append(batch["targets"][task])
+                counts += out.tokens_per_expert
+            head = model.tasks[task].head
+            pred, target = torch.cat(preds), torch.cat(targets)
+            metrics[task] = {"loss": float(head.loss(pred, target)), **head.metrics(pred, target)}
+            routing[task] = counts.tolist()
+        model.train()
+        return metrics, routing

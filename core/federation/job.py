@@ -1,0 +1,303 @@
+"""The main job: build a federation from a config, run its rounds, compare it with the
+baselines, and write ``runs/<name>/`` (config, metrics, checkpoints, routing, plots).
+
+Comparisons, per institution and task, on each institution's own test split:
+- ``fed_moe``: the federated mixture of experts (global components + personal ones);
+- ``personalized``: the same, after a short local fine-tune of the router and heads;
+- ``local``: the same architecture trained on the institution's data alone, same steps;
+- ``dense_fedavg``: a dense feed-forward (one expert as wide as k experts) trained with
+  FedAvg over every component on the same rounds.
+Equity is judged by the worst institution, not only the mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import to_dict
+from ..errors import CheckpointError, ConfigError
+from ..model import ExpertConfig, PluginConfig
+from ..plugin_manager import get_catalogue
+from ..registry import Registry, load_registry
+from ..specs import Catalogue
+from .checkpoint import load_checkpoint, write_json_atomic
+from .config import FederationConfig, load_config, resolve_selection
+from .institution import Institution, ModelPool, default_accelerator, seed_for
+from .server import Server, initial_state
+
+log = logging.getLogger("m3tfed.job")
+METHODS = ("fed_moe", "personalized", "local", "dense_fedavg")
+
+
+@dataclass
+class Federation:
+    config: FederationConfig
+    server: Server
+    institutions: dict[str, Institution]
+    selections: dict[str, list[str]]
+
+
+def build_federation(
+    cfg: FederationConfig,
+    catalogue: Catalogue | None = None,
+    registry: Registry | None = None,
+    data_root: str | Path | None = None,
+    run_dir: Path | None = None,
+    data: dict[str, Any] | None = None,
+) -> Federation:
+    """Everything a run needs: data, institutions with their selections, backend, server."""
+    catalogue = catalogue or get_catalogue()
+    if registry is None:
+        try:
+            registry = load_registry()
+        except Exception:  # the registry only refines selection; a federation runs without it
+            registry = None
+    _check_plugins(cfg, catalogue)
+    if data is None:
+        source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
+        data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    pool = ModelPool(cfg.model, catalogue, default_accelerator())
+    stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in cfg.federation.pipeline]
+    stages.sort(key=lambda s: getattr(s, "order", 100))
+    inst_stages = [s for s in stages if getattr(s, "side", "institution") == "institution"]
+    server_stages = [s for s in stages if getattr(s, "side", "institution") == "server"]
+    selections, institutions = {}, {}
+    for inst in cfg.institutions:
+        if inst.name not in data:
+            raise ConfigError("data", f"the data source produced no data for institution {inst.name!r}")
+        selections[inst.name] = resolve_selection(cfg, inst, catalogue, registry)
+        institutions[inst.name] = Institution(
+            inst, data[inst.name], selections[inst.name], cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by
+        )
+    backend = catalogue.get("backend", cfg.federation.backend.plugin).build(institutions=institutions, **cfg.federation.backend.options)
+    server = Server(cfg, catalogue, backend, server_stages=server_stages, run_dir=run_dir)
+    return Federation(cfg, server, institutions, selections)
+
+
+def _check_plugins(cfg: FederationConfig, catalogue: Catalogue) -> None:
+    """Unknown plugin names fail here, with the config path and the installed names."""
+    checks = [("model.router.plugin", "router", cfg.model.router.plugin), ("data.plugin", "data", cfg.data.plugin)]
+    checks += [(f"model.encoders.{m}.plugin", "encoder", pc.plugin) for m, pc in cfg.model.encoders.items()]
+    checks += [(f"model.tasks.{t}.plugin", "task", pc.plugin) for t, pc in cfg.model.tasks.items()]
+    checks += [(f"model.experts[{i}].plugin", "expert", e.plugin) for i, e in enumerate(cfg.model.experts)]
+    checks += [(f"aggregation.{g}.plugin", "aggregator", pc.plugin) for g, pc in cfg.aggregation.items()]
+    checks += [(f"federation.pipeline[{i}].plugin", "stage", pc.plugin) for i, pc in enumerate(cfg.federation.pipeline)]
+    checks.append(("federation.backend.plugin", "backend", cfg.federation.backend.plugin))
+    for path, kind, name in checks:
+        if name not in catalogue.specs[kind]:
+            raise ConfigError(path, f"no {kind} plugin named {name!r}; installed: {', '.join(catalogue.names(kind)) or 'none'}")
+
+
+# -- evaluation -----------------------------------------------------------------------
+def evaluate_federated(fed: Federation) -> tuple[dict, dict]:
+    metrics, routing = {}, {}
+    for name, inst in fed.institutions.items():
+        model = inst.load(fed.server.state)
+        metrics[name], routing[name] = inst.evaluate(model)
+    return metrics, routing
+
+
+def evaluate_personalized(fed: Federation) -> dict:
+    """Fine-tune only the router and task heads locally (the personal gate), then evaluate."""
+    out = {}
+    steps = fed.config.federation.personalize_steps
+    for name, inst in fed.institutions.items():
+        model = inst.load(fed.server.state)
+        inst.fit(model, steps, fed.config.federation.lr, seed_for(fed.config.seed, "personalize", name), only=lambda c: c == "router" or c.startswith("task."))
+        out[name] = inst.evaluate(model)[0]
+    return out
+
+
+def evaluate_local(cfg: FederationConfig, fed: Federation) -> dict:
+    """Each institution alone: same architecture, same initial weights, same number of steps."""
+    out = {}
+    init = initial_state(cfg, fed.server.catalogue)
+    for name, inst in fed.institutions.items():
+        alone = Institution(dataclasses.replace(inst.config, personal=[]), inst.data, inst.experts, inst.settings, inst.pool)
+        model = alone.load(init)
+        steps = cfg.rounds * inst.local_steps()
+        alone.fit(model, steps, cfg.federation.lr, seed_for(cfg.seed, "local", name))
+        out[name] = alone.evaluate(model)[0]
+    return out
+
+
+def dense_config(cfg: FederationConfig) -> FederationConfig:
+    """The same federation with one dense feed-forward as wide as the k active experts."""
+    dense = copy.deepcopy(cfg)
+    k = int(cfg.model.router.options.get("k", 2))
+    first = cfg.model.experts[0]
+    hidden = int(first.options.get("hidden", 0) or int(8 * cfg.model.d_model / 3))
+    dense.model.experts = [ExpertConfig(name="dense", plugin="swiglu", options={"hidden": k * hidden})]
+    dense.model.router = PluginConfig("topk", {"k": 1, "capacity_factor": 0.0})
+    dense.model.aux_loss_weights = {}
+    dense.aggregation = {"default": PluginConfig("fedavg")}
+    for inst in dense.institutions:
+        inst.experts, inst.compute, inst.personal = ["dense"], "base", []
+    return dense
+
+
+def evaluate_dense_fedavg(cfg: FederationConfig, fed: Federation, progress) -> dict:
+    dense_cfg = dense_config(cfg)
+    data = {n: i.data for n, i in fed.institutions.items()}
+    dense = build_federation(dense_cfg, fed.server.catalogue, data=data)
+    for rnd in range(1, cfg.rounds + 1):
+        dense.server.run_round(rnd)
+        progress(f"  dense FedAvg baseline: round {rnd}/{cfg.rounds}")
+    return evaluate_federated(dense)[0]
+
+
+def primary(fed: Federation, task: str) -> tuple[str, bool]:
+    head = next(i.model().tasks[task].head for i in fed.institutions.values() if task in i.config.tasks)
+    return head.primary_metric, head.higher_is_better
+
+
+def summarize(fed: Federation, results: dict[str, dict]) -> dict[str, Any]:
+    """Per task: every institution's primary metric per method, with mean and worst."""
+    summary = {}
+    tasks = sorted({t for i in fed.institutions.values() for t in i.config.tasks})
+    for task in tasks:
+        metric, higher = primary(fed, task)
+        rows = {}
+        for name, inst in fed.institutions.items():
+            if task in inst.config.tasks:
+                rows[name] = {m: results[m][name][task][metric] for m in results}
+        agg = {}
+        for m in results:
+            vals = [r[m] for r in rows.values()]
+            agg[m] = {"mean": sum(vals) / len(vals), "worst": (min if higher else max)(vals)}
+        summary[task] = {"metric": metric, "higher_is_better": higher, "institutions": rows, "summary": agg}
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = []
+    for task, s in summary.items():
+        methods = list(s["summary"])
+        arrow = "higher is better" if s["higher_is_better"] else "lower is better"
+        lines.append(f"\n{task} — {s['metric']} ({arrow})")
+        lines.append(f"  {'institution':<20}" + "".join(f"{m:>14}" for m in methods))
+        for name, row in s["institutions"].items():
+            lines.append(f"  {name:<20}" + "".join(f"{row[m]:>14.4f}" for m in methods))
+        for stat in ("mean", "worst"):
+            lines.append(f"  {stat:<20}" + "".join(f"{s['summary'][m][stat]:>14.4f}" for m in methods))
+    return "\n".join(lines)
+
+
+# -- the job ----------------------------------------------------------------------------
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_job(
+    config: str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    runs_dir: Path = Path("runs"),
+    data_root: str | Path | None = None,
+    stop_after: int | None = None,
+    progress=_progress,
+) -> dict[str, Any]:
+    """Run a federation end to end. ``stop_after`` stops after that round (tests of resume)."""
+    cfg = load_config(config, overrides)
+    name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(runs_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", to_dict(cfg))
+    write_json_atomic(run_dir / "run.json", {"data_root": str(data_root) if data_root else None, "created": datetime.now().isoformat()})
+    fed = build_federation(cfg, data_root=data_root, run_dir=run_dir)
+    return _continue(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress)
+
+
+def resume_job(run_dir: Path, stop_after: int | None = None, progress=_progress) -> dict[str, Any]:
+    """Continue a stopped run from its latest complete checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
+    cfg = load_config(json.loads((run_dir / "config.json").read_text()))
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    ckpt = newest_checkpoint_dir(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint under checkpoints/ to resume from")
+    # The newest checkpoint or nothing: silently falling back to an older round would
+    # pair it with institutions' newer personal state.
+    tensors, meta = load_checkpoint(ckpt)
+    fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
+    fed.server.restore(tensors, meta)
+    progress(f"resuming {run_dir.name} after round {fed.server.round}")
+    return _continue(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
+
+
+def newest_checkpoint_dir(run_dir: Path) -> Path | None:
+    rounds = sorted((run_dir / "checkpoints").glob("round_[0-9][0-9][0-9][0-9]"))
+    return rounds[-1] if rounds else None
+
+
+def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int | None, progress) -> dict[str, Any]:
+    cfg = fed.config
+    curves_path = run_dir / "curves.json"
+    curves = json.loads(curves_path.read_text()) if curves_path.exists() and start_round > 1 else []
+    curves = [c for c in curves if c["round"] < start_round]
+    progress(f"m3tfed: {cfg.name}: {len(fed.institutions)} institutions, {cfg.rounds} rounds -> {run_dir}")
+    for name, sel in fed.selections.items():
+        progress(f"  {name:<20} experts: {', '.join(sel)}")
+    t0 = time.perf_counter()
+    for rnd in range(start_round, cfg.rounds + 1):
+        rep = fed.server.run_round(rnd)
+        metrics, _ = evaluate_federated(fed)
+        curves.append({"round": rnd, "loss": rep.loss, "metrics": metrics})
+        write_json_atomic(curves_path, curves)
+        dropped = f", dropped {list(rep.dropped)}" if rep.dropped else ""
+        progress(f"round {rnd}/{cfg.rounds}: {len(rep.succeeded)}/{len(rep.sampled)} institutions, train loss {rep.loss:.4f}, {rep.seconds:.1f}s{dropped}")
+        if stop_after is not None and rnd >= stop_after:
+            return {"stopped_after": rnd, "run_dir": str(run_dir)}
+    fed_seconds = time.perf_counter() - t0
+
+    progress("evaluating: federated MoE, personalized, local-only, dense FedAvg")
+    results: dict[str, dict] = {}
+    results["fed_moe"], routing = evaluate_federated(fed)
+    if cfg.evaluation.personalize:
+        results["personalized"] = evaluate_personalized(fed)
+    if "local" in cfg.evaluation.baselines:
+        results["local"] = evaluate_local(cfg, fed)
+    if "dense_fedavg" in cfg.evaluation.baselines:
+        results["dense_fedavg"] = evaluate_dense_fedavg(cfg, fed, progress)
+    summary = summarize(fed, results)
+    comm = {
+        "bytes_down": sum(r.bytes_down for r in fed.server.history),
+        "bytes_up": sum(r.bytes_up for r in fed.server.history),
+    }
+    out = {
+        "name": cfg.name,
+        "rounds": cfg.rounds,
+        "federated_seconds": fed_seconds,
+        "selections": fed.selections,
+        "summary": summary,
+        "results": results,
+        "communication": comm,
+        "history": [to_dict(r) for r in fed.server.history],
+    }
+    write_json_atomic(run_dir / "metrics.json", out)
+    expert_names = fed.server.backend.institutions[next(iter(fed.institutions))].model().expert_names
+    write_json_atomic(run_dir / "routing.json", {"experts": expert_names, "tokens": routing})
+    if cfg.evaluation.plots:
+        from .plots import write_plots
+
+        write_plots(run_dir, curves, summary, routing, expert_names)
+    print(format_table(summary))
+    print(f"\nrun folder: {run_dir}")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run_job()

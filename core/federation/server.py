@@ -1,0 +1,229 @@
+"""The round loop: the federation protocol, read top to bottom in :meth:`Server.run_round`.
+
+The server holds the global components and their versions, asks a backend to run
+local training, screens and post-processes the returned updates, aggregates each
+component over the institutions that trained it, and checkpoints. It never sees raw
+data and never learns an institution's personal components. Transport lives in the
+backend: the same loop runs in-process or on a distributed engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import to_dict
+from ..errors import FederationError
+from ..model import M3TModel
+from ..specs import Catalogue
+from .aggregation import Aggregator, ComponentUpdate
+from .checkpoint import flatten_components, save_checkpoint, unflatten_components
+from .config import FederationConfig
+from .institution import State, TrainJob, TrainResult, seed_for
+
+log = logging.getLogger("m3tfed.federation")
+
+
+@dataclass
+class Failure:
+    """An institution that did not deliver a usable result this round, and why."""
+
+    institution: str
+    reason: str
+
+
+@dataclass
+class RoundReport:
+    round: int
+    sampled: list[str]
+    succeeded: list[str]
+    dropped: dict[str, str]
+    contributors: dict[str, list[str]]  # component -> institutions aggregated into it
+    loss: float
+    seconds: float
+    bytes_down: int = 0
+    bytes_up: int = 0
+    attempts: int = 1
+
+
+def initial_state(config: FederationConfig, catalogue: Catalogue) -> State:
+    """Every component of the full model (all modalities, tasks and experts), seeded."""
+    torch.manual_seed(config.seed)
+    model = M3TModel(config.model, catalogue=catalogue)
+    return {c: model.component_state(c) for c in model.component_names()}
+
+
+def tensor_bytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for comp in state.values() for t in comp.values())
+
+
+def screen(result: TrainResult | Failure) -> str | None:
+    """Why a result must be dropped, or None when it is usable."""
+    if isinstance(result, Failure):
+        return result.reason
+    for u in result.updates:
+        for k, v in u.delta.items():
+            if not torch.isfinite(v).all():
+                return f"non-finite values in {u.component}:{k}"
+    if not math.isfinite(result.loss):
+        return f"non-finite training loss {result.loss}"
+    return None
+
+
+@dataclass
+class Server:
+    config: FederationConfig
+    catalogue: Catalogue
+    backend: Any  # has .train(jobs) -> list[TrainResult | Failure] and .shared_components(name)
+    state: State = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    aggregators: dict[str, Aggregator] = field(default_factory=dict)
+    server_stages: list[Any] = field(default_factory=list)
+    history: list[RoundReport] = field(default_factory=list)
+    # (round, institution, component) for every aggregated update: unlearning needs it.
+    contributions: list[tuple[int, str, str]] = field(default_factory=list)
+    initialized: set[str] = field(default_factory=set)  # institutions that got personal initial values
+    run_dir: Path | None = None
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.state:
+            self.state = initial_state(self.config, self.catalogue)
+        self.versions = self.versions or {c: 0 for c in self.state}
+        if not self.aggregators:
+            for comp in self.state:
+                group = comp.split(".")[0]
+                if group not in self.aggregators:
+                    pc = self.config.aggregator_for(comp)
+                    self.aggregators[group] = self.catalogue.get("aggregator", pc.plugin).build(**pc.options)
+
+    def aggregator(self, component: str) -> Aggregator:
+        return self.aggregators[component.split(".")[0]]
+
+    # -- one round -------------------------------------------------------------
+    def sample(self, rnd: int) -> list[str]:
+        names = [i.name for i in self.config.institutions]
+        f = self.config.federation
+        k = max(f.min_institutions, math.ceil(f.fraction * len(names)))
+        return sorted(random.Random(seed_for(self.config.seed, "sample", rnd)).sample(names, min(k, len(names))))
+
+    def make_job(self, name: str, rnd: int, attempt: int) -> TrainJob:
+        wanted = self.backend.components_of(name)
+        personal = set(self.backend.personal_of(name))
+        send = [c for c in wanted if c not in personal or name not in self.initialized]
+        f = self.config.federation
+        return TrainJob(
+            institution=name,
+            round=rnd,
+            components={c: self.state[c] for c in send},
+            versions={c: self.versions[c] for c in send},
+            steps=self.backend.local_steps(name),
+            lr=f.lr,
+            seed=seed_for(self.config.seed, "train", rnd, attempt, name),
+            proximal_mu={c: self.aggregator(c).proximal_mu for c in send},
+            timeout_s=f.timeout_s,
+        )
+
+    def run_round(self, rnd: int) -> RoundReport:
+        start = time.perf_counter()
+        f = self.config.federation
+        sampled = self.sample(rnd)
+        for attempt in range(f.max_retries + 1):
+            # 1. send each sampled institution only its components, 2. train locally
+            jobs = [self.make_job(name, rnd, attempt) for name in sampled]
+            results = self.backend.train(jobs)
+            # 3. drop failures (raised, timed out, non-finite) with the reason
+            dropped = {}
+            ok: list[TrainResult] = []
+            for job, res in zip(jobs, results):
+                reason = screen(res)
+                if reason:
+                    dropped[job.institution] = reason
+                    log.warning("round %d: dropped %s: %s", rnd, job.institution, reason)
+                else:
+                    ok.append(res)
+            if len(ok) >= f.min_institutions:
+                break
+            log.warning("round %d attempt %d: %d/%d institutions succeeded, need %d", rnd, attempt + 1, len(ok), len(sampled), f.min_institutions)
+        else:
+            raise FederationError(
+                f"round {rnd}: only {len(ok)} institutions succeeded after {f.max_retries + 1} attempts, "
+                f"federation.min_institutions = {f.min_institutions}; dropped: {dropped}"
+            )
+        self.initialized.update(r.institution for r in ok)
+        # 4. server-side update stages (e.g. central privacy), then 5. aggregate per component
+        updates = [u for r in ok for u in r.updates]
+        for stage in self.server_stages:
+            updates = stage.process(updates, {"round": rnd, "server": self})
+        by_component: dict[str, list[ComponentUpdate]] = defaultdict(list)
+        for u in updates:
+            by_component[u.component].append(u)
+        contributors = {}
+        for comp, comp_updates in sorted(by_component.items()):
+            self.state[comp] = self.aggregator(comp).aggregate(comp, self.state[comp], comp_updates)
+            self.versions[comp] += 1
+            contributors[comp] = sorted(u.institution for u in comp_updates)
+            self.contributions += [(rnd, u.institution, comp) for u in comp_updates]
+        # Components nobody trained keep their state and version.
+        report = RoundReport(
+            round=rnd,
+            sampled=sampled,
+            succeeded=sorted(r.institution for r in ok),
+            dropped=dropped,
+            contributors=contributors,
+            loss=sum(r.loss for r in ok) / len(ok),
+            seconds=time.perf_counter() - start,
+            bytes_down=sum(tensor_bytes(j.components) for j in jobs),
+            bytes_up=sum(tensor_bytes({u.component: u.delta}) for u in updates),
+            attempts=attempt + 1,
+        )
+        self.history.append(report)
+        self.round = rnd
+        if self.run_dir is not None:
+            self.checkpoint()
+        return report
+
+    # -- checkpoints -----------------------------------------------------------
+    def checkpoint(self) -> Path:
+        tensors = flatten_components(self.state)
+        for group, agg in self.aggregators.items():
+            tensors.update({f"aggregator::{group}::{k}": v for k, v in agg.state_dict().items()})
+        meta = {
+            "round": self.round,
+            "versions": self.versions,
+            "contributions": self.contributions,
+            "initialized": sorted(self.initialized),
+            "history": [to_dict(r) for r in self.history],
+            "config": to_dict(self.config),
+        }
+        path = save_checkpoint(self.run_dir / "checkpoints" / f"round_{self.round:04d}", tensors, meta)
+        self.backend.save_personal(self.run_dir, self.round)
+        return path
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        agg_states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        plain = {}
+        for k, v in tensors.items():
+            if k.startswith("aggregator::"):
+                _, group, rest = k.split("::", 2)
+                agg_states[group][rest] = v
+            else:
+                plain[k] = v
+        self.state = unflatten_components(plain)
+        self.versions = dict(meta["versions"])
+        self.contributions = [tuple(c) for c in meta["contributions"]]
+        self.initialized = set(meta["initialized"])
+        self.history = [RoundReport(**r) for r in meta["history"]]
+        self.round = meta["round"]
+        for group, agg in self.aggregators.items():
+            agg.load_state_dict(agg_states.get(group, {}))
+        if self.run_dir is not None:
+            self.backend.load_personal(self.run_dir, self.round)

@@ -1,0 +1,280 @@
+"""The M3T model: selected modality encoders -> tokens -> L x (attention + MoE FFN) -> task heads.
+
+One institution's view of the global model. It instantiates only what the institution
+selected (its modalities, its tasks, its experts); the router still scores the global
+expert list, with unselected experts masked out, so every institution's router and
+experts are interchangeable pieces of one federation.
+
+Parameter names map onto federation components (:func:`component_of`):
+``encoders.<m>.*`` -> ``encoder.<m>``, ``tasks.<t>.*`` -> ``task.<t>``,
+``layers.<i>.moe.experts.<e>.*`` -> ``expert.<e>``, ``layers.<i>.moe.router.*`` ->
+``router``, everything else -> ``trunk``. Frozen parameters belong to no component.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .contracts import check_tokens
+from .errors import ConfigError
+from .moe import MoELayer
+from .plugin_manager import get_catalogue
+from .specs import Catalogue, ExpertSpec
+
+
+@dataclass
+class PluginConfig:
+    """A plugin by name plus the options passed to its ``build``."""
+
+    plugin: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExpertConfig:
+    """One expert slot of the MoE layers. ``modalities``/``tasks`` narrow who may select
+    it (empty = the plugin's own tags; both empty = general purpose)."""
+
+    name: str
+    plugin: str = "swiglu"
+    options: dict[str, Any] = field(default_factory=dict)
+    modalities: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.0
+    router: PluginConfig = field(default_factory=lambda: PluginConfig("topk", {"k": 2}))
+    encoders: dict[str, PluginConfig] = field(default_factory=dict)  # modality -> encoder
+    experts: list[ExpertConfig] = field(default_factory=list)
+    tasks: dict[str, PluginConfig] = field(default_factory=dict)  # task name -> task plugin
+    # Switch uses 1e-2 for load balancing, ST-MoE 1e-3 for the z-loss.
+    aux_loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"load_balance": 1e-2, "router_z": 1e-3}
+    )
+
+    def validate(self, path: str = "model") -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{path}.n_heads", f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not self.experts:
+            raise ConfigError(f"{path}.experts", "at least one expert is required")
+        names = [e.name for e in self.experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{path}.experts", f"duplicate expert names: {', '.join(dupes)}")
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+
+def expert_tags(cfg: ExpertConfig, spec: ExpertSpec) -> tuple[set[str], set[str]]:
+    """(modalities, tasks) an expert serves: the config's tags, else the plugin's."""
+    return set(cfg.modalities or spec.modalities), set(cfg.tasks or spec.tasks)
+
+
+def component_of(param_name: str) -> str:
+    """The federation component a parameter belongs to."""
+    parts = param_name.split(".")
+    if parts[0] == "encoders":
+        return f"encoder.{parts[1]}"
+    if parts[0] == "tasks":
+        return f"task.{parts[1]}"
+    if parts[0] == "layers" and parts[2] == "moe":
+        if parts[3] == "experts":
+            return f"expert.{parts[4]}"
+        if parts[3] == "router":
+            return "router"
+    return "trunk"
+
+
+class ModelOutput(NamedTuple):
+    pred: torch.Tensor
+    aux_loss: torch.Tensor  # weighted sum of the routers' auxiliary losses
+    aux_losses: dict[str, torch.Tensor]
+    tokens_per_expert: torch.Tensor  # [E] long, summed over layers (global expert order)
+
+
+class EncoderSlot(nn.Module):
+    """A modality encoder plus its modality embedding (added to every token)."""
+
+    def __init__(self, encoder: nn.Module, d_model: int, name: str, package: str):
+        super().__init__()
+        self.encoder = encoder
+        self.embed = nn.Parameter(torch.zeros(d_model))
+        self.plugin, self.package = name, package
+
+    def forward(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(inputs)
+        tokens, mask = check_tokens(out, self.embed.shape[0], "encoder", self.plugin, self.package)
+        return tokens + self.embed, mask
+
+
+class TaskSlot(nn.Module):
+    """A task head plus its task embedding (the task token, also added to router input)."""
+
+    def __init__(self, head: nn.Module, d_model: int):
+        super().__init__()
+        self.head = head
+        self.embed = nn.Parameter(torch.randn(d_model) * 0.02)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
+        # Padding tokens are never attended to; every row has at least the task token.
+        attn_mask = rearrange(mask, "b t -> b 1 1 t")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose feed-forward is a mixture of experts."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, moe: MoELayer):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout)
+        self.moe = moe
+
+    def forward(self, x, mask, task_embed, expert_mask):
+        x = x + self.attn(self.norm1(x), mask)
+        h = self.norm2(x)[mask]  # route real tokens only: [N, d]
+        # The router sees the token plus the task, so routing can differ per task.
+        router_input = h + task_embed
+        out = self.moe(h, router_input=router_input, expert_mask=expert_mask)
+        x = x.clone()
+        x[mask] = x[mask] + out.y
+        return x, out
+
+
+class M3TModel(nn.Module):
+    """One institution's instance of the global model.
+
+    ``modalities``, ``tasks`` and ``experts`` select what is built locally (default: all
+    in the config). Unselected experts are never built and never routed to.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        modalities: list[str] | None = None,
+        tasks: list[str] | None = None,
+        experts: list[str] | None = None,
+        catalogue: Catalogue | None = None,
+    ):
+        super().__init__()
+        cat = catalogue or get_catalogue()
+        self.config = config
+        d = config.d_model
+        self.expert_names = config.expert_names
+        modalities = list(config.encoders) if modalities is None else modalities
+        tasks = list(config.tasks) if tasks is None else tasks
+        experts = self.expert_names if experts is None else experts
+        for kind, chosen, known in (("encoders", modalities, config.encoders), ("tasks", tasks, config.tasks), ("experts", experts, self.expert_names)):
+            unknown = [c for c in chosen if c not in known]
+            if unknown:
+                raise ConfigError(f"model.{kind}", f"{unknown[0]!r} is not in the model config; known: {', '.join(known)}")
+
+        self.encoders = nn.ModuleDict()
+        for m in modalities:
+            pc = config.encoders[m]
+            spec = cat.get("encoder", pc.plugin)
+            self.encoders[m] = EncoderSlot(spec.build(d, **pc.options), d, spec.name, spec.package)
+        self.tasks = nn.ModuleDict()
+        for t in tasks:
+            pc = config.tasks[t]
+            self.tasks[t] = TaskSlot(cat.get("task", pc.plugin).build(d, **pc.options), d)
+
+        by_name = {e.name: e for e in config.experts}
+        router_spec = cat.get("router", config.router.plugin)
+        self.layers = nn.ModuleList()
+        for _ in range(config.n_layers):
+            local = {n: cat.get("expert", by_name[n].plugin).build(d, **by_name[n].options) for n in experts}
+            router = router_spec.build(d, len(self.expert_names), **config.router.options)
+            self.layers.append(Block(d, config.n_heads, config.dropout, MoELayer(d, self.expert_names, local, router)))
+        self.norm = nn.LayerNorm(d)
+        self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)
+
+    # -- forward -----------------------------------------------------------------
+    def embed(self, batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``[B, T, d]`` and mask for the modalities present in ``batch``.
+
+        ``batch["present"][modality]`` (``[B]`` bool, optional) marks samples that have
+        that modality; a modality absent from ``batch`` is absent for every sample.
+        """
+        present = batch.get("present", {})
+        parts, masks = [], []
+        for m, slot in self.encoders.items():
+            if m not in batch:
+                continue
+            tokens, mask = slot(batch[m])
+            if m in present:
+                mask = mask & present[m].to(mask.device).bool().unsqueeze(1)
+            parts.append(tokens)
+            masks.append(mask)
+        if not parts:
+            raise ValueError(f"batch has none of this model's modalities {list(self.encoders)}; keys: {sorted(batch)}")
+        B = parts[0].shape[0]
+        task_token = self.tasks[task].embed.expand(B, 1, -1)
+        x = torch.cat([task_token, *parts], dim=1)
+        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), *masks], dim=1)
+        return x, mask
+
+    def forward(self, batch: dict[str, Any], task: str) -> ModelOutput:
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not built in this model; built: {list(self.tasks)}")
+        x, mask = self.embed(batch, task)
+        task_embed = self.tasks[task].embed
+        aux: dict[str, torch.Tensor] = {}
+        counts = torch.zeros(len(self.expert_names), dtype=torch.long)
+        for block in self.layers:
+            x, out = block(x, mask, task_embed, self.expert_mask)
+            for k, v in out.aux_losses.items():
+                aux[k] = aux.get(k, 0.0) + v / len(self.layers)
+            tpe = out.stats.get("tokens_per_expert")
+            if tpe is not None:
+                counts += tpe.detach().to(counts.device).long()
+        x = self.norm(x)
+        pred = self.tasks[task].head(x, mask)
+        weights = self.config.aux_loss_weights
+        aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
+        return ModelOutput(pred, aux_loss, aux, counts)
+
+    def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+        out = self(batch, task)
+        return self.tasks[task].head.loss(out.pred, target) + out.aux_loss, out
+
+    # -- federation view ----------------------------------------------------------
+    def component_names(self) -> list[str]:
+        return sorted({component_of(n) for n, p in self.named_parameters() if p.requires_grad})
+
+    def component_state(self, component: str) -> dict[str, torch.Tensor]:
+        """The trainable tensors of one component, keyed by parameter name."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad and component_of(n) == component}
+
+    def load_component_state(self, component: str, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        for name, value in state.items():
+            if name not in params:
+                raise KeyError(f"component {component!r}: parameter {name!r} not in this model")
+            if params[name].shape != value.shape:
+                raise ValueError(f"component {component!r}: {name} has shape {tuple(value.shape)}, model expects {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(value)

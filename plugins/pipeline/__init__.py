@@ -1,0 +1,46 @@
+"""Built-in update-pipeline stages: clipping and compression.
+
+Each stage runs on one side: ``side = "institution"`` stages run before an update
+leaves the institution (what is transmitted is already processed); ``side = "server"``
+stages run on received updates before aggregation. Privacy stages (DP noise, secure
+aggregation) plug into the same hook.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from m3tfed import UpdateStageSpec, hookimpl
+from m3tfed.federation.aggregation import ComponentUpdate
+
+
+class ClipUpdates:
+    """Scale each component update to L2 norm at most ``max_norm`` (per institution)."""
+
+    def __init__(self, max_norm: float = 1.0, side: str = "institution"):
+        if max_norm <= 0:
+            raise ValueError(f"clip: max_norm must be > 0, got {max_norm}")
+        self.max_norm, self.side = max_norm, side
+
+    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+        out = []
+        for u in updates:
+            norm = torch.sqrt(sum(v.double().pow(2).sum() for v in u.delta.values()))
+            scale = min(1.0, self.max_norm / (float(norm) + 1e-12))
+            out.append(ComponentUpdate(u.institution, u.component, {k: v * scale for k, v in u.delta.items()}, u.weight, u.base_version))
+        return out
+
+
+class HalfPrecision:
+    """Send updates as float16 (halves upload bytes); the server casts back to float32."""
+
+    side = "institution"
+
+    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+        return [ComponentUpdate(u.institution, u.component, {k: v.half() for k, v in u.delta.items()}, u.weight, u.base_version) for u in updates]
+
+
+@hookimpl
+def register_update_stages(register):
+    register(UpdateStageSpec(name="clip", build=ClipUpdates, version="0.1.0", license="Apache-2.0", order=10, description="per-update L2 norm clipping"))
+    register(UpdateStageSpec(name="fp16", build=HalfPrecision, version="0.1.0", license="Apache-2.0", order=90, description="float16 update compression"))

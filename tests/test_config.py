@@ -1,0 +1,71 @@
+import pytest
+
+from m3tfed import ConfigError, get_catalogue
+from m3tfed.config import apply_overrides
+from m3tfed.defaults import default_config_dict
+from m3tfed.federation.config import load_config, resolve_selection
+from m3tfed.federation.job import build_federation
+
+
+def cfg_with(mutate):
+    data = default_config_dict()
+    mutate(data)
+    return data
+
+
+def test_default_config_loads_and_overrides_apply():
+    cfg = load_config(None, ["rounds=20", "federation.lr=0.01", "model.router.options.k=1"])
+    assert cfg.rounds == 20 and cfg.federation.lr == 0.01 and cfg.model.router.options["k"] == 1
+    assert [i.name for i in cfg.institutions][:2] == ["high_school", "university"]
+
+
+@pytest.mark.parametrize(
+    "mutate, path, words",
+    [
+        (lambda d: d.update(rounds="ten"), "rounds", "expected an integer"),
+        (lambda d: d["federation"].update(optimizer="adam"), "federation.optimizer", "allowed values: 'adamw', 'sgd'"),
+        (lambda d: d["federation"].update(speed=3), "federation.speed", "unknown key; allowed keys:"),
+        (lambda d: d["institutions"][1].update(modalities=["tabular", "smell"]), "institutions[1].modalities", "'smell' has no encoder"),
+        (lambda d: d["institutions"][0].update(tasks=["grade", "iq"]), "institutions[0].tasks", "'iq' is not in model.tasks"),
+        (lambda d: d["institutions"][0].pop("name"), "institutions[0].name", "required key missing"),
+        (lambda d: d["federation"].update(min_institutions=99), "federation.min_institutions", "exceeds the 6 institutions"),
+        (lambda d: d["aggregation"].update(experts={"plugin": "fedavg"}), "aggregation.experts", "unknown component group"),
+        (lambda d: d["model"].update(n_heads=5), "model.n_heads", "divisible"),
+    ],
+)
+def test_config_errors_name_the_key_path(mutate, path, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_with(mutate))
+    assert err.value.path == path
+    assert words in str(err.value)
+
+
+def test_unknown_plugin_lists_installed_ones():
+    cfg = load_config(cfg_with(lambda d: d["model"]["router"].update(plugin="telepathy")))
+    with pytest.raises(ConfigError) as err:
+        build_federation(cfg)
+    assert err.value.path == "model.router.plugin"
+    assert "telepathy" in str(err.value) and "topk" in str(err.value) and "expert_choice" in str(err.value)
+
+
+def test_selection_by_modality_task_and_compute():
+    cfg = load_config(None)
+    cat = get_catalogue()
+    by = {i.name: resolve_selection(cfg, i, cat) for i in cfg.institutions}
+    assert by["rural_school"] == ["small_0", "small_1"]  # small compute: low-rank experts only
+    assert "text_0" in by["high_school"] and "vision_0" not in by["high_school"]
+    assert "vision_0" in by["online_tutor"] and "tabular_0" not in by["online_tutor"]
+
+
+def test_selecting_an_expert_for_a_missing_modality_is_an_error():
+    cfg = load_config(cfg_with(lambda d: d["institutions"][3].update(experts=["vision_0"])))
+    with pytest.raises(ConfigError) as err:
+        resolve_selection(cfg, cfg.institutions[3], get_catalogue())
+    assert err.value.path == "institutions[3].experts"
+    assert "vision_0" in str(err.value) and "image" in str(err.value) and "rural_school" in str(err.value)
+
+
+def test_override_syntax():
+    assert apply_overrides({}, ["a.b=3", "c=hello", "d=[1, 2]"]) == {"a": {"b": 3}, "c": "hello", "d": [1, 2]}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["nonsense"])

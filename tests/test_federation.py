@@ -1,0 +1,173 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+
+from m3tfed import CheckpointError, FederationError
+from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint
+from m3tfed.federation.config import load_config
+from m3tfed.federation.job import build_federation, newest_checkpoint_dir, resume_job, run_job
+
+
+def federation(**kw):
+    return build_federation(load_config(tiny_config_dict(**kw)))
+
+
+def snapshot(state):
+    return {c: {k: v.clone() for k, v in s.items()} for c, s in state.items()}
+
+
+def test_components_aggregate_over_their_contributors_only():
+    fed = federation()
+    before = snapshot(fed.server.state)
+    rep = fed.server.run_round(1)
+    # only image institutions train the image encoder and the vision expert
+    assert rep.contributors["encoder.image"] == ["math_academy", "online_tutor"]
+    assert "rural_school" in rep.contributors["encoder.tabular"] and "online_tutor" not in rep.contributors["encoder.tabular"]
+    assert set(rep.contributors["expert.vision_0"]) <= {"math_academy", "online_tutor"}
+    assert "rural_school" in rep.contributors["expert.small_0"] or "rural_school" in rep.contributors["expert.small_1"]
+    for comp in fed.server.state:
+        changed = any(not torch.equal(before[comp][k], v) for k, v in fed.server.state[comp].items())
+        assert changed == (comp in rep.contributors), comp
+        assert fed.server.versions[comp] == (1 if comp in rep.contributors else 0)
+
+
+def test_an_unused_component_stays_unchanged():
+    d = tiny_config_dict()
+    d["model"]["experts"].append({"name": "unused", "plugin": "swiglu", "options": {"hidden": 16}, "modalities": ["image"]})
+    for inst in d["institutions"]:
+        if "image" in inst["modalities"]:
+            inst["experts"] = ["general_0", "vision_0"]
+    fed = build_federation(load_config(d))
+    before = snapshot(fed.server.state)
+    rep = fed.server.run_round(1)
+    assert "expert.unused" not in rep.contributors
+    assert all(torch.equal(before["expert.unused"][k], v) for k, v in fed.server.state["expert.unused"].items())
+    assert fed.server.versions["expert.unused"] == 0
+
+
+def test_personal_components_never_leave_the_institution():
+    fed = federation(rounds=2)
+    fed.server.run_round(1)
+    fed.server.run_round(2)
+    log = fed.server.backend.transcript
+    ups = [e for e in log if e["institution"] == "math_academy" and e["direction"] == "up"]
+    downs = [e for e in log if e["institution"] == "math_academy" and e["direction"] == "down"]
+    assert ups and all("task.symbol" not in e["components"] for e in ups)
+    # the server sends the initial value once, then never again
+    assert "task.symbol" in downs[0]["components"] and "task.symbol" not in downs[1]["components"]
+    assert "task.symbol" in fed.institutions["math_academy"].personal_state
+    # online_tutor shares task.symbol, so the global copy only has online_tutor's updates
+    assert fed.server.history[0].contributors["task.symbol"] == ["online_tutor"]
+
+
+def test_expert_updates_are_weighted_by_routed_tokens():
+    fed = federation()
+    captured = {}
+    agg = fed.server.aggregators["expert"]
+    original = agg.aggregate
+
+    def spy(component, current, updates):
+        captured[component] = {u.institution: u.weight for u in updates}
+        return original(component, current, updates)
+
+    agg.aggregate = spy
+    fed.server.run_round(1)
+    weights = captured["expert.general_0"]
+    n_train = {n: i.data.num_train for n, i in fed.institutions.items()}
+    assert all(w > 0 and float(w).is_integer() for w in weights.values())
+    assert any(weights[n] != n_train[n] for n in weights)  # tokens, not samples
+
+
+def test_faults_drop_the_institution_with_the_reason(monkeypatch):
+    fed = federation()
+    insts = fed.institutions
+
+    def boom(job):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(insts["university"], "train", boom)
+    original = insts["high_school"].train
+
+    def nan_result(job):
+        res = original(job)
+        first = res.updates[0]
+        key = next(iter(first.delta))
+        first.delta[key] = first.delta[key] * float("nan")
+        return res
+
+    monkeypatch.setattr(insts["high_school"], "train", nan_result)
+    rep = fed.server.run_round(1)
+    assert rep.dropped["university"] == "raised RuntimeError: disk on fire"
+    assert rep.dropped["high_school"].startswith("non-finite values in")
+    assert "university" not in rep.succeeded and len(rep.succeeded) == 4
+    assert all("university" not in c and "high_school" not in c for c in rep.contributors.values())
+
+
+def test_timeout_drops_and_too_few_institutions_stop_the_run():
+    fed = federation(timeout_s=0.0, max_retries=1)
+    with pytest.raises(FederationError, match="only 0 institutions succeeded after 2 attempts"):
+        fed.server.run_round(1)
+
+
+def test_deterministic_under_a_seed():
+    a, b = federation(), federation()
+    a.server.run_round(1)
+    b.server.run_round(1)
+    for comp, s in a.server.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, b.server.state[comp][k]), (comp, k)
+
+
+def final_tensors(run_dir):
+    return load_checkpoint(latest_checkpoint(run_dir))[0]
+
+
+def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config_dict(rounds=4)
+    cfg["aggregation"] = {"default": {"plugin": "fedavg"}, "expert": {"plugin": "fedadam", "options": {"eta": 0.01}}}
+    run_job(cfg, name="full", runs_dir=tmp_path, progress=lambda m: None)
+    run_job(cfg, name="split", runs_dir=tmp_path, stop_after=2, progress=lambda m: None)
+    assert newest_checkpoint_dir(tmp_path / "split").name == "round_0002"
+    resume_job(tmp_path / "split", progress=lambda m: None)
+    full, split = final_tensors(tmp_path / "full"), final_tensors(tmp_path / "split")
+    assert full.keys() == split.keys()
+    for k in full:
+        assert torch.equal(full[k], split[k]), k
+    # the ledger says who contributed to what in which round
+    meta = load_checkpoint(latest_checkpoint(tmp_path / "split"))[1]
+    rounds = {r for r, _, _ in meta["contributions"]}
+    assert rounds == {1, 2, 3, 4}
+    assert [4, "math_academy", "encoder.image"] in meta["contributions"]
+
+
+def test_resume_reports_a_corrupt_checkpoint(tmp_path):
+    run_job(tiny_config_dict(rounds=2), name="r", runs_dir=tmp_path, stop_after=1, progress=lambda m: None)
+    ckpt = tmp_path / "r" / "checkpoints" / "round_0001"
+    data = (ckpt / "tensors.safetensors").read_bytes()
+    (ckpt / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        resume_job(tmp_path / "r", progress=lambda m: None)
+
+
+def test_main_job_smoke_writes_its_files(tmp_path, capsys):
+    cfg = tiny_config_dict(rounds=2)
+    cfg["evaluation"] = {"baselines": ["local", "dense_fedavg"], "personalize": True, "plots": True}
+    out = run_job(cfg, name="smoke", runs_dir=tmp_path, progress=lambda m: None)
+    run = tmp_path / "smoke"
+    for f in ["config.json", "metrics.json", "routing.json", "curves.json", "learning_curves.png", "institutions.png", "expert_usage.png"]:
+        assert (run / f).stat().st_size > 0, f
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round_0001", "round_0002"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    grade = metrics["summary"]["grade"]
+    assert set(grade["summary"]) == {"fed_moe", "personalized", "local", "dense_fedavg"}
+    assert set(grade["institutions"]) == {"high_school", "university", "rural_school", "community_college", "math_academy"}
+    for method, s in grade["summary"].items():
+        vals = [row[method] for row in grade["institutions"].values()]
+        assert s["worst"] == max(vals) and abs(s["mean"] - sum(vals) / len(vals)) < 1e-9  # rmse: lower is better
+    routing = json.loads((run / "routing.json").read_text())
+    assert len(routing["experts"]) == 8 and sum(routing["tokens"]["rural_school"]["grade"][:6]) == 0
+    table = capsys.readouterr().out
+    assert "grade — rmse (lower is better)" in table and "worst" in table
+    assert out["communication"]["bytes_up"] > 0

@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from m3tfed import RegistryError, get_catalogue
+from m3tfed.registry import compare, load_registry, parse_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def entry(**kw):
+    base = {"kind": "expert", "name": "e", "package": "p", "version": "1", "license": "MIT"}
+    base.update(kw)
+    return base
+
+
+def test_repository_registry_is_valid_and_matches_builtins():
+    reg = load_registry(ROOT / "registry.toml")
+    rows = compare(reg, get_catalogue())
+    builtin = [r for r in rows if r["installed"] and r["installed"]["package"] == "m3tfed"]
+    assert builtin, "no built-in plugins found"
+    missing = [f"{r['kind']}:{r['name']}" for r in builtin if r["status"] != "ok"]
+    assert missing == [], f"built-in plugins missing from registry.toml: {missing}"
+    # Parameter counts in the registry agree with the installed specs.
+    for r in rows:
+        if r["status"] == "ok" and r["registry"].get("params") is not None and r["installed"].get("params") is not None:
+            assert r["registry"]["params"] == r["installed"]["params"], r["name"]
+
+
+@pytest.mark.parametrize(
+    "bad, field, words",
+    [
+        (entry(kind="widget"), "kind", "not a plugin kind"),
+        (entry(params=-3), "params", ">= 0"),
+        (entry(params="many"), "params", "expected int"),
+        (entry(modalities=["text", 3]), "modalities", "list of strings"),
+        (entry(colour="red"), "colour", "unknown field"),
+        (entry(size="huge"), "size", "not allowed"),
+        ({k: v for k, v in entry().items() if k != "license"}, "license", "required field missing"),
+    ],
+)
+def test_schema_errors_name_entry_and_field(bad, field, words):
+    with pytest.raises(RegistryError) as err:
+        parse_registry({"schema": 1, "component": [bad]}, "x.toml")
+    msg = str(err.value)
+    assert "x.toml" in msg and f"'{bad.get('name', '#0')}'" in msg and f"field {field!r}" in msg and words in msg
+
+
+def test_duplicate_and_schema_version():
+    with pytest.raises(RegistryError, match="duplicate expert entry"):
+        parse_registry({"schema": 1, "component": [entry(), entry()]})
+    with pytest.raises(RegistryError, match="expected schema = 1"):
+        parse_registry({"schema": 9, "component": []})
+
+
+def test_select_filters_by_modality_and_memory():
+    reg = parse_registry(
+        {
+            "schema": 1,
+            "component": [
+                entry(name="general"),
+                entry(name="vision", modalities=["image"]),
+                entry(name="big", min_memory_mb=4000),
+            ],
+        }
+    )
+    assert [e.name for e in reg.select("expert", {"tabular"}, max_memory_mb=100)] == ["general"]
+    assert [e.name for e in reg.select("expert", {"image"})] == ["general", "vision", "big"]
+
+
+def test_compare_flags_both_directions():
+    reg = parse_registry({"schema": 1, "component": [entry(name="not_installed_anywhere")]})
+    rows = {(r["kind"], r["name"]): r["status"] for r in compare(reg, get_catalogue())}
+    assert rows[("expert", "not_installed_anywhere")] == "not installed"
+    assert rows[("expert", "swiglu")] == "not in registry"
+
+
+def test_plugins_cli_json_lists_side_by_side(tmp_path):
+    reg = tmp_path / "registry.toml"
+    reg.write_text('schema = 1\n[[component]]\nkind = "expert"\nname = "ghost"\npackage = "ghost-pkg"\nversion = "1"\nlicense = "MIT"\n')
+    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--registry", str(reg)], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    status = {(r["kind"], r["name"]): r["status"] for r in data["plugins"]}
+    assert status[("expert", "ghost")] == "not installed"
+    assert status[("expert", "swiglu")] == "not in registry"
+    assert status[("router", "topk")] == "not in registry"
+    text = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--registry", str(ROOT / "registry.toml")], capture_output=True, text=True, check=True).stdout
+    swiglu_line = next(line for line in text.splitlines() if line.startswith("expert") and " swiglu " in line)
+    assert " ok " in swiglu_line and "m3tfed" in swiglu_line
+
+
+def test_registry_toml_parses_as_toml():
+    tomllib.loads((ROOT / "registry.toml").read_text())
