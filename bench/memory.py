@@ -16,10 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Timer, emit, rss_mb  # noqa: E402
-
 import torch  # noqa: E402
-
+from common import Timer, emit, rss_mb  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.institution import ModelPool  # noqa: E402

@@ -3,7 +3,15 @@
 The core knows no concrete plugin: it asks the plugin manager (``get_catalogue``).
 """
 
-from .errors import CheckpointError, ConfigError, ContractError, FederationError, M3TError, RegistryError, UnknownPluginError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ContractError,
+    FederationError,
+    M3TError,
+    RegistryError,
+    UnknownPluginError,
+)
 from .hookspecs import hookimpl
 from .modules import ModalityEncoder, Router, TaskHead, masked_mean
 from .plugin_manager import get_catalogue

@@ -9,11 +9,12 @@ checked where the catalogue is known (the model and the federation builders).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from .errors import ConfigError
 

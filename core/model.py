@@ -262,19 +262,29 @@ class M3TModel(nn.Module):
         return self.tasks[task].head.loss(out.pred, target) + out.aux_loss, out
 
     # -- federation view ----------------------------------------------------------
+    def _component_params(self) -> dict[str, dict[str, nn.Parameter]]:
+        """component -> trainable parameters, computed once (rounds call this often)."""
+        if not hasattr(self, "_components_cache"):
+            comps: dict[str, dict[str, nn.Parameter]] = {}
+            for n, p in self.named_parameters():
+                if p.requires_grad:
+                    comps.setdefault(component_of(n), {})[n] = p
+            self._components_cache = comps
+        return self._components_cache
+
     def component_names(self) -> list[str]:
-        return sorted({component_of(n) for n, p in self.named_parameters() if p.requires_grad})
+        return sorted(self._component_params())
 
     def component_state(self, component: str) -> dict[str, torch.Tensor]:
         """The trainable tensors of one component, keyed by parameter name."""
-        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad and component_of(n) == component}
+        return {n: p.detach().clone() for n, p in self._component_params().get(component, {}).items()}
 
     def load_component_state(self, component: str, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.named_parameters())
+        params = self._component_params().get(component, {})
         for name, value in state.items():
             if name not in params:
                 raise KeyError(f"component {component!r}: parameter {name!r} not in this model")
             if params[name].shape != value.shape:
                 raise ValueError(f"component {component!r}: {name} has shape {tuple(value.shape)}, model expects {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(value)
+        with torch.no_grad():
+            torch._foreach_copy_([params[n] for n in state], list(state.values()))

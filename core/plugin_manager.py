@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .specs import SPEC_TYPES, Catalogue, PluginError, Spec
+from .specs import SPEC_TYPES, Catalogue, PluginError
 
 log = logging.getLogger("m3tfed.plugins")
 
@@ -71,7 +71,9 @@ class PluginManager:
         allow = os.environ.get("M3TFED_LOAD_PLUGINS")
         allowed = {a.strip() for a in allow.split(",") if a.strip()} if allow else None
         builtins_only = os.environ.get("M3TFED_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
-        for ep in entry_points(group=GROUP):
+        # Built-ins first, so a third-party plugin can never take a built-in's name.
+        eps = sorted(entry_points(group=GROUP), key=lambda ep: (ep.dist is None or ep.dist.name != BUILTIN_DIST, ep.name))
+        for ep in eps:
             dist = ep.dist.name if ep.dist is not None else ep.module
             if builtins_only and dist != BUILTIN_DIST:
                 continue
@@ -110,7 +112,7 @@ class PluginManager:
         cat.broken.extend(self.load_errors)
         for hook_name, kind in HOOK_KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
-            for impl in reversed(hook.get_hookimpls()):  # registration order
+            for impl in hook.get_hookimpls():  # registration order: the first name wins
                 package = self.packages.get(impl.plugin_name, impl.plugin_name)
                 pending: list[Any] = []
                 try:

@@ -8,10 +8,11 @@ lines the registry up against what is installed.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import RegistryError
 from .specs import SPEC_TYPES, Catalogue

@@ -1,5 +1,4 @@
 import pytest
-
 from m3tfed import ConfigError, get_catalogue
 from m3tfed.config import apply_overrides
 from m3tfed.defaults import default_config_dict

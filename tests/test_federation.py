@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 from conftest import tiny_config_dict
-
 from m3tfed import CheckpointError, FederationError
 from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint
 from m3tfed.federation.config import load_config

@@ -1,11 +1,10 @@
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from m3tfed import RegistryError, get_catalogue
 from m3tfed.registry import compare, load_registry, parse_registry
 

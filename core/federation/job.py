@@ -23,8 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError
 from ..model import ExpertConfig, PluginConfig

@@ -70,9 +70,10 @@ def screen(result: TrainResult | Failure) -> str | None:
     if isinstance(result, Failure):
         return result.reason
     for u in result.updates:
-        for k, v in u.delta.items():
-            if not torch.isfinite(v).all():
-                return f"non-finite values in {u.component}:{k}"
+        # one fused check per update; the per-key search only runs on failure
+        if u.delta and not torch.isfinite(torch.cat([v.reshape(-1) for v in u.delta.values()])).all():
+            key = next(k for k, v in u.delta.items() if not torch.isfinite(v).all())
+            return f"non-finite values in {u.component}:{key}"
     if not math.isfinite(result.loss):
         return f"non-finite training loss {result.loss}"
     return None

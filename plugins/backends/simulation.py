@@ -11,8 +11,12 @@ import logging
 from pathlib import Path
 
 from m3tfed.errors import CheckpointError
-
-from m3tfed.federation.checkpoint import flatten_components, load_checkpoint, save_checkpoint, unflatten_components
+from m3tfed.federation.checkpoint import (
+    flatten_components,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_components,
+)
 from m3tfed.federation.institution import Institution, InstitutionTimeout, TrainJob, TrainResult
 from m3tfed.federation.server import Failure, tensor_bytes
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from m3tfed.federation.data import InstitutionData, split_tree
 from m3tfed.federation.institution import seed_for
 

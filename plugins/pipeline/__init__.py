@@ -9,7 +9,6 @@ aggregation) plug into the same hook.
 from __future__ import annotations
 
 import torch
-
 from m3tfed import UpdateStageSpec, hookimpl
 from m3tfed.federation.aggregation import ComponentUpdate
 

@@ -1,0 +1,41 @@
+"""FedAvg and FedProx: the weighted mean of the institutions' deltas.
+
+FedAvg (McMahan et al. 2017) weights each delta by its update's ``weight`` (samples
+seen, or tokens routed to an expert). FedProx (Li et al. 2020) aggregates the same way;
+what differs is local training, where institutions add (mu/2)||w - w_global||^2.
+The aggregator only announces ``proximal_mu``; the local trainer reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from m3tfed.federation.aggregation import Aggregator
+
+
+def _check_positive(owner: str, name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}: option {name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(eq=False)
+class FedAvg(Aggregator):
+    """``new = current + server_lr * sum_i(w_i * delta_i) / sum_i(w_i)``."""
+
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive(type(self).__name__, "server_lr", self.server_lr)
+
+
+@dataclass(eq=False)
+class FedProx(FedAvg):
+    """FedAvg aggregation; institutions add the proximal term with ``mu``."""
+
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(type(self).__name__, "mu", self.mu)
+        self.proximal_mu = self.mu
