@@ -78,6 +78,8 @@ class MoELayer(nn.Module):
     # 32-80 rows x d=32 (the default model config), ~10% at 128 x 64, even at 256 x 64,
     # and 25-50% slower at bench sizes (512+ rows x d=256+). A CPU tuning knob.
     STACKED_MAX_WORK = 8192
+    # "auto" also stacks whenever padding adds at most this factor of rows: ...
+    STACKED_MAX_PADDING = 1.5
 
     def __init__(
         self,
@@ -140,9 +142,8 @@ class MoELayer(nn.Module):
     # -- dispatch ------------------------------------------------------------------
     def _dispatch(self, x: torch.Tensor, routing: Routing, mask: torch.Tensor) -> tuple[torch.Tensor, list[int], set[str]]:
         """Run every expert once on its tokens; returns y, assignments per expert, modes used."""
-        N, E = x.shape[0], len(self.expert_names)
-        token_index, expert_index, weight = routing.token_index, routing.expert_index, routing.weight
-        counts = torch.bincount(expert_index, minlength=E).tolist()  # the one host sync: split sizes
+        N, d, E = x.shape[0], x.shape[1], len(self.expert_names)
+        counts = torch.bincount(routing.expert_index, minlength=E).tolist()  # the one host sync: split sizes
         allowed = mask.tolist()
         if len(counts) > E or any(c and not ok for c, ok in zip(counts, allowed)):
             bad = [i for i, c in enumerate(counts) if c and (i >= E or not allowed[i])]
@@ -153,57 +154,80 @@ class MoELayer(nn.Module):
                 f"{[n for n, ok in zip(self.expert_names, allowed) if ok]}",
             )
 
-        order = torch.argsort(self.slot_of_expert[expert_index], stable=True)
-        token_index, weight = token_index[order], weight[order]
-        xs = x.index_select(0, token_index)  # [M, d], grouped by expert (slot order)
+        # Group assignments by expert (slot order: every stack group is one contiguous span).
+        order = torch.argsort(self.slot_of_expert[routing.expert_index], stable=True)
+        token_index, weight = routing.token_index[order], routing.weight[order].to(x.dtype)
 
-        pieces, modes, start = [], set(), 0
+        # Row N of y collects the stacked path's padding rows and is cut off at the end.
+        y = x.new_zeros(N + 1, d)
+        modes: set[str] = set()
+        looped: list[tuple[slice, list[tuple[int, int]]]] = []
+        x_pad, start = None, 0
         for g, group in enumerate(self._groups):
-            group_counts = [counts[i] for i in group]
-            rows = sum(group_counts)
-            if rows == 0:
-                continue
-            xg = xs.narrow(0, start, rows)
+            used = [(i, counts[i]) for i in group if counts[i]]  # an expert without tokens is not called
+            rows = sum(c for _, c in used)
+            span = slice(start, start + rows)
             start += rows
-            used = [(i, c) for i, c in zip(group, group_counts) if c]  # no tokens: not called
-            if self._stackable[g] and len(used) > 1 and self._use_stacked(rows, len(used)):
+            if not rows:
+                continue
+            if self._stackable[g] and len(used) > 1 and self._use_stacked(rows, [c for _, c in used]):
+                if x_pad is None:
+                    x_pad = torch.cat([x, x.new_zeros(1, d)])  # row N: zero input for padding
                 try:
-                    pieces.append(self._run_stacked([self.experts[self.expert_names[i]] for i, _ in used], xg, [c for _, c in used]))
-                    modes.add("stacked")
-                    continue
+                    dest, out = self._run_stacked(
+                        [self.experts[self.expert_names[i]] for i, _ in used], x_pad, token_index[span], weight[span], [c for _, c in used]
+                    )
                 except Exception as exc:  # e.g. an expert forward that vmap cannot trace
                     if self.dispatch == "stacked":
                         raise
                     self._stackable[g] = False
                     cls = type(self.experts[self.expert_names[group[0]]]).__name__
-                    warnings.warn(f"MoELayer: experts of class {cls} cannot run stacked ({type(exc).__name__}: {exc}); looping over them instead", stacklevel=2)
-            for (i, _), chunk in zip(used, xg.split([c for _, c in used])):
-                pieces.append(self.experts[self.expert_names[i]](chunk))
+                    warnings.warn(f"MoELayer: experts of class {cls} cannot run stacked ({type(exc).__name__}: {exc}); looping over them instead", stacklevel=3)
+                else:
+                    y.index_add_(0, dest, out)
+                    modes.add("stacked")
+                    continue
+            looped.append((span, used))
+
+        if looped:
+            # One gather and one scatter for every looped expert together; one call per expert.
+            if len(looped) == 1:
+                rows_idx = looped[0][0]
+            else:
+                rows_idx = torch.cat([torch.arange(s.start, s.stop, device=x.device) for s, _ in looped])
+            tok, w = token_index[rows_idx], weight[rows_idx]
+            used = [u for _, us in looped for u in us]
+            chunks = x.index_select(0, tok).split([c for _, c in used])
+            out = torch.cat([self.experts[self.expert_names[i]](chunk) for (i, _), chunk in zip(used, chunks)])
+            y.index_add_(0, tok, out * rearrange(w, "m -> m 1"))
             modes.add("loop")
+        return y[:N], counts, modes
 
-        if not pieces:
-            return x.new_zeros(N, x.shape[1]), counts, modes
-        ys = torch.cat(pieces) * rearrange(weight.to(x.dtype), "m -> m 1")
-        return x.new_zeros(N, x.shape[1]).index_add(0, token_index, ys), counts, modes
-
-    def _use_stacked(self, rows: int, n_experts: int) -> bool:
-        if self.dispatch == "auto":
-            return rows / n_experts * self.d_model <= self.STACKED_MAX_WORK
-        return self.dispatch == "stacked"
+    def _use_stacked(self, rows: int, counts: list[int]) -> bool:
+        if self.dispatch != "auto":
+            return self.dispatch == "stacked"
+        padded = len(counts) * max(counts)
+        return padded <= self.STACKED_MAX_PADDING * rows or rows / len(counts) * self.d_model <= self.STACKED_MAX_WORK
 
     @staticmethod
-    def _run_stacked(experts: list[nn.Module], xg: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Run G same-shaped experts as one vmapped call on a zero-padded [G, C, d]
-        buffer. Stacking their parameters with ``torch.stack`` (not copies) keeps
-        autograd flowing to each expert's own parameters."""
-        G, C, d = len(experts), max(counts), xg.shape[1]
-        sizes = torch.tensor(counts, device=xg.device)
-        which = torch.repeat_interleave(torch.arange(G, device=xg.device), sizes)  # row -> expert
-        pos = torch.arange(xg.shape[0], device=xg.device) - (torch.cumsum(sizes, 0) - sizes)[which]
-        flat = which * C + pos  # row -> place in the padded buffer
-        buf = rearrange(xg.new_zeros(G * C, d).index_copy(0, flat, xg), "(g c) d -> g c d", g=G)
+    def _run_stacked(
+        experts: list[nn.Module], x_pad: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run G same-shaped experts as one vmapped call on a [G, C, d] buffer padded to
+        the busiest expert. Returns (destination row, gated output) per buffer row;
+        padding rows read the zero row and are sent to the discarded row N.
+
+        The parameters are stacked with ``torch.stack`` (a copy inside the graph, not new
+        leaves), so autograd still delivers gradients to each expert's own parameters."""
+        G, C, pad_row = len(experts), max(counts), x_pad.shape[0] - 1
+        sizes = torch.tensor(counts, device=tok.device)
+        which = torch.repeat_interleave(torch.arange(G, device=tok.device), sizes)  # row -> expert
+        flat = which * C + torch.arange(len(tok), device=tok.device) - (torch.cumsum(sizes, 0) - sizes)[which]
+        src = torch.full((G * C,), pad_row, dtype=tok.dtype, device=tok.device).index_copy(0, flat, tok)
+        gate = w.new_zeros(G * C).index_copy(0, flat, w)
+        buf = rearrange(x_pad.index_select(0, src), "(g c) d -> g c d", g=G)
         named = [dict(e.named_parameters()) for e in experts]
         params = {name: torch.stack([p[name] for p in named]) for name in named[0]}
         template = experts[0]
         out = vmap(lambda p, b: functional_call(template, p, (b,)), randomness="different")(params, buf)
-        return rearrange(out, "g c d -> (g c) d").index_select(0, flat)
+        return src, rearrange(out, "g c d -> (g c) d") * rearrange(gate, "m -> m 1")

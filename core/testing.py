@@ -27,9 +27,10 @@ from torch import nn
 
 from . import contracts
 from .errors import ContractError
-from .specs import REFERENCE_D_MODEL, EncoderSpec, ExpertSpec, RouterSpec, Spec, TaskSpec
+from .plugin_manager import get_catalogue
+from .specs import REFERENCE_D_MODEL, Catalogue, EncoderSpec, ExpertSpec, RouterSpec, Spec, TaskSpec
 
-__all__ = ["PluginCheckFailed", "check_encoder", "check_expert", "check_router", "check_task", "resolve_spec"]
+__all__ = ["PluginCheckFailed", "check_encoder", "check_expert", "check_plugin", "check_router", "check_task", "resolve_spec"]
 
 
 class PluginCheckFailed(ContractError, AssertionError):
@@ -39,8 +40,6 @@ class PluginCheckFailed(ContractError, AssertionError):
 def resolve_spec(kind: str, spec: Spec | str) -> Spec:
     """A spec object as is, or the installed plugin of that kind with that name."""
     if isinstance(spec, str):
-        from .plugin_manager import get_catalogue
-
         return get_catalogue().get(kind, spec)
     if spec.kind != kind:
         raise TypeError(f"expected a {kind} spec, got a {spec.kind} spec ({spec.name!r})")
@@ -270,3 +269,14 @@ def check_task(
         lambda m: contracts.check_task_module(spec, m, d_model, batch_size, seq_len),
         loss_fn, lambda m, g: [m(*inputs(m, g))],
     )
+
+
+_CHECKS = {"encoder": check_encoder, "expert": check_expert, "router": check_router, "task": check_task}
+
+
+def check_plugin(kind: str, name: str, catalogue: Catalogue | None = None) -> nn.Module:
+    """Run the kit's check for an installed plugin of ``kind`` (used by ``m3tfed plugins --check``)."""
+    if kind not in _CHECKS:
+        raise ValueError(f"no contract check for {kind!r} plugins; checkable kinds: {', '.join(_CHECKS)}")
+    spec = (catalogue or get_catalogue()).get(kind, name)
+    return _CHECKS[kind](spec)

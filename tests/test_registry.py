@@ -94,3 +94,12 @@ def test_plugins_cli_json_lists_side_by_side(tmp_path):
 
 def test_registry_toml_parses_as_toml():
     tomllib.loads((ROOT / "registry.toml").read_text())
+
+
+def test_plugins_check_runs_every_contract():
+    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--check"], capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)["plugins"]
+    checked = {(r["kind"], r["name"]): r["check"] for r in rows if "check" in r}
+    assert checked[("expert", "swiglu")] == "passed" and checked[("router", "expert_choice")] == "passed"
+    assert all(v == "passed" for v in checked.values()), checked
+    assert {k for k, _ in checked} == {"encoder", "expert", "router", "task"}
