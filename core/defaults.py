@@ -25,13 +25,16 @@ _DEFAULT: dict[str, Any] = {
             "interactions": {"plugin": "sequence", "options": {"num_skills": 12, "max_len": 20}},
             "image": {"plugin": "image", "options": {"image_size": 16, "patch_size": 4, "channels": 1}},
         },
+        # A catalogue of 13 experts: specialists per modality, general ones, and small
+        # low-rank ones. Each institution trains only the few that match it (by default
+        # 4, or 2 small ones for little compute), so most of the model never travels to it.
         "experts": [
-            {"name": "general_0", "plugin": "swiglu", "options": {"hidden": 64}},
-            {"name": "general_1", "plugin": "swiglu", "options": {"hidden": 64}},
-            {"name": "tabular_0", "plugin": "swiglu", "options": {"hidden": 64}, "modalities": ["tabular"]},
-            {"name": "text_0", "plugin": "swiglu", "options": {"hidden": 64}, "modalities": ["text"]},
-            {"name": "logs_0", "plugin": "swiglu", "options": {"hidden": 64}, "modalities": ["interactions"]},
-            {"name": "vision_0", "plugin": "swiglu", "options": {"hidden": 64}, "modalities": ["image"]},
+            {"name": "general_0", "plugin": "swiglu", "options": {"hidden": 96}},
+            {"name": "general_1", "plugin": "swiglu", "options": {"hidden": 96}},
+            *[{"name": f"tabular_{i}", "plugin": "swiglu", "options": {"hidden": 96}, "modalities": ["tabular"]} for i in range(3)],
+            {"name": "text_0", "plugin": "swiglu", "options": {"hidden": 96}, "modalities": ["text"]},
+            *[{"name": f"logs_{i}", "plugin": "swiglu", "options": {"hidden": 96}, "modalities": ["interactions"]} for i in range(3)],
+            *[{"name": f"vision_{i}", "plugin": "swiglu", "options": {"hidden": 96}, "modalities": ["image"]} for i in range(2)],
             {"name": "small_0", "plugin": "lowrank", "options": {"rank": 8}},
             {"name": "small_1", "plugin": "lowrank", "options": {"rank": 8}},
         ],

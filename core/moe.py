@@ -8,15 +8,13 @@ back with ``index_add``. No Python loop ever runs over tokens, only over experts
 Experts are arbitrary plugin modules mapping ``[n, d] -> [n, d]`` row by row, possibly
 of different classes in one layer. Two ways to run them:
 
-- **loop** (always correct): one call per expert on its ragged slice. On CPU at
-  realistic sizes this is the fastest way: every call is a large matmul, and nothing
-  is padded or copied.
+- **loop** (any expert): one call per expert on its ragged slice of tokens.
 - **stacked** (homogeneous experts: same class, same parameter shapes, no buffers):
   their parameters are stacked and ``torch.func.vmap(functional_call)`` runs them as
-  one batched call over a ``[G, C, d]`` buffer padded to the busiest expert. It wins
-  when each expert sees few tokens (Python and autograd overhead per call dominate);
-  it loses at large sizes (padding costs FLOPs and stacking copies weights).
-  ``dispatch="auto"`` picks per call by :attr:`MoELayer.STACKED_MAX_WORK`.
+  one batched call over a ``[G, C, d]`` buffer padded to the busiest expert. A constant
+  number of kernels whatever the number of experts, at the price of the padding and
+  a copy of the weights. ``dispatch="auto"`` picks per group and call (see
+  :attr:`MoELayer.STACKED_MAX_PADDING`); a group vmap cannot run falls back to the loop.
 
 Not here: choosing experts (routers are plugins), building experts (the model asks the
 plugin manager), or multi-device expert parallelism.
@@ -73,13 +71,16 @@ class MoELayer(nn.Module):
             docstring); ``"stacked"`` still loops over experts that cannot stack.
     """
 
-    # Largest (mean rows per expert) x d_model for which "auto" stacks a homogeneous
-    # group. Measured on 2 AVX2 cores with SwiGLU experts: stacking is ~2x faster at
-    # 32-80 rows x d=32 (the default model config), ~10% at 128 x 64, even at 256 x 64,
-    # and 25-50% slower at bench sizes (512+ rows x d=256+). A CPU tuning knob.
-    STACKED_MAX_WORK = 8192
-    # "auto" also stacks whenever padding adds at most this factor of rows: ...
+    # When "auto" stacks a homogeneous group (measured on 2 shared AVX2 cores, SwiGLU):
+    # - when padding to the busiest expert adds at most STACKED_MAX_PADDING x the rows.
+    #   Stacked, the group costs a constant number of kernels whatever E is; looped, E
+    #   times as many small ones. With the cores shared, each kernel can wait a
+    #   scheduler slice, and the loop ran 1.5-3x slower than stacked at 4k tokens; on
+    #   an idle machine the loop is ~20% faster there (no padding, no weight copy);
+    # - or when experts get so few rows that per-call overhead dominates anyway
+    #   (mean rows x d_model <= STACKED_MAX_WORK): ~2x faster at the default model size.
     STACKED_MAX_PADDING = 1.5
+    STACKED_MAX_WORK = 8192
 
     def __init__(
         self,
@@ -162,7 +163,7 @@ class MoELayer(nn.Module):
         y = x.new_zeros(N + 1, d)
         modes: set[str] = set()
         looped: list[tuple[slice, list[tuple[int, int]]]] = []
-        x_pad, start = None, 0
+        start = 0
         for g, group in enumerate(self._groups):
             used = [(i, counts[i]) for i in group if counts[i]]  # an expert without tokens is not called
             rows = sum(c for _, c in used)
@@ -171,11 +172,9 @@ class MoELayer(nn.Module):
             if not rows:
                 continue
             if self._stackable[g] and len(used) > 1 and self._use_stacked(rows, [c for _, c in used]):
-                if x_pad is None:
-                    x_pad = torch.cat([x, x.new_zeros(1, d)])  # row N: zero input for padding
                 try:
                     dest, out = self._run_stacked(
-                        [self.experts[self.expert_names[i]] for i, _ in used], x_pad, token_index[span], weight[span], [c for _, c in used]
+                        [self.experts[self.expert_names[i]] for i, _ in used], x, token_index[span], weight[span], [c for _, c in used]
                     )
                 except Exception as exc:  # e.g. an expert forward that vmap cannot trace
                     if self.dispatch == "stacked":
@@ -211,23 +210,26 @@ class MoELayer(nn.Module):
 
     @staticmethod
     def _run_stacked(
-        experts: list[nn.Module], x_pad: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, counts: list[int]
+        experts: list[nn.Module], x: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, counts: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run G same-shaped experts as one vmapped call on a [G, C, d] buffer padded to
-        the busiest expert. Returns (destination row, gated output) per buffer row;
-        padding rows read the zero row and are sent to the discarded row N.
+        the busiest expert. Returns (destination row of y, gated output) per buffer row.
 
-        The parameters are stacked with ``torch.stack`` (a copy inside the graph, not new
-        leaves), so autograd still delivers gradients to each expert's own parameters."""
-        G, C, pad_row = len(experts), max(counts), x_pad.shape[0] - 1
+        Padding rows read token 0 (any real, finite row: no zero buffer to fill and
+        copy into), get gate 0 and land in y's discarded row N, so they change neither
+        the output nor any gradient. The parameters are stacked with ``torch.stack`` (a
+        copy inside the graph, not new leaves): autograd still delivers gradients to
+        each expert's own parameters."""
+        G, C, N = len(experts), max(counts), x.shape[0]
         sizes = torch.tensor(counts, device=tok.device)
         which = torch.repeat_interleave(torch.arange(G, device=tok.device), sizes)  # row -> expert
         flat = which * C + torch.arange(len(tok), device=tok.device) - (torch.cumsum(sizes, 0) - sizes)[which]
-        src = torch.full((G * C,), pad_row, dtype=tok.dtype, device=tok.device).index_copy(0, flat, tok)
+        src = tok.new_zeros(G * C).index_copy(0, flat, tok)
+        dest = tok.new_full((G * C,), N).index_copy(0, flat, tok)
         gate = w.new_zeros(G * C).index_copy(0, flat, w)
-        buf = rearrange(x_pad.index_select(0, src), "(g c) d -> g c d", g=G)
+        buf = rearrange(x.index_select(0, src), "(g c) d -> g c d", g=G)
         named = [dict(e.named_parameters()) for e in experts]
         params = {name: torch.stack([p[name] for p in named]) for name in named[0]}
         template = experts[0]
         out = vmap(lambda p, b: functional_call(template, p, (b,)), randomness="different")(params, buf)
-        return src, rearrange(out, "g c d -> (g c) d") * rearrange(gate, "m -> m 1")
+        return dest, rearrange(out, "g c d -> (g c) d") * rearrange(gate, "m -> m 1")

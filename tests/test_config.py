@@ -51,9 +51,17 @@ def test_selection_by_modality_task_and_compute():
     cfg = load_config(None)
     cat = get_catalogue()
     by = {i.name: resolve_selection(cfg, i, cat) for i in cfg.institutions}
-    assert by["rural_school"] == ["small_0", "small_1"]  # small compute: low-rank experts only
-    assert "text_0" in by["high_school"] and "vision_0" not in by["high_school"]
-    assert "vision_0" in by["online_tutor"] and "tabular_0" not in by["online_tutor"]
+    assert sorted(by["rural_school"]) == ["small_0", "small_1"]  # small compute: low-rank experts only
+    assert all(len(s) == 4 for n, s in by.items() if n != "rural_school")  # the base budget
+    assert "text_0" in by["high_school"] and not any(e.startswith("vision") for e in by["high_school"])
+    assert any(e.startswith("vision") for e in by["online_tutor"]) and not any(e.startswith("tabular") for e in by["online_tutor"])
+    # every modality of an institution gets a specialist before any gets a second one
+    assert {e.split("_")[0] for e in by["community_college"]} >= {"tabular", "text", "logs"}
+    # institutions sharing a modality spread over its specialists
+    assert len({e for s in by.values() for e in s if e.startswith("tabular")}) == 3
+    # max_experts overrides the compute default
+    cfg.institutions[0].max_experts = 2
+    assert resolve_selection(cfg, cfg.institutions[0], cat) == by["high_school"][:2]
 
 
 def test_selecting_an_expert_for_a_missing_modality_is_an_error():
@@ -68,3 +76,12 @@ def test_override_syntax():
     assert apply_overrides({}, ["a.b=3", "c=hello", "d=[1, 2]"]) == {"a": {"b": 3}, "c": "hello", "d": [1, 2]}
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["nonsense"])
+
+
+def test_example_configs_load_and_build():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml")):
+        cfg = load_config(path)
+        fed = build_federation(cfg)
+        assert set(fed.institutions) == {i.name for i in cfg.institutions}, path

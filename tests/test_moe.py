@@ -85,14 +85,34 @@ def test_stacked_fast_path_equals_loop_outputs_and_gradients(router):
         torch.testing.assert_close(gp1[k], gp2[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_auto_stacks_only_small_work():
+def test_auto_stacks_unless_padding_is_large_and_work_is_not_small():
     torch.manual_seed(0)
     names = [f"e{i}" for i in range(4)]
-    layer = MoELayer(D, names, {n: SwiGLUExpert(D, 32) for n in names}, SoftRouter(D, 4))
+    experts = {n: SwiGLUExpert(D, 32) for n in names}
+    soft = MoELayer(D, names, experts, SoftRouter(D, 4))  # every expert gets N rows: no padding
     x = torch.randn(8, D)
-    assert layer(x).stats["dispatch"] == "stacked"  # 8 rows x 16 per expert: overhead-bound
-    layer.STACKED_MAX_WORK = 8 * D - 1
-    assert layer(x).stats["dispatch"] == "loop"
+    assert soft(x).stats["dispatch"] == "stacked"
+    soft.STACKED_MAX_PADDING, soft.STACKED_MAX_WORK = 0.0, 8 * D - 1  # neither rule applies
+    assert soft(x).stats["dispatch"] == "loop"
+
+    # skewed top-1 routing without capacity: 3 experts get 1 token, one gets 29
+    router = TopKRouter(D, 4, k=1, capacity_factor=None)
+    with torch.no_grad():
+        router.gate.weight.zero_()
+        router.gate.weight[0, 0] = 5.0
+    skewed = MoELayer(D, names, experts, router)
+    x = torch.randn(32, D)
+    x[:29, 0], x[29:, 0] = 10.0, -10.0
+    x[29:, 1:] = 0.0
+    with torch.no_grad():
+        router.gate.weight[1:, 1:] = torch.eye(3, D - 1) * 5.0
+    x[29, 1], x[30, 2], x[31, 3] = 10.0, 10.0, 10.0
+    out = skewed(x)
+    assert out.stats["tokens_per_expert"].tolist() == [29, 1, 1, 1]
+    skewed.STACKED_MAX_WORK = 0  # padded 4 x 29 = 116 rows for 32: loop
+    assert skewed(x).stats["dispatch"] == "loop"
+    skewed.STACKED_MAX_PADDING = 4.0
+    assert skewed(x).stats["dispatch"] == "stacked"
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))

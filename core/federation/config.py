@@ -18,6 +18,9 @@ from ..registry import Registry
 from ..specs import Catalogue
 
 COMPONENT_GROUPS = ("encoder", "expert", "router", "trunk", "task")
+# Experts an institution trains by default, by compute tier (None = every matching one).
+# Each expert costs download, upload, optimizer state and memory, whatever k is.
+COMPUTE_EXPERT_BUDGET: dict[str, int | None] = {"small": 2, "base": 4, "large": None}
 
 
 @dataclass
@@ -29,6 +32,8 @@ class InstitutionConfig:
     compute: Literal["small", "base", "large"] = "base"
     memory_mb: float | None = None  # experts whose registry min_memory_mb exceeds this are skipped
     experts: list[str] | None = None  # explicit choice; default: resolved from tags and compute
+    # How many experts it trains; default by compute (COMPUTE_EXPERT_BUDGET). 0 = no limit.
+    max_experts: int | None = None
     # Components that never leave the institution (e.g. "router", "task.grade", "expert.private").
     personal: list[str] = field(default_factory=list)
 
@@ -141,7 +146,8 @@ def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue:
                 raise ConfigError(path, why)
         chosen = list(inst.experts)
     else:
-        chosen = []
+        specific: dict[str, list[str]] = {}  # tag -> experts serving that modality/task
+        general: list[str] = []
         for e in cfg.model.experts:
             spec = catalogue.get("expert", e.plugin)
             if not fits(e)[0]:
@@ -151,7 +157,26 @@ def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue:
             entry = registry.find("expert", e.plugin) if registry else None
             if inst.memory_mb is not None and entry is not None and entry.min_memory_mb > inst.memory_mb:
                 continue
-            chosen.append(e.name)
+            mods, tasks = expert_tags(e, spec)
+            tags = sorted((mods & have_m) | (tasks & have_t))
+            if tags:
+                specific.setdefault(tags[0], []).append(e.name)
+            else:
+                general.append(e.name)
+        # Round-robin over the institution's modalities/tasks and the general experts, so
+        # each modality gets a specialist and the general (cross-modal) experts a seat
+        # before anything gets a second one; the budget then cuts the tail.
+        # Each institution starts its queues at its own offset, so institutions sharing a
+        # modality spread over that modality's specialists instead of all taking the first.
+        chosen = []
+        queues = [q[index % len(q):] + q[: index % len(q)] for q in [*specific.values(), general]]
+        while any(queues):
+            for q in queues:
+                if q:
+                    chosen.append(q.pop(0))
+        budget = inst.max_experts if inst.max_experts is not None else COMPUTE_EXPERT_BUDGET[inst.compute]
+        if budget:
+            chosen = chosen[:budget]
     if not chosen:
         raise ConfigError(path, f"no expert fits institution {inst.name!r} (modalities {inst.modalities}, tasks {inst.tasks}, compute {inst.compute})")
     return chosen

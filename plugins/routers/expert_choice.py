@@ -66,7 +66,9 @@ class ExpertChoiceRouter(Router):
         active = mask.nonzero().squeeze(1)  # [E_active]
         C = self.capacity(N, len(active))
 
-        logits = F.linear(x.float(), self.gate.weight.float()).masked_fill(~mask, float("-inf"))
+        with torch.autocast(x.device.type, enabled=False):  # float32 routing (ST-MoE)
+            logits = F.linear(x.float(), self.gate.weight.float())
+        logits = logits.masked_fill(~mask, float("-inf"))
         affinity = logits.softmax(dim=-1)  # [N, E]; masked experts 0
         # Only active experts choose: a masked expert never picks (never gets) a token.
         weight, token_index = affinity[:, active].t().topk(C, dim=-1)  # [E_active, C]

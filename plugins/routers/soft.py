@@ -48,7 +48,8 @@ class SoftRouter(Router):
         mask = _active_mask(expert_mask, E, x.device)
         active = mask.nonzero().squeeze(1)  # [E_active]
 
-        logits = F.linear(x.float(), self.gate.weight.float()) / self.temperature
+        with torch.autocast(x.device.type, enabled=False):  # float32 routing (ST-MoE)
+            logits = F.linear(x.float(), self.gate.weight.float()) / self.temperature
         logits = logits.masked_fill(~mask, float("-inf"))
         probs = logits.softmax(dim=-1)  # [N, E]
 

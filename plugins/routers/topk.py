@@ -86,8 +86,10 @@ class TopKRouter(Router):
         n_active = int(mask.sum())
         k = min(self.k, n_active)
 
-        # Route in float32 even under bf16 autocast: softmax over tiny logit gaps (ST-MoE).
-        logits = F.linear(x.float(), self.gate.weight.float())
+        # Route in float32, also under bf16 autocast: rounding the logits flips top-k
+        # choices and destabilises training (ST-MoE, "selective precision").
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         logits = logits.masked_fill(~mask, float("-inf"))  # masked gating: prob exactly 0
@@ -112,7 +114,7 @@ class TopKRouter(Router):
         if capacity is not None:
             starts = torch.cumsum(wanted, 0) - wanted
             slot = torch.arange(expert_index.numel(), device=x.device) - starts[expert_index]
-            keep = slot < capacity
+            keep = (slot < capacity).nonzero().squeeze(1)
             expert_index, token_index, weight = expert_index[keep], token_index[keep], weight[keep]
         kept = torch.bincount(expert_index, minlength=E)
 
