@@ -13,7 +13,7 @@ from typing import Any
 _DEFAULT: dict[str, Any] = {
     "name": "synthetic-edu",
     "seed": 0,
-    "rounds": 12,
+    "rounds": 10,
     "model": {
         "d_model": 32,
         "n_layers": 2,
@@ -46,7 +46,7 @@ _DEFAULT: dict[str, Any] = {
             "symbol": {"plugin": "classification", "options": {"num_classes": 4}},
         },
     },
-    "federation": {"fraction": 1.0, "min_institutions": 3, "local_steps": 8, "batch_size": 32, "lr": 3e-3},
+    "federation": {"fraction": 1.0, "min_institutions": 3, "local_steps": 6, "batch_size": 32, "lr": 3e-3},
     "aggregation": {"default": {"plugin": "fedavg"}},
     "data": {
         "plugin": "synthetic",

@@ -49,7 +49,7 @@ def _stack_signature(module: nn.Module) -> tuple | None:
 
     Buffers are excluded (running statistics would be stacked copies, not updated in
     place); a module can opt out with ``moe_stackable = False`` (e.g. an expert that
-    mixes tokens, for which zero padding would change the result).
+    mixes tokens across rows, for which padding rows would change the result).
     """
     if not getattr(module, "moe_stackable", True) or next(module.buffers(), None) is not None:
         return None
@@ -215,9 +215,9 @@ class MoELayer(nn.Module):
         """Run G same-shaped experts as one vmapped call on a [G, C, d] buffer padded to
         the busiest expert. Returns (destination row of y, gated output) per buffer row.
 
-        Padding rows read token 0 (any real, finite row: no zero buffer to fill and
-        copy into), get gate 0 and land in y's discarded row N, so they change neither
-        the output nor any gradient. The parameters are stacked with ``torch.stack`` (a
+        Padding rows read token 0 (a real row: no zero buffer to fill and copy into),
+        get gate 0 and land in y's discarded row N, so, the expert's output on them
+        being finite, they change neither the output nor any gradient. The parameters are stacked with ``torch.stack`` (a
         copy inside the graph, not new leaves): autograd still delivers gradients to
         each expert's own parameters."""
         G, C, N = len(experts), max(counts), x.shape[0]

@@ -172,3 +172,20 @@ def test_main_job_smoke_writes_its_files(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "grade — rmse (lower is better)" in table and "worst" in table
     assert out["communication"]["bytes_up"] > 0
+
+
+def test_frozen_backbones_are_held_once_and_never_travel():
+    d = tiny_config_dict()
+    d["model"]["encoders"]["text"]["options"]["freeze_backbone"] = True
+    fed = build_federation(load_config(d))
+    hs, cc = fed.institutions["high_school"].model(), fed.institutions["community_college"].model()
+    assert hs is not cc  # different selections, different model objects...
+    frozen_hs = {n: p for n, p in hs.named_parameters() if not p.requires_grad}
+    frozen_cc = {n: p for n, p in cc.named_parameters() if not p.requires_grad}
+    assert frozen_hs and frozen_hs.keys() == frozen_cc.keys()
+    assert all(frozen_hs[n].data_ptr() == frozen_cc[n].data_ptr() for n in frozen_hs)  # ...one copy of the backbone
+    fed.server.run_round(1)
+    sent = {k for e in fed.server.backend.transcript for k in e["components"]}
+    assert "encoder.text" in sent
+    text_params = fed.server.state["encoder.text"]
+    assert text_params and not any(n in text_params for n in frozen_hs)

@@ -74,15 +74,30 @@ class ModelPool:
         self.config, self.catalogue = config, catalogue
         self.accelerator = accelerator
         self.models: dict[tuple, M3TModel] = {}
+        self.frozen: dict[str, torch.nn.Parameter] = {}  # one copy of each frozen tensor per process
 
     def get(self, modalities: list[str], tasks: list[str], experts: list[str]) -> M3TModel:
         key = (tuple(modalities), tuple(tasks), tuple(experts))
         if key not in self.models:
             model = M3TModel(self.config, modalities, tasks, experts, catalogue=self.catalogue)
+            self.share_frozen(model)
             if self.accelerator is not None:
                 model = self.accelerator.prepare_model(model)
             self.models[key] = model
         return self.models[key]
+
+    def share_frozen(self, model: M3TModel) -> None:
+        """Point the model's frozen parameters (backbones) at the pool's single copy.
+
+        Frozen weights come from the same config and seed-independent pretrained files,
+        so models of different selections can share them; names identify them."""
+        for name, param in list(model.named_parameters()):
+            if param.requires_grad:
+                continue
+            shared = self.frozen.setdefault(name, param)
+            if shared is not param and shared.shape == param.shape:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, shared)
 
 
 def default_accelerator():

@@ -132,7 +132,7 @@ def handwriting(a: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torc
     images = templates[labels]
     shifts = torch.randint(-2, 3, (n, 2), generator=g)
     images = torch.stack([torch.roll(img, (int(dy), int(dx)), dims=(0, 1)) for img, (dy, dx) in zip(images, shifts)])
-    noise_level = 0.45 + 0.25 * torch.sigmoid(-a)
+    noise_level = 0.2 + 0.2 * torch.sigmoid(-a)
     images = images + noise_level.view(n, 1, 1) * torch.randn(images.shape, generator=g)
     return images.unsqueeze(1), labels
 
