@@ -11,13 +11,14 @@ Run: .venv/bin/python bench/memory.py [--institutions 100 1000]
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from common import Timer, emit, rss_mb  # noqa: E402
+from common import Timer, emit, peak_rss_mb, rss_mb  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.institution import ModelPool  # noqa: E402
@@ -36,8 +37,9 @@ def small_federation(n: int, students: int = 32, fraction: float = 0.1):
 
 
 def measure(n: int, shared: bool) -> dict:
-    gc.collect()
-    before = rss_mb()
+    """Build and run one round in this process; report its peak RSS."""
+    torch.set_num_threads(2)
+    start_rss = rss_mb()
     with Timer() as t:
         fed = build_federation(small_federation(n))
         if not shared:  # baseline: a model copy per institution
@@ -45,41 +47,40 @@ def measure(n: int, shared: bool) -> dict:
                 inst.pool = ModelPool(inst.pool.config, inst.pool.catalogue)
                 inst.model()
         fed.server.run_round(1)
-        if not shared:
-            for inst in fed.institutions.values():
-                inst.model()
-    after = rss_mb()
-    res = {"institutions": n, "shared_models": shared, "rss_growth_mb": after - before, "seconds": t.seconds,
-           "models_built": sum(len(i.pool.models) for i in {id(x.pool): x for x in fed.institutions.values()}.values())}
-    del fed
-    gc.collect()
-    return res
+    pools = {id(i.pool): i.pool for i in fed.institutions.values()}
+    return {"institutions": n, "shared_models": shared, "peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": start_rss,
+            "seconds": t.seconds, "models_built": sum(len(p.models) for p in pools.values())}
+
+
+def in_child(n: int, shared: bool) -> dict:
+    """Each measurement in a fresh process, so freed memory of one cannot hide another's."""
+    out = subprocess.run([sys.executable, __file__, "--child", str(n), str(int(shared))], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--institutions", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(2)
-    base_rss = rss_mb()
-    baseline = measure(100, shared=False)
-    rows = [measure(n, shared=True) for n in args.institutions]
-    print(f"{'institutions':>12} {'shared':>7} {'models':>7} {'RSS growth MiB':>15} {'seconds':>8}")
+    if args.child:
+        print(json.dumps(measure(args.child[0], bool(args.child[1]))))
+        return
+    baseline = in_child(100, shared=False)
+    rows = [in_child(n, shared=True) for n in args.institutions]
+    print(f"{'institutions':>12} {'shared':>7} {'models':>7} {'peak RSS MiB':>13} {'seconds':>8}")
     for r in [baseline, *rows]:
-        print(f"{r['institutions']:>12} {str(r['shared_models']):>7} {r['models_built']:>7} {r['rss_growth_mb']:>15.1f} {r['seconds']:>8.1f}")
+        print(f"{r['institutions']:>12} {str(r['shared_models']):>7} {r['models_built']:>7} {r['peak_rss_mb']:>13.1f} {r['seconds']:>8.1f}")
+    same_n = next(r for r in rows if r["institutions"] == baseline["institutions"])
     largest = rows[-1]
-    per_inst_shared = rows[0]["rss_growth_mb"] / rows[0]["institutions"]
-    per_inst_copy = baseline["rss_growth_mb"] / baseline["institutions"]
     emit(
         {
             "benchmark": "memory",
-            "process_rss_mb_at_start": base_rss,
             "figures": rows,
             "baseline": baseline,
-            "ratio_per_institution_shared_vs_copy": per_inst_shared / per_inst_copy if per_inst_copy > 0 else None,
-            "largest_total_rss_mb": base_rss + largest["rss_growth_mb"],
-            "target": {"institutions": 1000, "max_total_rss_mb": 8192},
-            "met": largest["institutions"] >= 1000 and base_rss + largest["rss_growth_mb"] < 8192,
+            "ratio_peak_rss_shared_vs_copy_at_100": same_n["peak_rss_mb"] / baseline["peak_rss_mb"],
+            "target": {"institutions": 1000, "max_peak_rss_mb": 8192},
+            "met": largest["institutions"] >= 1000 and largest["peak_rss_mb"] < 8192,
         }
     )
 

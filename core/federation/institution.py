@@ -77,9 +77,10 @@ class ModelPool:
         self.frozen: dict[str, torch.nn.Parameter] = {}  # one copy of each frozen tensor per process
 
     def get(self, modalities: list[str], tasks: list[str], experts: list[str]) -> M3TModel:
-        key = (tuple(modalities), tuple(tasks), tuple(experts))
+        # Order does not change a model (modules are keyed by name): normalise the key.
+        key = (tuple(sorted(modalities)), tuple(sorted(tasks)), tuple(sorted(experts)))
         if key not in self.models:
-            model = M3TModel(self.config, modalities, tasks, experts, catalogue=self.catalogue)
+            model = M3TModel(self.config, *map(list, key), catalogue=self.catalogue)
             self.share_frozen(model)
             if self.accelerator is not None:
                 model = self.accelerator.prepare_model(model)
