@@ -71,12 +71,13 @@ class MoELayer(nn.Module):
             docstring); ``"stacked"`` still loops over experts that cannot stack.
     """
 
-    # When "auto" stacks a homogeneous group (measured on 2 shared AVX2 cores, SwiGLU):
+    # When "auto" stacks a homogeneous group (SwiGLU experts, 2 AVX2 cores, torch 2.13):
     # - when padding to the busiest expert adds at most STACKED_MAX_PADDING x the rows.
-    #   Stacked, the group costs a constant number of kernels whatever E is; looped, E
-    #   times as many small ones. With the cores shared, each kernel can wait a
-    #   scheduler slice, and the loop ran 1.5-3x slower than stacked at 4k tokens; on
-    #   an idle machine the loop is ~20% faster there (no padding, no weight copy);
+    #   Stacked, a group costs a constant number of kernels whatever E is; looped, about
+    #   E times as many. With other jobs on the cores each kernel can wait a scheduler
+    #   slice, and at 4k tokens, E = 8-16, d = 256-512 the loop ran 1.3-2.4x slower than
+    #   stacked. On an idle machine the loop was 5-25% faster (no padding, no weight
+    #   copy): pass dispatch="loop" there. On GPUs fewer kernels is the usual win too;
     # - or when experts get so few rows that per-call overhead dominates anyway
     #   (mean rows x d_model <= STACKED_MAX_WORK): ~2x faster at the default model size.
     STACKED_MAX_PADDING = 1.5
