@@ -27,10 +27,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check core plugins experts tests bench
+	$(BIN)/ruff check core plugins experts tests bench examples
 
+# Benchmarks need the optional DeepSpeed and Flower baselines.
 bench: $(STAMP)
-	$(BIN)/python bench/moe_layer.py
+	$(BIN)/pip install -q -c constraints.txt -e ".[deepspeed,flower]"
+	DS_ACCELERATOR=cpu $(BIN)/python bench/moe_layer.py
+	$(BIN)/python bench/round_overhead.py
+	$(BIN)/python bench/communication.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .cache

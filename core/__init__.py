@@ -13,7 +13,7 @@ from .errors import (
     UnknownPluginError,
 )
 from .hookspecs import hookimpl
-from .modules import ModalityEncoder, Router, TaskHead, masked_mean
+from .modules import ModalityEncoder, Router, TaskHead, active_mask, masked_mean
 from .plugin_manager import get_catalogue
 from .specs import (
     REFERENCE_D_MODEL,
@@ -55,5 +55,6 @@ __all__ = [
     "UpdateStageSpec",
     "get_catalogue",
     "hookimpl",
+    "active_mask",
     "masked_mean",
 ]

@@ -67,6 +67,18 @@ class TaskHead(nn.Module):
         raise NotImplementedError
 
 
+def active_mask(expert_mask: torch.Tensor | None, num_experts: int, device: torch.device) -> torch.Tensor:
+    """A router's validated ``[E]`` bool mask of selectable experts (None = all)."""
+    if expert_mask is None:
+        return torch.ones(num_experts, dtype=torch.bool, device=device)
+    if expert_mask.shape != (num_experts,):
+        raise ValueError(f"expert_mask must be [{num_experts}] bool, got {list(expert_mask.shape)}")
+    mask = expert_mask.to(device=device, dtype=torch.bool)
+    if not bool(mask.any()):
+        raise ValueError("expert_mask selects no expert: an institution must select at least one")
+    return mask
+
+
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens of each sample: ``[B, T, d], [B, T] -> [B, d]``."""
     w = mask.to(tokens.dtype).unsqueeze(-1)

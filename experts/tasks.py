@@ -142,10 +142,10 @@ class ClassificationHead(PooledHead):
         return torch.randint(0, self.num_classes, (batch_size,), generator=generator)
 
 
-class RegressionHead(PooledHead):
+class ScalarHead(PooledHead):
+    """One float per sample (a value or a logit)."""
+
     target_dtype = torch.float32
-    primary_metric = "rmse"
-    higher_is_better = False
 
     def __init__(self, d_model: int, hidden: int | None = None, pooling: str = "mean"):
         super().__init__(d_model, 1, hidden, pooling)
@@ -153,6 +153,11 @@ class RegressionHead(PooledHead):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return super().forward(tokens, mask).squeeze(-1)
+
+
+class RegressionHead(ScalarHead):
+    primary_metric = "rmse"
+    higher_is_better = False
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(pred, target.to(pred.dtype))
@@ -198,20 +203,12 @@ class MultiRegressionHead(PooledHead):
         return torch.randn(batch_size, *self.target_shape, generator=generator)
 
 
-class NextResponseHead(PooledHead):
+class NextResponseHead(ScalarHead):
     """Knowledge tracing: will the student answer the next question correctly? Predicts
     a logit; pair it with the ``sequence`` encoder's ``query_skill`` token."""
 
-    target_dtype = torch.float32
     primary_metric = "auc"
     higher_is_better = True
-
-    def __init__(self, d_model: int, hidden: int | None = None, pooling: str = "mean"):
-        super().__init__(d_model, 1, hidden, pooling)
-        self.target_shape = ()
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return super().forward(tokens, mask).squeeze(-1)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype))

@@ -29,7 +29,7 @@ def learning_curves(path: Path, curves: list[dict], summary: dict[str, Any]) -> 
             ax.plot(xs, ys, marker=".", label=name)
         ax.set_title(f"{task}: {metric}")
         ax.set_xlabel("round")
-    axes[0][0].legend(fontsize=6)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

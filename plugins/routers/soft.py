@@ -9,19 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from m3tfed import Router, Routing
+from m3tfed import Router, Routing, active_mask
 from torch import nn
-
-
-def _active_mask(expert_mask: torch.Tensor | None, num_experts: int, device: torch.device) -> torch.Tensor:
-    if expert_mask is None:
-        return torch.ones(num_experts, dtype=torch.bool, device=device)
-    if expert_mask.shape != (num_experts,):
-        raise ValueError(f"expert_mask must be [{num_experts}] bool, got {list(expert_mask.shape)}")
-    mask = expert_mask.to(device=device, dtype=torch.bool)
-    if not bool(mask.any()):
-        raise ValueError("expert_mask selects no expert: an institution must select at least one")
-    return mask
 
 
 class SoftRouter(Router):
@@ -45,7 +34,7 @@ class SoftRouter(Router):
 
     def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> Routing:
         N, E = x.shape[0], self.num_experts
-        mask = _active_mask(expert_mask, E, x.device)
+        mask = active_mask(expert_mask, E, x.device)
         active = mask.nonzero().squeeze(1)  # [E_active]
 
         with torch.autocast(x.device.type, enabled=False):  # float32 routing (ST-MoE)
