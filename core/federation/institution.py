@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..model import M3TModel, ModelConfig
+from ..model import M3TModel, ModelConfig, component_of
 from ..specs import Catalogue
 from .aggregation import ComponentUpdate
 from .config import FederationSettings, InstitutionConfig
@@ -206,8 +206,6 @@ class Institution:
         ``anchor``/``proximal_mu`` add FedProx's (mu/2)||w - w_global||^2 per component.
         Returns the mean loss and the tokens routed to each expert.
         """
-        from ..model import component_of
-
         accelerator = self.pool.accelerator
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)

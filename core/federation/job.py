@@ -286,7 +286,7 @@ def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int 
         "history": [to_dict(r) for r in fed.server.history],
     }
     write_json_atomic(run_dir / "metrics.json", out)
-    expert_names = fed.server.backend.institutions[next(iter(fed.institutions))].model().expert_names
+    expert_names = cfg.model.expert_names
     write_json_atomic(run_dir / "routing.json", {"experts": expert_names, "tokens": routing})
     if cfg.evaluation.plots:
         from .plots import write_plots
