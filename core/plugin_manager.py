@@ -67,10 +67,12 @@ class PluginManager:
             self.pm.enable_tracing()
 
     # -- loading ---------------------------------------------------------------
-    def load_entry_points(self) -> None:
-        allow = os.environ.get("M3TFED_LOAD_PLUGINS")
+    def load_entry_points(self, builtins_only: bool = False) -> None:
+        """Load the group's entry points; ``builtins_only`` loads m3tfed's own, whatever
+        the environment switches say."""
+        allow = None if builtins_only else os.environ.get("M3TFED_LOAD_PLUGINS")
         allowed = {a.strip() for a in allow.split(",") if a.strip()} if allow else None
-        builtins_only = os.environ.get("M3TFED_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
+        builtins_only = builtins_only or os.environ.get("M3TFED_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
         # Built-ins first, so a third-party plugin can never take a built-in's name.
         eps = sorted(entry_points(group=GROUP), key=lambda ep: (ep.dist is None or ep.dist.name != BUILTIN_DIST, ep.name))
         for ep in eps:
@@ -176,8 +178,7 @@ def catalogue_from(plugins: Iterable[ModuleType | Any], with_builtins: bool = Tr
     """A catalogue from explicit plugin objects (tests, notebooks), optionally plus built-ins."""
     pm = PluginManager()
     if with_builtins:
-        for mod in BUILTIN_MODULES:
-            pm.register(importlib.import_module(mod), name=mod, package=BUILTIN_DIST)
+        pm.load_entry_points(builtins_only=True)
     for i, plugin in enumerate(plugins):
         pm.register(plugin, name=getattr(plugin, "__name__", f"plugin{i}"), package=getattr(plugin, "__name__", f"plugin{i}"))
     return pm.catalogue()
@@ -189,14 +190,3 @@ def reset() -> None:
     _catalogue = _manager = None
     importlib.invalidate_caches()
 
-
-BUILTIN_MODULES = (
-    "m3tfed.plugins.encoders",
-    "m3tfed.plugins.routers",
-    "m3tfed.plugins.aggregators",
-    "m3tfed.plugins.data",
-    "m3tfed.plugins.backends",
-    "m3tfed.plugins.pipeline",
-    "m3tfed.experts",
-    "m3tfed.experts.tasks",
-)

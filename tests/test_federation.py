@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed import CheckpointError, FederationError
-from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint
+from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint, round_checkpoints
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation, newest_checkpoint_dir, resume_job, run_job
+from m3tfed.federation.job import build_federation, resume_job, run_job
 
 
 def federation(**kw):
@@ -128,7 +128,7 @@ def test_resume_after_round_2_equals_an_uninterrupted_run(tmp_path):
     cfg["aggregation"] = {"default": {"plugin": "fedavg"}, "expert": {"plugin": "fedadam", "options": {"eta": 0.01}}}
     run_job(cfg, name="full", runs_dir=tmp_path, progress=lambda m: None)
     run_job(cfg, name="split", runs_dir=tmp_path, stop_after=2, progress=lambda m: None)
-    assert newest_checkpoint_dir(tmp_path / "split").name == "round_0002"
+    assert round_checkpoints(tmp_path / "split")[0].name == "round_0002"
     resume_job(tmp_path / "split", progress=lambda m: None)
     full, split = final_tensors(tmp_path / "full"), final_tensors(tmp_path / "split")
     assert full.keys() == split.keys()

@@ -225,19 +225,24 @@ def checkpoint_path(run_dir: Path | str, round_index: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round_{round_index:04d}"
 
 
-def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    """The ``run_dir/checkpoints/round_NNNN`` with the highest N that verifies (size and
-    sha256), or None. Temp directories and broken checkpoints are skipped (with a warning
-    for the broken ones)."""
+def round_checkpoints(run_dir: Path | str) -> list[Path]:
+    """Every ``run_dir/checkpoints/round_NNNN`` folder, newest first (temp dirs excluded)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     rounds = []
     for entry in root.iterdir():
         m = _ROUND.fullmatch(entry.name)
         if m and entry.is_dir():
             rounds.append((int(m[1]), entry))
-    for _, entry in sorted(rounds, reverse=True):
+    return [entry for _, entry in sorted(rounds, reverse=True)]
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    """The ``run_dir/checkpoints/round_NNNN`` with the highest N that verifies (size and
+    sha256), or None. Temp directories and broken checkpoints are skipped (with a warning
+    for the broken ones)."""
+    for entry in round_checkpoints(run_dir):
         try:
             verify_checkpoint(entry)
         except CheckpointError as exc:

@@ -29,7 +29,7 @@ from ..model import ExpertConfig, PluginConfig
 from ..plugin_manager import get_catalogue
 from ..registry import Registry, load_registry
 from ..specs import Catalogue
-from .checkpoint import load_checkpoint, write_json_atomic
+from .checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
 from .config import FederationConfig, load_config, resolve_selection
 from .institution import Institution, ModelPool, default_accelerator, seed_for
 from .server import Server, initial_state
@@ -224,9 +224,10 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress=_progress)
         raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
     cfg = load_config(json.loads((run_dir / "config.json").read_text()))
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    ckpt = newest_checkpoint_dir(run_dir)
-    if ckpt is None:
+    rounds = round_checkpoints(run_dir)
+    if not rounds:
         raise CheckpointError(f"{run_dir}: no checkpoint under checkpoints/ to resume from")
+    ckpt = rounds[0]
     # The newest checkpoint or nothing: silently falling back to an older round would
     # pair it with institutions' newer personal state.
     tensors, meta = load_checkpoint(ckpt)
@@ -234,11 +235,6 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress=_progress)
     fed.server.restore(tensors, meta)
     progress(f"resuming {run_dir.name} after round {fed.server.round}")
     return _continue(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
-
-
-def newest_checkpoint_dir(run_dir: Path) -> Path | None:
-    rounds = sorted((run_dir / "checkpoints").glob("round_[0-9][0-9][0-9][0-9]"))
-    return rounds[-1] if rounds else None
 
 
 def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int | None, progress) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ..errors import FederationError
 from ..model import M3TModel
 from ..specs import Catalogue
 from .aggregation import Aggregator, ComponentUpdate
-from .checkpoint import flatten_components, save_checkpoint, unflatten_components
+from .checkpoint import checkpoint_path, flatten_components, save_checkpoint, unflatten_components
 from .config import FederationConfig
 from .institution import State, TrainJob, TrainResult, seed_for
 
@@ -205,7 +205,7 @@ class Server:
             "history": [to_dict(r) for r in self.history],
             "config": to_dict(self.config),
         }
-        path = save_checkpoint(self.run_dir / "checkpoints" / f"round_{self.round:04d}", tensors, meta)
+        path = save_checkpoint(checkpoint_path(self.run_dir, self.round), tensors, meta)
         self.backend.save_personal(self.run_dir, self.round)
         return path
 
