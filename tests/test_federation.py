@@ -189,3 +189,14 @@ def test_frozen_backbones_are_held_once_and_never_travel():
     assert "encoder.text" in sent
     text_params = fed.server.state["encoder.text"]
     assert text_params and not any(n in text_params for n in frozen_hs)
+
+
+def test_capabilities_are_discovered_by_message_not_configured_twice():
+    fed = federation()
+    name, inst = next(iter(fed.institutions.items()))
+    caps = fed.server.backend.ask(name, "capabilities", {"round": 0})
+    assert caps["modalities"] == inst.config.modalities and caps["tasks"] == inst.config.tasks
+    assert caps["components"] == fed.server.backend.components_of(name)
+    assert caps["num_train"] == inst.data.num_train
+    with pytest.raises(ValueError, match="unknown message kind 'nonsense'"):
+        fed.server.backend.ask(name, "nonsense", {})

@@ -114,6 +114,10 @@ def default_accelerator():
 _ACCELERATOR = None
 
 
+# message kind -> handler(institution, payload) -> reply; protocol modules add their own.
+MESSAGE_HANDLERS: dict[str, Callable[["Institution", dict[str, Any]], dict[str, Any]]] = {}
+
+
 class Institution:
     def __init__(
         self,
@@ -143,6 +147,30 @@ class Institution:
 
     def is_personal(self, component: str) -> bool:
         return component in self.config.personal
+
+    # -- messages other than training (capabilities, secure-aggregation rounds) -----
+    def handle(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Answer a server message of ``kind``; every backend delivers messages here, so
+        a protocol step (e.g. a secure-aggregation round) is written once."""
+        handler = MESSAGE_HANDLERS.get(kind)
+        if handler is None:
+            raise ValueError(f"{self.name}: unknown message kind {kind!r}; known: {', '.join(sorted(MESSAGE_HANDLERS))}")
+        return handler(self, payload)
+
+    def capabilities(self, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the server may ask of this institution: discovered, not configured twice."""
+        c = self.config
+        return {
+            "name": c.name,
+            "modalities": list(c.modalities),
+            "tasks": list(c.tasks),
+            "compute": c.compute,
+            "experts": list(self.experts),
+            "components": self.component_names(),
+            "personal": list(c.personal),
+            "local_steps": self.local_steps(),
+            "num_train": self.data.num_train,
+        }
 
     def local_steps(self) -> int:
         s = self.settings
@@ -269,3 +297,6 @@ class Institution:
             routing[task] = counts.tolist()
         model.train()
         return metrics, routing
+
+
+MESSAGE_HANDLERS["capabilities"] = Institution.capabilities

@@ -39,6 +39,11 @@ class SimulationBackend:
     def local_steps(self, name: str) -> int:
         return self.institutions[name].local_steps()
 
+    def ask(self, name: str, kind: str, payload: dict) -> dict:
+        """Deliver a non-training message (``Institution.handle``) and return the reply."""
+        self._record(payload.get("round", 0), name, f"ask:{kind}", {})
+        return self.institutions[name].handle(kind, payload)
+
     # -- a round ---------------------------------------------------------------------
     def train(self, jobs: list[TrainJob]) -> list[TrainResult | Failure]:
         results: list[TrainResult | Failure] = []
