@@ -31,7 +31,7 @@ lint: $(STAMP)
 
 # Benchmarks need the optional DeepSpeed and Flower baselines.
 bench: $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt -e ".[deepspeed,flower]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	DS_ACCELERATOR=cpu $(BIN)/python bench/moe_layer.py
 	$(BIN)/python bench/round_overhead.py
 	$(BIN)/python bench/communication.py

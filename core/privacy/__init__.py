@@ -1,0 +1,1 @@
+"""Privacy: per-institution policies, differential privacy, secure aggregation."""
