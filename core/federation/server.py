@@ -137,7 +137,13 @@ class Server:
         start = time.perf_counter()
         f = self.config.federation
         sampled = self.sample(rnd)
+        context = {"round": rnd, "server": self, "backend": self.backend, "sampled": sampled}
         for attempt in range(f.max_retries + 1):
+            # 0. server stages that need a setup step with the sampled institutions before
+            #    training (e.g. secure aggregation's key exchange) do it through backend.ask
+            for stage in self.server_stages:
+                if hasattr(stage, "begin_round"):
+                    stage.begin_round(context)
             # 1. send each sampled institution only its components, 2. train locally
             jobs = [self.make_job(name, rnd, attempt) for name in sampled]
             results = self.backend.train(jobs)
@@ -162,8 +168,9 @@ class Server:
         self.initialized.update(r.institution for r in ok)
         # 4. server-side update stages (e.g. central privacy), then 5. aggregate per component
         updates = [u for r in ok for u in r.updates]
+        context["succeeded"] = [r.institution for r in ok]
         for stage in self.server_stages:
-            updates = stage.process(updates, {"round": rnd, "server": self})
+            updates = stage.process(updates, context)
         by_component: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:
             by_component[u.component].append(u)
