@@ -200,3 +200,31 @@ def test_capabilities_are_discovered_by_message_not_configured_twice():
     assert caps["num_train"] == inst.data.num_train
     with pytest.raises(ValueError, match="unknown message kind 'nonsense'"):
         fed.server.backend.ask(name, "nonsense", {})
+
+
+def test_centralized_baseline_and_comparison_are_reported(tmp_path):
+    cfg = tiny_config_dict(rounds=2)
+    cfg["evaluation"] = {"baselines": ["local", "centralized"], "personalize": False, "plots": False}
+    out = run_job(cfg, name="c", runs_dir=tmp_path, progress=lambda m: None)
+    assert set(out["results"]) == {"fed_moe", "local", "centralized"}
+    for task, s in out["summary"].items():
+        for name, row in s["institutions"].items():
+            assert all(v == v for v in row.values())  # finite metrics for every method
+    comp = out["comparison"]
+    assert set(comp) == {"local", "centralized"}
+    adv = comp["local"]["institutions"]
+    assert len(adv) == len(cfg["institutions"])
+    assert comp["local"]["mean_relative_advantage"] == sum(adv.values()) / len(adv)
+    assert json.loads((tmp_path / "c" / "data_report.json").read_text()).keys() == {i["name"] for i in cfg["institutions"]}
+
+
+def test_relative_advantage_respects_the_metric_direction():
+    from m3tfed.federation.job import relative_advantage
+
+    summary = {
+        "grade": {"higher_is_better": False, "institutions": {"a": {"fed_moe": 0.9, "local": 1.0}}},
+        "pass": {"higher_is_better": True, "institutions": {"a": {"fed_moe": 0.77, "local": 0.70}, "b": {"fed_moe": 0.6, "local": 0.75}}},
+    }
+    adv = relative_advantage(summary, "fed_moe", "local")
+    assert adv["a"] == pytest.approx((0.1 + 0.1) / 2)  # 10% lower RMSE, 10% higher accuracy
+    assert adv["b"] == pytest.approx(-0.2)

@@ -23,19 +23,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError
-from ..model import ExpertConfig, PluginConfig
+from ..model import ExpertConfig, M3TModel, PluginConfig
 from ..plugin_manager import get_catalogue
 from ..registry import Registry, load_registry
 from ..specs import Catalogue
 from .checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
 from .config import FederationConfig, load_config, resolve_selection
+from .data import iterate_batches, model_inputs
 from .institution import Institution, ModelPool, default_accelerator, seed_for
 from .server import Server, initial_state
 
 log = logging.getLogger("m3tfed.job")
-METHODS = ("fed_moe", "personalized", "local", "dense_fedavg")
+METHODS = ("fed_moe", "personalized", "local", "dense_fedavg", "centralized")
 
 
 @dataclass
@@ -155,6 +158,33 @@ def evaluate_dense_fedavg(cfg: FederationConfig, fed: Federation, progress) -> d
     return evaluate_federated(dense)[0]
 
 
+def evaluate_centralized(cfg: FederationConfig, fed: Federation) -> dict:
+    """The upper bound: one model with every expert trained on the pooled data, with the
+    federation's total compute (rounds x every institution's local steps), one
+    institution's batch (and tasks) per step in turn; then each institution's test split."""
+    torch.manual_seed(seed_for(cfg.seed, "centralized"))
+    model = M3TModel(cfg.model, catalogue=fed.server.catalogue)
+    for comp, state in initial_state(cfg, fed.server.catalogue).items():
+        model.load_component_state(comp, state)
+    insts = list(fed.institutions.values())
+    f = cfg.federation
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=f.lr, weight_decay=f.weight_decay) if f.optimizer == "adamw" else torch.optim.SGD(params, lr=f.lr, weight_decay=f.weight_decay)
+    gen = torch.Generator().manual_seed(seed_for(cfg.seed, "centralized", "batches"))
+    batches = [iterate_batches(i.data.train, f.batch_size, gen) for i in insts]
+    # Interleave in proportion to each institution's local steps, as the federation does.
+    schedule = [k for k, inst in enumerate(insts) for _ in range(inst.local_steps())]
+    model.train()
+    for _ in range(cfg.rounds):
+        for k in schedule:
+            batch = next(batches[k])
+            loss = sum(model.loss(model_inputs(batch), t, batch["targets"][t])[0] for t in insts[k].config.tasks)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return {inst.name: inst.evaluate(model)[0] for inst in insts}
+
+
 def primary(fed: Federation, task: str) -> tuple[str, bool]:
     head = next(i.model().tasks[task].head for i in fed.institutions.values() if task in i.config.tasks)
     return head.primary_metric, head.higher_is_better
@@ -176,6 +206,35 @@ def summarize(fed: Federation, results: dict[str, dict]) -> dict[str, Any]:
             agg[m] = {"mean": sum(vals) / len(vals), "worst": (min if higher else max)(vals)}
         summary[task] = {"metric": metric, "higher_is_better": higher, "institutions": rows, "summary": agg}
     return summary
+
+
+def relative_advantage(summary: dict[str, Any], method: str, baseline: str) -> dict[str, float]:
+    """Per institution: ``method``'s mean relative advantage over ``baseline`` across its
+    tasks' primary metrics (positive = better, 0.05 = 5% better), so tasks with different
+    metrics and scales can be averaged."""
+    per_inst: dict[str, list[float]] = {}
+    for s in summary.values():
+        sign = 1.0 if s["higher_is_better"] else -1.0
+        for name, row in s["institutions"].items():
+            if method in row and baseline in row:
+                per_inst.setdefault(name, []).append(sign * (row[method] - row[baseline]) / max(abs(row[baseline]), 1e-8))
+    return {name: sum(v) / len(v) for name, v in per_inst.items()}
+
+
+def compare(summary: dict[str, Any], method: str = "fed_moe") -> dict[str, Any]:
+    """How ``method`` stands against every other method: mean relative advantage over
+    institutions and the share of institutions where it is better."""
+    methods = {m for s in summary.values() for m in s["summary"]} - {method}
+    out = {}
+    for base in sorted(methods):
+        adv = relative_advantage(summary, method, base)
+        if adv:
+            out[base] = {
+                "mean_relative_advantage": sum(adv.values()) / len(adv),
+                "share_of_institutions_better": sum(v > 0 for v in adv.values()) / len(adv),
+                "institutions": adv,
+            }
+    return out
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -214,6 +273,8 @@ def run_job(
     write_json_atomic(run_dir / "config.json", to_dict(cfg))
     write_json_atomic(run_dir / "run.json", {"data_root": str(data_root) if data_root else None, "created": datetime.now().isoformat()})
     fed = build_federation(cfg, data_root=data_root, run_dir=run_dir)
+    # What each data source read, dropped or fixed, per institution: nothing is dropped unseen.
+    write_json_atomic(run_dir / "data_report.json", {n: i.data.report for n, i in fed.institutions.items()})
     return _continue(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress)
 
 
@@ -257,7 +318,7 @@ def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int 
             return {"stopped_after": rnd, "run_dir": str(run_dir)}
     fed_seconds = time.perf_counter() - t0
 
-    progress("evaluating: federated MoE, personalized, local-only, dense FedAvg")
+    progress(f"evaluating: federated MoE and {', '.join(['personalized'] * cfg.evaluation.personalize + cfg.evaluation.baselines)}")
     results: dict[str, dict] = {}
     results["fed_moe"], routing = evaluate_federated(fed)
     if cfg.evaluation.personalize:
@@ -266,7 +327,11 @@ def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int 
         results["local"] = evaluate_local(cfg, fed)
     if "dense_fedavg" in cfg.evaluation.baselines:
         results["dense_fedavg"] = evaluate_dense_fedavg(cfg, fed, progress)
+    if "centralized" in cfg.evaluation.baselines:
+        progress("  centralized baseline: pooled data, same compute")
+        results["centralized"] = evaluate_centralized(cfg, fed)
     summary = summarize(fed, results)
+    comparison = compare(summary)
     comm = {
         "bytes_down": sum(r.bytes_down for r in fed.server.history),
         "bytes_up": sum(r.bytes_up for r in fed.server.history),
@@ -277,6 +342,7 @@ def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int 
         "federated_seconds": fed_seconds,
         "selections": fed.selections,
         "summary": summary,
+        "comparison": comparison,
         "results": results,
         "communication": comm,
         "history": [to_dict(r) for r in fed.server.history],
@@ -289,6 +355,9 @@ def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int 
 
         write_plots(run_dir, curves, summary, routing, expert_names)
     print(format_table(summary))
+    print("\nfed_moe against each method (mean relative advantage over institutions, share of institutions where better):")
+    for base, c in comparison.items():
+        print(f"  vs {base:<14} {c['mean_relative_advantage']:+.1%}   better at {c['share_of_institutions_better']:.0%}")
     print(f"\nrun folder: {run_dir}")
     return out
 
