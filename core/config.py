@@ -67,8 +67,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:  # X | None: X's own error, with its full key path
+            return _convert(alternatives[0], value, path)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in alternatives:
             try:
                 return _convert(arg, value, path)
             except ConfigError as exc:

@@ -195,3 +195,21 @@ def test_builtin_tasks_are_registered():
     builtin = {"classification", "multi_regression", "next_response", "regression"}
     assert builtin <= set(cat.names("task"))
     assert all(cat.get("task", n).package == "m3tfed" for n in builtin)
+
+
+def test_multi_label_head_loss_and_metrics_by_hand():
+    from m3tfed.experts.tasks import MultiLabelHead, micro_f1
+
+    head = MultiLabelHead(8, num_labels=3, label_names=["x", "+", "="])
+    assert head(torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.bool)).shape == (4, 3)
+    assert head.primary_metric == "micro_f1" and head.higher_is_better and head.target_shape == (3,)
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 1.0, -0.5]])
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    assert torch.isclose(head.loss(logits, target), F.binary_cross_entropy_with_logits(logits, target))
+    # predictions: [1,0,1], [0,1,0] -> TP=2, FP=1, FN=1 -> micro-F1 = 4/6; 4 of 6 labels right; no row exact
+    m = head.metrics(logits, target)
+    assert m["micro_f1"] == pytest.approx(4 / 6) and m["label_accuracy"] == pytest.approx(4 / 6) and m["exact_match"] == 0.0
+    assert math.isnan(micro_f1(torch.zeros(2, 2), torch.zeros(2, 2)))
+    with pytest.raises(ValueError, match="label_names"):
+        MultiLabelHead(8, num_labels=2, label_names=["a"])
+    assert "multi_label" in get_catalogue().names("task")
