@@ -10,6 +10,8 @@ tabular     tabular         ``{"numeric": [B, n] float (NaN = missing), "categor
 text        text            ``list[str]`` or ``{"input_ids", "attention_mask"}``
 image       image           ``[B, C, H, W]`` float
 sequence    interactions    ``{"skill", "correct", "mask"[, "query_skill"]}``
+hf_text     text            as ``text``; a local Hugging Face model, frozen, LoRA/projection
+hf_vision   image           as ``image``; a local or from-config HF ViT, LoRA/projection/full
 ==========  ==============  ===========================================================
 
 ``params`` is the parameter count at ``REFERENCE_D_MODEL`` with default options; the
@@ -24,7 +26,7 @@ from .image import ImageEncoder
 from .sequence import InteractionEncoder
 from .tabular import TabularEncoder
 
-__all__ = ["ImageEncoder", "InteractionEncoder", "TabularEncoder", "build_text_encoder"]
+__all__ = ["ImageEncoder", "InteractionEncoder", "TabularEncoder", "build_hf_text_encoder", "build_hf_vision_encoder", "build_text_encoder"]
 
 
 def build_text_encoder(d_model: int, **options):
@@ -33,6 +35,18 @@ def build_text_encoder(d_model: int, **options):
     from .text import TextEncoder
 
     return TextEncoder(d_model, **options)
+
+
+def build_hf_text_encoder(d_model: int, **options):
+    from .hf import HFTextEncoder
+
+    return HFTextEncoder(d_model, **options)
+
+
+def build_hf_vision_encoder(d_model: int, **options):
+    from .hf import HFVisionEncoder
+
+    return HFVisionEncoder(d_model, **options)
 
 
 _COMMON = {"version": "0.1.0", "license": "Apache-2.0"}
@@ -81,6 +95,28 @@ def register_encoders(register):
             **_COMMON,
         )
     )
+    register(
+        EncoderSpec(
+            name="hf_text",
+            modality="text",
+            build=build_hf_text_encoder,
+            params=PARAMS["hf_text"],
+            description="Local Hugging Face text model (path, local_files_only), frozen; LoRA or projection trains; optional embedding cache",
+            min_memory_mb=64,
+            **_COMMON,
+        )
+    )
+    register(
+        EncoderSpec(
+            name="hf_vision",
+            modality="image",
+            build=build_hf_vision_encoder,
+            params=PARAMS["hf_vision"],
+            description="Local or from-config Hugging Face ViT; patch tokens; frozen + LoRA/projection, or fully trainable",
+            min_memory_mb=64,
+            **_COMMON,
+        )
+    )
 
 
 # At REFERENCE_D_MODEL (256) with default options; tests/test_conformance.py checks them.
@@ -89,4 +125,6 @@ PARAMS = {
     "text": 41_792,
     "image": 548_352,
     "sequence": 582_656,
+    "hf_text": 34_624,  # the tiny from-config BERT + LoRA (no path)
+    "hf_vision": 20_736,  # the tiny from-config ViT + LoRA (no path)
 }

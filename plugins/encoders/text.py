@@ -143,13 +143,18 @@ class TextEncoder(ModalityEncoder):
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
 
-    def forward(self, inputs: Sequence[str] | dict[str, torch.Tensor]) -> Tokens:
+    def features(self, inputs: Sequence[str] | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk-mean backbone states before the projection: ``([B, T, hidden], [B, T] bool)``.
+        With ``max_tokens=1`` this is the mean-pooled sentence embedding."""
         batch = inputs if isinstance(inputs, dict) else self.tokenize(inputs)
         device = self.proj.weight.device
         ids = batch["input_ids"].to(device)
         attention = batch["attention_mask"].to(device).bool()
         hidden = self.backbone(input_ids=ids, attention_mask=attention.long()).last_hidden_state
-        tokens, mask = chunk_mean(hidden, attention, self.chunk_size)
+        return chunk_mean(hidden, attention, self.chunk_size)
+
+    def forward(self, inputs: Sequence[str] | dict[str, torch.Tensor]) -> Tokens:
+        tokens, mask = self.features(inputs)
         return Tokens(self.proj(tokens), mask)
 
     def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> list[str]:
