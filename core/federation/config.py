@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import apply_overrides, from_dict, load_toml
 from ..errors import ConfigError
 from ..model import ExpertConfig, ModelConfig, PluginConfig, expert_tags
+from ..privacy.policy import PolicyConfig, resolve_policies
 from ..registry import Registry
 from ..specs import Catalogue
 
@@ -21,6 +22,34 @@ COMPONENT_GROUPS = ("encoder", "expert", "router", "trunk", "task")
 # Experts an institution trains by default, by compute tier (None = every matching one).
 # Each expert costs download, upload, optimizer state and memory, whatever k is.
 COMPUTE_EXPERT_BUDGET: dict[str, int | None] = {"small": 2, "base": 4, "large": None}
+
+
+@dataclass
+class DeepSpeedSettings:
+    """Local training sharded over several processes with DeepSpeed ZeRO (see
+    docs/deepspeed.md and :mod:`m3tfed.federation.zero`), for a backbone too large for
+    one device. Only trainable components come back; the server sees no difference."""
+
+    processes: int = 2  # ranks on the institution's machine: one per GPU, or per few CPU cores
+    # 3 partitions every parameter (the frozen backbone too); 1-2 only optimizer state / gradients.
+    zero_stage: int = 3
+    # Merged over the generated DeepSpeed config (e.g. {"zero_optimization": {"offload_param": ...}}).
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, path: str = "deepspeed") -> None:
+        if self.processes < 1:
+            raise ConfigError(f"{path}.processes", f"must be >= 1, got {self.processes}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{path}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for key in ("optimizer", "scheduler"):  # m3tfed passes its own (federation.optimizer, lr)
+            if key in self.config:
+                raise ConfigError(f"{path}.config.{key}", "is set by m3tfed from federation.optimizer and federation.lr; remove it")
+        zero = self.config.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ConfigError(f"{path}.config.zero_optimization", f"expected a table, got {type(zero).__name__}")
+        stage = zero.get("stage", self.zero_stage)
+        if stage != self.zero_stage:
+            raise ConfigError(f"{path}.config.zero_optimization.stage", f"{stage} contradicts zero_stage = {self.zero_stage}; set zero_stage only")
 
 
 @dataclass
@@ -36,6 +65,10 @@ class InstitutionConfig:
     max_experts: int | None = None
     # Components that never leave the institution (e.g. "router", "task.grade", "expert.private").
     personal: list[str] = field(default_factory=list)
+    # Privacy: a regulation profile plus overrides (m3tfed.privacy.policy; docs/privacy.md).
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # Train locally with DeepSpeed ZeRO over several processes; None = in this process.
+    deepspeed: DeepSpeedSettings | None = None
 
 
 @dataclass
@@ -101,6 +134,7 @@ class FederationConfig:
             for t in inst.tasks:
                 if t not in self.model.tasks:
                     raise ConfigError(f"institutions[{i}].tasks", f"{t!r} is not in model.tasks; known: {', '.join(self.model.tasks)}")
+        resolve_policies(self)  # profiles, budgets, cohorts vs federation size
 
     def aggregator_for(self, component: str) -> PluginConfig:
         group = component.split(".")[0]

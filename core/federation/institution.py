@@ -54,6 +54,7 @@ class TrainResult:
     loss: float
     tokens_per_expert: dict[str, int]
     seconds: float
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. "deepspeed": per-rank shard sizes and timings
 
 
 def seed_for(*parts: int | str) -> int:
@@ -134,6 +135,9 @@ class Institution:
         self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
         self.weight_experts_by = weight_experts_by
         self.personal_state: State = {}
+        # Its own privacy state (policy, accountant), set by build_federation when its
+        # policy asks for anything: it refuses to train once its budget is spent.
+        self.privacy: Any = None
 
     @property
     def name(self) -> str:
@@ -197,9 +201,18 @@ class Institution:
     # -- training ----------------------------------------------------------------
     def train(self, job: TrainJob) -> TrainResult:
         start = time.perf_counter()
+        if self.privacy is not None:
+            self.privacy.begin_round(job.round)  # raises PrivacyBudgetSpent: nothing is trained or sent
         model = self.load(job.components)
         sent = {c: s for c, s in job.components.items() if not self.is_personal(c)}
-        loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s)
+        details: dict[str, Any] = {}
+        if self.config.deepspeed is not None:  # sharded over DeepSpeed ranks (zero.py); imported only then
+            from .zero import fit_sharded
+
+            run = fit_sharded(self, model, job, deadline=start + job.timeout_s)
+            loss, tokens, details["deepspeed"] = run.loss, run.tokens, run.report()
+        else:
+            loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s)
         updates = []
         for comp, received in sent.items():
             trained = model.component_state(comp)
@@ -214,8 +227,8 @@ class Institution:
             if comp in model.component_names():
                 self.personal_state[comp] = model.component_state(comp)
         for stage in self.stages:
-            updates = stage.process(updates, {"institution": self.name, "round": job.round})
-        return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start)
+            updates = stage.process(updates, {"institution": self.name, "round": job.round, "privacy": self.privacy})
+        return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=details)
 
     def fit(
         self,
@@ -244,6 +257,19 @@ class Institution:
             if s.optimizer == "adamw"
             else torch.optim.SGD(params, lr=lr, weight_decay=s.weight_decay)
         )
+        if self.privacy is not None and self.privacy.policy.dp == "sample" and only is None:
+            # Sample-level DP-SGD (Opacus): per-sample clipping and noise, Poisson batches.
+            from ..privacy.dpsgd import batch_loss, dp_sgd_fit
+
+            priv = self.privacy
+            loss, counts = dp_sgd_fit(
+                model, params, self.data.train, batch_loss(self.config.tasks), opt, steps, priv.noise_multiplier, priv.policy.clip_norm,
+                priv.sample_rate, priv.accountant, gen, deadline,
+                lambda: InstitutionTimeout(f"{self.name} ran past its time limit of {self.settings.timeout_s}s"),
+            )
+            priv.end_round()
+            counts = counts if counts is not None else torch.zeros(len(model.expert_names), dtype=torch.long)
+            return loss, {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
         prox = []
         if anchor and proximal_mu:
             named = dict(model.named_parameters())

@@ -29,6 +29,9 @@ from ..config import to_dict
 from ..errors import CheckpointError, ConfigError
 from ..model import ExpertConfig, M3TModel, PluginConfig
 from ..plugin_manager import get_catalogue
+from ..privacy.dp import attach_privacy, restore_privacy
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.policy import privacy_stages
 from ..registry import Registry, load_registry
 from ..specs import Catalogue
 from .checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
@@ -69,10 +72,14 @@ def build_federation(
         source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
         data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
     pool = ModelPool(cfg.model, catalogue, default_accelerator())
-    stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in cfg.federation.pipeline]
-    stages.sort(key=lambda s: getattr(s, "order", 100))
-    inst_stages = [s for s in stages if getattr(s, "side", "institution") == "institution"]
-    server_stages = [s for s in stages if getattr(s, "side", "institution") == "server"]
+    # Institutions' policies add the privacy stages they need (policy checks, DP, secagg).
+    pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
+    stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in pipeline]
+    for stage in stages:
+        if hasattr(stage, "secure_aggregation"):  # the policy stage checks secagg really runs
+            stage.secure_aggregation = any(pc.plugin == "secagg" for pc in pipeline)
+    orders = [getattr(s, "order", catalogue.get("stage", pc.plugin).order) for s, pc in zip(stages, pipeline)]
+    inst_stages, server_stages = stages_for("institution", stages, orders), stages_for("server", stages, orders)
     selections, institutions = {}, {}
     for inst in cfg.institutions:
         if inst.name not in data:
@@ -81,9 +88,73 @@ def build_federation(
         institutions[inst.name] = Institution(
             inst, data[inst.name], selections[inst.name], cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by
         )
+    attach_privacy(cfg, institutions)  # each institution enforces its own policy too
     backend = catalogue.get("backend", cfg.federation.backend.plugin).build(institutions=institutions, **cfg.federation.backend.options)
     server = Server(cfg, catalogue, backend, server_stages=server_stages, run_dir=run_dir)
     return Federation(cfg, server, institutions, selections)
+
+
+def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any], list[Any]]:
+    """The update pipeline's (institution-side, server-side) stages, as build_federation
+    makes them, for processes that hold only one side (a Flower node or coordinator)."""
+    pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
+    stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in pipeline]
+    for stage in stages:
+        if hasattr(stage, "secure_aggregation"):  # the policy stage checks secagg really runs
+            stage.secure_aggregation = any(pc.plugin == "secagg" for pc in pipeline)
+    orders = [getattr(s, "order", catalogue.get("stage", pc.plugin).order) for s, pc in zip(stages, pipeline)]
+    return stages_for("institution", stages, orders), stages_for("server", stages, orders)
+
+
+def build_institution(
+    cfg: FederationConfig,
+    name: str,
+    catalogue: Catalogue | None = None,
+    registry: Registry | None = None,
+    data_root: str | Path | None = None,
+) -> Institution:
+    """One institution alone, as its own machine builds it (a Flower SuperNode): its
+    data, its selection, its model and its side of the update pipeline. The data source
+    sees every institution's config, so partitioners split exactly as in a full run."""
+    catalogue = catalogue or get_catalogue()
+    if registry is None:
+        try:
+            registry = load_registry()
+        except Exception:  # the registry only refines selection
+            registry = None
+    inst = next((i for i in cfg.institutions if i.name == name), None)
+    if inst is None:
+        raise ConfigError("institutions", f"no institution named {name!r}; the config has {', '.join(i.name for i in cfg.institutions)}")
+    _check_plugins(cfg, catalogue)
+    source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
+    data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    if name not in data:
+        raise ConfigError("data", f"the data source produced no data for institution {name!r}")
+    inst_stages, _ = build_stages(cfg, catalogue)
+    pool = ModelPool(cfg.model, catalogue, default_accelerator())
+    selection = resolve_selection(cfg, inst, catalogue, registry)
+    institution = Institution(inst, data[name], selection, cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by)
+    attach_privacy(cfg, {name: institution})  # it enforces its own policy
+    return institution
+
+
+def privacy_ledger(fed: Federation) -> PrivacyLedger | None:
+    """The run's privacy ledger (kept by the server-side ``policy`` stage), if any."""
+    return next((s.ledger for s in fed.server.server_stages if isinstance(getattr(s, "ledger", None), PrivacyLedger)), None)
+
+
+def stages_for(side: str, stages: list[Any], orders: list[int]) -> list[Any]:
+    """The stages that run on ``side``, lowest order first (the stage's ``order``, else its
+    spec's). A stage with ``side = "both"`` (secure aggregation: masking at the institution,
+    unmasking at the server) runs on both sides, on the server at its ``server_order``."""
+    picked = []
+    for stage, order in zip(stages, orders):
+        where = getattr(stage, "side", "institution")
+        if where in (side, "both"):
+            if where == "both" and side == "server":
+                order = getattr(stage, "server_order", order)
+            picked.append((order, len(picked), stage))
+    return [stage for _, _, stage in sorted(picked, key=lambda p: p[:2])]
 
 
 def _check_plugins(cfg: FederationConfig, catalogue: Catalogue) -> None:
@@ -294,6 +365,12 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress=_progress)
     tensors, meta = load_checkpoint(ckpt)
     fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
     fed.server.restore(tensors, meta)
+    ledger = PrivacyLedger.read(run_dir, up_to_round=fed.server.round)
+    if ledger is not None and privacy_ledger(fed) is not None:
+        for stage in fed.server.server_stages:
+            if hasattr(stage, "ledger"):
+                stage.ledger = ledger
+        restore_privacy(ledger, fed.institutions)
     progress(f"resuming {run_dir.name} after round {fed.server.round}")
     return _continue(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
 
@@ -312,6 +389,8 @@ def _continue(fed: Federation, run_dir: Path, start_round: int, stop_after: int 
         metrics, _ = evaluate_federated(fed)
         curves.append({"round": rnd, "loss": rep.loss, "metrics": metrics})
         write_json_atomic(curves_path, curves)
+        if (ledger := privacy_ledger(fed)) is not None:
+            ledger.write(run_dir)
         dropped = f", dropped {list(rep.dropped)}" if rep.dropped else ""
         progress(f"round {rnd}/{cfg.rounds}: {len(rep.succeeded)}/{len(rep.sampled)} institutions, train loss {rep.loss:.4f}, {rep.seconds:.1f}s{dropped}")
         if stop_after is not None and rnd >= stop_after:

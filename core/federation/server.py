@@ -65,10 +65,20 @@ def tensor_bytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for comp in state.values() for t in comp.values())
 
 
-def screen(result: TrainResult | Failure) -> str | None:
-    """Why a result must be dropped, or None when it is usable."""
+def screen(result: TrainResult | Failure, job: TrainJob | None = None, state: State | None = None, encoded: bool = False) -> str | None:
+    """Why a result must be dropped, or None when it is usable.
+
+    With the ``job`` it answers, a reply must also match what was sent: the same
+    institution and round, only components the job carried, each once, trained from the
+    version sent (a stale base is refused) and, unless updates are ``encoded`` on the
+    wire by a stage that validates them itself (secure aggregation), a delta with exactly
+    the float keys and shapes of the server's ``state``. Any backend gets these checks,
+    so a faulty or malicious node is dropped for the round, never merged.
+    """
     if isinstance(result, Failure):
         return result.reason
+    if job is not None and (reason := _mismatch(result, job, state, encoded)):
+        return reason
     for u in result.updates:
         # one fused check per update; the per-key search only runs on failure
         if u.delta and not torch.isfinite(torch.cat([v.reshape(-1) for v in u.delta.values()])).all():
@@ -76,6 +86,32 @@ def screen(result: TrainResult | Failure) -> str | None:
             return f"non-finite values in {u.component}:{key}"
     if not math.isfinite(result.loss):
         return f"non-finite training loss {result.loss}"
+    return None
+
+
+def _mismatch(result: TrainResult, job: TrainJob, state: State | None, encoded: bool) -> str | None:
+    if result.institution != job.institution or result.round != job.round:
+        return f"reply from {result.institution!r} for round {result.round} answers a job for {job.institution!r}, round {job.round}"
+    seen: set[str] = set()
+    for u in result.updates:
+        if u.component not in job.components:
+            return f"update to component {u.component!r}, which was not sent (sent: {', '.join(sorted(job.components))})"
+        if u.component in seen:
+            return f"two updates to component {u.component!r}"
+        seen.add(u.component)
+        if encoded:
+            continue
+        if u.base_version != job.versions.get(u.component):
+            return f"stale model version for {u.component!r}: trained from version {u.base_version}, the server sent {job.versions.get(u.component)}"
+        current = state.get(u.component, {}) if state is not None else job.components[u.component]
+        want = {k for k, t in current.items() if torch.is_floating_point(t)}
+        if set(u.delta) != want:
+            odd = sorted(set(u.delta) ^ want)[:3]
+            return f"update to {u.component!r} has keys that do not match the component (differing: {odd})"
+        for k, d in u.delta.items():
+            if not isinstance(d, torch.Tensor) or d.shape != current[k].shape:
+                shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+                return f"wrong shape for {u.component}:{k}: {shape}, the component has {tuple(current[k].shape)}"
     return None
 
 
@@ -147,11 +183,13 @@ class Server:
             # 1. send each sampled institution only its components, 2. train locally
             jobs = [self.make_job(name, rnd, attempt) for name in sampled]
             results = self.backend.train(jobs)
+            # a stage on both sides (secure aggregation) encodes updates and checks them itself
+            encoded = any(getattr(s, "side", None) == "both" for s in self.server_stages)
             # 3. drop failures (raised, timed out, non-finite) with the reason
             dropped = {}
             ok: list[TrainResult] = []
             for job, res in zip(jobs, results):
-                reason = screen(res)
+                reason = screen(res, job, self.state, encoded)
                 if reason:
                     dropped[job.institution] = reason
                     log.warning("round %d: dropped %s: %s", rnd, job.institution, reason)
@@ -178,8 +216,10 @@ class Server:
         for comp, comp_updates in sorted(by_component.items()):
             self.state[comp] = self.aggregator(comp).aggregate(comp, self.state[comp], comp_updates)
             self.versions[comp] += 1
-            contributors[comp] = sorted(u.institution for u in comp_updates)
-            self.contributions += [(rnd, u.institution, comp) for u in comp_updates]
+            # an aggregated update (secure aggregation) names the institutions summed into it
+            names = sorted(n for u in comp_updates for n in (getattr(u, "contributors", None) or [u.institution]))
+            contributors[comp] = names
+            self.contributions += [(rnd, n, comp) for n in names]
         # Components nobody trained keep their state and version.
         report = RoundReport(
             round=rnd,

@@ -43,3 +43,16 @@ class HalfPrecision:
 def register_update_stages(register):
     register(UpdateStageSpec(name="clip", build=ClipUpdates, version="0.1.0", license="Apache-2.0", order=10, description="per-update L2 norm clipping"))
     register(UpdateStageSpec(name="fp16", build=HalfPrecision, version="0.1.0", license="Apache-2.0", order=90, description="float16 update compression"))
+    # Privacy (privacy.py): added automatically when an institution's policy asks for them.
+    from .privacy import CentralNoise, LocalPrivacy, PolicyEnforcement
+
+    for cls, desc in (
+        (PolicyEnforcement, "per-component privacy policy and minimum-cohort enforcement (server)"),
+        (LocalPrivacy, "policy-driven update clipping and local DP noise (institution)"),
+        (CentralNoise, "central client-level DP noise after aggregation (server)"),
+    ):
+        register(UpdateStageSpec(name=cls.name, build=cls, version="0.1.0", license="Apache-2.0", order=cls.order, description=desc))
+    # Secure aggregation (secagg.py): one entry masks at institutions and unmasks at the server.
+    from .secagg import SecureAggregation
+
+    register(UpdateStageSpec(name="secagg", build=SecureAggregation, version="0.1.0", license="Apache-2.0", order=SecureAggregation.order, description="secure aggregation: pairwise-masked sums per component, SecAgg / SecAgg+ (institution and server)"))

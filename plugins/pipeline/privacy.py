@@ -1,0 +1,200 @@
+"""Privacy stages of the update pipeline: policy enforcement and client-level DP noise.
+
+``build_federation`` adds them whenever an institution's policy asks for anything (users
+may also list them in ``federation.pipeline``). Order, lower first:
+
+- institution side: ``clip`` (10) < ``dp_local`` (40: clip to the policy's norm, add the
+  local noise) < ``secagg`` masking (80): noise goes on before masking;
+- server side: ``policy`` (5: per-component policy and cohort checks, on what is still
+  masked) < ``secagg`` unmasking (50) < ``dp_central`` (60: central noise on the sum).
+
+The server-side ``policy`` stage asks each sampled institution for its own privacy
+report (``privacy_report`` message: what it clipped and noised, its epsilon), then
+aggregates a component only when every contributor's policy is met and the cohort is at
+least the strictest ``min_cohort`` among them. Everything held back is written to the
+privacy ledger with the rule and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from m3tfed.federation.aggregation import ComponentUpdate
+from m3tfed.federation.institution import seed_for
+from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, clip_update
+from m3tfed.privacy.ledger import PrivacyLedger
+from m3tfed.privacy.policy import Policy, resolve_policies
+
+log = logging.getLogger("m3tfed.privacy")
+
+
+class LocalPrivacy:
+    """Institution side: clip each component update to the policy's norm and, for
+    ``dp = "local"``, add Gaussian noise before the update leaves (and before masking)."""
+
+    side = "institution"
+    order = 40
+    name = "dp_local"
+
+    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+        priv = context.get("privacy")
+        if priv is None:
+            return updates
+        rnd = context["round"]
+        return [ComponentUpdate(u.institution, u.component, priv.privatize(rnd, u.component, u.delta), u.weight, u.base_version) for u in updates]
+
+
+class PolicyEnforcement:
+    """Server side: aggregate a component only when every contributor's policy is met,
+    never with fewer contributors than the strictest ``min_cohort`` among them."""
+
+    side = "server"
+    order = 5
+    name = "policy"
+
+    def __init__(self):
+        self.ledger = PrivacyLedger()
+        self.secure_aggregation = False  # set by build_federation: a secagg stage runs
+        self._policies: dict[str, Policy] | None = None
+
+    def policies(self, config) -> dict[str, Policy]:
+        if self._policies is None:
+            self._policies = {n: p for n, p in resolve_policies(config).items() if p.active}
+        return self._policies
+
+    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+        rnd, backend = context["round"], context["backend"]
+        policies = self.policies(context["server"].config)
+        context["privacy_ledger"] = self.ledger
+        reports = {}
+        for name in context["sampled"]:
+            if name not in policies:
+                continue
+            try:
+                reports[name] = backend.ask(name, "privacy_report", {"round": rnd})
+            except Exception as exc:  # no report = no proof the policy was applied
+                reports[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            row = self.ledger.row(rnd, name)
+            row["epsilon_round"] = float(reports[name].get("epsilon_round", 0.0))
+            row["epsilon_total"] = float(reports[name].get("epsilon_total", 0.0))
+            row["refused"] = reports[name].get("refused")
+            row["accountant"] = reports[name].get("accountant_history", [])
+            if row["refused"]:
+                log.warning("round %d: %s did not contribute: %s", rnd, name, row["refused"])
+
+        by_comp: dict[str, list[ComponentUpdate]] = defaultdict(list)
+        for u in updates:
+            by_comp[u.component].append(u)
+        kept, info = [], {}
+        for comp, ups in sorted(by_comp.items()):
+            ok = []
+            for u in ups:
+                unmet = self.unmet(u, policies.get(u.institution), reports.get(u.institution))
+                if unmet:
+                    rule, reason = unmet
+                    self.ledger.hold(rnd, u.institution, comp, rule, reason)
+                    log.warning("round %d: %s's update to %s held back (%s): %s", rnd, u.institution, comp, rule, reason)
+                else:
+                    ok.append(u)
+            need, strictest = max(((policies[u.institution].cohort_for(comp), u.institution) for u in ok if u.institution in policies), default=(1, None))
+            decision = self.ledger.component(rnd, comp)
+            decision["contributors"] = sorted(u.institution for u in ok)
+            if len(ok) < need:
+                reason = f"{len(ok)} contributor(s) to {comp}, fewer than min_cohort {need} required by {strictest}; component held at its current state"
+                for u in ok:
+                    self.ledger.hold(rnd, u.institution, comp, "min_cohort", reason)
+                decision.update(rule="min_cohort", reason=reason)
+                log.warning("round %d: %s", rnd, reason)
+                continue
+            if not ok:
+                continue
+            self.ledger.contributed(rnd, comp, [u.institution for u in ok])
+            central = [policies[u.institution] for u in ok if u.institution in policies and policies[u.institution].dp == "central"]
+            info[comp] = {
+                "weights": {u.institution: float(u.weight) for u in ok},
+                # strictest: the largest noise multiplier, on the largest clip norm
+                "central": (max(float(reports[p.institution]["noise_multiplier"]) for p in central), max(p.clip_norm for p in central)) if central else None,
+            }
+            kept += ok
+        context["privacy"] = info
+        return kept
+
+    def unmet(self, u: ComponentUpdate, policy: Policy | None, report: dict | None) -> tuple[str, str] | None:
+        """(rule, reason) when ``u`` does not meet its institution's policy, else None."""
+        if policy is None:
+            return None
+        if policy.secure_aggregation and not self.secure_aggregation:
+            return "secure_aggregation", f"{policy.institution} requires secure aggregation and no secagg stage runs"
+        if not policy.noisy:
+            return None
+        if report is None or "error" in report:
+            return "dp", f"no privacy report from {policy.institution}: {(report or {}).get('error', 'not sampled')}"
+        rec = report.get("components", {}).get(u.component)
+        if rec is None:
+            return "dp", f"{policy.institution}'s update to {u.component} was not processed by its privacy stage (dp = {policy.dp!r})"
+        if rec.get("mode") != policy.dp:
+            return "dp", f"update was privatized as {rec.get('mode')!r}, the policy requires {policy.dp!r}"
+        if rec.get("clip_norm") is None or rec["clip_norm"] > policy.clip_norm * (1 + 1e-9):
+            return "dp", f"clip norm {rec.get('clip_norm')} exceeds the policy's {policy.clip_norm}"
+        if policy.dp in ("local", "sample") and not (rec.get("noise_multiplier") or 0) > 0:
+            return "dp", "the update carries no noise but the policy requires it"
+        if policy.noise_multiplier is not None and (rec.get("noise_multiplier") or 0) < policy.noise_multiplier:
+            return "dp", f"noise multiplier {rec.get('noise_multiplier')} below the policy's {policy.noise_multiplier}"
+        return None
+
+
+class CentralNoise:
+    """Server side, after unmasking: add one Gaussian noise vector to every update of a
+    component, so the (shift-equivariant) aggregate moves by exactly that noise: std
+    ``sigma * C * max w / sum w`` (:func:`m3tfed.privacy.dp.central_noise_std`).
+
+    With the ``policy`` stage it noises the components that have a ``central``
+    contributor, with the strictest sigma and C among them (those institutions clipped
+    their own updates). Alone, it clips every update to ``clip_norm`` and noises every
+    component with ``noise_multiplier`` (no accounting: use policies for that)."""
+
+    side = "server"
+    order = 60
+    name = "dp_central"
+
+    def __init__(self, noise_multiplier: float | None = None, clip_norm: float = 1.0, seed: int | None = None):
+        if noise_multiplier is not None and noise_multiplier < 0:
+            raise ValueError(f"dp_central: noise_multiplier must be >= 0, got {noise_multiplier}")
+        if clip_norm <= 0:
+            raise ValueError(f"dp_central: clip_norm must be > 0, got {clip_norm}")
+        self.noise_multiplier, self.clip_norm, self.seed = noise_multiplier, clip_norm, seed
+
+    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+        # A fresh stream per round: a resumed run never replays an earlier round's noise.
+        base = self.seed if self.seed is not None else context["server"].config.seed
+        generator = torch.Generator().manual_seed(seed_for(base, "dp_central", context["round"]))
+        info = context.get("privacy")
+        ledger = context.get("privacy_ledger")
+        by_comp: dict[str, list[ComponentUpdate]] = defaultdict(list)
+        for u in updates:
+            by_comp[u.component].append(u)
+        out = []
+        for comp, ups in by_comp.items():
+            if info is not None:
+                entry = info.get(comp)
+                if not entry or not entry["central"]:
+                    out += ups
+                    continue
+                sigma, clip = entry["central"]
+                weights = [entry["weights"].get(u.institution, float(u.weight)) for u in ups]
+            elif self.noise_multiplier:
+                sigma, clip = self.noise_multiplier, self.clip_norm
+                ups = [ComponentUpdate(u.institution, u.component, clip_update(u.delta, clip)[0], u.weight, u.base_version) for u in ups]
+                weights = [float(u.weight) for u in ups]
+            else:
+                out += ups
+                continue
+            std = central_noise_std(sigma, clip, weights)
+            noise = add_gaussian_noise({k: torch.zeros_like(v, dtype=torch.float32) for k, v in ups[0].delta.items()}, std, generator)
+            out += [ComponentUpdate(u.institution, u.component, {k: v + noise[k].to(v.dtype) for k, v in u.delta.items()}, u.weight, u.base_version) for u in ups]
+            if ledger is not None:
+                ledger.component(context["round"], comp).update(central_noise_std=std, noise_multiplier=sigma, clip_norm=clip)
+        return out

@@ -1,0 +1,291 @@
+"""The ``secagg`` pipeline stage: secure aggregation on both sides of the round.
+
+One config entry, ``{plugin = "secagg", options = {...}}``, runs:
+
+- on the server, ``begin_round``: key advertisement and share distribution with the
+  sampled institutions of every shared component (``secagg.advertise``,
+  ``secagg.share``, ``secagg.deliver`` messages through ``backend.ask``), then
+  ``process`` (order 50, before central DP noise): sum the masked vectors, ask the
+  survivors for shares (``secagg.unmask``), remove the masks, and hand the aggregator one
+  :class:`~m3tfed.privacy.secagg.AggregatedUpdate` per component;
+- at each institution, ``process`` (order 80, after clipping and local DP noise): encode
+  and mask every update, and send a masked zero of weight 0 for a component it is a
+  member of but did not train (an expert no token reached), so the masks still cancel.
+
+State: the server part lives in ``self.server``; each institution's secrets in
+``self.clients[name]`` (in-process simulation shares one stage object; a distributed
+backend builds one per process; server code never reads ``clients``). The protocol is
+in ``m3tfed.privacy.secagg``; docs/secure-aggregation.md says what the server learns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from m3tfed.errors import ConfigError
+from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
+from m3tfed.federation.institution import MESSAGE_HANDLERS, Institution, seed_for
+from m3tfed.privacy.encoding import RingCodec
+from m3tfed.privacy.secagg import (
+    AggregatedUpdate,
+    SecAggClient,
+    SecAggError,
+    SecAggMessageError,
+    SecAggServer,
+    SecAggSettings,
+    new_session,
+)
+
+log = logging.getLogger("m3tfed.secagg")
+MASKED_KEY = "secagg.masked"  # the only key of a masked update's delta
+
+
+class SecureAggregation:
+    """Pairwise-masked aggregation per component (SecAgg / SecAgg+)."""
+
+    side = "both"
+    order = 80  # institution side: the last stage before an update leaves
+    server_order = 50  # server side: after policy checks, before central noise
+    name = "secagg"
+
+    def __init__(
+        self,
+        mode: str = "secagg+",
+        threshold: float = 0.6,
+        degree: int | None = None,
+        bits: int = 64,
+        scale_bits: int = 24,
+        clip: float = 10.0,
+        max_weight: float = float(1 << 20),
+    ):
+        self.settings = SecAggSettings(
+            mode, threshold, degree, RingCodec(bits, scale_bits, clip, max_weight)
+        )
+        self.server = SecAggServer(self.settings)
+        self.clients: dict[str, SecAggClient] = {}
+        self.layouts: dict[str, list[tuple[str, int]]] = {}
+        self.reports: list[
+            dict[str, Any]
+        ] = []  # per round: survivors, dropped and why, total weight
+
+    # -- server side -------------------------------------------------------------
+    def begin_round(self, context: dict[str, Any]) -> None:
+        server, backend, rnd = context["server"], context["backend"], context["round"]
+        codec = self.settings.codec
+        codec.check_capacity(len(server.config.institutions), "the federation's ")
+        groups: dict[str, list[str]] = defaultdict(list)
+        for name in context["sampled"]:
+            personal = set(backend.personal_of(name))
+            for comp in backend.components_of(name):
+                if comp not in personal and comp in server.state:
+                    groups[comp].append(name)
+        for comp in groups:
+            self._check_aggregator(server, comp)
+        self.layouts = {
+            c: [(k, server.state[c][k].numel()) for k in float_keys(server.state[c])]
+            for c in groups
+        }
+        session = new_session(rnd)
+        excluded = self.server.setup(
+            session,
+            rnd,
+            dict(groups),
+            self.layouts,
+            backend.ask,
+            seed=seed_for(server.config.seed, "secagg", rnd),
+        )
+        self.reports.append(
+            {
+                "round": rnd,
+                "session": session,
+                "mode": self.settings.mode,
+                "excluded_at_setup": excluded,
+                "components": {},
+            }
+        )
+        joined = {u for g in self.server.groups.values() for u in g.shared}
+        if groups and not joined:
+            reasons = {u: r for ex in excluded.values() for u, r in ex.items()}
+            raise SecAggError(
+                f"round {rnd}: no institution completed the secure-aggregation setup; reasons: {reasons}"
+            )
+
+    def _check_aggregator(self, server, comp: str) -> None:
+        agg = server.aggregator(comp)
+        if type(agg).combine is not Aggregator.combine:
+            group = comp.split(".")[0]
+            path = (
+                f"aggregation.{group}"
+                if group in server.config.aggregation
+                else "aggregation.default"
+            )
+            raise ConfigError(
+                f"{path}.plugin",
+                f"{type(agg).__name__} combines individual updates, but secure aggregation only reveals their weighted "
+                f"sum (component {comp!r}); use a weighted-mean aggregator (fedavg, fedprox, fedadam, fedyogi)",
+            )
+
+    def process(
+        self, updates: list[ComponentUpdate], context: dict[str, Any]
+    ) -> list[ComponentUpdate]:
+        if "server" not in context:
+            return self.mask(updates, context["institution"], context["round"])
+        return self.unmask(updates, context)
+
+    def unmask(
+        self, updates: list[ComponentUpdate], context: dict[str, Any]
+    ) -> list[ComponentUpdate]:
+        server, backend = context["server"], context["backend"]
+        report = (
+            self.reports[-1]
+            if self.reports and self.reports[-1]["round"] == context["round"]
+            else {"components": {}}
+        )
+        refused: dict[str, dict[str, str]] = defaultdict(dict)
+        masked: dict[str, dict[str, Any]] = defaultdict(dict)
+        for u in updates:
+            try:
+                if set(u.delta) != {MASKED_KEY}:
+                    raise SecAggMessageError(
+                        f"not a masked vector (keys {sorted(u.delta)[:3]}); plain updates are refused under secure aggregation"
+                    )
+                if u.institution in masked[u.component]:
+                    raise SecAggMessageError("sent two updates for one component")
+                masked[u.component][u.institution] = self.server.check_vector(
+                    u.component, u.institution, u.delta[MASKED_KEY]
+                )
+            except SecAggMessageError as exc:
+                refused[u.component][u.institution] = str(exc)
+                log.warning(
+                    "round %d: %s's update to %s excluded: %s",
+                    context["round"],
+                    u.institution,
+                    u.component,
+                    exc,
+                )
+                if u.component in self.server.groups:
+                    self.server.exclude(u.component, u.institution, str(exc))
+        results = self.server.finish(masked, backend.ask)
+        out: list[ComponentUpdate] = []
+        for comp, res in sorted(results.items()):
+            entry = {
+                "survivors": res.survivors,
+                "dropped": res.dropped,
+                "total_weight": res.total_weight,
+            }
+            report["components"][comp] = entry
+            if res.total_weight <= 0:
+                entry["aggregated"] = False  # every survivor sent a masked zero: nobody trained it
+                continue
+            entry["aggregated"] = True
+            mean = res.weighted_sum / res.total_weight
+            delta, start = {}, 0
+            for key, n in self.layouts[comp]:
+                like = server.state[comp][key]
+                delta[key] = mean[start : start + n].reshape(like.shape).to(like.dtype)
+                start += n
+            out.append(
+                AggregatedUpdate(
+                    f"secagg[{len(res.survivors)}]",
+                    comp,
+                    delta,
+                    res.total_weight,
+                    server.versions.get(comp, 0),
+                    list(res.survivors),
+                )
+            )
+        for comp, why in refused.items():
+            report["components"].setdefault(comp, {}).setdefault("refused", {}).update(why)
+        return out
+
+    # -- institution side --------------------------------------------------------
+    def client(self, name: str) -> SecAggClient:
+        return self.clients.setdefault(name, SecAggClient(name, self.settings))
+
+    def mask(self, updates: list[ComponentUpdate], name: str, rnd: int) -> list[ComponentUpdate]:
+        client = self.clients.get(name)
+        if client is None or client.round != rnd:
+            raise SecAggMessageError(
+                f"{name}: no secure-aggregation session for round {rnd}; refusing to send updates in plain"
+            )
+        signed = {32: torch.int32, 64: torch.int64}[self.settings.codec.bits]
+        out, seen = [], set()
+        for u in updates:
+            group = client.groups.get(u.component)
+            if group is None:
+                raise SecAggMessageError(
+                    f"{name}: component {u.component!r} has no secure-aggregation group this round; refusing to send it in plain"
+                )
+            missing = [k for k, _ in group.layout if k not in u.delta]
+            if missing:
+                raise SecAggMessageError(
+                    f"{name}: update to {u.component!r} lacks key {missing[0]!r}"
+                )
+            flat = (
+                torch.cat([u.delta[k].reshape(-1).to(torch.float64) for k, _ in group.layout])
+                if group.layout
+                else torch.zeros(0, dtype=torch.float64)
+            )
+            y = client.mask(u.component, flat, float(u.weight))
+            out.append(
+                ComponentUpdate(
+                    name,
+                    u.component,
+                    {MASKED_KEY: torch.from_numpy(y.view(self.settings.codec.signed)).to(signed)},
+                    0.0,
+                    u.base_version,
+                )
+            )
+            seen.add(u.component)
+        for comp in sorted(set(client.groups) - seen):
+            if client.groups[comp].delivered:  # trained nothing here (no token reached the expert)
+                y = client.mask(comp, None, 0.0)
+                out.append(
+                    ComponentUpdate(
+                        name,
+                        comp,
+                        {MASKED_KEY: torch.from_numpy(y.view(self.settings.codec.signed))},
+                        0.0,
+                        0,
+                    )
+                )
+        if client.clamped:
+            log.warning(
+                "%s: secure aggregation clamped coordinates to +-%g: %s",
+                name,
+                self.settings.codec.clip,
+                client.clamped,
+            )
+        return out
+
+
+# -- messages an institution answers (every backend delivers them to Institution.handle) --
+def _stage_of(inst: Institution) -> SecureAggregation:
+    stage = next((s for s in inst.stages if isinstance(s, SecureAggregation)), None)
+    if stage is None:
+        raise SecAggMessageError(
+            f"{inst.name}: secure aggregation is not in this institution's update pipeline"
+        )
+    if inst.stages[-1] is not stage:
+        after = type(inst.stages[-1]).__name__
+        raise SecAggMessageError(
+            f"{inst.name}: {after} runs after secure aggregation and would alter masked vectors; secagg must be the last institution-side stage"
+        )
+    return stage
+
+
+MESSAGE_HANDLERS["secagg.advertise"] = lambda inst, payload: (
+    _stage_of(inst).client(inst.name).advertise(payload)
+)
+MESSAGE_HANDLERS["secagg.share"] = lambda inst, payload: (
+    _stage_of(inst).client(inst.name).share(payload)
+)
+MESSAGE_HANDLERS["secagg.deliver"] = lambda inst, payload: (
+    _stage_of(inst).client(inst.name).receive(payload)
+)
+MESSAGE_HANDLERS["secagg.unmask"] = lambda inst, payload: (
+    _stage_of(inst).client(inst.name).unmask(payload)
+)
