@@ -5,6 +5,13 @@ from m3tfed import BackendSpec, hookimpl
 from .simulation import SimulationBackend
 
 
+def build_flower_backend(**options):
+    """Flower is imported only when this backend is used."""
+    from .flower.backend import FlowerBackend
+
+    return FlowerBackend(**options)
+
+
 @hookimpl
 def register_backends(register):
     register(
@@ -14,5 +21,14 @@ def register_backends(register):
             version="0.1.0",
             license="Apache-2.0",
             description="in-process simulation, deterministic under a seed (default)",
+        )
+    )
+    register(
+        BackendSpec(
+            name="flower",
+            build=build_flower_backend,
+            version="0.1.0",
+            license="Apache-2.0",
+            description="Flower 1.41 deployment: a ServerApp drives m3tfed rounds, one SuperNode per institution (m3tfed serve / join)",
         )
     )

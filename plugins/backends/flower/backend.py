@@ -1,0 +1,188 @@
+"""The Flower backend: m3tfed's round loop over a Flower ``Grid`` (Message API).
+
+Each institution is one SuperNode. At the start :meth:`FlowerBackend.discover` sends
+every connected node a ``capabilities`` query (answered by ``Institution.capabilities``
+on the node), so the coordinator learns each institution's name, modalities, tasks,
+compute, components, personal parts and local steps from the institution itself.
+
+A round's :class:`TrainJob` becomes one ``train`` Message to that institution's node
+carrying only its components; the reply carries only its updates (``wire.py``). A node
+that does not answer within the job's ``timeout_s`` plus ``reply_grace_s`` (killed,
+disconnected, too slow), or answers with an error, becomes a :class:`Failure` with the
+reason, and the server's ``screen`` drops it. :meth:`ask` delivers any other message
+kind to ``Institution.handle`` on the node (secure aggregation's steps run unchanged).
+
+Personal state lives on each node (its ``state-dir``), snapshotted per round it trains;
+:meth:`load_personal` asks the nodes that hold personal components to restore the
+snapshot of the coordinator's checkpoint round, so a restarted coordinator resumes with
+matching personal state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, MessageType
+from m3tfed.errors import ConfigError, FederationError
+from m3tfed.federation.institution import TrainJob, TrainResult
+from m3tfed.federation.server import Failure, tensor_bytes
+
+from .wire import pack, pack_job, unpack, unpack_result
+
+log = logging.getLogger("m3tfed.flower")
+
+LOAD_PERSONAL = "m3tfed.load_personal"  # a node-local kind, answered by the ClientApp itself
+# How often replies are pulled. Flower's own send_and_receive sleeps 3 s between pulls,
+# which would add up to 3 s to every round; a pull is one small request to the SuperLink.
+POLL_S = 0.1
+
+
+class FlowerBackend:
+    def __init__(
+        self,
+        grid: Any = None,
+        institutions: Any = None,
+        reply_grace_s: float = 30.0,
+        ask_timeout_s: float = 120.0,
+        record_transcript: bool = True,
+    ):
+        if grid is None:
+            raise ConfigError(
+                "federation.backend.plugin",
+                "the flower backend runs inside Flower's ServerApp on a SuperLink: start it with "
+                "`m3tfed serve CONFIG` (and `m3tfed join` per institution), not `m3tfed run`",
+            )
+        self.grid = grid
+        self.reply_grace_s, self.ask_timeout_s = reply_grace_s, ask_timeout_s
+        self.nodes: dict[str, int] = {}  # institution -> Flower node id
+        self.capabilities: dict[str, dict[str, Any]] = {}
+        self.record_transcript = record_transcript
+        self.transcript: list[dict] = []
+
+    # -- discovery ------------------------------------------------------------------
+    def discover(self, expected: list[str], wait_s: float = 120.0) -> dict[str, dict[str, Any]]:
+        """Wait until every ``expected`` institution's node has connected and answered
+        the capabilities query; return ``institution -> capabilities``."""
+        deadline = time.monotonic() + wait_s
+        asked: set[int] = set()
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            if new:
+                replies = self._send([self._query(n, "capabilities", {}) for n in new], timeout=max(1.0, deadline - time.monotonic()))
+                for node, reply in replies.items():
+                    asked.add(node)
+                    if isinstance(reply, str):
+                        log.warning("node %d did not answer the capabilities query: %s", node, reply)
+                        continue
+                    reply = unpack(reply)
+                    name = reply.get("name")
+                    if name not in expected:
+                        log.warning("node %d is institution %r, which this federation does not list; ignored", node, name)
+                        continue
+                    if name in self.nodes and self.nodes[name] != node:
+                        raise FederationError(f"two nodes ({self.nodes[name]} and {node}) both say they are institution {name!r}")
+                    self.nodes[name], self.capabilities[name] = node, reply
+            missing = [n for n in expected if n not in self.nodes]
+            if not missing:
+                return self.capabilities
+            if time.monotonic() > deadline:
+                raise FederationError(f"no node answered for institution(s) {', '.join(missing)} within {wait_s}s (connected: {sorted(self.nodes)})")
+            time.sleep(0.5)
+
+    def _capability(self, name: str, key: str) -> Any:
+        if name not in self.capabilities:
+            raise FederationError(f"institution {name!r} has no node in this Flower federation (discovered: {sorted(self.nodes)})")
+        return self.capabilities[name][key]
+
+    def components_of(self, name: str) -> list[str]:
+        return list(self._capability(name, "components"))
+
+    def personal_of(self, name: str) -> list[str]:
+        return list(self._capability(name, "personal"))
+
+    def local_steps(self, name: str) -> int:
+        return int(self._capability(name, "local_steps"))
+
+    # -- messages -------------------------------------------------------------------
+    def _query(self, node: int, kind: str, payload: dict[str, Any]) -> Message:
+        return Message(pack({"kind": kind, "payload": payload}), dst_node_id=node, message_type=MessageType.QUERY)
+
+    def _send(self, messages: list[Message], timeout: float) -> dict[int, Any]:
+        """node -> unpacked reply content, or the reason there is none (a str)."""
+        out: dict[int, Any] = {m.metadata.dst_node_id: f"no reply within {timeout:.0f}s (node gone or too slow)" for m in messages}
+        by_id: dict[str, int] = {}
+        ids = list(self.grid.push_messages(messages))
+        for mid, m in zip(ids, messages):
+            if mid is None:
+                out[m.metadata.dst_node_id] = "the SuperLink refused the message (malformed or too large)"
+            else:
+                by_id[mid] = m.metadata.dst_node_id
+        deadline = time.monotonic() + timeout
+        pending = set(by_id)
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                pending.discard(mid)
+                node = by_id[mid]
+                out[node] = f"the node answered with an error: {reply.error.reason}" if reply.has_error() else reply.content
+            if pending:
+                time.sleep(POLL_S)
+        return out
+
+    def ask(self, name: str, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Deliver ``kind`` to ``Institution.handle`` on the institution's node; return its reply."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise FederationError(f"institution {name!r} has no node in this Flower federation")
+        self._record(payload.get("round", 0), name, f"ask:{kind}", 0)
+        reply = self._send([self._query(node, kind, payload)], self.ask_timeout_s)[node]
+        if isinstance(reply, str):
+            raise FederationError(f"{name}: {kind}: {reply}")
+        return unpack(reply)
+
+    # -- a round ----------------------------------------------------------------------
+    def train(self, jobs: list[TrainJob]) -> list[TrainResult | Failure]:
+        messages, names = [], {}
+        for job in jobs:
+            node = self.nodes.get(job.institution)
+            if node is None:
+                continue
+            names[node] = job.institution
+            self._record(job.round, job.institution, "down", tensor_bytes(job.components))
+            messages.append(Message(pack_job(job), dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(job.round)))
+        timeout = max((j.timeout_s for j in jobs), default=0.0) + self.reply_grace_s
+        replies = self._send(messages, timeout) if messages else {}
+        results: list[TrainResult | Failure] = []
+        for job in jobs:
+            node = self.nodes.get(job.institution)
+            reply = replies.get(node) if node is not None else "no node for this institution"
+            if isinstance(reply, str):
+                results.append(Failure(job.institution, reply))
+                continue
+            try:
+                result = unpack_result(reply)
+            except Exception as exc:  # a malformed reply is that node's failure, not the round's
+                results.append(Failure(job.institution, f"malformed reply: {type(exc).__name__}: {exc}"))
+                continue
+            self._record(job.round, job.institution, "up", sum(tensor_bytes({u.component: u.delta}) for u in result.updates))
+            results.append(result)
+        return results
+
+    def _record(self, rnd: int, name: str, direction: str, nbytes: int) -> None:
+        if self.record_transcript:
+            self.transcript.append({"round": rnd, "institution": name, "direction": direction, "bytes": nbytes})
+
+    # -- personal state stays on the nodes ------------------------------------------------
+    def _holders(self) -> list[str]:
+        return [n for n in self.nodes if self.capabilities[n].get("personal")]
+
+    def save_personal(self, run_dir: Path, rnd: int) -> None:
+        """Nothing to send: each node snapshots its personal state for every round it
+        trains (``client_app._keep_personal``), one message per round fewer."""
+
+    def load_personal(self, run_dir: Path, rnd: int) -> None:
+        for name in self._holders():
+            self.ask(name, LOAD_PERSONAL, {"round": rnd})

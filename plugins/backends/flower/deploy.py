@@ -1,0 +1,332 @@
+"""Start and stop a Flower deployment of m3tfed on this machine: a SuperLink, SuperNodes
+(one per institution), and ``flwr run`` of the m3tfed Flower App.
+
+Operational hygiene, because Flower's own tools reuse whatever answers on their default
+ports and leave servers running: every process started here gets ports picked free for
+this deployment, its own ``FLWR_HOME`` under the deployment's folder, telemetry off and
+runtime dependency installation off (no network), and :meth:`Deployment.stop` stops
+each process this deployment started, by its own pid, with the helpers Flower spawned
+under it (SuperExec, ServerApp and ClientApp processes), found by parent pid before any
+is signalled. TLS is on unless ``insecure=True``; :func:`make_certificates` writes a
+local CA and a server certificate for 127.0.0.1/localhost.
+
+Not here: what the apps do (``server_app.py``, ``client_app.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("m3tfed.flower")
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "m3tfed-flower"
+version = "1.0.0"
+description = "m3tfed rounds on Flower: the ServerApp drives m3tfed's round loop, the ClientApp wraps one institution"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "m3tfed"
+
+[tool.flwr.app.components]
+serverapp = "m3tfed.plugins.backends.flower.server_app:app"
+clientapp = "m3tfed.plugins.backends.flower.client_app:app"
+
+[tool.flwr.app.config]
+config = ""          # the federation config file, on the coordinator's machine
+run-dir = ""         # m3tfed's run folder (config, checkpoints, curves, flower.json)
+resume = false       # continue from run-dir's newest checkpoint
+stop-after = 0       # stop after this round (0: run every round of the config)
+wait-nodes-s = 120.0 # how long to wait for every institution's SuperNode to connect
+reply-grace-s = 30.0 # extra seconds a node gets beyond federation.timeout_s to answer
+"""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_app(folder: Path) -> Path:
+    """The Flower App folder ``flwr run`` packs: a pyproject.toml naming m3tfed's apps
+    (the code comes from the installed m3tfed on each machine, not from the package)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    return folder
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+        }
+    )
+    # Flower's entry points live beside this interpreter (a virtualenv need not be active).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def write_connection(home: Path, name: str, address: str, insecure: bool, root_cert: Path | None) -> Path:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection (``flwr run APP name``)."""
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    if insecure:
+        lines.append("insecure = true")
+    elif root_cert is not None:
+        lines.append(f'root-certificates = "{Path(root_cert).resolve()}"')
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Certificates:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 365) -> Certificates:
+    """A CA and a server certificate (signed by it) for ``hosts``, PEM files in ``folder``:
+    ``ca.crt`` goes to every SuperNode and ``flwr`` (``--root-certificates``), ``server.crt``
+    and ``server.key`` to the SuperLink. For other hosts pass their names or addresses."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "m3tfed federation CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    out.key.chmod(0o600)
+    return out
+
+
+def node_config(config: Path, institution: str, state_dir: Path, data_root: str | Path | None = None) -> str:
+    """The ``--node-config`` string naming what a SuperNode's ClientApp builds."""
+    pairs = {"config": str(Path(config).resolve()), "institution": institution, "state-dir": str(Path(state_dir).resolve())}
+    if data_root:
+        pairs["data-root"] = str(Path(data_root).resolve())
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in pairs.items())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class Deployment:
+    """Flower processes on this machine, with their own ports and home folder."""
+
+    folder: Path
+    insecure: bool = False
+    certificates: Certificates | None = None
+    host: str = "127.0.0.1"
+    superlink_port: int = 0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    leftovers: list[int] = field(default_factory=list)  # children of processes killed as a crash
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.insecure and self.certificates is None:
+            self.certificates = make_certificates(self.folder / "certificates", hosts=(self.host, "localhost"))
+        self.superlink_port = self.superlink_port or free_port(self.host)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.superlink_port}"
+
+    def _tls(self, server: bool) -> list[str]:
+        if self.insecure:
+            return ["--insecure"]
+        c = self.certificates
+        if server:
+            return ["--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.cert), "--ssl-keyfile", str(c.key)]
+        return ["--root-certificates", str(c.ca)]
+
+    def _start(self, name: str, argv: list[str], home: Path) -> subprocess.Popen:
+        if name in self.processes and self.processes[name].poll() is None:
+            raise RuntimeError(f"{name} is already running (pid {self.processes[name].pid})")
+        logs = self.folder / "logs"
+        logs.mkdir(exist_ok=True)
+        out = open(logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+        out.close()
+        self.processes[name] = proc
+        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return proc
+
+    def start_superlink(self) -> subprocess.Popen:
+        home = self.folder / "superlink"
+        home.mkdir(exist_ok=True)
+        argv = ["flower-superlink", *self._tls(True), "--host", self.host, "--port", str(self.superlink_port), "--disable-runtime-dependency-installation"]
+        proc = self._start("superlink", argv, home)
+        self.wait_for_port(self.superlink_port, proc, "superlink")
+        return proc
+
+    def start_supernode(self, institution: str, config: Path, data_root: str | Path | None = None, superlink: str | None = None) -> subprocess.Popen:
+        home = self.folder / "nodes" / institution
+        home.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "flower-supernode", *self._tls(False), "--superlink", superlink or self.address,
+            "--host", self.host, "--port", str(free_port(self.host)),
+            "--node-config", node_config(config, institution, home / "state", data_root),
+        ]
+        return self._start(f"supernode-{institution}", argv, home)
+
+    def wait_for_port(self, port: int, proc: subprocess.Popen, name: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.folder / 'logs' / (name + '.log')}")
+            with socket.socket() as s:
+                if s.connect_ex((self.host, port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not listen on {self.host}:{port} within {timeout}s")
+
+    def run(self, config: Path, run_dir: Path, timeout: float | None = None, app: Path | None = None, **run_config: Any) -> subprocess.CompletedProcess:
+        """``flwr run`` the m3tfed app (or another ``app`` folder) on this deployment's
+        SuperLink and wait for it (``--stream`` follows the run to its end)."""
+        home = self.folder / "flwr-cli"
+        write_connection(home, "m3tfed", self.address, self.insecure, self.certificates.ca if self.certificates else None)
+        app = app or write_app(self.folder / "app" / "m3tfed-flower")
+        values = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve()), **{k.replace("_", "-"): v for k, v in run_config.items()}}
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+        argv = ["flwr", "run", str(app), "m3tfed", "--stream", "--run-config", overrides]
+        logs = self.folder / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / "flwr-run.log", "ab") as out:
+            proc = subprocess.Popen(argv, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+            self.processes[f"flwr-run-{proc.pid}"] = proc
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.stop_process(f"flwr-run-{proc.pid}")
+                raise
+        return subprocess.CompletedProcess(argv, proc.returncode)
+
+    def stop_process(self, name: str, grace: float = 5.0) -> None:
+        """Stop one started process and everything it spawned, each by its own pid."""
+        proc = self.processes.pop(name, None)
+        if proc is None:
+            return
+        pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else descendants(proc.pid)
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + grace
+        for pid in pids:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(timeout=grace)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process as a crash would (its children are left to notice)."""
+        proc = self.processes[name]
+        self.leftovers += descendants(proc.pid)  # remembered now: once orphaned they are not ours to find
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        """Stop everything this deployment started: nodes and runs first, the SuperLink last."""
+        for name in sorted(self.processes, key=lambda n: n == "superlink"):
+            self.stop_process(name)
+        for pid in self.leftovers:
+            _signal(pid, signal.SIGKILL)
+        self.leftovers = []
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
