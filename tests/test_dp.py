@@ -13,11 +13,13 @@ from m3tfed.privacy.dp import (
     InstitutionPrivacy,
     central_noise_std,
     clip_update,
+    epsilon_of,
     l2_norm,
     noise_multiplier_for,
 )
 from m3tfed.privacy.dpsgd import make_dp_optimizer, per_sample_grads
 from m3tfed.privacy.policy import PolicyConfig, resolve_policy
+from m3tfed.privacy.secagg import AggregatedUpdate
 from opacus.accountants import RDPAccountant
 
 
@@ -55,7 +57,7 @@ def test_central_noise_moves_the_weighted_mean_by_the_expected_scale():
     server = type("S", (), {"config": type("C", (), {"seed": 0})()})()
     updates = [ComponentUpdate(n, "trunk", {"w": torch.full((100_000,), float(i))}, w) for i, (n, w) in enumerate([("a", 1.0), ("b", 1.0), ("c", 2.0)])]
     sigma, clip = 1.2, 0.8
-    info = {"trunk": {"weights": {u.institution: u.weight for u in updates}, "central": (sigma, clip)}}
+    info = {"trunk": {"central": (sigma, clip), "reproducible": False}}
     out = CentralNoise().process(updates, Ctx(round=1, server=server, privacy=info))
     plain = Aggregator().combine("trunk", {"w": torch.zeros(100_000)}, updates)["w"]
     noisy = Aggregator().combine("trunk", {"w": torch.zeros(100_000)}, out)["w"]
@@ -135,3 +137,102 @@ def test_dp_sgd_trains_the_moe_model_and_reports_epsilon():
     assert tokens and sum(tokens.values()) > 0  # the experts were used under per-sample gradients
     assert loss_now() < start  # training still works under clipping + noise
     assert priv.accountant.history[-1][2] == 20  # one accountant step per optimizer step
+
+
+def local_noise(priv: InstitutionPrivacy, rnd: int = 1) -> torch.Tensor:
+    """The local noise ``priv`` adds to a zero update of the trunk in ``rnd``."""
+    return priv.privatize(rnd, "trunk", {"w": torch.zeros(1000)})["w"]
+
+
+def test_noise_is_secret_unless_the_policy_opts_in_to_reproducible_noise():
+    # The server knows the seed every InstitutionPrivacy is built with (it derives from the
+    # run seed): by default the noise must not follow from it.
+    secret = resolve_policy("a", PolicyConfig(dp="local", epsilon=50.0, noise_multiplier=1.0))
+    a, b = InstitutionPrivacy(secret, 5, 1.0, seed=7), InstitutionPrivacy(secret, 5, 1.0, seed=7)
+    a.begin_round(1), b.begin_round(1)
+    assert not torch.allclose(local_noise(a), local_noise(b))
+    testing = resolve_policy("a", PolicyConfig(dp="local", epsilon=50.0, noise_multiplier=1.0, reproducible_noise=True))
+    a, b = InstitutionPrivacy(testing, 5, 1.0, seed=7), InstitutionPrivacy(testing, 5, 1.0, seed=7)
+    a.begin_round(1), b.begin_round(1)
+    assert torch.equal(local_noise(a), local_noise(b))
+    # central noise: secret by default, from the run seed only when asked
+    server = type("S", (), {"config": type("C", (), {"seed": 0})()})()
+    ups = [ComponentUpdate(n, "trunk", {"w": torch.zeros(1000)}, 1.0) for n in "ab"]
+    draw = lambda stage: stage.process(ups, {"round": 1, "server": server})[0].delta["w"]  # noqa: E731
+    assert not torch.allclose(draw(CentralNoise(noise_multiplier=1.0)), draw(CentralNoise(noise_multiplier=1.0)))
+    assert torch.equal(draw(CentralNoise(1.0, reproducible_noise=True)), draw(CentralNoise(1.0, reproducible_noise=True)))
+
+
+def test_privacy_report_says_nothing_computed_from_the_update():
+    # An update's norm before clipping is un-noised: it must not reach the server.
+    pol = resolve_policy("a", PolicyConfig(dp="central", epsilon=8.0, noise_multiplier=1.0))
+    reports = []
+    for scale in (1e-3, 1e3):
+        priv = InstitutionPrivacy(pol, 5, 1.0, seed=0)
+        priv.begin_round(1)
+        priv.privatize(1, "trunk", {"w": torch.full((10,), scale)})
+        reports.append(priv.report(1))
+    assert reports[0] == reports[1]
+    assert reports[0]["components"]["trunk"] == {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0}
+
+
+def test_every_training_attempt_is_charged_and_draws_fresh_noise():
+    pol = resolve_policy("a", PolicyConfig(dp="local", epsilon=50.0, noise_multiplier=1.0, reproducible_noise=True))
+    priv = InstitutionPrivacy(pol, rounds=10, fraction=0.5, seed=3)
+    priv.begin_round(1)
+    first = local_noise(priv)
+    once = priv.epsilon()
+    assert once == pytest.approx(epsilon_of([(1.0, 0.5, 1)], 1e-5))
+    priv.begin_round(1)  # the server retried round 1: a second update of the same round
+    assert not torch.allclose(first, local_noise(priv))  # even reproducible noise is not reused
+    # two Gaussian releases of one sampled round = one of sigma / sqrt(2)
+    assert priv.epsilon() == pytest.approx(epsilon_of([(1 / math.sqrt(2), 0.5, 1)], 1e-5))
+    assert priv.epsilon() > once * 1.3
+    assert priv.report(1)["attempts"] == 2 and priv.report(1)["epsilon_round"] == pytest.approx(priv.epsilon())
+    priv.begin_round(3)  # round 2 sat out, round 3 trained: the usual sampled steps
+    assert priv.accountant.history == [(1 / math.sqrt(2), 0.5, 1), (1.0, 0.5, 2)]
+    # a restarted institution asked to retry the round its accountant already charged
+    fresh = InstitutionPrivacy(pol, rounds=10, fraction=0.5, seed=3)
+    fresh.restore([(1.0, 0.5, 3)], 3)
+    fresh.begin_round(3)
+    assert fresh.accountant.history == [(1.0, 0.5, 2), (1 / math.sqrt(2), 0.5, 1)]
+    with pytest.raises(ValueError, match="already charged round 3"):
+        fresh.begin_round(2)
+
+
+def test_central_noise_on_a_securely_aggregated_update_uses_the_contributors_weights():
+    server = type("S", (), {"config": type("C", (), {"seed": 0})()})()
+    sigma, clip = 1.2, 0.8
+    # what secure aggregation hands over: one weighted mean of three institutions, weight 4
+    agg = AggregatedUpdate("secagg[3]", "trunk", {"w": torch.zeros(100_000)}, 4.0, 0, ["a", "b", "c"])
+    info = {"trunk": {"central": (sigma, clip), "reproducible": False, "weight_bounds": {"a": 1.0, "b": 1.0, "c": 2.0}}}
+    out = CentralNoise().process([agg], {"round": 1, "server": server, "privacy": info})
+    assert isinstance(out[0], AggregatedUpdate) and out[0].contributors == ["a", "b", "c"]
+    assert out[0].delta["w"].std().item() == pytest.approx(sigma * clip * 2 / 4, rel=0.01)
+    # a token-weighted expert: no weight bound is known, so one institution may hold all of W
+    info["trunk"]["weight_bounds"]["c"] = None
+    out = CentralNoise().process([agg], {"round": 1, "server": server, "privacy": info})
+    assert out[0].delta["w"].std().item() == pytest.approx(sigma * clip, rel=0.01)
+    # without policies the stage would clip the aggregate, not each update: refused
+    with pytest.raises(ValueError, match="cannot be clipped here"):
+        CentralNoise(noise_multiplier=1.0).process([agg], {"round": 1, "server": server})
+
+
+def test_dp_sgd_noise_and_sampling_do_not_follow_the_servers_job_seed():
+    def two_fits(policy):
+        d = tiny_config_dict(rounds=1)
+        d["institutions"][0]["policy"] = policy
+        fed = build_federation(load_config(d))
+        inst, out = fed.institutions["high_school"], []
+        for _ in range(2):  # the same job (same seed) from the same state, twice
+            model = inst.load(fed.server.state)
+            inst.privacy.begin_round(1)
+            inst.fit(model, 2, 1e-1, seed=0)
+            out.append(torch.cat([v.flatten() for v in model.component_state("trunk").values()]))
+        return out
+
+    pol = {"dp": "sample", "epsilon": 50.0, "noise_multiplier": 1.0}
+    a, b = two_fits(pol)
+    assert not torch.allclose(a, b)
+    a, b = two_fits({**pol, "reproducible_noise": True})
+    assert torch.equal(a, b)

@@ -1,12 +1,15 @@
 """Privacy policies: presets, overrides, bad input, per-component enforcement, ledger."""
 
 import json
+import math
 
 import pytest
+import torch
 from conftest import tiny_config_dict
 from m3tfed.errors import ConfigError
 from m3tfed.federation.config import load_config
 from m3tfed.federation.job import build_federation, privacy_ledger, run_job
+from m3tfed.privacy.dp import epsilon_of, noise_multiplier_for
 from m3tfed.privacy.policy import PRESETS, PolicyConfig, resolve_policy
 
 
@@ -44,6 +47,10 @@ def test_presets_fill_defaults_and_fields_override():
         ({"min_cohort": {"expert": 9}}, "institutions[0].policy.min_cohort.expert", "only 6 institutions"),
         ({"profile": "coppa", "secure_aggregation": False, "min_cohort": {"default": 0}}, "institutions[0].policy.min_cohort.default", ">= 1"),
         ({"dp": "sideways"}, "institutions[0].policy.dp", "not allowed"),
+        ({"dp": "central", "noise_multiplier": 0}, "institutions[0].policy.noise_multiplier", "adds no noise"),
+        ({"dp": "central", "epsilon": math.inf}, "institutions[0].policy.epsilon", "finite"),
+        ({"min_cohort": {"expret": 5}}, "institutions[0].policy.min_cohort.expret", "encoder, expert, router, task, trunk"),
+        ({"min_cohort": {"trunk.x": 2}}, "institutions[0].policy.min_cohort.trunk.x", "unknown component"),
     ],
 )
 def test_bad_policies_name_the_key(policy, path, words):
@@ -127,3 +134,130 @@ def test_ledger_of_a_short_run(tmp_path):
     # central noise was added to high_school's components, with its recorded scale
     assert ledger["components"]["1"]["encoder.text"]["central_noise_std"] > 0
     assert "central_noise_std" not in ledger["components"]["1"]["encoder.image"]
+
+
+ALL = ["community_college", "high_school", "math_academy", "online_tutor", "rural_school", "university"]
+
+
+def secagg_stage(fed):
+    return next(s for s in fed.server.server_stages if type(s).__name__ == "SecureAggregation")
+
+
+def flat(state: dict) -> torch.Tensor:
+    return torch.cat([v.flatten().double() for v in state.values()])
+
+
+@pytest.mark.parametrize("mode", ["local", "central", "sample"])
+def test_secure_aggregation_with_each_dp_mode(mode):
+    # Every institution: sigma = 1, C = 1, masked; 18 training samples each.
+    cfg = load_config(with_policy({i: {"dp": mode, "epsilon": 50.0, "noise_multiplier": 1.0, "secure_aggregation": True} for i in range(6)}, rounds=1))
+    fed = build_federation(cfg)
+    before = flat(fed.server.state["trunk"])
+    rep = fed.server.run_round(1)
+    # aggregated through secure aggregation, and the round names who was summed
+    assert secagg_stage(fed).reports[-1]["components"]["trunk"]["survivors"] == ALL
+    assert rep.contributors["trunk"] == ALL and fed.server.versions["trunk"] == 1
+    assert sorted(n for r, n, c in fed.server.contributions if c == "trunk") == ALL
+    moved = flat(fed.server.state["trunk"]) - before
+    ledger = privacy_ledger(fed).to_dict()
+    q = 8 / 18  # DP-SGD: batch 8 of 18 samples, 2 steps a round
+    want = epsilon_of([(1.0, q, 2)], 1e-5) if mode == "sample" else epsilon_of([(1.0, 1.0, 1)], 1e-5)
+    for name in ALL:
+        row = ledger["institutions"][name]["1"]
+        assert row["epsilon_total"] == pytest.approx(want) and row["held"] == [] and "trunk" in row["contributed"]
+    trunk = ledger["components"]["1"]["trunk"]
+    if mode == "local":  # noise went on before masking: the mean of 6 carries std 1/sqrt(6)
+        assert moved.std().item() == pytest.approx(1 / math.sqrt(6), rel=0.05)
+        assert "central_noise_std" not in trunk
+    elif mode == "central":  # after unmasking: sigma * C * max n / sum n = 18 / 108
+        assert trunk["central_noise_std"] == pytest.approx(1 / 6)
+        assert moved.std().item() == pytest.approx(1 / 6, rel=0.05)
+    else:  # DP-SGD noise is per step and scaled by the learning rate: small, but there
+        assert "central_noise_std" not in trunk and 0 < moved.abs().max().item() < 0.1
+
+
+def test_cohort_is_checked_again_after_unmasking():
+    # Every institution requires all 6 on the trunk; community_college's masked trunk
+    # vector is malformed, so secure aggregation excludes it after the policy stage
+    # counted 6 masked updates.
+    cfg = load_config(with_policy({i: {"secure_aggregation": True, "min_cohort": {"trunk": 6}} for i in range(6)}, rounds=1))
+    fed = build_federation(cfg)
+    cc = fed.institutions["community_college"]
+    train = cc.train
+
+    def malformed(job):
+        res = train(job)
+        for u in res.updates:
+            if u.component == "trunk":
+                u.delta["secagg.masked"] = u.delta["secagg.masked"][:-1]
+        return res
+
+    cc.train = malformed
+    before = flat(fed.server.state["trunk"])
+    rep = fed.server.run_round(1)
+    assert "trunk" not in rep.contributors and torch.equal(flat(fed.server.state["trunk"]), before)
+    assert rep.contributors["router"] == ALL  # the other components still aggregate
+    ledger = privacy_ledger(fed).to_dict()
+    trunk = ledger["components"]["1"]["trunk"]
+    assert trunk["rule"] == "min_cohort" and not trunk["aggregated"]
+    assert trunk["reason"].startswith("5 contributor(s) to trunk after unmasking, fewer than min_cohort 6")
+    assert [h["rule"] for h in ledger["institutions"]["community_college"]["1"]["held"]] == ["secure_aggregation"]
+    assert "elements, expected" in ledger["institutions"]["community_college"]["1"]["held"][0]["reason"]
+    hs = ledger["institutions"]["high_school"]["1"]
+    assert [h["rule"] for h in hs["held"]] == ["min_cohort"] and "trunk" not in hs["contributed"] and "router" in hs["contributed"]
+
+
+def test_retried_round_charges_every_attempt():
+    # university fails its first attempt; min_institutions = 6 makes the server retrain all.
+    cfg = load_config(with_policy({0: {"dp": "local", "epsilon": 50.0, "noise_multiplier": 1.0}}, rounds=1, min_institutions=6, max_retries=1))
+    fed = build_federation(cfg)
+    uni = fed.institutions["university"]
+    train, calls = uni.train, []
+
+    def flaky(job):
+        calls.append(job)
+        if len(calls) == 1:
+            raise RuntimeError("power cut")
+        return train(job)
+
+    uni.train = flaky
+    rep = fed.server.run_round(1)
+    assert rep.attempts == 2 and rep.succeeded == ALL
+    row = privacy_ledger(fed).to_dict()["institutions"]["high_school"]["1"]
+    # high_school released two noisy updates of round 1: one Gaussian of sigma / sqrt(2)
+    assert row["attempts"] == 2
+    assert row["epsilon_total"] == pytest.approx(epsilon_of([(1 / math.sqrt(2), 1.0, 1)], 1e-5))
+    assert row["epsilon_total"] > 1.3 * epsilon_of([(1.0, 1.0, 1)], 1e-5)
+
+
+def test_ferpa_gdpr_and_coppa_profiles_end_to_end():
+    # high_school: FERPA, university: GDPR, online_tutor: COPPA; the rest have no policy.
+    cfg = load_config(with_policy({0: {"profile": "ferpa"}, 1: {"profile": "gdpr"}, 2: {"profile": "coppa"}}, rounds=1))
+    fed = build_federation(cfg)
+    hs, uni, ot = (fed.institutions[n].privacy for n in ("high_school", "university", "online_tutor"))
+    # noise derived from each budget over the one planned round
+    assert hs.noise_multiplier == pytest.approx(noise_multiplier_for(8.0, 1e-5, 1.0, 1))
+    assert uni.noise_multiplier == pytest.approx(noise_multiplier_for(4.0, 1e-5, 1.0, 1))
+    assert ot.noise_multiplier == pytest.approx(noise_multiplier_for(2.0, 1e-6, 8 / 18, 2))
+    assert (uni.policy.forget_on_request, hs.policy.forget_on_request, ot.policy.forget_on_request) == (True, False, True)
+    rep = fed.server.run_round(1)
+    ledger = privacy_ledger(fed).to_dict()
+    rows = {n: ledger["institutions"][n]["1"] for n in ("high_school", "university", "online_tutor")}
+    # every update went through secure aggregation, and each stayed within its budget
+    assert secagg_stage(fed).reports[-1]["components"]["trunk"]["survivors"] == ALL
+    assert 0 < rows["high_school"]["epsilon_total"] <= 8.0 and 0 < rows["university"]["epsilon_total"] <= 4.0
+    assert 0 < rows["online_tutor"]["epsilon_total"] <= 2.0
+    assert ot.accountant.history == [(ot.noise_multiplier, 8 / 18, 2)]  # COPPA: DP-SGD, one entry per step batch
+    # central noise for FERPA/GDPR with the stricter (GDPR) sigma, scaled by 18 of 108 samples
+    assert ledger["components"]["1"]["trunk"]["central_noise_std"] == pytest.approx(uni.noise_multiplier / 6)
+    assert rep.contributors["trunk"] == ALL
+    # FERPA's cohort of 3: the text encoder (high_school, community_college) is held
+    assert "encoder.text" not in rep.contributors
+    assert any(h["component"] == "encoder.text" and h["rule"] == "min_cohort" for h in rows["high_school"]["held"])
+    # COPPA's cohort of 5 holds components with fewer, such as the image encoder and the
+    # interactions encoder (3 contributors: enough for GDPR's 3, not for COPPA's 5)
+    assert "encoder.image" not in rep.contributors and "encoder.interactions" not in rep.contributors
+    inter = ledger["components"]["1"]["encoder.interactions"]
+    assert "min_cohort 5 required by online_tutor" in inter["reason"]
+    # tabular (5 contributors, not online_tutor) meets FERPA's and GDPR's 3
+    assert rep.contributors["encoder.tabular"] == ["community_college", "high_school", "math_academy", "rural_school", "university"]

@@ -259,12 +259,13 @@ class Institution:
         )
         if self.privacy is not None and self.privacy.policy.dp == "sample" and only is None:
             # Sample-level DP-SGD (Opacus): per-sample clipping and noise, Poisson batches.
+            # Both from the institution's own (secret) generator, never the server's job seed.
             from ..privacy.dpsgd import batch_loss, dp_sgd_fit
 
             priv = self.privacy
             loss, counts = dp_sgd_fit(
                 model, params, self.data.train, batch_loss(self.config.tasks), opt, steps, priv.noise_multiplier, priv.policy.clip_norm,
-                priv.sample_rate, priv.accountant, gen, deadline,
+                priv.sample_rate, priv.accountant, priv.generator("dp_sgd", seed), deadline,
                 lambda: InstitutionTimeout(f"{self.name} ran past its time limit of {self.settings.timeout_s}s"),
             )
             priv.end_round()

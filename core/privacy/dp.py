@@ -11,11 +11,15 @@ with sampling rate = ``federation.fraction``. The noise multiplier is the policy
 derived from its (epsilon, delta) budget over the planned rounds with
 ``opacus.accountants.utils.get_noise_multiplier``. Each institution keeps its own
 accountant (:class:`InstitutionPrivacy`) and refuses to train once the next round would
-overspend: it does not rely on the server to stop it.
+overspend: it does not rely on the server to stop it. Every training attempt is charged:
+when the server retries a round, the institution releases another update of the same
+sampled round, and the accountant charges the round as one Gaussian with ``sigma/sqrt(k)``
+after ``k`` attempts.
 
-Noise is drawn from generators seeded from the run seed, round and component, so runs
-are reproducible and a resumed run never replays old noise; a deployment that wants
-cryptographically secure noise should seed them from ``secrets`` instead.
+Noise comes from a fresh generator per draw seeded with 63 bits from ``secrets``: the
+server knows the run seed, so noise derived from it could be subtracted. A policy's
+``reproducible_noise = true`` (testing and simulation only) seeds it from the run seed,
+round, attempt and component instead.
 
 Not here: sample-level DP-SGD (``dpsgd.py``), the server's per-component checks
 (``m3tfed.plugins.pipeline.privacy``).
@@ -23,8 +27,9 @@ Not here: sample-level DP-SGD (``dpsgd.py``), the server's per-component checks
 
 from __future__ import annotations
 
-import copy
 import functools
+import math
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +76,12 @@ def central_noise_std(noise_multiplier: float, clip_norm: float, weights: list[f
     return noise_multiplier * clip_norm * max(weights) / total if total > 0 else 0.0
 
 
+def noise_generator(reproducible: bool, *parts: int | str) -> torch.Generator:
+    """A fresh noise stream: seeded from ``parts`` (which include the run seed, so the
+    server could predict it) only when ``reproducible``, else from 63 secret bits."""
+    return torch.Generator().manual_seed(seed_for(*parts) if reproducible else secrets.randbits(63))
+
+
 # -- accounting --------------------------------------------------------------------------
 # Opacus's RDP of a subsampled Gaussian (sample rate < 1) costs ~0.5 s per epsilon on
 # 2 CPU cores (fractional orders): cache, since every round asks the same questions twice.
@@ -102,7 +113,9 @@ class RoundRecord:
     round: int
     epsilon_round: float = 0.0
     epsilon_total: float = 0.0
-    # component -> {"mode", "clip_norm", "noise_multiplier", "norm" (before clipping)}
+    attempts: int = 0  # training attempts (the server retries a round), each one charged
+    # component -> {"mode", "clip_norm", "noise_multiplier"}: the policy's parameters only,
+    # nothing computed from the data (an update's norm would leak past secure aggregation)
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     refused: str | None = None  # why the institution did not train/send this round
 
@@ -142,35 +155,53 @@ class InstitutionPrivacy:
     def record(self, rnd: int) -> RoundRecord:
         return self.log.setdefault(rnd, RoundRecord(rnd))
 
-    def _history_after(self, rnd: int) -> list:
-        """The accountant history once round ``rnd`` is charged (not applied)."""
-        history = copy.deepcopy(self.accountant.history)
-        if self.policy.dp == "sample":
-            history.append((self.noise_multiplier, self.sample_rate, self.steps_per_round))
-        elif rnd > self.accounted_round:
-            history.append((self.noise_multiplier, self.sample_rate, rnd - self.accounted_round))
+    def _history_after(self, rnd: int, attempt: int) -> list:
+        """The accountant history once attempt ``attempt`` of round ``rnd`` is charged (not applied)."""
+        history = list(self.accountant.history)
+        sigma, q = self.noise_multiplier, self.sample_rate
+        if self.policy.dp == "sample":  # every attempt's DP-SGD steps (its optimizer hook charges them)
+            history.append((sigma, q, self.steps_per_round))
+        elif rnd > self.accounted_round:  # every elapsed round is one sampled Gaussian step
+            history.append((sigma, q, rnd - self.accounted_round))
+        else:
+            # A retry: k updates from one sampling event are one subsampled Gaussian of
+            # sigma/sqrt(k) (k Gaussians of equal sensitivity compose to one). The last
+            # step of the history is this round's: re-charge it.
+            s, rate, steps = history.pop() if history else (sigma, q, 1)
+            if steps > 1:
+                history.append((s, rate, steps - 1))
+            history.append((sigma / math.sqrt(attempt), q, 1))
         return history
 
     def begin_round(self, rnd: int) -> None:
-        """Called before local training; raises :class:`PrivacyBudgetSpent` when the
-        round would take epsilon past the budget (the institution then sends nothing)."""
+        """Called before each training attempt; raises :class:`PrivacyBudgetSpent` when
+        the attempt would take epsilon past the budget (the institution then sends nothing)."""
+        if rnd < self.accounted_round:
+            raise ValueError(f"{self.name}: asked to train round {rnd}, but its accountant already charged round {self.accounted_round}")
         rec = self.record(rnd)
         self.current_round = rnd
+        # A job for the round already charged is a retry, even if this process has not
+        # seen the earlier attempt (restarted): charge it as at least the second.
+        attempt = max(rec.attempts, 1 if rnd == self.accounted_round and self.policy.dp != "sample" else 0) + 1
         if not self.policy.noisy:
+            rec.attempts = attempt
             return
-        before = self._round_start = self.epsilon()
+        now = self.epsilon()
+        if rec.attempts == 0:
+            self._round_start = now
+        history = self._history_after(rnd, attempt)
         if self.policy.epsilon is not None:
-            after = epsilon_of(self._history_after(rnd), self.policy.delta)
+            after = epsilon_of(history, self.policy.delta)
             if after > self.policy.epsilon * (1 + 1e-6):
-                rec.refused = f"privacy budget spent: epsilon {before:.3f} of {self.policy.epsilon:g}, the next round would reach {after:.3f}"
-                rec.epsilon_total = before
+                rec.refused = f"privacy budget spent: epsilon {now:.3f} of {self.policy.epsilon:g}, training attempt {attempt} of round {rnd} would reach {after:.3f}"
+                rec.epsilon_total = now
                 raise PrivacyBudgetSpent(f"{self.name}: {rec.refused}")
-        if self.policy.dp != "sample" and rnd > self.accounted_round:
-            # Client-level: every elapsed round is one sampled Gaussian step.
-            self.accountant.history.append((self.noise_multiplier, self.sample_rate, rnd - self.accounted_round))
+        rec.attempts = attempt
+        if self.policy.dp != "sample":
+            self.accountant.history = history
             self.accounted_round = rnd
         rec.epsilon_total = self.epsilon()
-        rec.epsilon_round = rec.epsilon_total - before
+        rec.epsilon_round = rec.epsilon_total - self._round_start
 
     def end_round(self) -> None:
         """After DP-SGD ran (its optimizer hook stepped the accountant)."""
@@ -178,6 +209,10 @@ class InstitutionPrivacy:
         rec.epsilon_total = self.epsilon()
         rec.epsilon_round = rec.epsilon_total - self._round_start
         self.accounted_round = self.current_round
+
+    def generator(self, *parts: int | str) -> torch.Generator:
+        """A fresh noise stream (secret unless the policy asks for ``reproducible_noise``)."""
+        return noise_generator(self.policy.reproducible_noise, self.seed, *parts)
 
     def privatize(self, rnd: int, component: str, delta: State) -> State:
         """Clip (and, for ``local``, noise) one component update before it leaves."""
@@ -187,12 +222,11 @@ class InstitutionPrivacy:
             if p.dp == "sample":
                 rec.components[component] = {"mode": "sample", "clip_norm": p.clip_norm, "noise_multiplier": self.noise_multiplier}
             return delta
-        clipped, norm = clip_update(delta, p.clip_norm)
+        clipped, _ = clip_update(delta, p.clip_norm)
         sigma = self.noise_multiplier if p.dp == "local" else 0.0
-        # A fresh stream per (round, component): a resumed run never replays old noise.
-        gen = torch.Generator().manual_seed(seed_for(self.seed, "local_dp", rnd, component))
-        out = add_gaussian_noise(clipped, sigma * p.clip_norm, gen)
-        rec.components[component] = {"mode": p.dp, "clip_norm": p.clip_norm, "noise_multiplier": self.noise_multiplier, "norm": norm}
+        # reproducible streams differ per round, attempt and component: noise is never reused
+        out = add_gaussian_noise(clipped, sigma * p.clip_norm, self.generator("local_dp", rnd, rec.attempts, component))
+        rec.components[component] = {"mode": p.dp, "clip_norm": p.clip_norm, "noise_multiplier": self.noise_multiplier}
         return out
 
     def report(self, rnd: int) -> dict[str, Any]:
@@ -206,9 +240,11 @@ class InstitutionPrivacy:
             "noise_multiplier": self.noise_multiplier,
             "epsilon_round": rec.epsilon_round,
             "epsilon_total": rec.epsilon_total,
+            "attempts": rec.attempts,
             "components": rec.components,
             "refused": rec.refused,
             "accountant_history": [list(h) for h in self.accountant.history],
+            "accounted_round": self.accounted_round,
         }
 
     def restore(self, history: list, accounted_round: int) -> None:
@@ -253,4 +289,4 @@ def restore_privacy(ledger, institutions: dict) -> None:
         if inst is None or getattr(inst, "privacy", None) is None or not rows:
             continue
         last = max(rows, key=int)
-        inst.privacy.restore(rows[last].get("accountant", []), int(last))
+        inst.privacy.restore(rows[last].get("accountant", []), int(rows[last].get("accounted_round", last)))

@@ -1,10 +1,11 @@
 """The privacy ledger: ``privacy_ledger.json`` in each run folder.
 
 Per institution and round: epsilon spent that round and in total, the components it
-contributed to, the cohort size of each, and every update a policy rule held back (the
-component is held at its current state; the update is dropped) with the rule and the
-reason. Per round and component: who contributed, whether it was aggregated, and the
-central noise added. The server-side ``policy`` stage fills it; the job writes it after
+contributed to, the cohort size of each, its training attempts, and every update a policy
+rule held back (the component is held at its current state; the update is dropped) with
+the rule and the reason. Per round and component: who contributed, whether it was
+aggregated, and the central noise added. Under secure aggregation the contributors are
+corrected after unmasking (an excluded member is held, rule ``secure_aggregation``). The server-side ``policy`` stage fills it; the job writes it after
 every round, and resume reads it back (institutions' accountants included).
 
 Not here: deciding anything; this module only records.
@@ -30,7 +31,7 @@ class PrivacyLedger:
     def row(self, rnd: int, institution: str) -> dict[str, Any]:
         return self.institutions.setdefault(institution, {}).setdefault(
             str(rnd),
-            {"epsilon_round": 0.0, "epsilon_total": 0.0, "contributed": [], "cohorts": {}, "held": [], "refused": None},
+            {"epsilon_round": 0.0, "epsilon_total": 0.0, "attempts": 0, "contributed": [], "cohorts": {}, "held": [], "refused": None},
         )
 
     def component(self, rnd: int, component: str) -> dict[str, Any]:
@@ -47,6 +48,15 @@ class PrivacyLedger:
             row["cohorts"][component] = len(institutions)
         c = self.component(rnd, component)
         c["contributors"], c["aggregated"] = sorted(institutions), True
+
+    def withdraw(self, rnd: int, component: str) -> None:
+        """Undo :meth:`contributed` for ``component`` (before it is decided again)."""
+        c = self.component(rnd, component)
+        for name in c["contributors"]:
+            row = self.row(rnd, name)
+            row["contributed"] = [x for x in row["contributed"] if x != component]
+            row["cohorts"].pop(component, None)
+        c["aggregated"] = False
 
     def epsilon(self, institution: str) -> float:
         """Cumulative epsilon the ledger last saw for ``institution``."""

@@ -16,6 +16,7 @@ Not here: the DP mechanisms and accountant (``dp.py``, ``dpsgd.py``), secure agg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,9 @@ from ..errors import ConfigError
 
 DPMode = Literal["none", "central", "local", "sample"]
 PROFILES = ("none", "ferpa", "gdpr", "coppa")
+# What a min_cohort key may name besides "default": a component group or one component
+# (federation.config.COMPONENT_GROUPS; that module imports this one, so not shared).
+COMPONENT_GROUPS = ("encoder", "expert", "router", "task", "trunk")
 
 # What each profile sets (docs/privacy.md shows this table). Why these values:
 # - FERPA (US education records): a trusted aggregator adding client-level noise is the
@@ -32,10 +36,10 @@ PROFILES = ("none", "ferpa", "gdpr", "coppa")
 # - COPPA (children under 13): protect every child, not just the school -> sample-level
 #   DP-SGD with a small budget and delta, larger cohorts, deletion on a parent's request.
 PRESETS: dict[str, dict] = {
-    "none": dict(dp="none", epsilon=None, delta=None, clip_norm=1.0, secure_aggregation=False, min_cohort={"default": 1}, forget_on_request=False),
-    "ferpa": dict(dp="central", epsilon=8.0, delta=1e-5, clip_norm=1.0, secure_aggregation=True, min_cohort={"default": 3}, forget_on_request=False),
-    "gdpr": dict(dp="central", epsilon=4.0, delta=1e-5, clip_norm=1.0, secure_aggregation=True, min_cohort={"default": 3}, forget_on_request=True),
-    "coppa": dict(dp="sample", epsilon=2.0, delta=1e-6, clip_norm=1.0, secure_aggregation=True, min_cohort={"default": 5}, forget_on_request=True),
+    "none": dict(dp="none", epsilon=None, delta=None, clip_norm=1.0, secure_aggregation=False, min_cohort={"default": 1}, forget_on_request=False, reproducible_noise=False),
+    "ferpa": dict(dp="central", epsilon=8.0, delta=1e-5, clip_norm=1.0, secure_aggregation=True, min_cohort={"default": 3}, forget_on_request=False, reproducible_noise=False),
+    "gdpr": dict(dp="central", epsilon=4.0, delta=1e-5, clip_norm=1.0, secure_aggregation=True, min_cohort={"default": 3}, forget_on_request=True, reproducible_noise=False),
+    "coppa": dict(dp="sample", epsilon=2.0, delta=1e-6, clip_norm=1.0, secure_aggregation=True, min_cohort={"default": 5}, forget_on_request=True, reproducible_noise=False),
 }
 DEFAULT_DELTA = 1e-5  # when a DP mode is set without a delta
 
@@ -58,9 +62,16 @@ class PolicyConfig:
     # component, or a table keyed by component ("expert.text_0"), group ("expert") or "default".
     min_cohort: int | dict[str, int] | None = None
     forget_on_request: bool | None = None
+    # TESTING ONLY: draw DP noise (and DP-SGD's Poisson sampling) from generators seeded by
+    # the run seed, which the server knows, so it could subtract the noise. Off: secret seeds.
+    reproducible_noise: bool | None = None
 
     def validate(self, path: str = "") -> None:
         p = f"{path}." if path else ""
+        for key in ("epsilon", "delta", "clip_norm", "noise_multiplier"):
+            v = getattr(self, key)
+            if v is not None and not math.isfinite(v):
+                raise ConfigError(f"{p}{key}", f"must be a finite number, got {v}")
         for key in ("epsilon", "delta", "clip_norm"):
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -71,6 +82,13 @@ class PolicyConfig:
             raise ConfigError(f"{p}noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
         cohorts = self.min_cohort if isinstance(self.min_cohort, dict) else {"default": self.min_cohort}
         for key, n in cohorts.items():
+            group, _, member = key.partition(".")
+            if key not in ("default", *COMPONENT_GROUPS) and not (group in ("encoder", "expert", "task") and member):
+                raise ConfigError(
+                    f"{p}min_cohort.{key}",
+                    f"unknown component or group {key!r}; use 'default', a group ({', '.join(COMPONENT_GROUPS)}) "
+                    "or one component such as 'expert.text_0'",
+                )
             if n is not None and n < 1:
                 where = f"{p}min_cohort" + (f".{key}" if isinstance(self.min_cohort, dict) else "")
                 raise ConfigError(where, f"must be >= 1, got {n}")
@@ -90,6 +108,7 @@ class Policy:
     secure_aggregation: bool
     min_cohort: dict[str, int] = field(default_factory=lambda: {"default": 1})
     forget_on_request: bool = False
+    reproducible_noise: bool = False  # testing only (PolicyConfig.reproducible_noise)
 
     @property
     def noisy(self) -> bool:
@@ -113,7 +132,7 @@ class Policy:
 def resolve_policy(name: str, cfg: PolicyConfig, path: str = "policy") -> Policy:
     """The profile's defaults overridden by every field the institution set."""
     base = dict(PRESETS[cfg.profile])
-    for key in ("dp", "epsilon", "delta", "clip_norm", "secure_aggregation", "forget_on_request"):
+    for key in ("dp", "epsilon", "delta", "clip_norm", "secure_aggregation", "forget_on_request", "reproducible_noise"):
         v = getattr(cfg, key)
         if v is not None:
             base[key] = v
@@ -124,6 +143,8 @@ def resolve_policy(name: str, cfg: PolicyConfig, path: str = "policy") -> Policy
         cohort.update(cfg.min_cohort)
     if base["dp"] != "none" and base["epsilon"] is None and cfg.noise_multiplier is None:
         raise ConfigError(f"{path}.epsilon", f"dp = {base['dp']!r} needs an epsilon budget or an explicit noise_multiplier")
+    if base["dp"] != "none" and cfg.noise_multiplier == 0:
+        raise ConfigError(f"{path}.noise_multiplier", f"dp = {base['dp']!r} with noise_multiplier = 0 adds no noise; set it > 0 or leave it out to derive it from epsilon")
     return Policy(
         institution=name,
         profile=cfg.profile,
@@ -135,6 +156,7 @@ def resolve_policy(name: str, cfg: PolicyConfig, path: str = "policy") -> Policy
         secure_aggregation=base["secure_aggregation"],
         min_cohort=cohort,
         forget_on_request=base["forget_on_request"],
+        reproducible_noise=base["reproducible_noise"],
     )
 
 

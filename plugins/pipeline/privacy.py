@@ -12,18 +12,20 @@ The server-side ``policy`` stage asks each sampled institution for its own priva
 report (``privacy_report`` message: what it clipped and noised, its epsilon), then
 aggregates a component only when every contributor's policy is met and the cohort is at
 least the strictest ``min_cohort`` among them. Everything held back is written to the
-privacy ledger with the rule and the reason.
+privacy ledger with the rule and the reason. Under secure aggregation the cohort is
+checked again after unmasking (:func:`recheck_cohort`, called by the ``secagg`` stage):
+a member excluded there may leave the component below its minimum cohort.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 
 import torch
 from m3tfed.federation.aggregation import ComponentUpdate
-from m3tfed.federation.institution import seed_for
-from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, clip_update
+from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, clip_update, noise_generator
 from m3tfed.privacy.ledger import PrivacyLedger
 from m3tfed.privacy.policy import Policy, resolve_policies
 
@@ -58,6 +60,7 @@ class PolicyEnforcement:
         self.ledger = PrivacyLedger()
         self.secure_aggregation = False  # set by build_federation: a secagg stage runs
         self._policies: dict[str, Policy] | None = None
+        self._num_train: dict[str, float] = {}  # institution -> training samples (its capabilities)
 
     def policies(self, config) -> dict[str, Policy]:
         if self._policies is None:
@@ -81,7 +84,9 @@ class PolicyEnforcement:
             row["epsilon_round"] = float(reports[name].get("epsilon_round", 0.0))
             row["epsilon_total"] = float(reports[name].get("epsilon_total", 0.0))
             row["refused"] = reports[name].get("refused")
+            row["attempts"] = int(reports[name].get("attempts", 0))
             row["accountant"] = reports[name].get("accountant_history", [])
+            row["accounted_round"] = int(reports[name].get("accounted_round", rnd))
             if row["refused"]:
                 log.warning("round %d: %s did not contribute: %s", rnd, name, row["refused"])
 
@@ -114,13 +119,28 @@ class PolicyEnforcement:
             self.ledger.contributed(rnd, comp, [u.institution for u in ok])
             central = [policies[u.institution] for u in ok if u.institution in policies and policies[u.institution].dp == "central"]
             info[comp] = {
-                "weights": {u.institution: float(u.weight) for u in ok},
+                "cohort": (need, strictest),
                 # strictest: the largest noise multiplier, on the largest clip norm
                 "central": (max(float(reports[p.institution]["noise_multiplier"]) for p in central), max(p.clip_norm for p in central)) if central else None,
+                # predictable central noise only if every central contributor opted in (testing)
+                "reproducible": bool(central) and all(p.reproducible_noise for p in central),
             }
+            if central and self.secure_aggregation:
+                info[comp]["weight_bounds"] = {u.institution: self.weight_bound(u.institution, comp, context) for u in ok}
             kept += ok
         context["privacy"] = info
         return kept
+
+    def weight_bound(self, name: str, component: str, context: dict) -> float | None:
+        """The most weight ``name`` can have in ``component``'s aggregate, as the server
+        knows it without unmasking: masked updates carry weight 0 (the real one is hidden in
+        the sum). Sample-weighted components weigh ``num_train`` (from the institution's
+        capabilities); a token-weighted expert has no bound the server knows (None)."""
+        if component.startswith("expert.") and context["server"].config.federation.weight_experts_by == "tokens":
+            return None
+        if name not in self._num_train:
+            self._num_train[name] = float(context["backend"].ask(name, "capabilities", {})["num_train"])
+        return self._num_train[name]
 
     def unmet(self, u: ComponentUpdate, policy: Policy | None, report: dict | None) -> tuple[str, str] | None:
         """(rule, reason) when ``u`` does not meet its institution's policy, else None."""
@@ -146,6 +166,32 @@ class PolicyEnforcement:
         return None
 
 
+def recheck_cohort(context: dict, component: str, survivors: list[str], dropped: dict[str, str]) -> str | None:
+    """After secure aggregation unmasked ``component``: correct the ledger to the
+    ``survivors`` (members it excluded are held, rule ``secure_aggregation``) and check the
+    ``policy`` stage's minimum cohort again. Returns why the component must be held at
+    its current state, or None (also when no ``policy`` stage ran)."""
+    entry = (context.get("privacy") or {}).get(component)
+    ledger: PrivacyLedger | None = context.get("privacy_ledger")
+    if entry is None or ledger is None:
+        return None
+    rnd = context["round"]
+    decision = ledger.component(rnd, component)
+    for name in sorted(set(decision["contributors"]) - set(survivors)):
+        ledger.hold(rnd, name, component, "secure_aggregation", f"excluded by secure aggregation: {dropped.get(name, 'dropped out')}")
+    ledger.withdraw(rnd, component)
+    need, strictest = entry["cohort"]
+    if len(survivors) >= need:
+        ledger.contributed(rnd, component, survivors)
+        return None
+    reason = f"{len(survivors)} contributor(s) to {component} after unmasking, fewer than min_cohort {need} required by {strictest}; component held at its current state"
+    for name in survivors:
+        ledger.hold(rnd, name, component, "min_cohort", reason)
+    decision.update(contributors=sorted(survivors), rule="min_cohort", reason=reason)
+    log.warning("round %d: %s", rnd, reason)
+    return reason
+
+
 class CentralNoise:
     """Server side, after unmasking: add one Gaussian noise vector to every update of a
     component, so the (shift-equivariant) aggregate moves by exactly that noise: std
@@ -153,48 +199,65 @@ class CentralNoise:
 
     With the ``policy`` stage it noises the components that have a ``central``
     contributor, with the strictest sigma and C among them (those institutions clipped
-    their own updates). Alone, it clips every update to ``clip_norm`` and noises every
-    component with ``noise_multiplier`` (no accounting: use policies for that)."""
+    their own updates). Under secure aggregation it sees one aggregated update of total
+    weight W per component and uses the policy stage's bound on each contributor's weight:
+    std ``sigma * C * min(1, max bound / W)`` (``sigma * C`` when a bound is unknown).
+    Alone, it clips every update to ``clip_norm`` and noises every component with
+    ``noise_multiplier`` (no accounting: use policies for that).
+
+    Noise is secret (:func:`m3tfed.privacy.dp.noise_generator`); ``reproducible_noise``
+    (testing only: the server could then subtract it) seeds it from the run seed, as do
+    policies whose central contributors all set ``reproducible_noise``."""
 
     side = "server"
     order = 60
     name = "dp_central"
 
-    def __init__(self, noise_multiplier: float | None = None, clip_norm: float = 1.0, seed: int | None = None):
+    def __init__(self, noise_multiplier: float | None = None, clip_norm: float = 1.0, reproducible_noise: bool = False):
         if noise_multiplier is not None and noise_multiplier < 0:
             raise ValueError(f"dp_central: noise_multiplier must be >= 0, got {noise_multiplier}")
         if clip_norm <= 0:
             raise ValueError(f"dp_central: clip_norm must be > 0, got {clip_norm}")
-        self.noise_multiplier, self.clip_norm, self.seed = noise_multiplier, clip_norm, seed
+        self.noise_multiplier, self.clip_norm, self.reproducible_noise = noise_multiplier, clip_norm, reproducible_noise
 
     def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
-        # A fresh stream per round: a resumed run never replays an earlier round's noise.
-        base = self.seed if self.seed is not None else context["server"].config.seed
-        generator = torch.Generator().manual_seed(seed_for(base, "dp_central", context["round"]))
-        info = context.get("privacy")
+        rnd, info = context["round"], context.get("privacy")
         ledger = context.get("privacy_ledger")
         by_comp: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:
             by_comp[u.component].append(u)
         out = []
         for comp, ups in by_comp.items():
+            aggregated = [u for u in ups if getattr(u, "contributors", None) is not None]
             if info is not None:
                 entry = info.get(comp)
                 if not entry or not entry["central"]:
                     out += ups
                     continue
-                sigma, clip = entry["central"]
-                weights = [entry["weights"].get(u.institution, float(u.weight)) for u in ups]
+                (sigma, clip), reproducible = entry["central"], entry["reproducible"]
             elif self.noise_multiplier:
-                sigma, clip = self.noise_multiplier, self.clip_norm
-                ups = [ComponentUpdate(u.institution, u.component, clip_update(u.delta, clip)[0], u.weight, u.base_version) for u in ups]
-                weights = [float(u.weight) for u in ups]
+                if aggregated:
+                    raise ValueError(
+                        f"dp_central: component {comp!r} arrives securely aggregated, so its updates cannot be clipped here; "
+                        "give the institutions a policy with dp = 'central' (they clip their own updates) instead of noise_multiplier"
+                    )
+                sigma, clip, reproducible = self.noise_multiplier, self.clip_norm, self.reproducible_noise
+                ups = [dataclasses.replace(u, delta=clip_update(u.delta, clip)[0]) for u in ups]
             else:
                 out += ups
                 continue
-            std = central_noise_std(sigma, clip, weights)
+            if aggregated:  # one update per component under secure aggregation
+                bounds = [entry.get("weight_bounds", {}).get(c) for u in aggregated for c in u.contributors]
+                total = sum(float(u.weight) for u in ups)
+                share = 1.0 if not bounds or None in bounds or total <= 0 else min(1.0, max(bounds) / total)
+                std = sigma * clip * share
+            else:
+                std = central_noise_std(sigma, clip, [float(u.weight) for u in ups])
+            # reproducible streams differ per round and component: a resumed run never replays noise
+            generator = noise_generator(reproducible, context["server"].config.seed, "dp_central", rnd, comp)
             noise = add_gaussian_noise({k: torch.zeros_like(v, dtype=torch.float32) for k, v in ups[0].delta.items()}, std, generator)
-            out += [ComponentUpdate(u.institution, u.component, {k: v + noise[k].to(v.dtype) for k, v in u.delta.items()}, u.weight, u.base_version) for u in ups]
+            # replace() keeps the update's type: an aggregated one keeps its contributors
+            out += [dataclasses.replace(u, delta={k: v + noise[k].to(v.dtype) for k, v in u.delta.items()}) for u in ups]
             if ledger is not None:
-                ledger.component(context["round"], comp).update(central_noise_std=std, noise_multiplier=sigma, clip_norm=clip)
+                ledger.component(rnd, comp).update(central_noise_std=std, noise_multiplier=sigma, clip_norm=clip)
         return out
