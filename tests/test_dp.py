@@ -122,7 +122,7 @@ def test_dp_sgd_trains_the_moe_model_and_reports_epsilon():
     d = tiny_config_dict(rounds=1, n=60)
     d["federation"].update({"batch_size": 8, "lr": 2e-2})
     # an explicit sigma: deriving one for a sample rate < 1 takes Opacus seconds
-    d["institutions"][0]["policy"] = {"dp": "sample", "epsilon": 50.0, "noise_multiplier": 0.8, "clip_norm": 1.0}
+    d["institutions"][0]["policy"] = {"dp": "sample", "epsilon": 50.0, "noise_multiplier": 0.8, "clip_norm": 1.0, "reproducible_noise": True}  # deterministic test
     fed = build_federation(load_config(d))
     inst = fed.institutions["high_school"]
     priv = inst.privacy

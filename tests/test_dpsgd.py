@@ -1,0 +1,135 @@
+"""Per-sample gradients for DP-SGD: the batched path equals the per-sample loop, and
+clipping and noise still act on them."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from m3tfed.federation.config import load_config
+from m3tfed.federation.data import iterate_batches
+from m3tfed.federation.job import build_federation
+from m3tfed.moe import MoELayer
+from m3tfed.privacy.dpsgd import (
+    UnsupportedModel,
+    batch_loss,
+    batched_per_sample_grads,
+    dp_sgd_fit,
+    make_dp_optimizer,
+    per_sample_grads,
+)
+from opacus.accountants import RDPAccountant
+
+
+def setup(institution: str = "university", batch_size: int = 8, **model):
+    d = tiny_config_dict(rounds=1)
+    d["model"].update(model)
+    fed = build_federation(load_config(d))
+    inst = fed.institutions[institution]
+    net = inst.load(fed.server.state)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    batch = next(iterate_batches(inst.data.train, batch_size, torch.Generator().manual_seed(0)))
+    return inst, net, params, batch_loss(inst.config.tasks), batch
+
+
+def loop_grads(net, loss_of, batch, params):
+    return per_sample_grads(lambda one: loss_of(net, one)[0], batch, params)
+
+
+def assert_same(net, params, fast, ref):
+    names = {p: n for n, p in net.named_parameters()}
+    for p, a, b in zip(params, fast, ref):
+        assert a.shape == b.shape == (b.shape[0], *p.shape)
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), f"{names[p]}: max |diff| {float((a - b).abs().max()):.2e}"
+
+
+# tabular + interaction logs, tabular + text (BERT), logs + image (with missing modalities)
+@pytest.mark.parametrize("institution", ["university", "high_school", "online_tutor"])
+def test_batched_per_sample_grads_equal_the_loop(institution):
+    _, net, params, loss_of, batch = setup(institution)
+    fast = batched_per_sample_grads(net, loss_of, batch, params)
+    assert_same(net, params, fast, loop_grads(net, loss_of, batch, params))
+    assert any(float(g.abs().max()) > 0 for g in fast)
+    # and again, once the modules to re-run per sample have been learnt
+    assert_same(net, params, batched_per_sample_grads(net, loss_of, batch, params), loop_grads(net, loss_of, batch, params))
+
+
+def test_each_sample_is_routed_alone_even_when_capacity_drops_tokens():
+    # A tight capacity: the batch's routing (capacity from all its tokens, priority by
+    # batch position) differs from each sample's own, so only per-sample routing matches.
+    _, net, params, loss_of, batch = setup(router={"plugin": "topk", "options": {"k": 2, "capacity_factor": 0.5}})
+    fast = batched_per_sample_grads(net, loss_of, batch, params)
+    ref = loop_grads(net, loss_of, batch, params)
+    assert_same(net, params, fast, ref)
+    plain = torch.autograd.grad(loss_of(net, batch)[0] * len(batch["targets"]["grade"]), params, allow_unused=True)
+    assert any(g is not None and not torch.allclose(g, r.sum(0), atol=1e-4) for g, r in zip(plain, ref))
+
+
+def test_the_batched_pass_leaves_no_hooks_and_restores_dispatch():
+    _, net, params, loss_of, batch = setup()
+    before = [m.dispatch for m in net.modules() if isinstance(m, MoELayer)]
+    batched_per_sample_grads(net, loss_of, batch, params)
+    assert [m.dispatch for m in net.modules() if isinstance(m, MoELayer)] == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def test_other_routers_fall_back_to_the_loop():
+    inst, net, params, loss_of, batch = setup(router={"plugin": "soft"})
+    with pytest.raises(UnsupportedModel, match="top-k"):
+        batched_per_sample_grads(net, loss_of, batch, params)
+
+    def fit(per_sample):
+        return dp_sgd_fit(
+            net, params, inst.data.train, loss_of, torch.optim.SGD(params, lr=0.0), 1, 1.0, 1.0, 0.5,
+            RDPAccountant(), torch.Generator().manual_seed(0), per_sample=per_sample,
+        )
+
+    with pytest.warns(UserWarning, match="one backward per sample"):
+        fit("auto")
+    with pytest.raises(UnsupportedModel):
+        fit("batched")
+
+
+def test_clipping_and_noise_act_on_the_batched_per_sample_grads():
+    _, net, params, loss_of, batch = setup()
+    grads = batched_per_sample_grads(net, loss_of, batch, params)
+    B, clip = grads[0].shape[0], 1e-3
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads))
+    assert (norms > clip).all()  # so every sample is clipped
+
+    def clipped_step(sigma):
+        opt = make_dp_optimizer(torch.optim.SGD(params, lr=1.0), sigma, clip, B, RDPAccountant(), 0.5, torch.Generator().manual_seed(1))
+        for p, g in zip(params, grads):
+            p.grad_sample = g.clone()  # Opacus marks the tensors it has used
+        opt.pre_step()  # clip, sum, noise, scale by 1/B
+        out = [p.grad.clone() for p in params]
+        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad_sample = None
+        return out
+
+    # no noise: the update is the mean of per-sample gradients clipped to norm <= C
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    assert (torch.sqrt(sum((g * factor.view(-1, *[1] * (g.dim() - 1))).flatten(1).pow(2).sum(1) for g in grads)) <= clip * (1 + 1e-5)).all()
+    update = clipped_step(0.0)
+    for g, u in zip(grads, update):
+        assert torch.allclose(u, (g * factor.view(-1, *[1] * (g.dim() - 1))).sum(0) / B, atol=1e-8)
+    assert float(torch.sqrt(sum(u.pow(2).sum() for u in update))) <= clip * (1 + 1e-5)
+    # noise: Gaussian of std sigma * C / B on every coordinate
+    noise = torch.cat([(n - u).flatten() for n, u in zip(clipped_step(2.0), update)])
+    assert float(noise.std()) == pytest.approx(2.0 * clip / B, rel=0.05)
+
+
+def test_dp_sgd_fit_trains_with_batched_per_sample_grads():
+    inst, net, params, loss_of, _ = setup()
+    before = [p.detach().clone() for p in params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" must not fall back on the default model
+        loss, counts = dp_sgd_fit(
+            net, params, inst.data.train, loss_of, torch.optim.SGD(params, lr=0.1), 3, 0.5, 1.0, 0.5,
+            RDPAccountant(), torch.Generator().manual_seed(0),
+        )
+    assert loss > 0 and int(counts.sum()) > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(p.grad_sample is None and p.grad is None for p in params)
