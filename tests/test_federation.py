@@ -226,5 +226,14 @@ def test_relative_advantage_respects_the_metric_direction():
         "pass": {"higher_is_better": True, "institutions": {"a": {"fed_moe": 0.77, "local": 0.70}, "b": {"fed_moe": 0.6, "local": 0.75}}},
     }
     adv = relative_advantage(summary, "fed_moe", "local")
-    assert adv["a"] == pytest.approx((0.1 + 0.1) / 2)  # 10% lower RMSE, 10% higher accuracy
-    assert adv["b"] == pytest.approx(-0.2)
+    # relative to the baseline's mean on the task: grade 1.0, pass (0.70 + 0.75) / 2
+    assert adv["a"] == pytest.approx((0.1 + 0.07 / 0.725) / 2)  # 10% lower RMSE, 9.7% higher accuracy
+    assert adv["b"] == pytest.approx(-0.15 / 0.725)
+
+
+def test_relative_advantage_stays_finite_when_a_baseline_scores_zero():
+    from m3tfed.federation.job import relative_advantage
+
+    summary = {"symbols": {"higher_is_better": True, "institutions": {"a": {"fed_moe": 0.2, "local": 0.0}, "b": {"fed_moe": 0.4, "local": 0.4}}}}
+    adv = relative_advantage(summary, "fed_moe", "local")
+    assert adv == {"a": pytest.approx(0.2 / 0.2), "b": 0.0}

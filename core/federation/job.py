@@ -143,6 +143,16 @@ def privacy_ledger(fed: Federation) -> PrivacyLedger | None:
     return next((s.ledger for s in fed.server.server_stages if isinstance(getattr(s, "ledger", None), PrivacyLedger)), None)
 
 
+def restore_ledger(fed: Federation, ledger: PrivacyLedger | None) -> None:
+    """Continue from a ledger read back from a run folder: the server's ``policy`` stage
+    keeps filling it, and each institution's accountant resumes from its last row."""
+    if ledger is not None and privacy_ledger(fed) is not None:
+        for stage in fed.server.server_stages:
+            if hasattr(stage, "ledger"):
+                stage.ledger = ledger
+        restore_privacy(ledger, fed.institutions)
+
+
 def stages_for(side: str, stages: list[Any], orders: list[int]) -> list[Any]:
     """The stages that run on ``side``, lowest order first (the stage's ``order``, else its
     spec's). A stage with ``side = "both"`` (secure aggregation: masking at the institution,
@@ -282,13 +292,18 @@ def summarize(fed: Federation, results: dict[str, dict]) -> dict[str, Any]:
 def relative_advantage(summary: dict[str, Any], method: str, baseline: str) -> dict[str, float]:
     """Per institution: ``method``'s mean relative advantage over ``baseline`` across its
     tasks' primary metrics (positive = better, 0.05 = 5% better), so tasks with different
-    metrics and scales can be averaged."""
+    metrics and scales can be averaged. The difference is taken relative to the
+    baseline's mean on that task over institutions, not to the institution's own value:
+    a baseline at 0 (an F1 of 0 at one institution) would otherwise explode the ratio."""
     per_inst: dict[str, list[float]] = {}
     for s in summary.values():
         sign = 1.0 if s["higher_is_better"] else -1.0
-        for name, row in s["institutions"].items():
-            if method in row and baseline in row:
-                per_inst.setdefault(name, []).append(sign * (row[method] - row[baseline]) / max(abs(row[baseline]), 1e-8))
+        rows = {n: r for n, r in s["institutions"].items() if method in r and baseline in r}
+        if not rows:
+            continue
+        scale = max(sum(abs(r[baseline]) for r in rows.values()) / len(rows), 1e-8)
+        for name, row in rows.items():
+            per_inst.setdefault(name, []).append(sign * (row[method] - row[baseline]) / scale)
     return {name: sum(v) / len(v) for name, v in per_inst.items()}
 
 
@@ -365,12 +380,7 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress=_progress)
     tensors, meta = load_checkpoint(ckpt)
     fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
     fed.server.restore(tensors, meta)
-    ledger = PrivacyLedger.read(run_dir, up_to_round=fed.server.round)
-    if ledger is not None and privacy_ledger(fed) is not None:
-        for stage in fed.server.server_stages:
-            if hasattr(stage, "ledger"):
-                stage.ledger = ledger
-        restore_privacy(ledger, fed.institutions)
+    restore_ledger(fed, PrivacyLedger.read(run_dir, up_to_round=fed.server.round))
     progress(f"resuming {run_dir.name} after round {fed.server.round}")
     return _continue(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
 

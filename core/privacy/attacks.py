@@ -8,8 +8,8 @@ better than ``e^epsilon`` allows.
 
 - :func:`attack_institution`: the attack on one institution's data and a trained
   federated model (for the job or a bench).
-- :func:`mia_experiment`: a small, self-contained overfitting setup trained without DP
-  and with Opacus DP-SGD at given epsilons, reporting the attack AUC of each.
+- :func:`mia_experiment`: one institution of a real federation attacked after the run
+  was trained without DP and with sample-level DP-SGD (``dpsgd.py``) at given epsilons.
 
 Not here: stronger attacks (shadow models, LiRA); the loss threshold is the baseline
 every defence must at least beat.
@@ -17,16 +17,16 @@ every defence must at least beat.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from ..config import to_dict
+from ..errors import ConfigError
+from ..federation.config import load_config
 from ..federation.data import eval_batches, model_inputs
+from ..federation.job import build_federation
 
 
 def attack_auc(member_losses: torch.Tensor, non_member_losses: torch.Tensor) -> float:
@@ -67,49 +67,37 @@ def attack_institution(inst, model) -> dict[str, float]:
     return {"auc": attack_auc(members, others), "member_loss": float(members.mean()), "non_member_loss": float(others.mean()), "members": len(members), "non_members": len(others)}
 
 
-def mia_experiment(epsilons: tuple[float | None, ...] = (None, 8.0, 1.0), n: int = 200, dim: int = 20, hidden: int = 128, steps: int = 300, batch_size: int = 20, lr: float = 0.05, clip_norm: float = 1.0, delta: float = 1e-5, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Train a small MLP on ``n`` random-label samples (pure memorization: the worst case
-    for privacy) without DP (``None``) and with DP-SGD at each epsilon, then attack it.
+def mia_experiment(config, institution: str, epsilons: tuple[float | None, ...] = (None, 8.0, 1.0), delta: float = 1e-5, clip_norm: float = 1.0, reproducible_noise: bool = False) -> dict[str, dict[str, Any]]:
+    """Train the federation ``config`` once per entry of ``epsilons`` and attack
+    ``institution`` in the final global model (with its personal parts).
 
-    Returns ``{"no_dp" | "eps=<e>": {"auc", "epsilon", "noise_multiplier", "train_acc"}}``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2 * n, dim, generator=g)
-    y = torch.randint(0, 2, (2 * n,), generator=g)
-    (xm, ym), (xn, yn) = (x[:n], y[:n]), (x[n:], y[n:])
-    results = {}
+    ``None`` trains it without DP; a number gives that institution sample-level DP-SGD
+    (policy ``dp = "sample"``) with that epsilon budget for the whole run. Every other
+    institution keeps its own policy, and every run sees the same data and seeds, so the
+    runs differ only in how the attacked institution trains. ``reproducible_noise`` seeds
+    its DP-SGD noise and sampling from the run seed (tests only: see the policy field).
+
+    Returns ``{"no_dp" | "eps=<e>": {"auc", "member_loss", "non_member_loss", "members",
+    "non_members", "epsilon" (spent), "epsilon_budget", "noise_multiplier"}}``."""
+    base = to_dict(load_config(config))
+    names = [i["name"] for i in base["institutions"]]
+    if institution not in names:
+        raise ConfigError("institutions", f"no institution named {institution!r} to attack; the config has {', '.join(names)}")
+    results: dict[str, dict[str, Any]] = {}
+    data = None
     for eps in epsilons:
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
-        q = batch_size / n
-        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(seed + 1))
-        sigma, spent = 0.0, 0.0
-        if eps is None:
-            model, opt = net, torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-        else:
-            sigma = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp")
-            model = GradSampleModule(net)
-            accountant = RDPAccountant()
-            opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), noise_multiplier=sigma, max_grad_norm=clip_norm, expected_batch_size=batch_size, generator=torch.Generator().manual_seed(seed + 2))
-            opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
-        done = 0
-        while done < steps:
-            for idx in sampler:
-                if done == steps:
-                    break
-                idx = torch.as_tensor(idx, dtype=torch.long)
-                opt.zero_grad(set_to_none=True)
-                if len(idx):
-                    torch.nn.functional.cross_entropy(model(xm[idx]), ym[idx]).backward()
-                elif eps is not None:  # empty Poisson batch: Opacus still takes a noise step
-                    for p in model.parameters():
-                        p.grad_sample = p.new_zeros((0, *p.shape))
-                opt.step()
-                done += 1
-        if eps is not None:
-            spent = accountant.get_epsilon(delta)
-        with torch.no_grad():
-            lm = torch.nn.functional.cross_entropy(model(xm), ym, reduction="none")
-            ln = torch.nn.functional.cross_entropy(model(xn), yn, reduction="none")
-            acc = float((model(xm).argmax(1) == ym).float().mean())
-        results["no_dp" if eps is None else f"eps={eps:g}"] = {"auc": attack_auc(lm, ln), "epsilon": spent, "noise_multiplier": float(sigma), "train_acc": acc}
+        d = copy.deepcopy(base)
+        inst_cfg = d["institutions"][names.index(institution)]
+        inst_cfg["policy"] = {"dp": "none"} if eps is None else {"dp": "sample", "epsilon": eps, "delta": delta, "clip_norm": clip_norm, "reproducible_noise": reproducible_noise}
+        fed = build_federation(load_config(d), data=data)
+        data = {n: i.data for n, i in fed.institutions.items()}  # the same students in every run
+        for rnd in range(1, fed.config.rounds + 1):
+            fed.server.run_round(rnd)
+        inst = fed.institutions[institution]
+        out: dict[str, Any] = attack_institution(inst, inst.load(fed.server.state))
+        priv = inst.privacy
+        out["epsilon"] = priv.epsilon() if priv is not None else None
+        out["epsilon_budget"] = eps
+        out["noise_multiplier"] = priv.noise_multiplier if priv is not None else 0.0
+        results["no_dp" if eps is None else f"eps={eps:g}"] = out
     return results

@@ -1,0 +1,223 @@
+"""Forgetting an institution: roll back what it touched and retrain without it.
+
+The server records ``(round, institution, component)`` for every aggregated update
+(``Server.contributions``, kept in each checkpoint). To forget institution X,
+:func:`forget` finds X's first contribution (round ``r0``), takes every component X ever
+touched back to its state in the checkpoint of round ``r0 - 1`` (the initial state when
+``r0 = 1``), and reruns rounds ``r0 .. last`` with the remaining institutions, on the
+same data, seeds and schedule. The result is a new run folder; the original stays as
+it was until the operator deletes it (that is what finishes the erasure).
+
+Two scopes:
+
+- ``touched`` (default, the architecture's design): only the components X touched are
+  rolled back and retrained; every other component keeps its newest state, bit for
+  bit (during the retrain their updates are dropped). Cheap, but those components were
+  trained beside X-influenced ones after ``r0``, so they may carry X's influence
+  indirectly.
+- ``all``: every component goes back to round ``r0 - 1`` and the rest of the run is
+  redone without X: exactly a run in which X never took part after ``r0`` (X had
+  contributed nothing before).
+
+Personal components are not in server checkpoints (each institution keeps only its
+newest), so the remaining institutions' personal parts restart from their initial
+values at ``r0`` in both scopes; X's personal state is not carried over.
+
+Any institution can be forgotten; ``forget_on_request`` in its policy is recorded.
+Forgetting needs every round's checkpoint, which a run keeps (nothing prunes them).
+
+Not here: removing single students (that is a new run on the institution's reduced
+data); certified approximate unlearning.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import to_dict
+from ..errors import CheckpointError, ConfigError, FederationError
+from ..plugin_manager import get_catalogue
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.policy import resolve_policy
+from .aggregation import ComponentUpdate
+from .checkpoint import (
+    SEP,
+    checkpoint_path,
+    flatten_components,
+    load_checkpoint,
+    round_checkpoints,
+    save_checkpoint,
+    write_json_atomic,
+)
+from .config import load_config
+from .job import _continue, _progress, build_federation, privacy_ledger, restore_ledger
+
+FORGOTTEN_FILE = "forgotten.json"
+AGGREGATOR_PREFIX = f"aggregator{SEP}"
+
+
+class RetrainOnly:
+    """Server stage of a ``touched`` retrain, run after every other server stage (secure
+    aggregation has unmasked by then): only updates to the rolled-back components are
+    aggregated, so every other component keeps its newest state. The privacy ledger is
+    told that those updates were not aggregated, and why."""
+
+    side = "server"
+    name = "retrain_only"
+
+    def __init__(self, components: set[str], ledger: PrivacyLedger | None = None):
+        self.components = components
+        self.ledger = ledger
+
+    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+        frozen = sorted({u.component for u in updates} - self.components)
+        if self.ledger is not None:
+            for comp in frozen:
+                self.ledger.withdraw(context["round"], comp)
+                self.ledger.component(context["round"], comp).update(rule="forget", reason="not rolled back: keeps its newest state while a forgotten institution's components are retrained")
+        return [u for u in updates if u.component in self.components]
+
+
+def forget(
+    run_dir: str | Path,
+    institution: str,
+    out_dir: str | Path | None = None,
+    scope: Literal["touched", "all"] = "touched",
+    progress=_progress,
+) -> dict[str, Any]:
+    """Forget ``institution`` from the run in ``run_dir``; write the result to ``out_dir``
+    (default ``<run_dir>-without-<institution>``), a run folder like any other plus
+    ``forgotten.json``. Returns that record."""
+    run_dir = Path(run_dir)
+    if scope not in ("touched", "all"):
+        raise ValueError(f"scope must be 'touched' or 'all', got {scope!r}")
+    if not (run_dir / "config.json").exists():
+        raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
+    config = json.loads((run_dir / "config.json").read_text())
+    cfg = load_config(config)
+    names = [i.name for i in cfg.institutions]
+    if institution not in names:
+        raise ConfigError("institutions", f"no institution named {institution!r} in {run_dir}; the run has {', '.join(names)}")
+    remaining = [i for i in config["institutions"] if i["name"] != institution]
+    need = cfg.federation.min_institutions
+    if len(remaining) < need:
+        raise ConfigError("federation.min_institutions", f"forgetting {institution!r} leaves {len(remaining)} institutions, fewer than the {need} every round needs")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir.with_name(f"{run_dir.name}-without-{institution}")
+    if out_dir.exists():
+        raise CheckpointError(f"{out_dir} already exists; remove it or choose another output folder")
+
+    # Who touched what, from the newest checkpoint; every round's checkpoint must be there.
+    ckpts = round_checkpoints(run_dir)
+    if not ckpts:
+        raise CheckpointError(f"{run_dir}: no checkpoint under checkpoints/; nothing was trained, so there is nothing to forget")
+    final_tensors, final_meta = load_checkpoint(ckpts[0])
+    last = final_meta["round"]
+    missing = sorted(set(range(1, last + 1)) - {int(p.name.removeprefix("round_")) for p in ckpts})
+    if missing:
+        raise CheckpointError(f"{run_dir}: forgetting needs the checkpoint of every round, but round(s) {', '.join(map(str, missing))} of 1..{last} are missing")
+    mine = [(r, c) for r, n, c in final_meta["contributions"] if n == institution]
+    if not mine:
+        raise FederationError(f"{institution!r} contributed to no component in rounds 1..{last} of {run_dir}: the model does not depend on it")
+    first = min(r for r, _ in mine)
+    touched = {c for _, c in mine}
+
+    # The federation without the institution, on the data every institution had (a
+    # partitioner splits by the full list of institutions).
+    catalogue = get_catalogue()
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
+    data_root = run_info.get("data_root")
+    data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    data.pop(institution, None)
+    new_config = {**config, "institutions": remaining}
+    fed = build_federation(load_config(new_config), catalogue, data=data)
+
+    # The state to restart from: round first - 1 (a fresh server holds the initial one).
+    if first > 1:
+        old_tensors, old_meta = load_checkpoint(checkpoint_path(run_dir, first - 1))
+    else:
+        old_tensors, old_meta = flatten_components(fed.server.state), {"versions": fed.server.versions, "contributions": []}
+    components = set(fed.server.state)
+    rolled = components if scope == "all" else touched
+
+    def rolled_back(key: str) -> bool:
+        # "comp::param", or "aggregator::group::comp::..." (FedOpt's moments are per
+        # component); aggregator state tied to no component may hold the institution's
+        # updates, so it goes back too
+        owner = (key.split(SEP, 2)[2] if key.startswith(AGGREGATOR_PREFIX) else key).split(SEP, 1)[0]
+        return owner in rolled or owner not in components
+
+    tensors = {k: v for k, v in final_tensors.items() if not rolled_back(k)}
+    tensors.update({k: v for k, v in old_tensors.items() if rolled_back(k)})
+    meta = {
+        "round": first - 1,
+        "versions": {c: (old_meta["versions"] if c in rolled else final_meta["versions"])[c] for c in components},
+        # Contributions to the kept components stay: their state came from them.
+        "contributions": [c for c in final_meta["contributions"] if c[0] < first or c[2] not in rolled],
+        "initialized": [],  # personal parts restart from their initial values (see above)
+        "history": [_without(r, institution) for r in final_meta["history"] if r["round"] < first],
+    }
+    fed.server.restore(tensors, meta)  # no run_dir yet: no personal state is loaded
+    fed.server.run_dir = out_dir
+    ledger = PrivacyLedger.read(run_dir, up_to_round=first - 1)
+    if ledger is not None:  # before r0 its updates were at most held, never aggregated
+        ledger.institutions.pop(institution, None)
+        for decisions in ledger.components.values():
+            for c in decisions.values():
+                c["contributors"] = [n for n in c["contributors"] if n != institution]
+    restore_ledger(fed, ledger)
+    if scope == "touched":
+        fed.server.server_stages.append(RetrainOnly(rolled, privacy_ledger(fed)))
+
+    progress(f"forgetting {institution}: {len(rolled)} component(s) back to round {first - 1}, retraining rounds {first}..{last} without it")
+    out_dir.mkdir(parents=True)
+    try:
+        # The new run folder: what the original had before `first`, without the institution.
+        write_json_atomic(out_dir / "config.json", to_dict(fed.config))
+        write_json_atomic(out_dir / "run.json", {**run_info, "forgotten_from": str(run_dir), "created": datetime.now().isoformat()})
+        if (run_dir / "data_report.json").exists():
+            report = json.loads((run_dir / "data_report.json").read_text())
+            write_json_atomic(out_dir / "data_report.json", {n: r for n, r in report.items() if n != institution})
+        if (run_dir / "curves.json").exists():
+            curves = json.loads((run_dir / "curves.json").read_text())
+            write_json_atomic(out_dir / "curves.json", [{**c, "metrics": {n: m for n, m in c["metrics"].items() if n != institution}} for c in curves if c["round"] < first])
+        for rnd in range(1, first):  # a later forget may roll back to one of these
+            t, m = load_checkpoint(checkpoint_path(run_dir, rnd))
+            m.update(config=to_dict(fed.config), initialized=[n for n in m["initialized"] if n != institution], history=[_without(r, institution) for r in m["history"]])
+            save_checkpoint(checkpoint_path(out_dir, rnd), t, m)
+        _continue(fed, out_dir, start_round=first, stop_after=last if last < fed.config.rounds else None, progress=progress)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # no half-forgotten run folder
+        raise
+    policy = resolve_policy(institution, next(i for i in cfg.institutions if i.name == institution).policy)
+    record = {
+        "institution": institution,
+        "forget_on_request": policy.forget_on_request,
+        "scope": scope,
+        "source_run": str(run_dir),
+        "first_contribution_round": first,
+        "rolled_back_to_round": first - 1,
+        "rolled_back": sorted(rolled),
+        "kept": sorted(components - rolled),
+        "retrained_rounds": list(range(first, last + 1)),
+        "institutions": [i["name"] for i in remaining],
+        "run_dir": str(out_dir),
+        "created": datetime.now().isoformat(),
+    }
+    write_json_atomic(out_dir / FORGOTTEN_FILE, record)
+    return record
+
+
+def _without(report: dict[str, Any], institution: str) -> dict[str, Any]:
+    """A round report (``RoundReport`` as a dict) with ``institution`` taken out."""
+    return {
+        **report,
+        "sampled": [n for n in report["sampled"] if n != institution],
+        "succeeded": [n for n in report["succeeded"] if n != institution],
+        "dropped": {n: r for n, r in report["dropped"].items() if n != institution},
+        "contributors": {c: [n for n in ns if n != institution] for c, ns in report["contributors"].items()},
+    }

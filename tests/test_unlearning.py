@@ -1,0 +1,148 @@
+"""Forgetting an institution: what it touched is rolled back and retrained without it."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from m3tfed import CheckpointError, ConfigError
+from m3tfed.cli import main
+from m3tfed.config import to_dict
+from m3tfed.federation.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    write_json_atomic,
+)
+from m3tfed.federation.config import load_config
+from m3tfed.federation.job import build_federation, run_job
+from m3tfed.federation.unlearning import forget
+
+
+def quiet(msg):
+    pass
+
+
+def final(run_dir):
+    tensors, meta = load_checkpoint(latest_checkpoint(run_dir))
+    return tensors, meta
+
+
+def by_component(tensors):
+    out = {}
+    for key, t in tensors.items():
+        comp, _, param = key.partition("::")
+        out.setdefault(comp, {})[param] = t
+    return out
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    """The tiny default federation (6 institutions, 2 rounds), run to the end."""
+    runs = tmp_path_factory.mktemp("runs")
+    d = tiny_config_dict(rounds=2)
+    next(i for i in d["institutions"] if i["name"] == "rural_school")["policy"] = {"forget_on_request": True}
+    run_job(d, name="orig", runs_dir=runs, progress=quiet)
+    return runs / "orig"
+
+
+def test_forget_rolls_back_and_retrains_only_what_the_institution_touched(six, capsys):
+    assert main(["forget", str(six), "--institution", "rural_school"]) == 0
+    out = six.with_name("orig-without-rural_school")
+    assert str(out) in capsys.readouterr().out
+    rec = json.loads((out / "forgotten.json").read_text())
+    assert rec["institution"] == "rural_school" and rec["forget_on_request"] is True and rec["scope"] == "touched"
+    assert rec["first_contribution_round"] == 1 and rec["rolled_back_to_round"] == 0 and rec["retrained_rounds"] == [1, 2]
+    # rural_school has only tabular data and the grade task: the image encoder and the
+    # vision experts were never its business
+    assert {"encoder.tabular", "task.grade", "router", "trunk"} <= set(rec["rolled_back"])
+    assert {"encoder.image", "expert.vision_0", "task.symbol", "task.dropout"} <= set(rec["kept"])
+
+    before, original = final(six)
+    after, meta = final(out)
+    before, after = by_component(before), by_component(after)
+    assert {"encoder.image", "expert.vision_0", "task.dropout"} <= {c for _, _, c in original["contributions"]}
+    for comp in rec["kept"]:  # trained by others, and bit-identical to the original run
+        assert all(torch.equal(after[comp][k], v) for k, v in before[comp].items()), comp
+    for comp in rec["rolled_back"]:  # retrained without it: different from the original
+        assert any(not torch.equal(after[comp][k], v) for k, v in before[comp].items()), comp
+    # the record of who touched what no longer names it, and the retrained rounds are there
+    assert meta["round"] == 2 and all(name != "rural_school" for _, name, _ in meta["contributions"])
+    assert {(r, c) for r, _, c in meta["contributions"] if c == "encoder.tabular"} == {(1, "encoder.tabular"), (2, "encoder.tabular")}
+    assert [i["name"] for i in json.loads((out / "config.json").read_text())["institutions"]] == ["high_school", "university", "online_tutor", "community_college", "math_academy"]
+    assert "rural_school" not in json.loads((out / "metrics.json").read_text())["selections"]
+
+
+def three_institution_run(tmp_path, rounds=3):
+    """community_college trains a superset of what the two others train, and is offline
+    in round 1, so its first contribution is in round 2."""
+    d = tiny_config_dict(rounds=rounds)
+    cc = {"name": "community_college", "modalities": ["tabular", "interactions", "text"], "tasks": ["grade", "dropout", "essay_score"], "experts": ["general_0", "text_0", "logs_0"]}
+    d["institutions"] = [
+        {"name": "high_school", "modalities": ["tabular", "text"], "tasks": ["grade", "essay_score"], "experts": ["general_0", "text_0"]},
+        {"name": "university", "modalities": ["tabular", "interactions"], "tasks": ["grade", "dropout"], "experts": ["general_0", "logs_0"]},
+        cc,
+    ]
+    run = tmp_path / "orig"
+    run.mkdir()
+    write_json_atomic(run / "config.json", to_dict(load_config(d)))
+    fed = build_federation(load_config(d), run_dir=run)
+    inst = fed.institutions["community_college"]
+    train = inst.train
+
+    def offline_in_round_1(job):
+        if job.round == 1:
+            raise RuntimeError("offline")
+        return train(job)
+
+    inst.train = offline_in_round_1
+    for rnd in range(1, rounds + 1):
+        fed.server.run_round(rnd)
+    assert "community_college" in fed.server.history[0].dropped
+    d["institutions"] = d["institutions"][:2]
+    return run, d
+
+
+def test_forgetting_equals_a_run_without_the_institution(tmp_path):
+    run, without = three_institution_run(tmp_path)
+    exact = forget(run, "community_college", out_dir=tmp_path / "all", scope="all", progress=quiet)
+    touched = forget(run, "community_college", out_dir=tmp_path / "touched", progress=quiet)
+    # the federation as if community_college had never joined
+    fresh = build_federation(load_config(without))
+    for rnd in (1, 2, 3):
+        fresh.server.run_round(rnd)
+    others = {c for r in fresh.server.history for c in r.contributors}
+    assert others <= set(touched["rolled_back"])  # it touched all the others train
+    for rec in (exact, touched):
+        assert rec["first_contribution_round"] == 2 and rec["rolled_back_to_round"] == 1 and rec["retrained_rounds"] == [2, 3]
+        tensors, meta = final(rec["run_dir"])
+        state = by_component(tensors)
+        for comp, params in fresh.server.state.items():
+            for k, v in params.items():
+                assert torch.equal(state[comp][k], v), (rec["scope"], comp, k)
+        assert [tuple(c) for c in meta["contributions"]] == fresh.server.contributions
+    # round 1 (before it contributed) is carried over, without its name
+    m1 = load_checkpoint(checkpoint_path(tmp_path / "all", 1))[1]
+    assert [i["name"] for i in m1["config"]["institutions"]] == ["high_school", "university"]
+    assert m1["history"][0]["dropped"] == {} and "community_college" not in m1["history"][0]["sampled"]
+
+
+def test_forget_refuses_with_the_reason(tmp_path):
+    run, _ = three_institution_run(tmp_path, rounds=2)
+    with pytest.raises(ConfigError, match="no institution named 'nowhere'.*high_school, university, community_college"):
+        forget(run, "nowhere", progress=quiet)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CheckpointError, match="taken already exists"):
+        forget(run, "community_college", out_dir=tmp_path / "taken", progress=quiet)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["federation"]["min_institutions"] = 3
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="forgetting 'university' leaves 2 institutions, fewer than the 3"):
+        forget(run, "university", progress=quiet)
+    cfg["federation"]["min_institutions"] = 2
+    (run / "config.json").write_text(json.dumps(cfg))
+    shutil.rmtree(checkpoint_path(run, 1))
+    with pytest.raises(CheckpointError, match=r"round\(s\) 1 of 1..2 are missing"):
+        forget(run, "community_college", progress=quiet)
+    assert not (tmp_path / "orig-without-community_college").exists()
