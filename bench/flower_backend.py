@@ -10,6 +10,13 @@ component, cut to ``--institutions``), same deployment, in one run:
   training (``flower_toy/plain_fedavg.py``), per-round time between FedAvg's round ends;
 - ``in_process``: m3tfed's in-process backend, ``RoundReport.seconds``.
 
+Fair waiting: both apps push a round's messages and pull the replies through the same
+loop, ``backend.send_and_receive``, every ``POLL_S`` = 0.1 s. Flower's FedAvg would
+otherwise wait through ``Grid.send_and_receive``, which sleeps 3 s between pulls (up to
+3 s more per round for the baseline only), so the baseline's strategy gets the Grid
+wrapped in ``plain_fedavg.PolledGrid``. Both build the institution in each ClientApp
+process (Flower starts one per message) and train with ``Institution.train``.
+
 Goal: m3tfed on Flower costs at most 20% more per round than plain Flower on the same
 deployment. Flower 1.41 starts one ClientApp process per message, so both Flower figures
 are dominated by process start-up; the in-process one is local compute.
@@ -34,6 +41,7 @@ from common import Timer, emit  # noqa: E402
 from flower_toy.apps import job_config_dict  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.job import build_federation  # noqa: E402
+from m3tfed.plugins.backends.flower.backend import POLL_S  # noqa: E402
 from m3tfed.plugins.backends.flower.deploy import Deployment  # noqa: E402
 
 TARGET = 1.2  # m3tfed on Flower / plain Flower, per round
@@ -126,6 +134,7 @@ def main() -> None:
             "bench": "flower_backend",
             "institutions": len(names),
             "rounds": args.rounds,
+            "reply_poll_s": POLL_S,  # both apps, same send_and_receive loop
             "m3tfed_flower_round_s": m3_med,
             "plain_flower_round_s": plain_med,
             "in_process_round_s": statistics.median(local),

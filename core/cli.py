@@ -1,4 +1,4 @@
-"""The ``m3tfed`` command: ``run``, ``resume``, ``plugins``, and ``serve`` / ``join`` / ``certs``
+"""The ``m3tfed`` command: ``run``, ``resume``, ``forget``, ``plugins``, and ``serve`` / ``join`` / ``certs``
 for a federation on Flower (docs/deployment.md)."""
 
 from __future__ import annotations
@@ -65,13 +65,36 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from .federation.unlearning import forget
+
+    rec = forget(Path(args.run_dir), args.institution, out_dir=args.out, scope=args.scope)
+    print(f"forgot {rec['institution']}: rolled back {len(rec['rolled_back'])} component(s) to round {rec['rolled_back_to_round']}, "
+          f"retrained rounds {rec['retrained_rounds'][0]}..{rec['retrained_rounds'][-1]}; new run folder {rec['run_dir']} "
+          f"(the original {rec['source_run']} still holds its influence: delete it to finish)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """The coordinator: a SuperLink (unless --superlink names a running one) and the m3tfed
     ServerApp run on it with ``flwr run``; stops what it started, also on Ctrl-C."""
     from m3tfed.plugins.backends.flower.deploy import Certificates, Deployment
 
     folder = Path(args.home or Path(args.runs_dir) / ".flower" / args.name)
+    given = {"--ca": args.ca, "--cert": args.cert, "--key": args.key}
+    if any(given.values()) and not all(given.values()):
+        missing = " and ".join(k for k, v in given.items() if not v)
+        print(f"m3tfed: error: --ca, --cert and --key go together (the CA nodes trust, the SuperLink's certificate and its key); "
+              f"{missing} missing. Make them with `m3tfed certs`, or give none to use the CA in {folder / 'certificates'} (made on first start)", file=sys.stderr)
+        return 2
     certs = Certificates(Path(args.ca), Path(args.cert), Path(args.key)) if args.ca else None
+    if certs is not None and args.insecure:
+        print("m3tfed: error: --insecure turns TLS off; it cannot be combined with --ca/--cert/--key", file=sys.stderr)
+        return 2
+    for path in (certs.ca, certs.cert, certs.key) if certs else ():
+        if not path.is_file():
+            print(f"m3tfed: error: {path} does not exist", file=sys.stderr)
+            return 2
     host, _, port = (args.superlink or f"{args.host}:{args.port}").rpartition(":")
     dep = Deployment(folder, insecure=args.insecure, certificates=certs, host=host, superlink_port=int(port))
     try:
@@ -136,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     resume.set_defaults(func=cmd_resume)
 
+    forget = sub.add_parser("forget", help="forget an institution: roll back what it touched and retrain without it")
+    forget.add_argument("run_dir")
+    forget.add_argument("--institution", required=True, help="the institution to forget")
+    forget.add_argument("--out", default=None, help="new run folder (default: RUN_DIR-without-INSTITUTION)")
+    forget.add_argument("--scope", choices=("touched", "all"), default="touched",
+                        help="touched: roll back only the components it touched (default); all: every component, exactly a run without it")
+    forget.set_defaults(func=cmd_forget)
+
     serve = sub.add_parser("serve", help="coordinate a federation on Flower: a SuperLink and m3tfed's ServerApp")
     serve.add_argument("config", help="federation TOML config (the institutions listed join with `m3tfed join`)")
     serve.add_argument("--name", default="flower-run", help="run name: runs/<name>/ (default: flower-run)")
@@ -146,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--superlink", default=None, help="HOST:PORT of a SuperLink already running (then none is started)")
     serve.add_argument("--home", default=None, help="FLWR_HOME and logs of this deployment (default: runs/.flower/<name>)")
     serve.add_argument("--insecure", action="store_true", help="no TLS: local testing only")
-    serve.add_argument("--ca", default=None, help="CA certificate (with --cert and --key; default: a fresh local CA)")
+    serve.add_argument("--ca", default=None, help="CA certificate (with --cert and --key; default: the CA in --home, made on first start)")
     serve.add_argument("--cert", default=None, help="SuperLink TLS certificate")
     serve.add_argument("--key", default=None, help="SuperLink TLS private key")
     serve.add_argument("--wait", type=float, default=600.0, help="seconds to wait for every institution to join")

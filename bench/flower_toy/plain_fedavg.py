@@ -1,7 +1,13 @@
 """A plain Flower app for bench/flower_backend.py: Flower's own FedAvg strategy on a real
 deployment, each node training its institution with m3tfed's ``Institution.train`` (the
 same local compute as the m3tfed app). Shipped inside the app folder (FAB), so Flower's
-processes import it from there. Round end times go to ``run-dir/plain.json``."""
+processes import it from there. Round end times go to ``run-dir/plain.json``.
+
+FedAvg sends and waits through ``grid.send_and_receive``, which in Flower 1.41 sleeps 3 s
+between pulls for replies; m3tfed's backend pulls every ``POLL_S`` (0.1 s). For a fair
+comparison the strategy gets the Grid through :class:`PolledGrid`, whose
+``send_and_receive`` is m3tfed's own loop (``backend.send_and_receive``, same interval):
+both apps then wait for replies the same way, and what differs is the rest of the round."""
 
 from __future__ import annotations
 
@@ -16,6 +22,22 @@ from flwr.serverapp.strategy import FedAvg
 
 client = ClientApp()
 server = ServerApp()
+
+
+class PolledGrid:
+    """The Grid, with ``send_and_receive`` done by m3tfed's backend loop (same poll interval)."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        from m3tfed.plugins.backends.flower.backend import send_and_receive
+
+        _, replies = send_and_receive(self._grid, list(messages), float("inf") if timeout is None else timeout)
+        return list(replies.values())
 
 
 @client.train()
@@ -62,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     while len(list(grid.get_node_ids())) < n:
         time.sleep(0.2)
     FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n).start(
-        grid=grid,
+        grid=PolledGrid(grid),
         initial_arrays=ArrayRecord(flatten_components(initial_state(cfg, get_catalogue()))),
         train_config=ConfigRecord({}),
         num_rounds=cfg.rounds,

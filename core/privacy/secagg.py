@@ -408,6 +408,65 @@ class SecAggClient:
             out[comp] = {"b": b, "s": s}
         return {"components": out}
 
+    # -- persistence: an institution whose process ends between protocol steps (a Flower
+    #    SuperNode starts one process per message) keeps this in its own state folder --
+    def state_dict(self) -> dict[str, Any]:
+        """This side's whole state as JSON values (bytes as hex), **private keys and
+        received shares included**: store it only where the institution keeps secrets
+        (readable by it alone), and only for the session it belongs to."""
+        return {
+            "name": self.name,
+            "session": self.session,
+            "round": self.round,
+            "clamped": dict(self.clamped),
+            "groups": {c: _group_state(g) for c, g in self.groups.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], settings: SecAggSettings) -> SecAggClient:
+        """The client :meth:`state_dict` wrote, ready for the next protocol step."""
+        client = cls(str(state["name"]), settings)
+        client.session, client.round = state["session"], state["round"]
+        client.clamped = {str(c): int(n) for c, n in state.get("clamped", {}).items()}
+        client.groups = {str(c): _group_from_state(g) for c, g in state["groups"].items()}
+        return client
+
+
+def _group_state(g: _ClientGroup) -> dict[str, Any]:
+    return {
+        "length": g.length,
+        "c_key": private_bytes(g.c_key).hex(),
+        "s_key": private_bytes(g.s_key).hex(),
+        "layout": [[k, n] for k, n in g.layout],
+        "neighbours": {v: [c.hex(), s.hex()] for v, (c, s) in g.neighbours.items()},
+        "index": dict(g.index),
+        "threshold": g.threshold,
+        "b": g.b.hex(),
+        "held": {u: [x, shamir.share_to_bytes(ss).hex(), shamir.share_to_bytes(bs).hex()] for u, (x, ss, bs) in g.held.items()},
+        "mask_with": list(g.mask_with),
+        "delivered": g.delivered,
+        "answered": g.answered,
+    }
+
+
+def _group_from_state(d: dict[str, Any]) -> _ClientGroup:
+    key = lambda h: X25519PrivateKey.from_private_bytes(bytes.fromhex(h))  # noqa: E731
+    share = lambda h: shamir.share_from_bytes(bytes.fromhex(h))  # noqa: E731
+    return _ClientGroup(
+        length=int(d["length"]),
+        c_key=key(d["c_key"]),
+        s_key=key(d["s_key"]),
+        layout=[(str(k), int(n)) for k, n in d["layout"]],
+        neighbours={v: (bytes.fromhex(c), bytes.fromhex(s)) for v, (c, s) in d["neighbours"].items()},
+        index={v: int(x) for v, x in d["index"].items()},
+        threshold=int(d["threshold"]),
+        b=bytes.fromhex(d["b"]),
+        held={u: (int(x), share(ss), share(bs)) for u, (x, ss, bs) in d["held"].items()},
+        mask_with=[str(v) for v in d["mask_with"]],
+        delivered=bool(d["delivered"]),
+        answered=bool(d["answered"]),
+    )
+
 
 # -- the server's side -----------------------------------------------------------------
 @dataclass

@@ -14,8 +14,11 @@ One config entry, ``{plugin = "secagg", options = {...}}``, runs:
 
 State: the server part lives in ``self.server``; each institution's secrets in
 ``self.clients[name]`` (in-process simulation shares one stage object; a distributed
-backend builds one per process; server code never reads ``clients``). The protocol is
-in ``m3tfed.privacy.secagg``; docs/secure-aggregation.md says what the server learns.
+backend builds one per process; server code never reads ``clients``). A backend whose
+institution process ends between protocol steps stores ``client_state(name)`` and hands
+it back with ``load_client_state`` (the Flower node: its ``state-dir``, mode 0600).
+The protocol is in ``m3tfed.privacy.secagg``; docs/secure-aggregation.md says what the
+server learns.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from m3tfed.errors import ConfigError
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
 from m3tfed.federation.institution import MESSAGE_HANDLERS, Institution, seed_for
+from m3tfed.plugins.pipeline.privacy import recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.secagg import (
     AggregatedUpdate,
@@ -180,6 +184,11 @@ class SecureAggregation:
             if res.total_weight <= 0:
                 entry["aggregated"] = False  # every survivor sent a masked zero: nobody trained it
                 continue
+            # the policy stage counted the cohort on masked updates: members excluded here
+            # may leave it below a policy's min_cohort
+            if (held := recheck_cohort(context, comp, list(res.survivors), res.dropped)) is not None:
+                entry["aggregated"], entry["held"] = False, held
+                continue
             entry["aggregated"] = True
             mean = res.weighted_sum / res.total_weight
             delta, start = {}, 0
@@ -204,6 +213,21 @@ class SecureAggregation:
     # -- institution side --------------------------------------------------------
     def client(self, name: str) -> SecAggClient:
         return self.clients.setdefault(name, SecAggClient(name, self.settings))
+
+    def client_state(self, name: str) -> dict[str, Any] | None:
+        """``name``'s secrets for the current session, as JSON values, for a process that
+        ends between protocol steps (a Flower node keeps them in its state folder, 0600);
+        ``None`` when there is nothing to keep."""
+        client = self.clients.get(name)
+        if client is None or (client.groups and all(g.answered for g in client.groups.values())):
+            return None  # a finished session's secrets are needed by nobody: not left on disk
+        return client.state_dict()
+
+    def load_client_state(self, name: str, state: dict[str, Any]) -> None:
+        """Take back what :meth:`client_state` returned (in a new process)."""
+        if state.get("name") != name:
+            raise SecAggMessageError(f"{name}: stored secure-aggregation state belongs to {state.get('name')!r}")
+        self.clients[name] = SecAggClient.from_state_dict(state, self.settings)
 
     def mask(self, updates: list[ComponentUpdate], name: str, rnd: int) -> list[ComponentUpdate]:
         client = self.clients.get(name)

@@ -12,12 +12,33 @@ the personal state of a coordinator checkpoint's round. Personal state never lea
 node: it is kept in ``state-dir/personal`` and, per round it trained, in
 ``state-dir/rounds/round_NNNN``, so it survives the ClientApp process, the SuperNode and
 a coordinator restart.
+
+Flower 1.41 starts a fresh ClientApp process for every message, so state a protocol
+keeps between messages is kept in ``state-dir/runs/<run>/`` (the run the coordinator's
+message names, ``wire.run_of``), read before each message and written after it (also
+when the message fails), atomically and readable by the node's user only (0600):
+
+- ``privacy.json``: the institution's privacy state (``InstitutionPrivacy``: its
+  accountant's history, the rounds accounted, its per-round log that ``privacy_report``
+  answers from), so epsilon is spent once per round and the budget holds across
+  messages, SuperNode restarts and a resumed coordinator;
+- ``stages/<stage>.json``: what an institution-side stage keeps between protocol steps
+  (``stage.client_state(name)`` / ``load_client_state``): secure aggregation's private
+  keys and received shares of the current session (one round attempt), removed once
+  nothing is left to answer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
 import os
+import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +58,15 @@ from m3tfed.federation.checkpoint import (
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import Institution
 from m3tfed.federation.job import build_institution
+from m3tfed.privacy.dp import RoundRecord
 
-from .backend import LOAD_PERSONAL
-from .wire import pack, pack_result, unpack, unpack_job
+from .backend import LOAD_PERSONAL, RESTORE_PRIVACY
+from .wire import pack, pack_result, run_of, unpack, unpack_job
 
+log = logging.getLogger("m3tfed.flower")
 app = ClientApp()
 _NODE: dict[str, Any] = {}
+DEFAULT_RUN = "default"  # a coordinator that names no run
 
 
 def _setting(context: Context, key: str, default: Any = None) -> Any:
@@ -86,7 +110,8 @@ def train(msg: Message, context: Context) -> Message:
     for comp in job.components:  # the server sends a personal part only when it starts it afresh
         if inst.is_personal(comp):
             inst.personal_state.pop(comp, None)
-    result = inst.train(job)
+    with run_state(inst, state_dir, run_of(msg.content)):
+        result = inst.train(job)
     _keep_personal(inst, state_dir, job.round)
     return Message(pack_result(result), reply_to=msg)
 
@@ -99,12 +124,117 @@ def query(msg: Message, context: Context) -> Message:
     if kind == LOAD_PERSONAL:
         reply = _restore(inst, state_dir, int(payload["round"]))
     else:
-        reply = inst.handle(kind, payload)
-        if kind == "capabilities":  # its policy and expert budget, so the coordinator need not be told twice
-            reply.setdefault("policy", to_dict(inst.config.policy))
-            reply.setdefault("max_experts", inst.config.max_experts)
-            reply.setdefault("memory_mb", inst.config.memory_mb)
+        with run_state(inst, state_dir, run_of(msg.content)):
+            reply = _restore_privacy(inst, payload) if kind == RESTORE_PRIVACY else inst.handle(kind, payload)
+        if kind == "capabilities":
+            reply = with_policy(inst, reply)
     return Message(pack(reply), reply_to=msg)
+
+
+def with_policy(inst: Institution, capabilities: dict[str, Any]) -> dict[str, Any]:
+    """Capabilities plus the institution's own policy and expert budget: the coordinator
+    checks them against its config (``server_app.differs_from_config``)."""
+    return {"policy": to_dict(inst.config.policy), "max_experts": inst.config.max_experts, "memory_mb": inst.config.memory_mb, **capabilities}
+
+
+# -- state kept between messages, per run ---------------------------------------------------
+def run_folder(state_dir: Path, run_id: str | None) -> Path:
+    run_id = run_id or DEFAULT_RUN
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", run_id):
+        raise ValueError(f"the coordinator named run {run_id!r}, which is not a safe folder name")
+    return state_dir / "runs" / run_id
+
+
+@contextlib.contextmanager
+def run_state(inst: Institution, state_dir: Path, run_id: str | None) -> Iterator[Path]:
+    """Load this run's privacy state and stage states into ``inst``; write them back
+    after the message, also when it raised (a budget refusal is part of the log)."""
+    folder = run_folder(state_dir, run_id)
+    stages = [s for s in inst.stages if hasattr(s, "client_state")]
+    priv = getattr(inst, "privacy", None)
+    if priv is not None and (folder / "privacy.json").exists():
+        load_privacy_state(priv, json.loads((folder / "privacy.json").read_text()))
+    for stage in stages:
+        path = folder / "stages" / f"{stage.name}.json"
+        if path.exists():
+            stage.load_client_state(inst.name, json.loads(path.read_text()))
+    try:
+        yield folder
+    finally:
+        if priv is not None:
+            write_private_json(folder / "privacy.json", privacy_state(priv))
+        for stage in stages:
+            path, state = folder / "stages" / f"{stage.name}.json", stage.client_state(inst.name)
+            if state is not None:
+                write_private_json(path, state)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def write_private_json(path: Path, obj: Any) -> None:
+    """JSON via a temp file (mkstemp: mode 0600), fsync and ``os.replace``: never torn,
+    readable by this node's user only (it may hold secrets)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    text = json.dumps(obj)  # fail before touching the disk
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# Set from the policy and the config when the institution is built: not state to carry over.
+_PRIVACY_CONFIGURED = {"policy", "accountant", "log", "rounds", "fraction", "seed", "sample_rate", "steps_per_round", "noise_multiplier"}
+
+
+def privacy_state(priv: Any) -> dict[str, Any]:
+    """An ``InstitutionPrivacy``'s state as JSON: its accountant's history, its round log
+    and every other attribute that changes as rounds go by (JSON values only)."""
+    attributes = {}
+    for key, value in vars(priv).items():
+        if key in _PRIVACY_CONFIGURED:
+            continue
+        try:
+            lossless = json.loads(json.dumps(value)) == value
+        except (TypeError, ValueError):
+            lossless = False
+        if lossless:
+            attributes[key] = value
+        else:
+            log.warning("%s: privacy state %r is not a JSON value and is not kept between messages", priv.name, key)
+    return {
+        "accountant_history": [list(h) for h in priv.accountant.history],
+        "log": {str(r): dataclasses.asdict(rec) for r, rec in priv.log.items()},
+        "attributes": attributes,
+    }
+
+
+def load_privacy_state(priv: Any, state: dict[str, Any]) -> None:
+    priv.accountant.history = [tuple(h) for h in state["accountant_history"]]
+    priv.log = {int(r): RoundRecord(**rec) for r, rec in state["log"].items()}
+    for key, value in state["attributes"].items():
+        setattr(priv, key, value)
+
+
+def _restore_privacy(inst: Institution, payload: dict[str, Any]) -> dict[str, Any]:
+    """A resumed coordinator offers the accountant of its ledger as of ``round``: taken
+    only when this node has accounted fewer rounds (its state folder was lost); a node
+    never lowers the epsilon it has spent."""
+    priv = getattr(inst, "privacy", None)
+    if priv is None:
+        return {"kept": "none"}
+    rnd = int(payload["round"])
+    if priv.accounted_round >= rnd:
+        return {"kept": "own", "accounted_round": priv.accounted_round, "epsilon_total": priv.epsilon()}
+    priv.restore(payload["accountant"], rnd)
+    log.warning("%s: no privacy state of its own up to round %d; took the coordinator's ledger", inst.name, rnd)
+    return {"kept": "ledger", "accounted_round": rnd, "epsilon_total": priv.epsilon()}
 
 
 def _restore(inst: Institution, state_dir: Path, rnd: int) -> dict[str, Any]:

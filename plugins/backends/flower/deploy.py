@@ -4,11 +4,15 @@
 Operational hygiene, because Flower's own tools reuse whatever answers on their default
 ports and leave servers running: every process started here gets ports picked free for
 this deployment, its own ``FLWR_HOME`` under the deployment's folder, telemetry off and
-runtime dependency installation off (no network), and :meth:`Deployment.stop` stops
-each process this deployment started, by its own pid, with the helpers Flower spawned
-under it (SuperExec, ServerApp and ClientApp processes), found by parent pid before any
-is signalled. TLS is on unless ``insecure=True``; :func:`make_certificates` writes a
-local CA and a server certificate for 127.0.0.1/localhost.
+runtime dependency installation off (no network). Each process starts in its own
+process group (``start_new_session``), and :meth:`Deployment.stop` stops it by group:
+SIGTERM, then SIGKILL, to every process group it and the helpers Flower spawned under
+it (SuperExec, ServerApp and ClientApp processes) are in. A group id stays valid while
+any member lives, so this also stops the helpers of a process that already died (a
+crash, or :meth:`Deployment.kill`). TLS is on unless ``insecure=True``;
+:func:`make_certificates` writes a local CA and a server certificate for
+127.0.0.1/localhost, and a deployment folder that already holds them keeps them
+(:func:`load_or_make_certificates`: a restarted coordinator keeps the CA its nodes trust).
 
 Not here: what the apps do (``server_app.py``, ``client_app.py``).
 """
@@ -57,6 +61,7 @@ resume = false       # continue from run-dir's newest checkpoint
 stop-after = 0       # stop after this round (0: run every round of the config)
 wait-nodes-s = 120.0 # how long to wait for every institution's SuperNode to connect
 reply-grace-s = 30.0 # extra seconds a node gets beyond federation.timeout_s to answer
+ask-timeout-s = 120.0 # seconds a node gets to answer any other message (secure aggregation, privacy reports)
 """
 
 
@@ -83,6 +88,10 @@ def flower_env(home: Path) -> dict[str, str]:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+            # A SuperExec looks for work to launch (a ClientApp per message) every second
+            # by default: up to 1 s more per message, and secure aggregation sends several
+            # messages in a row per round. A local poll every 0.1 s costs nothing.
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
         }
     )
     # Flower's entry points live beside this interpreter (a virtualenv need not be active).
@@ -152,6 +161,27 @@ def make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "loca
     return out
 
 
+def load_or_make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> Certificates:
+    """The CA and SuperLink certificate already in ``folder``, else new ones. Reusing
+    them matters: the nodes trust this CA, so a coordinator restarted in the same folder
+    (``m3tfed serve --resume``) must not make another."""
+    from cryptography import x509
+    from m3tfed.errors import ConfigError
+
+    out = Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    if not out.ca.exists():
+        return make_certificates(folder, hosts)
+    if not (out.cert.exists() and out.key.exists()):
+        raise ConfigError("certificates", f"{folder} holds ca.crt but not server.crt and server.key; restore them, or remove the folder to make a new CA (every node then needs the new ca.crt)")
+    cert = x509.load_pem_x509_certificate(out.cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {*sans.get_values_for_type(x509.DNSName), *(str(a) for a in sans.get_values_for_type(x509.IPAddress))}
+    if hosts[0] not in names:
+        raise ConfigError("certificates", f"{out.cert} is for {sorted(names)}, not {hosts[0]}; sign one for this host with the same CA (m3tfed certs), or remove {folder} to make a new CA")
+    log.info("reusing the CA and SuperLink certificate in %s", folder)
+    return out
+
+
 def node_config(config: Path, institution: str, state_dir: Path, data_root: str | Path | None = None) -> str:
     """The ``--node-config`` string naming what a SuperNode's ClientApp builds."""
     pairs = {"config": str(Path(config).resolve()), "institution": institution, "state-dir": str(Path(state_dir).resolve())}
@@ -160,22 +190,66 @@ def node_config(config: Path, institution: str, state_dir: Path, data_root: str 
     return " ".join(f"{k}={json.dumps(v)}" for k, v in pairs.items())
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc), children first found first."""
-    children: dict[int, list[int]] = {}
+def _processes() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...)."""
+    out = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
+                out[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
                 continue
-            children.setdefault(ppid, []).append(int(entry.name))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for child, fields in _processes().items():
+        children.setdefault(int(fields[1]), []).append(child)
     out, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
             out.append(child)
             todo.append(child)
     return out
+
+
+def process_groups(pid: int) -> set[int]:
+    """The process groups of ``pid`` and of every process below it."""
+    procs = _processes()
+    return {int(procs[p][2]) for p in [pid, *descendants(pid)] if p in procs}
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs (zombies do not count)."""
+    return any(int(f[2]) == pgid and f[0] != "Z" for f in _processes().values())
+
+
+def flower_group(pgid: int) -> bool:
+    """Whether group ``pgid`` still holds a Flower process: a group id remembered for a
+    while is signalled only then (once a group is empty, its id may be reused)."""
+    for pid, fields in _processes().items():
+        if int(fields[2]) == pgid:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flwr" in cmd or b"flower" in cmd:
+                return True
+    return False
+
+
+def stop_groups(groups: set[int], grace: float = 5.0) -> None:
+    """SIGTERM every process of ``groups``; SIGKILL what is left after ``grace`` seconds."""
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(group_alive(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pgid in groups:
+        if group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
 
 
 @dataclass
@@ -188,13 +262,15 @@ class Deployment:
     host: str = "127.0.0.1"
     superlink_port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    leftovers: list[int] = field(default_factory=list)  # children of processes killed as a crash
+    # process groups seen under each started process (Flower starts some helpers in new sessions)
+    groups: dict[str, set[int]] = field(default_factory=dict)
+    leftovers: set[int] = field(default_factory=set)  # process groups of processes killed as a crash
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.insecure and self.certificates is None:
-            self.certificates = make_certificates(self.folder / "certificates", hosts=(self.host, "localhost"))
+            self.certificates = load_or_make_certificates(self.folder / "certificates", hosts=(self.host, "localhost"))
         self.superlink_port = self.superlink_port or free_port(self.host)
 
     @property
@@ -217,7 +293,7 @@ class Deployment:
         out = open(logs / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
         out.close()
-        self.processes[name] = proc
+        self.processes[name], self.groups[name] = proc, {proc.pid}  # its own group: pgid = pid
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
 
@@ -227,6 +303,7 @@ class Deployment:
         argv = ["flower-superlink", *self._tls(True), "--host", self.host, "--port", str(self.superlink_port), "--disable-runtime-dependency-installation"]
         proc = self._start("superlink", argv, home)
         self.wait_for_port(self.superlink_port, proc, "superlink")
+        self.groups["superlink"] |= process_groups(proc.pid)  # its SuperExec runs in a session of its own
         return proc
 
     def start_supernode(self, institution: str, config: Path, data_root: str | Path | None = None, superlink: str | None = None) -> subprocess.Popen:
@@ -263,7 +340,7 @@ class Deployment:
         logs.mkdir(exist_ok=True)
         with open(logs / "flwr-run.log", "ab") as out:
             proc = subprocess.Popen(argv, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
-            self.processes[f"flwr-run-{proc.pid}"] = proc
+            self.processes[f"flwr-run-{proc.pid}"], self.groups[f"flwr-run-{proc.pid}"] = proc, {proc.pid}
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -272,30 +349,21 @@ class Deployment:
         return subprocess.CompletedProcess(argv, proc.returncode)
 
     def stop_process(self, name: str, grace: float = 5.0) -> None:
-        """Stop one started process and everything it spawned, each by its own pid."""
+        """Stop one started process and everything it spawned, by process group."""
         proc = self.processes.pop(name, None)
         if proc is None:
             return
-        pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else descendants(proc.pid)
-        for pid in pids:
-            _signal(pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + grace
-        for pid in pids:
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                _signal(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.wait(timeout=grace)
+        # proc.pid is its own group (start_new_session); the id is ours until proc is reaped
+        own = {proc.pid} | process_groups(proc.pid) if proc.returncode is None else set()
+        remembered = {g for g in self.groups.pop(name, set()) | {proc.pid} if flower_group(g)}
+        stop_groups(own | remembered, grace)
+        proc.wait(timeout=grace)  # reaped: no zombie left behind
 
     def kill(self, name: str) -> None:
-        """SIGKILL one process as a crash would (its children are left to notice)."""
-        proc = self.processes[name]
-        self.leftovers += descendants(proc.pid)  # remembered now: once orphaned they are not ours to find
+        """SIGKILL one process as a crash would; its helpers (in its process group, or in
+        groups seen under it) are left running until :meth:`stop`."""
+        proc = self.processes.pop(name)
+        self.leftovers |= self.groups.pop(name, set()) | process_groups(proc.pid)
         proc.kill()
         proc.wait()
 
@@ -303,9 +371,8 @@ class Deployment:
         """Stop everything this deployment started: nodes and runs first, the SuperLink last."""
         for name in sorted(self.processes, key=lambda n: n == "superlink"):
             self.stop_process(name)
-        for pid in self.leftovers:
-            _signal(pid, signal.SIGKILL)
-        self.leftovers = []
+        stop_groups({g for g in self.leftovers if flower_group(g)})
+        self.leftovers = set()
 
     def __enter__(self) -> Deployment:
         return self
@@ -314,19 +381,8 @@ class Deployment:
         self.stop()
 
 
-def _signal(pid: int, sig: int) -> None:
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # gone (or its id now names another user's group)
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

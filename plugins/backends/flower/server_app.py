@@ -4,31 +4,45 @@ retries, update stages, per-component aggregation, checkpoints) on a Flower ``Gr
 Run configuration (``flwr run ... --run-config``; defaults in ``deploy.APP_PYPROJECT``):
 ``config`` (the federation config file), ``run-dir`` (m3tfed's run folder),
 ``resume`` (continue from the run folder's newest checkpoint: Flower does not resume an
-in-flight run, m3tfed does), ``stop-after``, ``wait-nodes-s``, ``reply-grace-s``.
+in-flight run, m3tfed does), ``stop-after``, ``wait-nodes-s``, ``reply-grace-s``,
+``ask-timeout-s``.
 
 The coordinator holds no data: it discovers the institutions on their nodes, runs the
-rounds and writes ``run-dir/{config.json, capabilities.json, flower.json}`` and the
-usual ``checkpoints/round_NNNN`` (the final weights). Evaluation runs where the data is,
-on the nodes, and is not part of this app.
+rounds and writes ``run-dir/{config.json, run.json, capabilities.json, flower.json}``,
+the usual ``checkpoints/round_NNNN`` (the final weights) and, when policies ask for
+privacy, ``privacy_ledger.json`` after every round, as ``m3tfed run`` does. ``run.json``
+holds the run's id, which every message names: nodes keep their per-run state (privacy
+accountant, secure-aggregation secrets) under it, so a resumed run finds it again.
+Evaluation runs where the data is, on the nodes, and is not part of this app.
+
+Each institution's policy and budget are its own (discovered, ``capabilities``), but
+the server's ``policy`` stage enforces the coordinator's config: a node whose policy or
+budget differs from the config's is kept out of the federation, with the difference in
+the log, in ``capabilities.json`` (``excluded``) and in every round's ``dropped``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from m3tfed.config import to_dict
-from m3tfed.errors import CheckpointError
+from m3tfed.errors import CheckpointError, FederationError
 from m3tfed.federation.checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
 from m3tfed.federation.config import load_config
 from m3tfed.federation.job import build_stages
 from m3tfed.federation.server import Server
 from m3tfed.plugin_manager import get_catalogue
+from m3tfed.privacy.ledger import PrivacyLedger
+from m3tfed.privacy.policy import PolicyConfig, resolve_policy
 
 from .backend import FlowerBackend
 
@@ -47,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
         stop_after=int(rc.get("stop-after", 0)) or None,
         wait_nodes_s=float(rc.get("wait-nodes-s", 120.0)),
         reply_grace_s=float(rc.get("reply-grace-s", 30.0)),
+        ask_timeout_s=float(rc.get("ask-timeout-s", 120.0)),
     )
 
 
@@ -58,6 +73,7 @@ def run_federation(
     stop_after: int | None = None,
     wait_nodes_s: float = 120.0,
     reply_grace_s: float = 30.0,
+    ask_timeout_s: float = 120.0,
 ) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -68,23 +84,40 @@ def run_federation(
         cfg = load_config(config)
         write_json_atomic(run_dir / "config.json", to_dict(cfg))
     catalogue = get_catalogue()
-    backend = FlowerBackend(grid, reply_grace_s=reply_grace_s)
+    backend = FlowerBackend(grid, reply_grace_s=reply_grace_s, ask_timeout_s=ask_timeout_s, run_id=run_id(run_dir, resume))
     t0 = time.perf_counter()
     capabilities = backend.discover([i.name for i in cfg.institutions], wait_s=wait_nodes_s)
     discover_s = time.perf_counter() - t0
-    write_json_atomic(run_dir / "capabilities.json", capabilities)
+    for inst in cfg.institutions:
+        reason = differs_from_config(inst, capabilities[inst.name])
+        if reason:
+            backend.exclude(inst.name, reason)
+    write_json_atomic(run_dir / "capabilities.json", {**capabilities, "excluded": backend.excluded} if backend.excluded else capabilities)
     _, server_stages = build_stages(cfg, catalogue)
     server = Server(cfg, catalogue, backend, server_stages=server_stages, run_dir=run_dir)
+    ledger_stages = [s for s in server_stages if isinstance(getattr(s, "ledger", None), PrivacyLedger)]
     if resume:
         rounds = round_checkpoints(run_dir)
         if not rounds:
             raise CheckpointError(f"{run_dir}: no checkpoint under checkpoints/ to resume from")
         tensors, meta = load_checkpoint(rounds[0])
         server.restore(tensors, meta)
+        ledger = PrivacyLedger.read(run_dir, up_to_round=server.round)
+        if ledger is not None and ledger_stages:  # as job.resume_job: the ledger, and the accountants
+            for stage in ledger_stages:
+                stage.ledger = ledger
+            try:
+                backend.restore_privacy(ledger, server.round)
+            except FederationError as exc:  # a node that is not there now fails its rounds on its own
+                log.warning("resume: not every node took its privacy accounts: %s", exc)
         log.info("resuming %s after round %d", run_dir.name, server.round)
     out = {"name": cfg.name, "rounds": cfg.rounds, "discover_s": discover_s, "resumed_after": server.round if resume else None}
+    if backend.excluded:
+        out["excluded"] = backend.excluded
     for rnd in range(server.round + 1, cfg.rounds + 1):
         rep = server.run_round(rnd)
+        if ledger_stages:  # after every round, as `m3tfed run` does
+            ledger_stages[0].ledger.write(run_dir)
         dropped = f", dropped {rep.dropped}" if rep.dropped else ""
         log.info("round %d/%d: %d/%d institutions, train loss %.4f, %.2fs%s", rnd, cfg.rounds, len(rep.succeeded), len(rep.sampled), rep.loss, rep.seconds, dropped)
         out.update(last_round=rnd, history=[to_dict(r) for r in server.history])
@@ -94,3 +127,40 @@ def run_federation(
     out.update(last_round=server.round, history=[to_dict(r) for r in server.history], done=server.round >= cfg.rounds)
     write_json_atomic(run_dir / "flower.json", out)
     return out
+
+
+def run_id(run_dir: Path, resume: bool) -> str:
+    """The run's id (``run.json``): made for a new run, read back on resume."""
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text()) if resume and path.exists() else {}
+    if not info.get("id"):
+        info.update(id=uuid.uuid4().hex, created=datetime.now().isoformat(), backend="flower")
+        write_json_atomic(path, info)
+    return str(info["id"])
+
+
+def differs_from_config(inst: Any, capabilities: dict[str, Any]) -> str | None:
+    """Why the policy or budget an institution's node reports differs from the
+    coordinator's config for it (``inst``: its ``InstitutionConfig``), or ``None``.
+    Policies are compared resolved (profile defaults filled in)."""
+    reported = capabilities.get("policy")
+    if reported is None:
+        return "its node reported no privacy policy"
+    ours = resolve_policy(inst.name, inst.policy)
+    try:
+        theirs = resolve_policy(inst.name, PolicyConfig(**reported))
+    except Exception as exc:  # an unreadable policy is not the coordinator's policy
+        return f"its node reports a policy the coordinator cannot read ({type(exc).__name__}: {exc})"
+    diffs = [
+        f"policy.{f.name}: node {getattr(theirs, f.name)!r}, config {getattr(ours, f.name)!r}"
+        for f in dataclasses.fields(ours)
+        if getattr(theirs, f.name) != getattr(ours, f.name)
+    ]
+    diffs += [
+        f"{key}: node {capabilities.get(key)!r}, config {getattr(inst, key)!r}"
+        for key in ("max_experts", "memory_mb")
+        if key in capabilities and capabilities[key] != getattr(inst, key)
+    ]
+    if diffs:
+        return "its node's policy or budget differs from the coordinator's config (" + "; ".join(diffs) + ")"
+    return None

@@ -12,6 +12,10 @@ steps, ...) use one generic encoding: every tensor found anywhere in the payload
 into an ``ArrayRecord`` and is replaced by a reference; the rest is JSON. Protocol
 modules that add message kinds therefore need nothing from this backend.
 
+Every message the coordinator sends also names its m3tfed run (:func:`with_run`): a node
+keeps per-run state (a privacy accountant, secure-aggregation secrets) under that name,
+so a resumed coordinator finds it and a new run starts afresh.
+
 Not here: deciding what to send (the server) or whether a reply is usable (``screen``).
 """
 
@@ -82,6 +86,24 @@ def pack(payload: dict[str, Any]) -> RecordDict:
 def unpack(content: RecordDict) -> dict[str, Any]:
     tensors = content["tensors"].to_torch_state_dict() if "tensors" in content.array_records else {}
     return _decode(json.loads(content["payload"][JSON_KEY]), tensors)
+
+
+# -- the run a message belongs to ----------------------------------------------------
+RUN_RECORD = "m3tfed-run"
+
+
+def with_run(content: RecordDict, run_id: str | None) -> RecordDict:
+    """``content`` naming the coordinator's run (nothing added for ``None``)."""
+    if run_id is not None:
+        content[RUN_RECORD] = ConfigRecord({"id": str(run_id)})
+    return content
+
+
+def run_of(content: RecordDict) -> str | None:
+    """The run a message names, or ``None`` (a coordinator that names none)."""
+    if RUN_RECORD not in content.config_records:
+        return None
+    return str(content[RUN_RECORD]["id"])
 
 
 # -- training jobs ------------------------------------------------------------------
