@@ -116,7 +116,7 @@ _ACCELERATOR = None
 
 
 # message kind -> handler(institution, payload) -> reply; protocol modules add their own.
-MESSAGE_HANDLERS: dict[str, Callable[["Institution", dict[str, Any]], dict[str, Any]]] = {}
+MESSAGE_HANDLERS: dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]] = {}
 
 
 class Institution:

@@ -72,14 +72,8 @@ def build_federation(
         source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
         data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
     pool = ModelPool(cfg.model, catalogue, default_accelerator())
-    # Institutions' policies add the privacy stages they need (policy checks, DP, secagg).
-    pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
-    stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in pipeline]
-    for stage in stages:
-        if hasattr(stage, "secure_aggregation"):  # the policy stage checks secagg really runs
-            stage.secure_aggregation = any(pc.plugin == "secagg" for pc in pipeline)
-    orders = [getattr(s, "order", catalogue.get("stage", pc.plugin).order) for s, pc in zip(stages, pipeline)]
-    inst_stages, server_stages = stages_for("institution", stages, orders), stages_for("server", stages, orders)
+    # In-process, a stage on both sides (secagg) is one object serving institutions and server.
+    inst_stages, server_stages = build_stages(cfg, catalogue)
     selections, institutions = {}, {}
     for inst in cfg.institutions:
         if inst.name not in data:
@@ -95,8 +89,9 @@ def build_federation(
 
 
 def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any], list[Any]]:
-    """The update pipeline's (institution-side, server-side) stages, as build_federation
-    makes them, for processes that hold only one side (a Flower node or coordinator)."""
+    """The update pipeline's (institution-side, server-side) stages: the configured ones
+    plus the privacy stages the institutions' policies ask for (policy checks, DP, secagg).
+    A process that holds only one side (a Flower node or coordinator) takes its half."""
     pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
     stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in pipeline]
     for stage in stages:
