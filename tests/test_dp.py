@@ -122,7 +122,7 @@ def test_dp_sgd_trains_the_moe_model_and_reports_epsilon():
     d = tiny_config_dict(rounds=1, n=60)
     d["federation"].update({"batch_size": 8, "lr": 2e-2})
     # an explicit sigma: deriving one for a sample rate < 1 takes Opacus seconds
-    d["institutions"][0]["policy"] = {"dp": "sample", "epsilon": 50.0, "noise_multiplier": 0.8, "clip_norm": 1.0, "reproducible_noise": True}  # deterministic test
+    d["institutions"][0]["policy"] = {"dp": "sample", "epsilon": 50.0, "noise_multiplier": 0.3, "clip_norm": 1.0, "reproducible_noise": True}  # deterministic test
     fed = build_federation(load_config(d))
     inst = fed.institutions["high_school"]
     priv = inst.privacy
@@ -161,6 +161,39 @@ def test_noise_is_secret_unless_the_policy_opts_in_to_reproducible_noise():
     draw = lambda stage: stage.process(ups, {"round": 1, "server": server})[0].delta["w"]  # noqa: E731
     assert not torch.allclose(draw(CentralNoise(noise_multiplier=1.0)), draw(CentralNoise(noise_multiplier=1.0)))
     assert torch.equal(draw(CentralNoise(1.0, reproducible_noise=True)), draw(CentralNoise(1.0, reproducible_noise=True)))
+
+
+def test_reproducible_noise_does_not_depend_on_the_order_of_the_keys():
+    # A checkpoint restores a component's keys in its own order: a resumed run must draw
+    # the same noise for the same update as the uninterrupted run.
+    gen = torch.Generator().manual_seed(0)
+    items = [(k, torch.randn(shape, generator=gen)) for k, shape in (("weight", (6, 4)), ("bias", (6,)), ("norm.scale", (4,)))]
+    forward, backward = dict(items), dict(reversed(items))
+    assert list(forward) != list(backward)
+    # local noise (and clipping: the update's norm is above the policy's 1.0)
+    pol = resolve_policy("a", PolicyConfig(dp="local", epsilon=50.0, noise_multiplier=1.0, reproducible_noise=True))
+    outs = []
+    for delta in (forward, backward):
+        priv = InstitutionPrivacy(pol, 5, 1.0, seed=7)
+        priv.begin_round(1)
+        outs.append(priv.privatize(1, "trunk", delta))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in forward)
+    assert l2_norm(forward) > 1.0 and not torch.equal(outs[0]["bias"], clip_update(forward, 1.0)[0]["bias"])  # noised
+    # central noise, on a plain update and on a securely aggregated one
+    server = type("S", (), {"config": type("C", (), {"seed": 0})()})()
+
+    def central(delta, aggregated):
+        zeros = {k: torch.zeros_like(v) for k, v in delta.items()}
+        if aggregated:  # sigma and C from the policy stage's decision
+            info = {"trunk": {"central": (1.0, 1.0), "reproducible": True}}
+            u = AggregatedUpdate("secagg[3]", "trunk", zeros, 3.0, 0, ["a", "b", "c"])
+            return CentralNoise().process([u], {"round": 1, "server": server, "privacy": info})[0].delta
+        u = ComponentUpdate("a", "trunk", zeros, 1.0)
+        return CentralNoise(1.0, reproducible_noise=True).process([u], {"round": 1, "server": server})[0].delta
+
+    for aggregated in (False, True):
+        a, b = central(forward, aggregated), central(backward, aggregated)
+        assert all(torch.equal(a[k], b[k]) for k in forward) and a["weight"].abs().sum() > 0
 
 
 def test_privacy_report_says_nothing_computed_from_the_update():

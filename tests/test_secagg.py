@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config_dict
 from m3tfed.errors import ConfigError
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
+from m3tfed.federation.job import build_federation, privacy_ledger
 from m3tfed.plugins.pipeline.secagg import MASKED_KEY
 from m3tfed.privacy import shamir
 from m3tfed.privacy.encoding import RingCodec
@@ -228,15 +228,25 @@ def test_an_institution_never_reveals_both_secrets_of_a_member_or_answers_twice(
         )
 
 
-def test_too_many_dropouts_is_a_clear_error():
-    with pytest.raises(SecAggError, match="too many dropouts"):
-        protocol(mode="secagg", drop=("i00", "i01", "i02", "i03", "i04"))  # 5 of 10, t = 6
+def test_too_many_dropouts_hold_the_component_with_a_clear_reason_and_ask_no_shares():
+    asked = []
+
+    def spy(name, kind, reply):
+        asked.append(kind)
+        return reply
+
+    drop = ("i00", "i01", "i02", "i03", "i04")  # 5 of 10, t = 6
+    res, _, _, _, ex = protocol(mode="secagg", drop=drop, tamper=spy)
+    assert "too many dropouts" in res.held and res.total_weight == 0.0 and res.weighted_sum.numel() == 0
+    assert sorted(res.dropped) == list(drop) and len(res.survivors) == 5
+    assert "secagg.unmask" not in asked  # a sum that cannot be unmasked reveals no share
+    assert not any(g.answered for c in ex["clients"].values() for g in c.groups.values())
     # SecAgg+: three dropouts around one member leave it fewer than t = 3 holders
     _, _, _, _, ex = protocol(mode="secagg+", degree=4)
     graph = ex["server"].groups["c"].graph
     u = "i00"
-    with pytest.raises(SecAggError, match="too many dropouts"):
-        protocol(mode="secagg+", degree=4, drop=(u, *graph[u][:2]))
+    res, _, _, _, _ = protocol(mode="secagg+", degree=4, drop=(u, *graph[u][:2]))
+    assert "too many dropouts" in res.held
 
 
 def test_a_malformed_vector_or_share_excludes_the_institution_with_the_reason():
@@ -379,6 +389,53 @@ def test_a_malformed_masked_update_is_excluded_with_the_reason_in_a_round():
     assert "rural_school" in report.contributors["trunk"]  # excluded from that component only
 
 
+@pytest.mark.parametrize("policies", [False, True], ids=["stage-only", "with-ledger"])
+def test_a_dropout_below_the_threshold_holds_only_that_component(policies, caplog):
+    # expert.small_0's group is online_tutor and rural_school (t = 2 of 2). rural_school
+    # masks its updates, then dies before they arrive: the survivor's sum alone cannot be
+    # unmasked (it would be online_tutor's own update), so expert.small_0 is held for the
+    # round with the reason, and every other component still aggregates.
+    d = tiny_config_dict(rounds=1) if policies else tiny_config_dict(rounds=1, pipeline=[{"plugin": "secagg"}])
+    if policies:  # the policy stage keeps a ledger; secure aggregation comes with the policy
+        for inst in d["institutions"]:
+            inst["policy"] = {"secure_aggregation": True}
+    fed = build_federation(load_config(d))
+    stage = next(s for s in fed.server.server_stages if getattr(s, "name", None) == "secagg")
+    rural = fed.institutions["rural_school"]
+    train = rural.train
+
+    def dies_after_masking(job):
+        train(job)  # trained and masked: its neighbours' masks include it
+        raise ConnectionError("rural_school went offline")
+
+    rural.train = dies_after_masking
+    before = {k: v.clone() for k, v in fed.server.state["expert.small_0"].items()}
+    report = fed.server.run_round(1)  # the round completes
+
+    assert "rural_school" in report.dropped and "expert.small_0" not in report.contributors
+    assert fed.server.versions["expert.small_0"] == 0
+    assert all(torch.equal(fed.server.state["expert.small_0"][k], v) for k, v in before.items())
+    rep = stage.reports[-1]["components"]["expert.small_0"]
+    assert rep["aggregated"] is False and rep["survivors"] == ["online_tutor"]
+    assert "too many dropouts" in rep["held"] and "held at its current state" in rep["held"]
+    assert "no masked update arrived" in rep["dropped"]["rural_school"]
+    assert any("expert.small_0" in r.message and "held" in r.message for r in caplog.records)
+    # the other components aggregate as usual, without rural_school
+    five = ["community_college", "high_school", "math_academy", "online_tutor", "university"]
+    assert report.contributors["trunk"] == five and fed.server.versions["trunk"] == 1
+    assert stage.reports[-1]["components"]["trunk"]["aggregated"] is True
+    assert "router" in report.contributors and "expert.small_1" not in report.contributors
+    if policies:
+        ledger = privacy_ledger(fed).to_dict()
+        small = ledger["components"]["1"]["expert.small_0"]
+        assert small["rule"] == "secure_aggregation" and not small["aggregated"]
+        assert "too many dropouts" in small["reason"] and small["contributors"] == ["online_tutor"]
+        ot = ledger["institutions"]["online_tutor"]["1"]
+        assert [(h["component"], h["rule"]) for h in ot["held"]] == [("expert.small_0", "secure_aggregation")]
+        assert "expert.small_0" not in ot["contributed"] and "trunk" in ot["contributed"]
+        assert ledger["components"]["1"]["trunk"]["aggregated"]
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ConfigError, match="secagg.mode"):
         build_federation(
@@ -423,6 +480,6 @@ def test_a_wrong_share_in_an_unmask_reply_is_caught_by_the_commitment_and_worked
     res, plain, weight, settings, _ = protocol(n=7, tamper=corrupt)  # t = 5 of 7 holders
     assert len(res.survivors) == 7
     assert float((res.weighted_sum - plain).abs().max()) <= settings.codec.error_bound(7)
-    # with fewer good shares than the threshold it is a clear error, not a wrong sum
-    with pytest.raises(SecAggError, match="shares of"):
-        protocol(n=4, tamper=corrupt)  # t = 3 of 4: i00 wrong, i01 unreadable, 2 good
+    # with fewer good shares than the threshold the component is held, never a wrong sum
+    res, _, _, _, _ = protocol(n=4, tamper=corrupt)  # t = 3 of 4: i00 wrong, i01 unreadable, 2 good
+    assert "shares of" in res.held and res.total_weight == 0.0

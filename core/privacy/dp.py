@@ -19,7 +19,9 @@ after ``k`` attempts.
 Noise comes from a fresh generator per draw seeded with 63 bits from ``secrets``: the
 server knows the run seed, so noise derived from it could be subtracted. A policy's
 ``reproducible_noise = true`` (testing and simulation only) seeds it from the run seed,
-round, attempt and component instead.
+round, attempt and component instead; the noise is drawn in sorted key order, so the same
+update gets the same noise whatever order its keys come in (a resumed run's checkpoint
+restores them in its own order).
 
 Not here: sample-level DP-SGD (``dpsgd.py``), the server's per-component checks
 (``m3tfed.plugins.pipeline.privacy``).
@@ -50,7 +52,9 @@ class PrivacyBudgetSpent(RuntimeError):
 
 # -- mechanisms ------------------------------------------------------------------------
 def l2_norm(delta: State) -> float:
-    return float(torch.sqrt(sum((v.double().pow(2).sum() for v in delta.values()), torch.zeros((), dtype=torch.float64))))
+    # summed in key order, not insertion order: the same update gives the same norm to
+    # the last bit whichever order its keys were restored in
+    return float(torch.sqrt(sum((delta[k].double().pow(2).sum() for k in sorted(delta)), torch.zeros((), dtype=torch.float64))))
 
 
 def clip_update(delta: State, max_norm: float) -> tuple[State, float]:
@@ -62,10 +66,14 @@ def clip_update(delta: State, max_norm: float) -> tuple[State, float]:
 
 
 def add_gaussian_noise(delta: State, std: float, generator: torch.Generator) -> State:
-    """``delta + N(0, std^2)`` on every float entry."""
+    """``delta + N(0, std^2)`` on every float entry.
+
+    Noise is drawn in sorted key order, not the dict's: a checkpoint restores state dict
+    keys in its own order, and reproducible noise must not depend on it."""
     if std <= 0:
         return dict(delta)
-    return {k: v + torch.randn(v.shape, generator=generator, dtype=torch.float32).to(v.dtype) * std if torch.is_floating_point(v) else v for k, v in delta.items()}
+    noise = {k: torch.randn(delta[k].shape, generator=generator, dtype=torch.float32) for k in sorted(delta) if torch.is_floating_point(delta[k])}
+    return {k: v + noise[k].to(v.dtype) * std if k in noise else v for k, v in delta.items()}
 
 
 def central_noise_std(noise_multiplier: float, clip_norm: float, weights: list[float]) -> float:

@@ -22,7 +22,10 @@ once per component per round among that component's contributors:
    neighbours it holds shares of, ``b`` shares of survivors and ``s`` shares of the
    dropped (never both for one member: it checks); the server rebuilds them (checked
    against the commitment / advertised public key), removes the dropped members'
-   pairwise masks and the survivors' self masks, and decodes.
+   pairwise masks and the survivors' self masks, and decodes. A component whose sum
+   cannot be unmasked (too many dropouts for the threshold, shares that do not
+   rebuild) comes back held with the reason, its shares never asked for or discarded;
+   the other components are unaffected.
 
 :class:`SecAggClient` is one institution's side (state keyed by session and
 component, so the same code runs in-process or in an institution's own process);
@@ -491,6 +494,9 @@ class GroupResult:
     total_weight: float
     survivors: list[str]
     dropped: dict[str, str]  # member -> why it is not in the sum
+    # why the sum could not be unmasked (too many dropouts, shares that do not rebuild):
+    # the component is held this round, ``weighted_sum`` is empty and ``total_weight`` 0
+    held: str | None = None
 
 
 class SecAggServer:
@@ -672,9 +678,14 @@ class SecAggServer:
     def finish(
         self, masked: dict[str, dict[str, np.ndarray]], send: Send
     ) -> dict[str, GroupResult]:
-        """Step 4 for every component: sum, collect shares, remove masks, decode."""
-        codec = self.settings.codec
+        """Step 4 for every component: sum, collect shares, remove masks, decode.
+
+        A component whose sum cannot be unmasked (too many dropouts for the threshold,
+        shares that do not rebuild a checked secret) comes back ``held`` with the reason;
+        the other components are unaffected. A component that is not recoverable is
+        never asked for shares, so nothing of it is revealed."""
         plans: dict[str, tuple[list[str], list[str]]] = {}
+        results: dict[str, GroupResult] = {}
         for c, g in self.groups.items():
             if not g.shared:
                 continue
@@ -686,9 +697,13 @@ class SecAggServer:
             dropped = sorted(u for u in g.shared if u not in survivors)
             if not survivors:
                 continue
-            self._check_recoverable(c, g, survivors, dropped)
+            try:
+                self._check_recoverable(c, g, survivors, dropped)
+            except SecAggError as exc:
+                results[c] = self._held(c, survivors, dropped, str(exc))
+                continue
             plans[c] = (survivors, dropped)
-        # ask every survivor once for the shares of all its components
+        # ask every survivor once for the shares of all its (recoverable) components
         asks: dict[str, dict[str, Any]] = {}
         for c, (survivors, dropped) in plans.items():
             for v in survivors:
@@ -716,48 +731,68 @@ class SecAggServer:
                             )
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:
                     refusals.setdefault(c, {})[v] = f"malformed unmask reply: {exc!r}"
-        results = {}
         for c, (survivors, dropped) in plans.items():
-            g = self.groups[c]
-            total = np.zeros(g.length, dtype=codec.unsigned)
-            for u in survivors:
-                total += masked[c][u]
-            for u in survivors:
-                b = self._rebuild(
-                    c,
-                    u,
-                    answers[c]["b"].get(u, []),
-                    lambda sec, u=u, c=c, g=g: (
-                        b_commitment(sec, self.session, c, u) == g.commits[u]
-                    ),
-                    refusals.get(c),
-                )
-                total -= prg(self_seed(b, self.session, c), g.length, codec.unsigned)
-            for u in dropped:
-                live = [v for v in g.graph[u] if v in survivors]
-                if not live:
-                    continue
-                sk_bytes = self._rebuild(
-                    c,
-                    u,
-                    answers[c]["s"].get(u, []),
-                    lambda sec, u=u, g=g: _public_of(sec) == g.keys[u][1],
-                    refusals.get(c),
-                )
-                sk = X25519PrivateKey.from_private_bytes(sk_bytes)
-                for v in live:
-                    m = prg(
-                        pair_seed(sk, g.keys[v][1], self.session, c, u, v), g.length, codec.unsigned
-                    )
-                    if v < u:  # v added +m
-                        total -= m
-                    else:
-                        total += m
-            values, weight = codec.decode(total)
-            results[c] = GroupResult(
-                c, values, weight, survivors, {u: g.excluded.get(u, "dropped") for u in dropped}
+            try:
+                results[c] = self._unmask(c, masked[c], survivors, dropped, answers[c], refusals.get(c))
+            except SecAggError as exc:  # what was rebuilt is discarded: the sum stays masked
+                results[c] = self._held(c, survivors, dropped, str(exc))
+        return dict(sorted(results.items()))
+
+    def _held(self, c: str, survivors: list[str], dropped: list[str], reason: str) -> GroupResult:
+        g = self.groups[c]
+        log.info("secure aggregation %s: %s not unmasked this round: %s", self.session, c, reason)
+        return GroupResult(
+            c,
+            torch.zeros(0, dtype=torch.float64),
+            0.0,
+            survivors,
+            {u: g.excluded.get(u, "dropped") for u in dropped},
+            held=reason,
+        )
+
+    def _unmask(
+        self,
+        c: str,
+        masked: dict[str, np.ndarray],
+        survivors: list[str],
+        dropped: list[str],
+        answers: dict[str, dict[str, list[tuple[int, int]]]],
+        refused: dict[str, str] | None,
+    ) -> GroupResult:
+        codec = self.settings.codec
+        g = self.groups[c]
+        total = np.zeros(g.length, dtype=codec.unsigned)
+        for u in survivors:
+            total += masked[u]
+        for u in survivors:
+            b = self._rebuild(
+                c,
+                u,
+                answers["b"].get(u, []),
+                lambda sec, u=u: b_commitment(sec, self.session, c, u) == g.commits[u],
+                refused,
             )
-        return results
+            total -= prg(self_seed(b, self.session, c), g.length, codec.unsigned)
+        for u in dropped:
+            live = [v for v in g.graph[u] if v in survivors]
+            if not live:
+                continue
+            sk_bytes = self._rebuild(
+                c,
+                u,
+                answers["s"].get(u, []),
+                lambda sec, u=u: _public_of(sec) == g.keys[u][1],
+                refused,
+            )
+            sk = X25519PrivateKey.from_private_bytes(sk_bytes)
+            for v in live:
+                m = prg(pair_seed(sk, g.keys[v][1], self.session, c, u, v), g.length, codec.unsigned)
+                if v < u:  # v added +m
+                    total -= m
+                else:
+                    total += m
+        values, weight = codec.decode(total)
+        return GroupResult(c, values, weight, survivors, {u: g.excluded.get(u, "dropped") for u in dropped})
 
     def _check_recoverable(
         self, c: str, g: _ServerGroup, survivors: list[str], dropped: list[str]

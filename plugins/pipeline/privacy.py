@@ -14,7 +14,8 @@ aggregates a component only when every contributor's policy is met and the cohor
 least the strictest ``min_cohort`` among them. Everything held back is written to the
 privacy ledger with the rule and the reason. Under secure aggregation the cohort is
 checked again after unmasking (:func:`recheck_cohort`, called by the ``secagg`` stage):
-a member excluded there may leave the component below its minimum cohort.
+a member excluded there may leave the component below its minimum cohort; a component
+whose sum could not be unmasked at all is held the same way (:func:`hold_unmasked`).
 """
 
 from __future__ import annotations
@@ -176,20 +177,41 @@ def recheck_cohort(context: dict, component: str, survivors: list[str], dropped:
     if entry is None or ledger is None:
         return None
     rnd = context["round"]
-    decision = ledger.component(rnd, component)
-    for name in sorted(set(decision["contributors"]) - set(survivors)):
-        ledger.hold(rnd, name, component, "secure_aggregation", f"excluded by secure aggregation: {dropped.get(name, 'dropped out')}")
-    ledger.withdraw(rnd, component)
+    _withdraw_excluded(ledger, rnd, component, survivors, dropped)
     need, strictest = entry["cohort"]
     if len(survivors) >= need:
         ledger.contributed(rnd, component, survivors)
         return None
     reason = f"{len(survivors)} contributor(s) to {component} after unmasking, fewer than min_cohort {need} required by {strictest}; component held at its current state"
-    for name in survivors:
-        ledger.hold(rnd, name, component, "min_cohort", reason)
-    decision.update(contributors=sorted(survivors), rule="min_cohort", reason=reason)
+    _hold(ledger, rnd, component, survivors, "min_cohort", reason)
     log.warning("round %d: %s", rnd, reason)
     return reason
+
+
+def hold_unmasked(context: dict, component: str, survivors: list[str], dropped: dict[str, str], reason: str) -> None:
+    """Secure aggregation could not unmask ``component`` (``reason``: too many dropouts
+    for its threshold, ...): record it held at its current state, rule
+    ``secure_aggregation``, in the ledger as :func:`recheck_cohort` records a cohort
+    that fell short (nothing to record when no ``policy`` stage ran)."""
+    ledger: PrivacyLedger | None = context.get("privacy_ledger")
+    if (context.get("privacy") or {}).get(component) is None or ledger is None:
+        return
+    rnd = context["round"]
+    _withdraw_excluded(ledger, rnd, component, survivors, dropped)
+    _hold(ledger, rnd, component, survivors, "secure_aggregation", reason)
+
+
+def _withdraw_excluded(ledger: PrivacyLedger, rnd: int, component: str, survivors: list[str], dropped: dict[str, str]) -> None:
+    decision = ledger.component(rnd, component)
+    for name in sorted(set(decision["contributors"]) - set(survivors)):
+        ledger.hold(rnd, name, component, "secure_aggregation", f"excluded by secure aggregation: {dropped.get(name, 'dropped out')}")
+    ledger.withdraw(rnd, component)
+
+
+def _hold(ledger: PrivacyLedger, rnd: int, component: str, survivors: list[str], rule: str, reason: str) -> None:
+    for name in survivors:
+        ledger.hold(rnd, name, component, rule, reason)
+    ledger.component(rnd, component).update(contributors=sorted(survivors), rule=rule, reason=reason)
 
 
 class CentralNoise:
@@ -253,7 +275,8 @@ class CentralNoise:
                 std = sigma * clip * share
             else:
                 std = central_noise_std(sigma, clip, [float(u.weight) for u in ups])
-            # reproducible streams differ per round and component: a resumed run never replays noise
+            # reproducible streams differ per round and component: a resumed run never replays
+            # noise; drawn in sorted key order (add_gaussian_noise), not the delta's
             generator = noise_generator(reproducible, context["server"].config.seed, "dp_central", rnd, comp)
             noise = add_gaussian_noise({k: torch.zeros_like(v, dtype=torch.float32) for k, v in ups[0].delta.items()}, std, generator)
             # replace() keeps the update's type: an aggregated one keeps its contributors

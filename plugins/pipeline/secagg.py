@@ -7,7 +7,9 @@ One config entry, ``{plugin = "secagg", options = {...}}``, runs:
   ``secagg.share``, ``secagg.deliver`` messages through ``backend.ask``), then
   ``process`` (order 50, before central DP noise): sum the masked vectors, ask the
   survivors for shares (``secagg.unmask``), remove the masks, and hand the aggregator one
-  :class:`~m3tfed.privacy.secagg.AggregatedUpdate` per component;
+  :class:`~m3tfed.privacy.secagg.AggregatedUpdate` per component; a component whose sum
+  cannot be unmasked (too many dropouts for its threshold) is held for the round, with
+  the reason in ``reports`` and the privacy ledger, and the others aggregate;
 - at each institution, ``process`` (order 80, after clipping and local DP noise): encode
   and mask every update, and send a masked zero of weight 0 for a component it is a
   member of but did not train (an expert no token reached), so the masks still cancel.
@@ -31,7 +33,7 @@ import torch
 from m3tfed.errors import ConfigError
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
 from m3tfed.federation.institution import MESSAGE_HANDLERS, Institution, seed_for
-from m3tfed.plugins.pipeline.privacy import recheck_cohort
+from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.secagg import (
     AggregatedUpdate,
@@ -181,6 +183,13 @@ class SecureAggregation:
                 "total_weight": res.total_weight,
             }
             report["components"][comp] = entry
+            if res.held is not None:
+                # only this component waits for the next round; the others aggregate
+                reason = f"{res.held}; component held at its current state"
+                entry["aggregated"], entry["held"] = False, reason
+                hold_unmasked(context, comp, list(res.survivors), res.dropped, reason)
+                log.warning("round %d: %s", context["round"], reason)
+                continue
             if res.total_weight <= 0:
                 entry["aggregated"] = False  # every survivor sent a masked zero: nobody trained it
                 continue
