@@ -36,6 +36,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/round_overhead.py
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/secagg.py
+	$(BIN)/python bench/dp_sgd.py
+	$(BIN)/python bench/text_encoder.py
+	$(BIN)/python bench/flower_backend.py
 
 clean:
 	rm -rf $(VENV) .cache

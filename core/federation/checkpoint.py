@@ -88,19 +88,22 @@ def save_checkpoint(
     return directory
 
 
-def write_json_atomic(path: Path | str, obj: Any) -> None:
+def write_json_atomic(path: Path | str, obj: Any, private: bool = False) -> None:
     """Write ``obj`` as JSON to ``path`` via a temp file, fsync and ``os.replace``:
-    readers see the old file or the new one, never a torn one."""
+    readers see the old file or the new one, never a torn one. ``private``: the file
+    (mode 0600) and a folder it creates (0700) are readable by this user only, for
+    state that may hold secrets."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2) + "\n"  # fail before touching the disk
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    path.parent.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=None if private else 2) + "\n"  # fail before touching the disk
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        if not private:
+            os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         try:

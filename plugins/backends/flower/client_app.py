@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from m3tfed.federation.checkpoint import (
     round_checkpoints,
     save_checkpoint,
     unflatten_components,
+    write_json_atomic,
 )
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import Institution
@@ -162,31 +162,13 @@ def run_state(inst: Institution, state_dir: Path, run_id: str | None) -> Iterato
         yield folder
     finally:
         if priv is not None:
-            write_private_json(folder / "privacy.json", privacy_state(priv))
+            write_json_atomic(folder / "privacy.json", privacy_state(priv), private=True)
         for stage in stages:
             path, state = folder / "stages" / f"{stage.name}.json", stage.client_state(inst.name)
             if state is not None:
-                write_private_json(path, state)
+                write_json_atomic(path, state, private=True)
             else:
                 path.unlink(missing_ok=True)
-
-
-def write_private_json(path: Path, obj: Any) -> None:
-    """JSON via a temp file (mkstemp: mode 0600), fsync and ``os.replace``: never torn,
-    readable by this node's user only (it may hold secrets)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    text = json.dumps(obj)  # fail before touching the disk
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # Set from the policy and the config when the institution is built: not state to carry over.
