@@ -160,9 +160,9 @@ def test_a_failing_rank_names_the_institution_and_its_stderr(monkeypatch):
     with pytest.raises(ShardedTrainingError) as err:
         inst.train(job)
     text = str(err.value)
-    assert (
-        "'broken_school'" in text and "rank 0 stderr tail" in text and "rank 1 stderr tail" in text
-    )
+    # Both ranks lack the plugin; whichever fails first makes torchrun stop the other, so
+    # the report names the rank(s) that recorded a failure, at least one.
+    assert "'broken_school'" in text and ("rank 0 stderr tail" in text or "rank 1 stderr tail" in text)
     assert "not_installed_anywhere" in text
 
 
