@@ -27,7 +27,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError
-from ..model import ExpertConfig, M3TModel, PluginConfig
+from ..model import ExpertConfig, M3TModel, PluginConfig, component_of
 from ..plugin_manager import get_catalogue
 from ..privacy.dp import attach_privacy, restore_privacy
 from ..privacy.ledger import PrivacyLedger
@@ -235,17 +235,29 @@ def evaluate_dense_fedavg(cfg: FederationConfig, fed: Federation, progress) -> d
 
 
 def evaluate_centralized(cfg: FederationConfig, fed: Federation) -> dict:
-    """The upper bound: one model with every expert trained on the pooled data, with the
-    federation's total compute (rounds x every institution's local steps), one
-    institution's batch (and tasks) per step in turn; then each institution's test split."""
+    """The upper bound: one model trained on the pooled data, with the federation's total
+    compute (rounds x every institution's local steps), one institution's batch (and
+    tasks) per step in turn; then each institution's test split. What an institution
+    keeps personal in the federation (its router, its heads) it keeps here too, with its
+    own optimizer state, so this differs from the federation only in where the data is."""
     torch.manual_seed(seed_for(cfg.seed, "centralized"))
     model = M3TModel(cfg.model, catalogue=fed.server.catalogue)
-    for comp, state in initial_state(cfg, fed.server.catalogue).items():
+    init = initial_state(cfg, fed.server.catalogue)
+    for comp, state in init.items():
         model.load_component_state(comp, state)
     insts = list(fed.institutions.values())
     f = cfg.federation
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=f.lr, weight_decay=f.weight_decay) if f.optimizer == "adamw" else torch.optim.SGD(params, lr=f.lr, weight_decay=f.weight_decay)
+
+    def optimizer(tensors):
+        if f.optimizer == "adamw":
+            return torch.optim.AdamW(tensors, lr=f.lr, weight_decay=f.weight_decay)
+        return torch.optim.SGD(tensors, lr=f.lr, weight_decay=f.weight_decay)
+
+    shared_opt = optimizer([p for p in model.parameters() if p.requires_grad])
+    personal = [[c for c in model.component_names() if inst.is_personal(c)] for inst in insts]
+    own_state = [{c: {k: v.clone() for k, v in init[c].items()} for c in comps} for comps in personal]
+    trainable = [(component_of(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    own_opt = [optimizer([p for c, p in trainable if c in comps]) if comps else None for comps in personal]
     gen = torch.Generator().manual_seed(seed_for(cfg.seed, "centralized", "batches"))
     batches = [iterate_batches(i.data.train, f.batch_size, gen) for i in insts]
     # Interleave in proportion to each institution's local steps, as the federation does.
@@ -253,12 +265,29 @@ def evaluate_centralized(cfg: FederationConfig, fed: Federation) -> dict:
     model.train()
     for _ in range(cfg.rounds):
         for k in schedule:
+            shared_values = {c: model.component_state(c) for c in personal[k]}
+            for c in personal[k]:
+                model.load_component_state(c, own_state[k][c])
             batch = next(batches[k])
             loss = sum(model.loss(model_inputs(batch), t, batch["targets"][t])[0] for t in insts[k].config.tasks)
-            opt.zero_grad(set_to_none=True)
+            shared_opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-    return {inst.name: inst.evaluate(model)[0] for inst in insts}
+            if own_opt[k] is not None:
+                own_opt[k].step()
+                own_opt[k].zero_grad(set_to_none=True)  # the shared optimizer leaves them be
+            shared_opt.step()
+            for c in personal[k]:
+                own_state[k][c] = model.component_state(c)
+                model.load_component_state(c, shared_values[c])
+    out = {}
+    for k, inst in enumerate(insts):
+        shared_values = {c: model.component_state(c) for c in personal[k]}
+        for c in personal[k]:
+            model.load_component_state(c, own_state[k][c])
+        out[inst.name] = inst.evaluate(model)[0]
+        for c in personal[k]:
+            model.load_component_state(c, shared_values[c])
+    return out
 
 
 def primary(fed: Federation, task: str) -> tuple[str, bool]:
