@@ -34,19 +34,13 @@ from common import Timer, emit  # noqa: E402
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate  # noqa: E402
 from m3tfed.privacy.encoding import RingCodec  # noqa: E402
 from m3tfed.privacy.secagg import (  # noqa: E402
+    CLIENT_METHODS,
     AggregatedUpdate,
     SecAggClient,
     SecAggServer,
     SecAggSettings,
     new_session,
 )
-
-METHODS = {
-    "secagg.advertise": "advertise",
-    "secagg.share": "share",
-    "secagg.deliver": "receive",
-    "secagg.unmask": "unmask",
-}
 
 
 def component(params: int) -> dict[str, torch.Tensor]:
@@ -85,7 +79,7 @@ def secure_path(state, n: int, mode: str) -> dict[str, float]:
     clients = {u: SecAggClient(u, settings) for u in names}
 
     def send(name, kind, payload):
-        return getattr(clients[name], METHODS[kind])(payload)
+        return getattr(clients[name], CLIENT_METHODS[kind])(payload)
 
     server = SecAggServer(settings)
     layout = [(k, v.numel()) for k, v in state.items()]

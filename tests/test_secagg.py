@@ -14,6 +14,7 @@ from m3tfed.plugins.pipeline.secagg import MASKED_KEY
 from m3tfed.privacy import shamir
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.secagg import (
+    CLIENT_METHODS,
     SecAggClient,
     SecAggError,
     SecAggMessageError,
@@ -21,13 +22,6 @@ from m3tfed.privacy.secagg import (
     SecAggSettings,
     new_session,
 )
-
-METHODS = {
-    "secagg.advertise": "advertise",
-    "secagg.share": "share",
-    "secagg.deliver": "receive",
-    "secagg.unmask": "unmask",
-}
 
 
 # -- Shamir ------------------------------------------------------------------------------
@@ -100,7 +94,7 @@ class Net:
     def __call__(self, name, kind, payload):
         if name in self.down:
             raise ConnectionError(f"{name} is offline")
-        reply = getattr(self.clients[name], METHODS[kind])(payload)
+        reply = getattr(self.clients[name], CLIENT_METHODS[kind])(payload)
         return self.tamper(name, kind, reply) if self.tamper else reply
 
 

@@ -214,6 +214,15 @@ class _ClientGroup:
     answered: bool = False
 
 
+# Message kind -> the SecAggClient method that answers it (every transport uses this).
+CLIENT_METHODS = {
+    "secagg.advertise": "advertise",
+    "secagg.share": "share",
+    "secagg.deliver": "receive",
+    "secagg.unmask": "unmask",
+}
+
+
 class SecAggClient:
     """An institution's side of the protocol; holds its private keys and received shares."""
 

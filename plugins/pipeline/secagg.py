@@ -36,6 +36,7 @@ from m3tfed.federation.institution import MESSAGE_HANDLERS, Institution, seed_fo
 from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.secagg import (
+    CLIENT_METHODS,
     AggregatedUpdate,
     SecAggClient,
     SecAggError,
@@ -310,15 +311,5 @@ def _stage_of(inst: Institution) -> SecureAggregation:
     return stage
 
 
-MESSAGE_HANDLERS["secagg.advertise"] = lambda inst, payload: (
-    _stage_of(inst).client(inst.name).advertise(payload)
-)
-MESSAGE_HANDLERS["secagg.share"] = lambda inst, payload: (
-    _stage_of(inst).client(inst.name).share(payload)
-)
-MESSAGE_HANDLERS["secagg.deliver"] = lambda inst, payload: (
-    _stage_of(inst).client(inst.name).receive(payload)
-)
-MESSAGE_HANDLERS["secagg.unmask"] = lambda inst, payload: (
-    _stage_of(inst).client(inst.name).unmask(payload)
-)
+for _kind, _method in CLIENT_METHODS.items():
+    MESSAGE_HANDLERS[_kind] = lambda inst, payload, method=_method: getattr(_stage_of(inst).client(inst.name), method)(payload)
