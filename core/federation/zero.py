@@ -235,7 +235,7 @@ def launch(name: str, folder: Path, processes: int, deadline: float | None) -> N
                 f"institution {name!r}: DeepSpeed ranks ran past the time limit; {log_tails(folder, processes)}"
             ) from None
     finally:
-        if proc.poll() is None or any_alive(proc.pid):
+        if proc.poll() is None:  # torchrun waits for its ranks, so one that exited left none
             kill_group(proc)
     if code != 0 or not (folder / "result").is_dir():
         failed = [r for r in range(processes) if (folder / f"rank{r}.failed").exists()]
@@ -265,18 +265,66 @@ def log_tails(folder: Path, processes: int, ranks: list[int] | None = None) -> s
     return "\n".join(parts)
 
 
-def any_alive(pgid: int) -> bool:
+def process_tree(root: int) -> list[int]:
+    """``root``'s descendants (children first-found order), read from /proc.
+
+    torchrun starts each rank in a session of its own, so killing the launcher's process
+    group misses the ranks: they must be found through their parent links, and found
+    *before* the launcher dies, since orphans are re-parented and the link is lost."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat.rsplit(")", 1)[-1].split()  # the name may hold spaces and ")"
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not yet a zombie (a zombie holds no memory and runs nothing)."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
         return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's process group (the launcher and every rank it started)."""
+def _signal(pid: int, sig: int, group: bool = False) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError):
         pass
+
+
+def kill_group(proc: subprocess.Popen, wait_s: float = 60.0) -> None:
+    """SIGKILL the launcher and every process below it, and return once none runs.
+
+    The launcher is stopped first so it can neither restart ranks nor reap them; the
+    ranks (and their process groups) are killed and waited for until they are zombies,
+    then the launcher's group is killed and reaped. Without /proc only the launcher's
+    group is killed."""
+    if Path("/proc/self/stat").exists():
+        _signal(proc.pid, signal.SIGSTOP, group=True)
+        tree: list[int] = []
+        while new := [p for p in process_tree(proc.pid) if p not in tree]:
+            for pid in new:  # freeze before looking again, so nothing forks past us
+                _signal(pid, signal.SIGSTOP)
+            tree += new
+        for pid in tree:
+            _signal(pid, signal.SIGKILL, group=True)  # a rank leads its own group
+            _signal(pid, signal.SIGKILL)
+        end = time.monotonic() + wait_s
+        while any(_running(p) for p in tree) and time.monotonic() < end:
+            time.sleep(0.01)  # SIGKILL cannot be ignored: this ends as soon as the kernel reaps
+    _signal(proc.pid, signal.SIGKILL, group=True)
     proc.wait()
