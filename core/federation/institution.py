@@ -11,50 +11,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..interfaces import RoundContext
+from ..messages import ComponentUpdate, State, TrainJob, TrainResult
 from ..model import M3TModel, ModelConfig, component_of
 from ..specs import Catalogue
-from .aggregation import ComponentUpdate
 from .config import FederationSettings, InstitutionConfig
 from .data import InstitutionData, eval_batches, iterate_batches, model_inputs
-
-State = dict[str, dict[str, torch.Tensor]]  # component -> parameter name -> tensor
 
 
 class InstitutionTimeout(RuntimeError):
     pass
-
-
-@dataclass
-class TrainJob:
-    """What the server sends: the institution's shared components (and, on its first
-    participation, initial values for its personal ones) plus training settings."""
-
-    institution: str
-    round: int
-    components: State
-    versions: dict[str, int]
-    steps: int
-    lr: float
-    seed: int
-    proximal_mu: dict[str, float] = field(default_factory=dict)
-    timeout_s: float = 120.0
-
-
-@dataclass
-class TrainResult:
-    institution: str
-    round: int
-    updates: list[ComponentUpdate]
-    num_samples: int
-    loss: float
-    tokens_per_expert: dict[str, int]
-    seconds: float
-    details: dict[str, Any] = field(default_factory=dict)  # e.g. "deepspeed": per-rank shard sizes and timings
 
 
 def seed_for(*parts: int | str) -> int:
@@ -227,7 +197,7 @@ class Institution:
             if comp in model.component_names():
                 self.personal_state[comp] = model.component_state(comp)
         for stage in self.stages:
-            updates = stage.process(updates, {"institution": self.name, "round": job.round, "privacy": self.privacy})
+            updates = stage.process(updates, RoundContext(job.round, institution=self.name, privacy=self.privacy))
         return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=details)
 
     def fit(

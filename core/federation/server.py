@@ -22,22 +22,15 @@ import torch
 
 from ..config import to_dict
 from ..errors import FederationError
+from ..interfaces import Aggregator, Backend, RoundContext
+from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
 from ..model import M3TModel
 from ..specs import Catalogue
-from .aggregation import Aggregator, ComponentUpdate
 from .checkpoint import checkpoint_path, flatten_components, save_checkpoint, unflatten_components
 from .config import FederationConfig
-from .institution import State, TrainJob, TrainResult, seed_for
+from .institution import seed_for
 
 log = logging.getLogger("m3tfed.federation")
-
-
-@dataclass
-class Failure:
-    """An institution that did not deliver a usable result this round, and why."""
-
-    institution: str
-    reason: str
 
 
 @dataclass
@@ -119,7 +112,7 @@ def _mismatch(result: TrainResult, job: TrainJob, state: State | None, encoded: 
 class Server:
     config: FederationConfig
     catalogue: Catalogue
-    backend: Any  # has .train(jobs) -> list[TrainResult | Failure] and .shared_components(name)
+    backend: Backend
     state: State = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     aggregators: dict[str, Aggregator] = field(default_factory=dict)
@@ -173,7 +166,7 @@ class Server:
         start = time.perf_counter()
         f = self.config.federation
         sampled = self.sample(rnd)
-        context = {"round": rnd, "server": self, "backend": self.backend, "sampled": sampled}
+        context = RoundContext(rnd, server=self, backend=self.backend, sampled=sampled)
         for attempt in range(f.max_retries + 1):
             # 0. server stages that need a setup step with the sampled institutions before
             #    training (e.g. secure aggregation's key exchange) do it through backend.ask

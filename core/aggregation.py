@@ -1,0 +1,109 @@
+"""Helpers for per-component aggregation: validating a round's updates and combining
+their deltas in a safe accumulation dtype.
+
+Each institution that trained a component sends a :class:`ComponentUpdate` (a delta
+``trained - received`` and a weight: samples seen, or tokens routed to an expert). An
+aggregator (the contract and default rule: :class:`m3tfed.interfaces.Aggregator`) turns
+the current state of the component plus those updates into its next state, using the
+functions here so that every rule validates and accumulates the same way.
+
+Not here: choosing institutions, privacy (clipping, noise, secure aggregation) and the
+minimum-cohort policy. Those run before the aggregator, in the round loop and the update
+pipeline; the aggregator only sees the updates it is allowed to combine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from .messages import ComponentUpdate
+
+Tensor = torch.Tensor
+State = dict[str, Tensor]
+
+
+def float_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """The keys an aggregator combines: floating-point tensors, in the state's order."""
+    return [k for k, t in state.items() if torch.is_floating_point(t)]
+
+
+def accumulation_dtype(like: Tensor) -> torch.dtype:
+    """Sum in at least float32, so bf16/fp16 components do not lose small deltas."""
+    return torch.promote_types(like.dtype, torch.float32)
+
+
+def stack_deltas(key: str, updates: list[ComponentUpdate], like: Tensor) -> Tensor:
+    """``[n_updates, *shape]`` deltas for ``key`` on ``like``'s device, in the
+    accumulation dtype (for coordinate-wise rules such as median)."""
+    dtype = accumulation_dtype(like)
+    return torch.stack([u.delta[key].to(device=like.device, dtype=dtype) for u in updates])
+
+
+def weighted_mean_delta(key: str, updates: list[ComponentUpdate], like: Tensor) -> Tensor:
+    """``sum_i w_i * delta_i / sum_i w_i`` for ``key`` (one running sum, no stacking)."""
+    dtype = accumulation_dtype(like)
+    total = sum(float(u.weight) for u in updates)
+    acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
+    for u in updates:
+        acc.add_(u.delta[key].to(device=like.device, dtype=dtype), alpha=float(u.weight) / total)
+    return acc
+
+
+def check_updates(
+    component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
+) -> list[str]:
+    """Validate a round's updates for one component; return the float keys to combine.
+
+    Every update must be for ``component``, come from a distinct institution, carry a
+    positive finite weight, and hold a finite delta with the current shape for every
+    float key of ``current``. Keys ``current`` does not have are refused (they would
+    be silently dropped). Raises ``ValueError`` naming the component, institution, key.
+    """
+    if not updates:
+        raise ValueError(f"component {component!r}: no updates to aggregate")
+    keys = float_keys(current)
+    seen: set[str] = set()
+    for u in updates:
+        where = f"component {component!r}: update from institution {u.institution!r}"
+        if u.component != component:
+            raise ValueError(f"{where} is for component {u.component!r}")
+        if u.institution in seen:
+            raise ValueError(f"{where} appears twice in one round")
+        seen.add(u.institution)
+        try:
+            weight = float(u.weight)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if isinstance(u.weight, bool) or not (math.isfinite(weight) and weight > 0):
+            raise ValueError(
+                f"{where} has weight {u.weight!r}; weights must be finite and > 0 "
+                "(drop updates that saw no samples or no routed tokens)"
+            )
+        extra = sorted(set(u.delta) - set(current))
+        if extra:
+            raise ValueError(f"{where} has key {extra[0]!r} that the component does not have")
+        for k in keys:
+            if k not in u.delta:
+                raise ValueError(f"{where} lacks key {k!r}")
+            d = u.delta[k]
+            if not isinstance(d, Tensor):
+                raise ValueError(f"{where}: key {k!r} is a {type(d).__name__}, not a tensor")
+            if d.shape != current[k].shape:
+                raise ValueError(
+                    f"{where}: key {k!r} has shape {tuple(d.shape)}, "
+                    f"the component has {tuple(current[k].shape)}"
+                )
+            if not torch.is_floating_point(d):
+                raise ValueError(
+                    f"{where}: key {k!r} has dtype {d.dtype}; deltas must be floating point"
+                )
+        # One fused finiteness check per update; the per-key search only runs on failure.
+        if keys and not bool(
+            torch.isfinite(torch.cat([u.delta[k].reshape(-1) for k in keys])).all()
+        ):
+            bad = next(k for k in keys if not bool(torch.isfinite(u.delta[k]).all()))
+            raise ValueError(f"{where}: key {bad!r} holds NaN or infinite values")
+    return keys
