@@ -85,7 +85,8 @@ def default_accelerator():
 _ACCELERATOR = None
 
 
-# message kind -> handler(institution, payload) -> reply; protocol modules add their own.
+# Core's own messages: kind -> handler(institution, payload) -> reply. Plugins add theirs
+# with the register_message_handlers hook (the catalogue's message_handlers).
 MESSAGE_HANDLERS: dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]] = {}
 
 
@@ -126,9 +127,10 @@ class Institution:
     def handle(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Answer a server message of ``kind``; every backend delivers messages here, so
         a protocol step (e.g. a secure-aggregation round) is written once."""
-        handler = MESSAGE_HANDLERS.get(kind)
+        plugins = self.pool.catalogue.message_handlers  # register_message_handlers
+        handler = MESSAGE_HANDLERS.get(kind) or plugins.get(kind)
         if handler is None:
-            raise ValueError(f"{self.name}: unknown message kind {kind!r}; known: {', '.join(sorted(MESSAGE_HANDLERS))}")
+            raise ValueError(f"{self.name}: unknown message kind {kind!r}; known: {', '.join(sorted({*MESSAGE_HANDLERS, *plugins}))}")
         return handler(self, payload)
 
     def capabilities(self, payload: dict[str, Any] | None = None) -> dict[str, Any]:
