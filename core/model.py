@@ -127,14 +127,18 @@ class ModelOutput(NamedTuple):
 class EncoderSlot(nn.Module):
     """A modality encoder plus its modality embedding (added to every token)."""
 
-    def __init__(self, encoder: nn.Module, d_model: int, name: str, package: str):
+    def __init__(self, encoder: nn.Module, d_model: int, name: str, package: str, path: str = "model.encoders"):
         super().__init__()
         self.encoder = encoder
         self.embed = nn.Parameter(torch.zeros(d_model))
-        self.plugin, self.package = name, package
+        self.plugin, self.package, self.path = name, package, path
 
     def forward(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.encoder(inputs)
+        try:
+            out = self.encoder(inputs)
+        except Exception as exc:  # the encoder meets the institution's data here: say whose and which options
+            problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
+            raise ContractError("encoder", self.plugin, self.package, problem) from exc
         tokens, mask = check_tokens(out, self.embed.shape[0], "encoder", self.plugin, self.package)
         return tokens + self.embed, mask
 
@@ -215,7 +219,7 @@ class M3TModel(nn.Module):
         for m in modalities:
             pc = config.encoders[m]
             spec = cat.get("encoder", pc.plugin)
-            self.encoders[m] = EncoderSlot(_build(spec, f"model.encoders.{m}", d, pc.options), d, spec.name, spec.package)
+            self.encoders[m] = EncoderSlot(_build(spec, f"model.encoders.{m}", d, pc.options), d, spec.name, spec.package, f"model.encoders.{m}")
         self.tasks = nn.ModuleDict()
         for t in tasks:
             pc = config.tasks[t]

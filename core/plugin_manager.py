@@ -112,9 +112,18 @@ class PluginManager:
         credited to its plugin and one failing hook does not stop the rest."""
         cat = Catalogue()
         cat.broken.extend(self.load_errors)
+        # Built-ins first, then registration order, whatever ordering a hookimpl asks
+        # for (pluggy lists trylast implementations first): the first name wins, so a
+        # third-party plugin can never take a built-in's name.
+        registered = {name: i for i, name in enumerate(self.packages)}
+
+        def precedence(impl: Any) -> tuple[bool, int]:
+            package = self.packages.get(impl.plugin_name, impl.plugin_name)
+            return package != BUILTIN_DIST, registered.get(impl.plugin_name, len(registered))
+
         for hook_name, kind in HOOK_KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():  # registration order: the first name wins
+            for impl in sorted(hook.get_hookimpls(), key=precedence):
                 package = self.packages.get(impl.plugin_name, impl.plugin_name)
                 pending: list[Any] = []
                 try:

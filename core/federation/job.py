@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -308,7 +309,10 @@ def summarize(fed: Federation, results: dict[str, dict]) -> dict[str, Any]:
         agg = {}
         for m in results:
             vals = [r[m] for r in rows.values()]
-            agg[m] = {"mean": sum(vals) / len(vals), "worst": (min if higher else max)(vals)}
+            # min/max skip a NaN: a non-finite metric is the worst, and named
+            bad = sorted(n for n, r in rows.items() if not math.isfinite(r[m]))
+            worst = math.nan if bad else (min if higher else max)(vals)
+            agg[m] = {"mean": sum(vals) / len(vals), "worst": worst, **({"non_finite": bad} if bad else {})}
         summary[task] = {"metric": metric, "higher_is_better": higher, "institutions": rows, "summary": agg}
     return summary
 

@@ -38,6 +38,9 @@ class Failure:
 
     institution: str
     reason: str
+    # A bad config or a plugin breaking its contract fails the same way on every attempt:
+    # the round stops at once instead of retrying it.
+    permanent: bool = False
 
 
 @dataclass
@@ -188,6 +191,11 @@ class Server:
             # 3. drop failures (raised, timed out, non-finite) with the reason
             dropped = {}
             ok: list[TrainResult] = []
+            permanent = [r for r in results if isinstance(r, Failure) and r.permanent]
+            if permanent:
+                first = permanent[0]
+                also = f" (also {', '.join(r.institution for r in permanent[1:])})" if len(permanent) > 1 else ""
+                raise FederationError(f"round {rnd}: institution {first.institution!r}{also}: {first.reason}; not retried, it fails the same way every time")
             for job, res in zip(jobs, results):
                 reason = screen(res, job, self.state, encoded)
                 if reason:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from m3tfed.errors import CheckpointError
+from m3tfed.errors import CheckpointError, ConfigError, ContractError
 from m3tfed.federation.checkpoint import (
     flatten_components,
     load_checkpoint,
@@ -53,6 +53,9 @@ class SimulationBackend:
                 result = self.institutions[job.institution].train(job)
             except InstitutionTimeout as exc:
                 results.append(Failure(job.institution, f"timed out: {exc}"))
+                continue
+            except (ConfigError, ContractError) as exc:  # the same on every attempt: reported once by the server
+                results.append(Failure(job.institution, str(exc), permanent=True))
                 continue
             except Exception as exc:  # an institution's crash must not end the round
                 log.exception("institution %s failed", job.institution)
