@@ -75,3 +75,6 @@ class Failure:
 
     institution: str
     reason: str
+    # A bad config or a plugin breaking its contract fails the same way on every attempt:
+    # the round stops at once instead of retrying it.
+    permanent: bool = False
