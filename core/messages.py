@@ -60,9 +60,9 @@ class TrainResult:
     institution: str
     round: int
     updates: list[ComponentUpdate]
-    num_samples: int
-    loss: float
-    tokens_per_expert: dict[str, int]
+    num_samples: int  # 0 when withheld (differential privacy or secure aggregation)
+    loss: float | None  # None when withheld
+    tokens_per_expert: dict[str, int]  # empty when withheld
     seconds: float
     details: dict[str, Any] = field(
         default_factory=dict

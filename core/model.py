@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import Rule, setting
 from .contracts import build_module, check_module, check_tokens
-from .errors import ConfigError, ContractError
+from .errors import ConfigError, ContractError, Instrumentation
 from .moe import MoELayer
 from .plugin_manager import get_catalogue
 from .specs import Catalogue, ExpertSpec, Spec
@@ -136,6 +136,8 @@ class EncoderSlot(nn.Module):
     def forward(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             out = self.encoder(inputs)
+        except Instrumentation:
+            raise
         except Exception as exc:  # the encoder meets the institution's data here: say whose and which options
             problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
             raise ContractError("encoder", self.plugin, self.package, problem) from exc
