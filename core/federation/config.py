@@ -82,6 +82,9 @@ class FederationSettings:
     lr: float = 3e-3
     weight_decay: float = 0.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    # "persist": each institution keeps its optimizer state (AdamW moments) from one round
+    # to the next, at the institution, never sent; "fresh": a new optimizer every round.
+    optimizer_state: Literal["fresh", "persist"] = "fresh"
     timeout_s: float = 120.0  # per institution per round
     # Weight an expert's update by the tokens routed to it (Flower's weighted_by_key idea) or by samples.
     weight_experts_by: Literal["tokens", "samples"] = "tokens"

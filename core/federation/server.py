@@ -24,7 +24,7 @@ from ..config import to_dict
 from ..errors import FederationError
 from ..model import M3TModel
 from ..specs import Catalogue
-from .aggregation import Aggregator, ComponentUpdate
+from .aggregation import Aggregator, ComponentUpdate, mark_expert_rows
 from .checkpoint import checkpoint_path, flatten_components, save_checkpoint, unflatten_components
 from .config import FederationConfig
 from .institution import State, TrainJob, TrainResult, seed_for
@@ -209,6 +209,7 @@ class Server:
         context["succeeded"] = [r.institution for r in ok]
         for stage in self.server_stages:
             updates = stage.process(updates, context)
+        updates = mark_expert_rows(updates, self.config.model.expert_names, self.backend.components_of)
         by_component: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:
             by_component[u.component].append(u)
