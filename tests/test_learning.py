@@ -1,5 +1,12 @@
-"""Learning-quality mechanisms: per-institution optimizer state, per-expert router rows."""
+"""Learning-quality mechanisms: per-institution optimizer state, per-expert router rows,
+the thread setting."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed.federation.aggregation import ComponentUpdate, weighted_mean_delta
@@ -132,3 +139,39 @@ def test_a_router_row_is_not_shrunk_by_institutions_that_cannot_select_its_exper
     w = {n: fed.institutions[n].data.num_train for n in users}
     mean = sum(w[n] * jobs[n][key][g] for n in users) / sum(w.values())
     assert len(users) > 1 and torch.allclose(new[g], before[key][g] + mean, atol=1e-6)
+
+
+def test_threads_setting_is_applied_and_checked():
+    from m3tfed import ConfigError
+    from m3tfed.threads import resolve_threads, usable_cores
+
+    before = torch.get_num_threads()
+    try:
+        federation(["federation.threads=2"], rounds=1)
+        assert torch.get_num_threads() == 2
+        federation(rounds=1)  # the shipped default: one thread
+        assert torch.get_num_threads() == 1
+        assert resolve_threads(0) == usable_cores()
+        with pytest.raises(ConfigError, match="federation.threads"):
+            federation(["federation.threads=-1"], rounds=1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_bench_smoke(tmp_path):
+    bench = Path(__file__).parents[1] / "bench" / "threads.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "--smoke"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "threads" and result["smoke"] and result["shipped_threads"] == 1
+    for condition in ("idle", "busy"):
+        assert result["seconds"][condition]["1"] > 0
+        assert result["ratio_shipped_to_best"][condition] >= 1.0
+    assert (
+        result["busy_over_idle"] == result["seconds"]["busy"]["1"] / result["seconds"]["idle"]["1"]
+    )

@@ -92,6 +92,8 @@ class FederationSettings:
     # Update pipeline stages (plugins of kind "stage"), e.g. ["clip"]; privacy stages plug in here.
     pipeline: list[PluginConfig] = field(default_factory=list)
     personalize_steps: int = 20  # local fine-tuning of router + heads for the "personalized" model
+    # torch CPU threads per process (m3tfed.threads): 1 by default, 0 = every usable core.
+    threads: int = 1
 
 
 @dataclass
@@ -125,6 +127,8 @@ class FederationConfig:
         f = self.federation
         if not 0 < f.fraction <= 1:
             raise ConfigError("federation.fraction", f"must be in (0, 1], got {f.fraction}")
+        if f.threads < 0:
+            raise ConfigError("federation.threads", f"must be >= 0 (0 = every usable core), got {f.threads}")
         if f.min_institutions > len(self.institutions):
             raise ConfigError("federation.min_institutions", f"{f.min_institutions} exceeds the {len(self.institutions)} institutions")
         for key in self.aggregation:

@@ -18,6 +18,7 @@ import torch
 
 from ..model import M3TModel, ModelConfig, component_of
 from ..specs import Catalogue
+from ..threads import apply_threads
 from .aggregation import ComponentUpdate
 from .config import FederationSettings, InstitutionConfig
 from .data import InstitutionData, eval_batches, iterate_batches, model_inputs
@@ -136,6 +137,7 @@ class Institution:
     ):
         self.config, self.data, self.experts = config, data, experts
         self.settings, self.pool = settings, pool
+        apply_threads(settings.threads)  # one process-wide setting; every backend builds institutions
         self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
         self.weight_experts_by = weight_experts_by
         self.personal_state: State = {}
