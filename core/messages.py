@@ -38,7 +38,7 @@ class ComponentUpdate:
     # Router updates only: bool [E] over the global expert list, the experts this
     # institution can select. Set by the server from what it sent (mark_expert_rows),
     # never taken from the institution. None = every row.
-    expert_rows: torch.Tensor | None = None
+    expert_rows: torch.Tensor | None = field(default=None, kw_only=True)  # keyword-only: subclasses add positional fields
 
 
 @dataclass
