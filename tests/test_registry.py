@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,10 +97,16 @@ def test_registry_toml_parses_as_toml():
     tomllib.loads((ROOT / "registry.toml").read_text())
 
 
-def test_plugins_check_runs_every_contract():
-    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--check"], capture_output=True, text=True, check=True)
+def test_plugins_check_runs_every_kinds_check():
+    data = Path(os.environ.get("M3TFED_DATA", ROOT.parent / "shared" / "data"))
+    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--check", "--data", str(data)], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)["plugins"]
     checked = {(r["kind"], r["name"]): r["check"] for r in rows if "check" in r}
     assert checked[("expert", "swiglu")] == "passed" and checked[("router", "expert_choice")] == "passed"
-    assert all(v == "passed" for v in checked.values()), checked
-    assert {k for k, _ in checked} == {"encoder", "expert", "router", "task"}
+    assert checked[("data", "uci_student")] == "passed" and checked[("aggregator", "fedadam")] == "passed"
+    # built only inside a deployment / only with options: said so, not failed
+    assert checked[("backend", "flower")].startswith("skipped: config federation.backend.plugin")
+    assert checked[("data", "multi")].startswith("skipped: config data.options.sources")
+    skipped = {("backend", "flower"), ("data", "multi")}
+    assert all(v == "passed" for k, v in checked.items() if k not in skipped), checked
+    assert {k for k, _ in checked} == {"encoder", "expert", "router", "task", "aggregator", "data", "stage", "backend"}

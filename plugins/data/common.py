@@ -158,6 +158,7 @@ class RealSource:
     default_prefix = ""
     natural_modalities: tuple[str, ...] = ()
     natural_tasks: tuple[str, ...] = ()
+    example_groups: tuple[str, ...] = ()  # natural groups m3tfed.testing loads
 
     def __init__(
         self,
@@ -254,6 +255,12 @@ class RealSource:
                 _POOLS.pop(next(iter(_POOLS)))
             hit = _POOLS[key] = (stamp, self.read(root))
         return hit[1]
+
+    def example_institutions(self) -> list[dict[str, Any]]:
+        """One institution per ``example_groups`` entry, with every modality and task the
+        source provides under the config's names (what ``m3tfed.testing`` loads)."""
+        names = list(self.institutions) if self.institutions is not None else [self.prefix + g for g in self.example_groups]
+        return [{"name": n, "modalities": list(self.modality_names.values()), "tasks": list(self.task_names.values())} for n in names]
 
     def load(self, institutions: list, seed: int, data_root: Any = None) -> dict[str, InstitutionData]:
         pool = self.read_cached(Path(data_root) if data_root is not None else None)
