@@ -15,11 +15,19 @@ from .errors import ConfigError, M3TError
 log = logging.getLogger("m3tfed.cli")
 
 
+GENERATE = "-"  # `m3tfed plugins --registry` with no file
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugin_manager import get_catalogue
     from .registry import compare, load_registry
 
     catalogue = get_catalogue()
+    if args.registry == GENERATE:  # `--registry` alone: write the registry the specs make
+        from .registry import generate
+
+        sys.stdout.write(generate(catalogue))
+        return 0
     registry = load_registry(args.registry)
     rows = compare(registry, catalogue)
     broken = [{"plugin": b.plugin, "package": b.package, "kind": b.kind, "error": b.error} for b in catalogue.broken]
@@ -109,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--check", action="store_true", help="run m3tfed.testing's check on every installed plugin, of every kind")
     plugins.add_argument("--data", default=None, help="root folder the data sources read files from (with --check)")
-    plugins.add_argument("--registry", default=None, help="registry file (default: ./registry.toml or the packaged one)")
+    plugins.add_argument("--registry", nargs="?", const=GENERATE, default=None, metavar="FILE",
+                         help="compare with this registry file (default: ./registry.toml or the packaged one); "
+                         "without FILE: print the registry.toml the installed specs generate")
     plugins.set_defaults(func=cmd_plugins)
     add_plugin_commands(sub)
     return p

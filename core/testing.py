@@ -25,6 +25,7 @@ plugin and package) and an ``AssertionError`` (pytest shows it as a failed check
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from . import contracts
+from .contracts import count_params
 from .errors import ConfigError, ContractError
 from .interfaces import SIDES, Aggregator, Backend, RoundContext
 from .messages import ComponentUpdate
@@ -64,6 +66,7 @@ __all__ = [
     "check_task",
     "check_update_stage",
     "resolve_spec",
+    "training_memory_mb",
 ]
 
 
@@ -92,12 +95,28 @@ def _build(spec: Spec, seed: int, d_model: int, num_experts: int | None, options
     return contracts.build_module(spec, d_model, num_experts, **options)
 
 
+def training_memory_mb(module: nn.Module) -> int:
+    """MiB to train ``module`` in fp32 with AdamW: weights, gradients and two moments
+    for trainable parameters (16 bytes each), weights alone for frozen ones (4 bytes)."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return math.ceil((16 * trainable + 4 * frozen) / 2**20)
+
+
 def _check_params(spec: Spec, num_experts: int | None) -> None:
     if getattr(spec, "params", None) is None:
         return
     with torch.random.fork_rng(devices=[]):
         module = contracts.build_module(spec, REFERENCE_D_MODEL, num_experts)
     contracts.check_param_count(spec, module)
+    need = training_memory_mb(module)
+    if spec.min_memory_mb < need:
+        raise _fail(
+            spec,
+            f"declares min_memory_mb={spec.min_memory_mb:g} but training its {count_params(module):,} parameters "
+            f"(d_model={REFERENCE_D_MODEL}, fp32 + AdamW) takes {need} MiB; the memory filter would give it to "
+            "institutions that cannot train it",
+        )
 
 
 def _check_gradients(spec: Spec, module: nn.Module, loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor]) -> None:

@@ -59,7 +59,7 @@ class InstitutionConfig:
     tasks: list[str]
     # "small" institutions get only small experts (low-rank), so they can take part at all.
     compute: Literal["small", "base", "large"] = "base"
-    memory_mb: float | None = None  # experts whose registry min_memory_mb exceeds this are skipped
+    memory_mb: float | None = None  # experts whose spec's min_memory_mb exceeds this are skipped
     experts: list[str] | None = None  # explicit choice; default: resolved from tags and compute
     # How many experts it trains; default by compute (COMPUTE_EXPERT_BUDGET). 0 = no limit.
     max_experts: int | None = None
@@ -156,7 +156,8 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 
 def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue: Catalogue, registry: Registry | None = None) -> list[str]:
     """The experts an institution trains: explicit, or every expert whose tags match its
-    modalities/tasks (untagged = general) and whose size and memory fit its budget."""
+    modalities/tasks (untagged = general) and whose size and memory fit its budget.
+    Memory comes from the expert's spec; ``registry`` is accepted for callers that have one."""
     index = next(i for i, x in enumerate(cfg.institutions) if x is inst)
     path = f"institutions[{index}].experts"
     by_name: dict[str, ExpertConfig] = {e.name: e for e in cfg.model.experts}
@@ -188,8 +189,9 @@ def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue:
                 continue
             if inst.compute == "small" and spec.size != "small":
                 continue
-            entry = registry.find("expert", e.plugin) if registry else None
-            if inst.memory_mb is not None and entry is not None and entry.min_memory_mb > inst.memory_mb:
+            # the spec is the source of truth (registry.toml is generated from it), so the
+            # memory filter holds whether or not a registry file could be read
+            if inst.memory_mb is not None and spec.min_memory_mb > inst.memory_mb:
                 continue
             mods, tasks = expert_tags(e, spec)
             tags = sorted((mods & have_m) | (tasks & have_t))

@@ -60,6 +60,7 @@ def register_encoders(register):
             modality="tabular",
             build=TabularEncoder,
             params=PARAMS["tabular"],
+            min_memory_mb=1,  # fp32 weights, gradients and AdamW moments of PARAMS
             description="FT-Transformer feature tokenizer: one token per column; missing values get a learned embedding",
             **_COMMON,
         )
@@ -81,6 +82,7 @@ def register_encoders(register):
             modality="image",
             build=ImageEncoder,
             params=PARAMS["image"],
+            min_memory_mb=9,  # fp32 weights, gradients and AdamW moments of PARAMS
             description="ViT patch embedding + small transformer; one token per patch",
             **_COMMON,
         )
@@ -91,6 +93,7 @@ def register_encoders(register):
             modality="interactions",
             build=InteractionEncoder,
             params=PARAMS["sequence"],
+            min_memory_mb=9,  # fp32 weights, gradients and AdamW moments of PARAMS
             description="Knowledge-tracing log encoder: DKT interaction embedding + causal transformer layer",
             **_COMMON,
         )
