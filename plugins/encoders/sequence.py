@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from m3tfed import ModalityEncoder, Tokens
+from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
 
 
@@ -102,3 +102,17 @@ class InteractionEncoder(ModalityEncoder):
         mask = torch.arange(length)[None, :] < lengths[:, None]
         query = torch.randint(0, self.num_skills, (batch_size,), generator=generator)
         return {"skill": skill, "correct": correct, "mask": mask, "query_skill": query}
+
+
+# Registered by the package (``register_encoders``); ``params`` is counted at
+# REFERENCE_D_MODEL with default options and checked against the module.
+SPEC = EncoderSpec(
+    name="sequence",
+    modality="interactions",
+    build=InteractionEncoder,
+    version="0.1.0",
+    license="Apache-2.0",
+    params=582_656,
+    min_memory_mb=9,  # fp32 weights, gradients and AdamW moments
+    description="Knowledge-tracing log encoder: DKT interaction embedding + causal transformer layer",
+)
