@@ -43,9 +43,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                     row["check"] = f"skipped: {exc}"
                 except Exception as exc:  # report every failing plugin, not just the first
                     row["check"] = f"failed: {exc}"
+    # --check fails (exit 1) when any plugin is broken or fails its contract checks
+    failed = args.check and (broken or any(str(row.get("check", "")).startswith("failed") for row in rows))
     if args.json:
         print(json.dumps({"registry": registry.source, "plugins": rows, "broken": broken}, indent=2, default=str))
-        return 0
+        return 1 if failed else 0
     print(f"registry: {registry.source}")
     header = f"{'kind':<11}{'name':<22}{'package':<24}{'version':<9}{'status':<17}{'modalities/tasks'}"
     print(header)
@@ -62,7 +64,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(line)
     for b in catalogue.broken:
         print(f"BROKEN {b}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

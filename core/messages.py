@@ -60,9 +60,9 @@ class TrainResult:
     institution: str
     round: int
     updates: list[ComponentUpdate]
-    num_samples: int
-    loss: float
-    tokens_per_expert: dict[str, int]
+    num_samples: int  # 0 when withheld (differential privacy or secure aggregation)
+    loss: float | None  # None when withheld
+    tokens_per_expert: dict[str, int]  # empty when withheld
     seconds: float
     details: dict[str, Any] = field(
         default_factory=dict
@@ -75,3 +75,6 @@ class Failure:
 
     institution: str
     reason: str
+    # A bad config or a plugin breaking its contract fails the same way on every attempt:
+    # the round stops at once instead of retrying it.
+    permanent: bool = False

@@ -145,7 +145,16 @@ class PluginManager:
     def _call_each(self, cat: Catalogue, hook_name: str, kind: str):
         """Yield ``(plugin, package, [(args, kwargs) of each register call])`` per
         implementation of ``hook_name``; a raising implementation is reported broken."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():  # registration order: the first name wins
+        # Built-ins first, then registration order, whatever ordering a hookimpl asks
+        # for (pluggy lists trylast implementations first): the first name wins, so a
+        # third-party plugin can never take a built-in's name.
+        registered = {name: i for i, name in enumerate(self.packages)}
+
+        def precedence(impl: Any) -> tuple[bool, int]:
+            package = self.packages.get(impl.plugin_name, impl.plugin_name)
+            return package != BUILTIN_DIST, registered.get(impl.plugin_name, len(registered))
+
+        for impl in sorted(getattr(self.pm.hook, hook_name).get_hookimpls(), key=precedence):
             package = self.packages.get(impl.plugin_name, impl.plugin_name)
             calls = _Calls()
             try:

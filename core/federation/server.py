@@ -26,7 +26,14 @@ from ..interfaces import Aggregator, Backend, RoundContext
 from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
 from ..model import M3TModel
 from ..specs import Catalogue
-from .checkpoint import checkpoint_path, flatten_components, save_checkpoint, unflatten_components
+from .checkpoint import (
+    check_resumable,
+    checkpoint_path,
+    flatten_components,
+    run_id_of,
+    save_checkpoint,
+    unflatten_components,
+)
 from .config import FederationConfig
 from .institution import seed_for
 
@@ -77,7 +84,7 @@ def screen(result: TrainResult | Failure, job: TrainJob | None = None, state: St
         if u.delta and not torch.isfinite(torch.cat([v.reshape(-1) for v in u.delta.values()])).all():
             key = next(k for k, v in u.delta.items() if not torch.isfinite(v).all())
             return f"non-finite values in {u.component}:{key}"
-    if not math.isfinite(result.loss):
+    if result.loss is not None and not math.isfinite(result.loss):
         return f"non-finite training loss {result.loss}"
     return None
 
@@ -106,6 +113,13 @@ def _mismatch(result: TrainResult, job: TrainJob, state: State | None, encoded: 
                 shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
                 return f"wrong shape for {u.component}:{k}: {shape}, the component has {tuple(current[k].shape)}"
     return None
+
+
+def mean_loss(results: list[TrainResult]) -> float:
+    """Mean training loss over the replies that carry one (nan when every institution
+    withheld it under differential privacy or secure aggregation)."""
+    losses = [r.loss for r in results if r.loss is not None]
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 @dataclass
@@ -181,6 +195,11 @@ class Server:
             # 3. drop failures (raised, timed out, non-finite) with the reason
             dropped = {}
             ok: list[TrainResult] = []
+            permanent = [r for r in results if isinstance(r, Failure) and r.permanent]
+            if permanent:
+                first = permanent[0]
+                also = f" (also {', '.join(r.institution for r in permanent[1:])})" if len(permanent) > 1 else ""
+                raise FederationError(f"round {rnd}: institution {first.institution!r}{also}: {first.reason}; not retried, it fails the same way every time")
             for job, res in zip(jobs, results):
                 reason = screen(res, job, self.state, encoded)
                 if reason:
@@ -220,7 +239,7 @@ class Server:
             succeeded=sorted(r.institution for r in ok),
             dropped=dropped,
             contributors=contributors,
-            loss=sum(r.loss for r in ok) / len(ok),
+            loss=mean_loss(ok),
             seconds=time.perf_counter() - start,
             bytes_down=sum(tensor_bytes(j.components) for j in jobs),
             bytes_up=sum(tensor_bytes({u.component: u.delta}) for u in updates),
@@ -234,6 +253,9 @@ class Server:
 
     # -- checkpoints -----------------------------------------------------------
     def checkpoint(self) -> Path:
+        """Commit the round: institutions' personal state first, then the server
+        checkpoint, whose atomic rename is the round's one commit point."""
+        self.backend.save_personal(self.run_dir, self.round)
         tensors = flatten_components(self.state)
         for group, agg in self.aggregators.items():
             tensors.update({f"aggregator::{group}::{k}": v for k, v in agg.state_dict().items()})
@@ -244,12 +266,13 @@ class Server:
             "initialized": sorted(self.initialized),
             "history": [to_dict(r) for r in self.history],
             "config": to_dict(self.config),
+            "run_id": run_id_of(self.run_dir),
         }
-        path = save_checkpoint(checkpoint_path(self.run_dir, self.round), tensors, meta)
-        self.backend.save_personal(self.run_dir, self.round)
-        return path
+        return save_checkpoint(checkpoint_path(self.run_dir, self.round), tensors, meta)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if self.run_dir is not None:
+            check_resumable(self.run_dir, meta, to_dict(self.config))
         agg_states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         plain = {}
         for k, v in tensors.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m3tfed.errors import M3TError
+from m3tfed.errors import ConfigError, M3TError
 from m3tfed.federation.data import InstitutionData, take
 from m3tfed.federation.institution import seed_for
 
@@ -210,7 +210,8 @@ class RealSource:
         path = Path(folder)
         if not path.is_absolute():
             if data_root is None:
-                raise ValueError(f"data source {self.name!r}: folder {folder!r} is relative but no data root was given (m3tfed run --data DIR)")
+                # a configuration gap, not bad data: `plugins --check` reports it as skipped
+                raise ConfigError("data.options.folder", f"data source {self.name!r}: folder {folder!r} is relative but no data root was given (m3tfed run --data DIR)")
             path = Path(data_root) / path
         if not path.is_dir():
             raise DataFileError(path, f"data source {self.name!r}: folder not found")
