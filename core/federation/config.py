@@ -96,6 +96,12 @@ class EvaluationSettings:
     baselines: list[Literal["local", "dense_fedavg", "centralized"]] = field(default_factory=lambda: ["local", "dense_fedavg"])
     personalize: bool = True
     plots: bool = True
+    # Learning curves and early stopping read the validation split every `every` rounds
+    # (and after the last), on at most `val_samples` samples per institution (None = all).
+    every: int = 1
+    val_samples: int | None = None
+    # "best": the round with the lowest mean validation loss is the one tested; "last": the last.
+    keep: Literal["best", "last"] = "best"
 
 
 @dataclass
@@ -134,6 +140,10 @@ class FederationConfig:
             for t in inst.tasks:
                 if t not in self.model.tasks:
                     raise ConfigError(f"institutions[{i}].tasks", f"{t!r} is not in model.tasks; known: {', '.join(self.model.tasks)}")
+        if self.evaluation.every < 1:
+            raise ConfigError("evaluation.every", f"must be >= 1 (rounds between validation passes), got {self.evaluation.every}")
+        if self.evaluation.val_samples is not None and self.evaluation.val_samples < 1:
+            raise ConfigError("evaluation.val_samples", f"must be >= 1 or unset, got {self.evaluation.val_samples}")
         resolve_policies(self)  # profiles, budgets, cohorts vs federation size
 
     def aggregator_for(self, component: str) -> PluginConfig:
