@@ -67,7 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # What --protocol adds to a config (later --set overrides win): every baseline.
-PROTOCOL_OVERRIDES = ['evaluation.baselines=["local", "dense_fedavg", "centralized"]', "evaluation.personalize=true"]
+PROTOCOL_OVERRIDES = [
+    'evaluation.baselines=["local", "dense_fedavg", "fedprox", "fedavg_ft", "ditto", "centralized", "classical_pooled", "classical_local"]',
+    "evaluation.personalize=true",
+]
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -93,7 +93,10 @@ class FederationSettings:
 
 @dataclass
 class EvaluationSettings:
-    baselines: list[Literal["local", "dense_fedavg", "centralized"]] = field(default_factory=lambda: ["local", "dense_fedavg"])
+    # The compared methods (m3tfed.federation.baselines); `m3tfed run --protocol` runs them all.
+    baselines: list[Literal["local", "dense_fedavg", "fedprox", "fedavg_ft", "ditto", "centralized", "classical_pooled", "classical_local"]] = field(
+        default_factory=lambda: ["local", "dense_fedavg", "classical_pooled"]
+    )
     personalize: bool = True
     plots: bool = True
     # Learning curves and early stopping read the validation split every `every` rounds

@@ -10,6 +10,7 @@ Not for: training, or deciding which rounds evaluate (the run lifecycle does tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,6 +59,11 @@ class FinalTest:
         self.reads: dict[str, dict[str, int]] = {}  # method -> institution -> reads
 
     def evaluate(self, method: str, institution: Any, model: Any) -> tuple[Metrics, dict[str, list[int]]]:
+        return self.evaluate_with(method, institution, lambda split: evaluate_model(model, institution.config.tasks, split))
+
+    def evaluate_with(self, method: str, institution: Any, read: Callable[[dict[str, Any]], Any]) -> Any:
+        """``read(test split)`` once for ``method`` (a learner that is not an ``M3TModel``,
+        e.g. a classical baseline, computes its own metrics from the split)."""
         seen = self.reads.setdefault(method, {})
         if seen.get(institution.name):
             raise RepeatedTestRead(
@@ -65,4 +71,4 @@ class FinalTest:
                 "choices are made on validation and test is read once, at the end"
             )
         seen[institution.name] = 1
-        return evaluate_model(model, institution.config.tasks, institution.data.test)
+        return read(institution.data.test)

@@ -141,8 +141,11 @@ def finish(fed: Federation, run_dir: Path, curves: list[dict], fed_seconds: floa
     results: dict[str, dict] = {}
     results["fed_moe"], routing = read_test_once(fed, final)
     ctx = BaselineContext(final=final, progress=progress)
+    seconds = {"fed_moe": fed_seconds}
     for baseline in baselines:
+        t = time.perf_counter()
         results[baseline.name] = baseline.run(fed, ctx)
+        seconds[baseline.name] = time.perf_counter() - t
     summary = summarize(fed, results)
     comparison = compare(summary)
     out = {
@@ -157,6 +160,8 @@ def finish(fed: Federation, run_dir: Path, curves: list[dict], fed_seconds: floa
         "history": history,
         "kept_round": kept_round,
         "test_reads": final.reads,
+        "method_curves": ctx.curves,  # validation curves of the baselines that have rounds
+        "seconds": seconds,  # where the time goes, per method
     }
     write_json_atomic(run_dir / "metrics.json", out)
     expert_names = cfg.model.expert_names
@@ -171,7 +176,7 @@ def finish(fed: Federation, run_dir: Path, curves: list[dict], fed_seconds: floa
         print(format_table(summary))
         print("\nfed_moe against each method (one seed: mean relative advantage over institutions, share of institutions where the point estimate is better; no interval):")
         for base, c in comparison.items():
-            print(f"  vs {base:<14} {c['mean_relative_advantage']:+.1%}   better at {c['share_of_institutions_better']:.0%}")
+            print(f"  vs {base:<17} {c['mean_relative_advantage']:+.1%}   better at {c['share_of_institutions_better']:.0%}")
         print(f"\nrun folder: {run_dir}" + (f"; report: {run_dir / 'report.html'}" if cfg.evaluation.plots else ""))
     return out
 
@@ -219,6 +224,7 @@ class SeedProgress:
         self.seeds, self.out = seeds, out
         self.t0 = time.perf_counter()
         self.index, self.seed, self.seed_t0 = 0, 0, self.t0
+        self.first_guess: tuple[float, float] | None = None  # (when, seconds left) from the first seed's rounds
 
     def begin(self, index: int, seed: int) -> None:
         self.index, self.seed, self.seed_t0 = index, seed, time.perf_counter()
@@ -231,8 +237,11 @@ class SeedProgress:
         if msg.startswith("round ") and "/" in msg:  # "round r/R: ..." of the first seed
             r, total = (int(x) for x in msg.split(":")[0].removeprefix("round ").split("/"))
             # rounds only: the baselines after them are not in this first estimate
-            return "> " + _clock((now - self.seed_t0) / r * (total - r + total * (self.seeds - 1)))
-        return "?"
+            self.first_guess = (now, (now - self.seed_t0) / r * (total - r + total * (self.seeds - 1)))
+        if self.first_guess is None:
+            return "?"
+        at, guess = self.first_guess
+        return "> " + _clock(max(0.0, guess - (now - at)))
 
     def __call__(self, msg: str) -> None:
         elapsed = _clock(time.perf_counter() - self.t0)

@@ -75,11 +75,12 @@ def format_table(summary: dict[str, Any]) -> str:
         methods = list(s["summary"])
         arrow = "higher is better" if s["higher_is_better"] else "lower is better"
         lines.append(f"\n{task} — {s['metric']} ({arrow})")
-        lines.append(f"  {'institution':<20}" + "".join(f"{m:>14}" for m in methods))
+        w = max(14, *(len(m) + 2 for m in methods))
+        lines.append(f"  {'institution':<20}" + "".join(f"{m:>{w}}" for m in methods))
         for name, row in s["institutions"].items():
-            lines.append(f"  {name:<20}" + "".join(f"{row[m]:>14.4f}" for m in methods))
+            lines.append(f"  {name:<20}" + "".join(f"{row[m]:>{w}.4f}" for m in methods))
         for stat in ("mean", "worst"):
-            lines.append(f"  {stat:<20}" + "".join(f"{s['summary'][m][stat]:>14.4f}" for m in methods))
+            lines.append(f"  {stat:<20}" + "".join(f"{s['summary'][m][stat]:>{w}.4f}" for m in methods))
     return "\n".join(lines)
 
 
@@ -173,18 +174,40 @@ def format_seeds_table(combined: dict[str, Any], method: str = "fed_moe") -> str
         methods = list(s["summary"])
         arrow = "higher is better" if s["higher_is_better"] else "lower is better"
         lines.append(f"\n{task} — {s['metric']} ({arrow})")
-        lines.append(f"  {'institution':<20}" + "".join(f"{m:>20}" for m in methods))
+        w = max(20, *(len(m) + 2 for m in methods))
+        lines.append(f"  {'institution':<20}" + "".join(f"{m:>{w}}" for m in methods))
         for name, row in s["institutions"].items():
-            lines.append(f"  {name:<20}" + "".join(f"{fmt_interval(row[m]):>20}" for m in methods))
+            lines.append(f"  {name:<20}" + "".join(f"{fmt_interval(row[m]):>{w}}" for m in methods))
         for stat in ("mean", "worst"):
-            lines.append(f"  {stat:<20}" + "".join(f"{fmt_interval(s['summary'][m][stat]):>20}" for m in methods))
+            lines.append(f"  {stat:<20}" + "".join(f"{fmt_interval(s['summary'][m][stat]):>{w}}" for m in methods))
     lines.append(f"\n{method} against each method: mean relative advantage; institutions where the paired difference is beyond its 95% interval")
     for base, c in combined["comparison"].items():
         lo, hi = c["share_better_interval"]
         lines.append(
-            f"  vs {base:<14} {fmt_interval(c['mean_relative_advantage'], pct=True):>16}   "
+            f"  vs {base:<17} {fmt_interval(c['mean_relative_advantage'], pct=True):>16}   "
             f"better at {len(c['better_at'])}/{len(c['institutions'])} ({c['share_better']:.0%}, 95% CI {lo:.0%}-{hi:.0%}), worse at {len(c['worse_at'])}"
         )
     if combined["seeds"] < 2:
         lines.append("  (one seed: no interval, so no institution is counted as better or worse; run --seeds 3)")
+    return "\n".join(lines)
+
+
+def markdown_tables(combined: dict[str, Any], method: str = "fed_moe") -> str:
+    """:func:`across_seeds` as two Markdown tables (README, docs): per task the mean and
+    the worst institution per method (mean ± 95% half-interval over seeds), then the
+    paired comparison of ``method`` with every other method."""
+    tasks = combined["tasks"]
+    methods = list(next(iter(tasks.values()))["summary"]) if tasks else []
+    lines = ["| task (metric) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for task, t in tasks.items():
+        arrow = "↑" if t["higher_is_better"] else "↓"
+        cells = [f"{fmt_interval(t['summary'][m]['mean'])} / {fmt_interval(t['summary'][m]['worst'])}" for m in methods]
+        lines.append(f"| {task} ({t['metric']} {arrow}; {len(t['institutions'])} inst.) | " + " | ".join(cells) + " |")
+    lines += ["", f"| {method} vs | mean relative advantage | better at (beyond 95% interval) | share, Wilson 95% | worse at |", "|---|---|---|---|---|"]
+    for base, c in combined["comparison"].items():
+        lo, hi = c["share_better_interval"]
+        lines.append(
+            f"| {base} | {fmt_interval(c['mean_relative_advantage'], pct=True)} | {len(c['better_at'])}/{len(c['institutions'])} | "
+            f"{c['share_better']:.0%} ({lo:.0%}–{hi:.0%}) | {len(c['worse_at'])}/{len(c['institutions'])} |"
+        )
     return "\n".join(lines)

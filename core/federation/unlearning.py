@@ -185,7 +185,7 @@ def forget(
             write_json_atomic(out_dir / "data_report.json", {n: r for n, r in report.items() if n != institution})
         if (run_dir / "curves.json").exists():
             curves = json.loads((run_dir / "curves.json").read_text())
-            write_json_atomic(out_dir / "curves.json", [{**c, **({"metrics": {n: m for n, m in c["metrics"].items() if n != institution}} if "metrics" in c else {})} for c in curves if c["round"] < first])
+            write_json_atomic(out_dir / "curves.json", [_curve_without(c, institution) for c in curves if c["round"] < first])
         for rnd in range(1, first):  # a later forget may roll back to one of these
             t, m = load_checkpoint(checkpoint_path(run_dir, rnd))
             m.update(config=to_dict(fed.config), initialized=[n for n in m["initialized"] if n != institution], history=[_without(r, institution) for r in m["history"]])
@@ -211,6 +211,16 @@ def forget(
     }
     write_json_atomic(out_dir / FORGOTTEN_FILE, record)
     return record
+
+
+def _curve_without(entry: dict[str, Any], institution: str) -> dict[str, Any]:
+    """A curves.json entry without ``institution``'s validation metrics; its mean
+    validation loss (which counted it) is dropped, so early stopping in the new run
+    chooses among the retrained rounds only."""
+    out = {k: v for k, v in entry.items() if k != "val_loss"}
+    if "metrics" in out:
+        out["metrics"] = {n: m for n, m in out["metrics"].items() if n != institution}
+    return out
 
 
 def _without(report: dict[str, Any], institution: str) -> dict[str, Any]:

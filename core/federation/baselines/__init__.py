@@ -7,11 +7,22 @@ the run lifecycle calls each one after the federation trained, in :data:`BASELIN
 
 from .base import Baseline, BaselineContext, Results
 from .centralized import Centralized
+from .classical import ClassicalLocal, ClassicalPooled
 from .dense_fedavg import DenseFedAvg, dense_config
+from .ditto import Ditto
+from .fedavg_ft import FedAvgFineTune
+from .fedprox import FedProx
 from .local import Local
 from .personalized import Personalized
 
-BASELINES: dict[str, Baseline] = {b.name: b for b in (Personalized(), Local(), DenseFedAvg(), Centralized())}
+BASELINES: dict[str, Baseline] = {
+    b.name: b
+    for b in (Personalized(), Local(), DenseFedAvg(), FedProx(), FedAvgFineTune(), Ditto(), Centralized(), ClassicalPooled(), ClassicalLocal())
+}
+# What `m3tfed run` compares with by default (about 3 minutes on 2 cores) and what the
+# full protocol (`--protocol`) adds.
+CORE = ("local", "dense_fedavg", "classical_pooled")
+FULL = tuple(name for name in BASELINES if name != "personalized")
 
 
 def configured(evaluation) -> list[Baseline]:
@@ -20,4 +31,4 @@ def configured(evaluation) -> list[Baseline]:
     return [b for name, b in BASELINES.items() if name in wanted]
 
 
-__all__ = ["BASELINES", "Baseline", "BaselineContext", "Centralized", "DenseFedAvg", "Local", "Personalized", "Results", "configured", "dense_config"]
+__all__ = ["BASELINES", "CORE", "FULL", "Baseline", "BaselineContext", "Centralized", "ClassicalLocal", "ClassicalPooled", "DenseFedAvg", "Ditto", "FedAvgFineTune", "FedProx", "Local", "Personalized", "Results", "configured", "dense_config"]

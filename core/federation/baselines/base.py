@@ -10,8 +10,8 @@ method is held to the same protocol.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..build import Federation
 from ..evaluation import FinalTest, Metrics
@@ -23,6 +23,11 @@ Results = dict[str, Metrics]  # institution -> task -> metric -> value (test spl
 class BaselineContext:
     final: FinalTest  # the one door to the test split
     progress: Callable[[str], None]  # one line per step worth telling the user
+    # Work one baseline may reuse from another (e.g. the trained dense FedAvg federation
+    # that FedAvg + fine-tuning starts from), keyed by what it is.
+    shared: dict[str, Any] = field(default_factory=dict)
+    # Validation curves per method ({"round", "val_loss"} points), for the report.
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
 
 class Baseline(Protocol):
