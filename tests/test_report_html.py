@@ -31,7 +31,7 @@ def test_report_html_renders_its_plots_and_tables_without_console_errors(tmp_pat
     images = re.findall(r'<img [^>]*src="([^"]{0,40})', page)
     assert len(images) >= 4 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(?!data:)', page)
-    for heading in ("Learning curves (validation)", "Per-institution test results", "Worst institution per task", "Expert usage per institution", "Privacy ledger"):
+    for heading in ("Learning curves (validation)", "Per-institution test results", "Worst institution per task", "Expert usage per institution", "Where the time goes", "Privacy ledger"):
         assert heading in page, heading
 
     dom = chromium("--dump-dom", report.as_uri(), profile=tmp_path / "p1")
@@ -39,7 +39,7 @@ def test_report_html_renders_its_plots_and_tables_without_console_errors(tmp_pat
     rendered = re.search(r'data-rendered="images=(\d+)/(\d+);tables=(\d+);errors=(\d+)"', dom.stdout)
     assert rendered, "the page's load script never ran"
     ok, total, tables, errors = map(int, rendered.groups())
-    assert ok == total == len(images) and tables >= 6 and errors == 0
+    assert ok == total == len(images) and tables >= 7 and errors == 0
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
     assert not [line for line in console if re.search(r"error|uncaught", line, re.I)], console
 

@@ -138,6 +138,13 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None) -> 
         parts.append("<h2>Expert usage per institution × task</h2>")
         parts.append(_png(lambda b: plots.expert_usage(b, routing["tokens"], routing["experts"])))
 
+    # Where the time goes: wall seconds per method (mean over seeds).
+    timed = [m.get("seconds") or {} for m in metrics]
+    if any(timed):
+        methods = list(timed[0])
+        parts.append("<h2>Where the time goes</h2>")
+        parts.append(_table(["method", "seconds (mean over seeds)"], [[html.escape(m), f"{sum(t.get(m, 0.0) for t in timed) / len(timed):.1f}"] for m in methods]))
+
     ledger = PrivacyLedger.read(run_dirs[0])
     if ledger is not None:
         parts.append("<h2>Privacy ledger</h2>")
