@@ -85,9 +85,15 @@ class FederationSettings:
 
 @dataclass
 class EvaluationSettings:
-    baselines: list[Literal["local", "dense_fedavg", "centralized"]] = setting(factory=lambda: ["local", "dense_fedavg"], doc="compared with the federation")
+    # The compared methods (m3tfed.federation.baselines); `m3tfed run --protocol` runs them all.
+    baselines: list[Literal["local", "dense_fedavg", "fedprox", "fedavg_ft", "ditto", "centralized", "classical_pooled", "classical_local"]] = setting(
+        factory=lambda: ["local", "dense_fedavg", "classical_pooled"], doc="compared with the federation (m3tfed.federation.baselines)"
+    )
     personalize: bool = setting(True, doc="also evaluate the personalized model")
     plots: bool = setting(True, doc="write PNG plots into the run folder")
+    every: int = setting(1, ge=1, doc="rounds between validation passes (learning curves, early stopping); the last round is always evaluated")
+    val_samples: int | None = setting(None, ge=1, doc="validation samples per institution per pass (unset = all)")
+    keep: Literal["best", "last"] = setting("best", doc="`best`: the round with the lowest mean validation loss is the one tested; `last`: the last")
 
 
 @dataclass

@@ -21,7 +21,8 @@ from ..model import M3TModel, ModelConfig, component_of
 from ..specs import Catalogue
 from ..threads import apply_threads
 from .config import FederationSettings, InstitutionConfig
-from .data import InstitutionData, eval_batches, iterate_batches, model_inputs
+from .data import InstitutionData, iterate_batches, model_inputs
+from .evaluation import evaluate_model
 
 # The key in ``Institution.personal_state`` under which an institution keeps its own
 # optimizer state between rounds (``federation.optimizer_state = "persist"``). It is not a
@@ -310,26 +311,12 @@ class Institution:
         return total / max(steps, 1), tokens
 
     # -- evaluation --------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model: M3TModel, split: str = "test", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
-        """Metrics per task on a split, and tokens routed to each expert per task."""
-        model.eval()
-        data = getattr(self.data, split)
-        metrics, routing = {}, {}
-        for task in self.config.tasks:
-            preds, targets = [], []
-            counts = torch.zeros(len(model.expert_names), dtype=torch.long)
-            for batch in eval_batches(data, batch_size):
-                out = model(model_inputs(batch), task)
-                preds.append(out.pred)
-                targets.append(batch["targets"][task])
-                counts += out.tokens_per_expert
-            head = model.tasks[task].head
-            pred, target = torch.cat(preds), torch.cat(targets)
-            metrics[task] = {"loss": float(head.loss(pred, target)), **head.metrics(pred, target)}
-            routing[task] = counts.tolist()
-        model.train()
-        return metrics, routing
+    def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
+        """Metrics per task on ``"val"`` or ``"train"``, and tokens routed to each expert
+        per task. The test split is read once, at the end, through ``FinalTest`` only."""
+        if split not in ("train", "val"):
+            raise ValueError(f"{self.name}: evaluate reads 'train' or 'val', not {split!r}; the test split is read once at the end (m3tfed.federation.evaluation.FinalTest)")
+        return evaluate_model(model, self.config.tasks, getattr(self.data, split), batch_size)
 
 
 def save_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
