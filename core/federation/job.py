@@ -34,7 +34,7 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import privacy_stages
 from ..registry import Registry, load_registry
 from ..specs import Catalogue
-from .checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
+from .checkpoint import ERASED_FILE, load_checkpoint, round_checkpoints, write_json_atomic
 from .config import FederationConfig, load_config, resolve_selection
 from .data import iterate_batches, model_inputs
 from .institution import Institution, ModelPool, default_accelerator, seed_for
@@ -393,6 +393,8 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress=_progress)
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
+    if (run_dir / ERASED_FILE).exists():
+        raise CheckpointError(f"{run_dir}: an institution was erased from this run on its request ({ERASED_FILE}); continue the run folder forget wrote instead")
     cfg = load_config(json.loads((run_dir / "config.json").read_text()))
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     rounds = round_checkpoints(run_dir)

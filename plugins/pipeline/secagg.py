@@ -35,6 +35,7 @@ from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_key
 from m3tfed.federation.institution import MESSAGE_HANDLERS, Institution, seed_for
 from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
+from m3tfed.privacy.policy import resolve_policies
 from m3tfed.privacy.secagg import (
     CLIENT_METHODS,
     AggregatedUpdate,
@@ -96,6 +97,12 @@ class SecureAggregation:
             for c in groups
         }
         session = new_session(rnd)
+        policies = resolve_policies(server.config)
+        # the strictest min_cohort among each group's members (their clients refuse less)
+        need = {
+            c: max([2, *(policies[u].cohort_for(c) for u in members if u in policies)])
+            for c, members in groups.items()
+        }
         excluded = self.server.setup(
             session,
             rnd,
@@ -103,6 +110,7 @@ class SecureAggregation:
             self.layouts,
             backend.ask,
             seed=seed_for(server.config.seed, "secagg", rnd),
+            min_threshold=need,
         )
         self.reports.append(
             {
@@ -151,6 +159,17 @@ class SecureAggregation:
             if self.reports and self.reports[-1]["round"] == context["round"]
             else {"components": {}}
         )
+        ledger = context.get("privacy_ledger")
+        if ledger is not None:  # members that did not join at setup (a refusal, a dropout) are held
+            for comp, why in report.get("excluded_at_setup", {}).items():
+                for name, reason in why.items():
+                    ledger.hold(
+                        context["round"],
+                        name,
+                        comp,
+                        "secure_aggregation",
+                        f"not in the secure-aggregation group: {reason}",
+                    )
         refused: dict[str, dict[str, str]] = defaultdict(dict)
         masked: dict[str, dict[str, Any]] = defaultdict(dict)
         for u in updates:
@@ -196,7 +215,9 @@ class SecureAggregation:
                 continue
             # the policy stage counted the cohort on masked updates: members excluded here
             # may leave it below a policy's min_cohort
-            if (held := recheck_cohort(context, comp, list(res.survivors), res.dropped)) is not None:
+            if (
+                held := recheck_cohort(context, comp, list(res.survivors), res.dropped)
+            ) is not None:
                 entry["aggregated"], entry["held"] = False, held
                 continue
             entry["aggregated"] = True
@@ -236,7 +257,9 @@ class SecureAggregation:
     def load_client_state(self, name: str, state: dict[str, Any]) -> None:
         """Take back what :meth:`client_state` returned (in a new process)."""
         if state.get("name") != name:
-            raise SecAggMessageError(f"{name}: stored secure-aggregation state belongs to {state.get('name')!r}")
+            raise SecAggMessageError(
+                f"{name}: stored secure-aggregation state belongs to {state.get('name')!r}"
+            )
         self.clients[name] = SecAggClient.from_state_dict(state, self.settings)
 
     def mask(self, updates: list[ComponentUpdate], name: str, rnd: int) -> list[ComponentUpdate]:
@@ -248,6 +271,8 @@ class SecureAggregation:
         signed = {32: torch.int32, 64: torch.int64}[self.settings.codec.bits]
         out, seen = [], set()
         for u in updates:
+            if u.component in client.refused:
+                continue  # it did not join this component's sum (too small for its policy)
             group = client.groups.get(u.component)
             if group is None:
                 raise SecAggMessageError(
@@ -311,5 +336,16 @@ def _stage_of(inst: Institution) -> SecureAggregation:
     return stage
 
 
+def _client_of(inst: Institution) -> SecAggClient:
+    """``inst``'s protocol side, bound to its own policy's minimum cohort (so it refuses
+    a threshold or group the server chose too small for it)."""
+    client = _stage_of(inst).client(inst.name)
+    policy = getattr(inst.privacy, "policy", None)
+    client.min_cohort = policy.cohort_for if policy is not None else (lambda component: 2)
+    return client
+
+
 for _kind, _method in CLIENT_METHODS.items():
-    MESSAGE_HANDLERS[_kind] = lambda inst, payload, method=_method: getattr(_stage_of(inst).client(inst.name), method)(payload)
+    MESSAGE_HANDLERS[_kind] = lambda inst, payload, method=_method: getattr(
+        _client_of(inst), method
+    )(payload)
