@@ -258,3 +258,21 @@ def test_forget_all_equals_a_run_that_never_had_it_with_sampling_and_personal_pa
     assert a.keys() == b.keys()
     for comp, params in b.items():
         assert all(torch.equal(a[comp][k], v) for k, v in params.items()), comp
+
+
+def test_unlearning_bench_smoke_measures_forget_against_a_full_retrain(capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "unlearning.py"
+    spec = importlib.util.spec_from_file_location("unlearning_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.main(["--smoke"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    secs = result["seconds"]
+    assert all(v > 0 for v in secs.values()) and result["retrained_rounds"]["all"] == result["rounds"]
+    assert 1 <= result["retrained_rounds"]["touched"] <= result["rounds"] - result["first_contribution_round"] + 1
+    assert set(result["speedup_vs_retrain"]) == {"touched", "all"}
