@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_config_dict
-from m3tfed.federation.aggregation import Aggregator, ComponentUpdate
+from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate
 from m3tfed.federation.config import load_config
 from m3tfed.federation.job import build_federation
 from m3tfed.plugins.pipeline.privacy import CentralNoise, LocalPrivacy
@@ -19,7 +19,6 @@ from m3tfed.privacy.dp import (
 )
 from m3tfed.privacy.dpsgd import make_dp_optimizer, per_sample_grads
 from m3tfed.privacy.policy import PolicyConfig, resolve_policy
-from m3tfed.privacy.secagg import AggregatedUpdate
 from opacus.accountants import RDPAccountant
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,16 @@ class ComponentUpdate:
     # The component version the institution trained from. The built-in aggregators do
     # not use it; staleness-aware rules (FedAsync, FedBuff) can discount old bases.
     base_version: int = 0
+
+
+@dataclass
+class AggregatedUpdate(ComponentUpdate):
+    """Several institutions' updates already combined into one (secure aggregation's
+    unmasked sum, central DP's noised estimate): the weighted mean delta of
+    ``contributors`` and their total weight. It enters the aggregator as one update; the
+    round records every contributor (the server cannot tell which had weight 0)."""
+
+    contributors: list[str] = field(default_factory=list)
 
 
 class TooFewUpdates(ValueError):

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from ..model import M3TModel, ModelConfig, component_of
+from ..privacy.dp import privacy_report
+from ..seeds import seed_for  # noqa: F401  (where the federation's modules import it from)
 from ..specs import Catalogue
 from .aggregation import ComponentUpdate
 from .config import FederationSettings, InstitutionConfig
@@ -55,15 +57,6 @@ class TrainResult:
     tokens_per_expert: dict[str, int]  # empty when withheld
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)  # e.g. "deepspeed": per-rank shard sizes and timings
-
-
-def seed_for(*parts: int | str) -> int:
-    """A stable 63-bit seed from parts (Python's hash() of str is salted per process)."""
-    h = 1469598103934665603
-    for p in parts:
-        for b in str(p).encode():
-            h = ((h ^ b) * 1099511628211) % (1 << 63)
-    return h
 
 
 class ModelPool:
@@ -339,3 +332,4 @@ class Institution:
 
 
 MESSAGE_HANDLERS["capabilities"] = Institution.capabilities
+MESSAGE_HANDLERS["privacy_report"] = privacy_report  # every backend answers the policy stage

@@ -57,7 +57,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import ConfigError, FederationError
-from ..federation.aggregation import ComponentUpdate
 from . import shamir
 from .encoding import RingCodec
 
@@ -118,15 +117,6 @@ def neighbour_graph(members: list[str], degree: int, seed: int | str) -> dict[st
     return {
         u: sorted({order[(pos[u] + d) % n] for d in range(-half, half + 1) if d}) for u in members
     }
-
-
-@dataclass
-class AggregatedUpdate(ComponentUpdate):
-    """A securely aggregated update: the weighted mean delta of ``contributors`` (the
-    survivors; the server cannot tell which of them had weight 0) and their total weight.
-    It enters the aggregator as one update; the round records every contributor."""
-
-    contributors: list[str] = field(default_factory=list)
 
 
 # -- primitives ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ One config entry, ``{plugin = "secagg", options = {...}}``, runs:
   ``secagg.share``, ``secagg.deliver`` messages through ``backend.ask``), then
   ``process`` (order 50, before central DP noise): sum the masked vectors, ask the
   survivors for shares (``secagg.unmask``), remove the masks, and hand the aggregator one
-  :class:`~m3tfed.privacy.secagg.AggregatedUpdate` per component; a component whose sum
+  :class:`~m3tfed.federation.aggregation.AggregatedUpdate` per component; a component whose sum
   cannot be unmasked (too many dropouts for its threshold) is held for the round, with
   the reason in ``reports`` and the privacy ledger, and the others aggregate;
 - at each institution, ``process`` (order 80, after clipping and local DP noise): encode
@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 from m3tfed.errors import ConfigError
-from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
+from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate, float_keys
 from m3tfed.federation.institution import MESSAGE_HANDLERS, Institution, seed_for
 from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.policy import resolve_policies
 from m3tfed.privacy.secagg import (
     CLIENT_METHODS,
-    AggregatedUpdate,
     SecAggClient,
     SecAggError,
     SecAggMessageError,
