@@ -215,9 +215,9 @@ class Server:
             ask = getattr(self.backend, "ask", None)
             try:
                 self.declared_examples[name] = float(ask(name, "capabilities", {})["num_train"]) if ask else math.inf
-            except Exception as exc:  # no declaration: no bound (the other checks still run)
+            except Exception as exc:  # no declaration: no bound this time (asked again next round)
                 log.warning("%s declared no training examples (%s); its weights are not bounded", name, exc)
-                self.declared_examples[name] = math.inf
+                return {}
         by_tokens = self.config.federation.weight_experts_by == "tokens"
         return {c: self.declared_examples[name] for c in job.components if not (by_tokens and c.startswith("expert."))}
 
