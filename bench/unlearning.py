@@ -24,9 +24,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import Timer, emit  # noqa: E402
-from conftest import tiny_config_dict  # noqa: E402
+from m3tfed.defaults import default_config_dict  # noqa: E402
 from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from m3tfed.federation.job import run_job  # noqa: E402
 from m3tfed.federation.unlearning import forget  # noqa: E402
@@ -36,8 +35,19 @@ def quiet(msg: str) -> None:
     pass
 
 
+def tiny_config(rounds: int, n: int, fraction: float) -> dict:
+    """The default federation shrunk: n students a profile, 2 local steps, no baselines."""
+    d = default_config_dict()
+    d["rounds"] = rounds
+    d["federation"].update({"local_steps": 2, "batch_size": 8, "min_institutions": 2, "fraction": fraction})
+    for profile in d["data"]["options"]["profiles"].values():
+        profile["n"] = n
+    d["evaluation"] = {"baselines": [], "personalize": False, "plots": False}
+    return d
+
+
 def run(rounds: int, fraction: float, n: int) -> dict:
-    d = tiny_config_dict(rounds=rounds, n=n, fraction=fraction, min_institutions=2)
+    d = tiny_config(rounds, n, fraction)
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         with Timer() as original:
