@@ -31,11 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import Timer, emit  # noqa: E402
-from m3tfed.federation.aggregation import Aggregator, ComponentUpdate  # noqa: E402
+from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate  # noqa: E402
 from m3tfed.privacy.encoding import RingCodec  # noqa: E402
 from m3tfed.privacy.secagg import (  # noqa: E402
     CLIENT_METHODS,
-    AggregatedUpdate,
     SecAggClient,
     SecAggServer,
     SecAggSettings,

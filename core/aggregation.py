@@ -26,6 +26,11 @@ Tensor = torch.Tensor
 State = dict[str, Tensor]
 
 
+class TooFewUpdates(ValueError):
+    """An aggregator cannot combine this few updates (e.g. a trimmed mean that would trim
+    nothing): the server holds the component at its current state for the round."""
+
+
 def float_keys(state: Mapping[str, Tensor]) -> list[str]:
     """The keys an aggregator combines: floating-point tensors, in the state's order."""
     return [k for k, t in state.items() if torch.is_floating_point(t)]

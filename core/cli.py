@@ -101,8 +101,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     rec = forget(Path(args.run_dir), args.institution, out_dir=args.out, scope=args.scope)
     print(f"forgot {rec['institution']}: rolled back {len(rec['rolled_back'])} component(s) to round {rec['rolled_back_to_round']}, "
-          f"retrained rounds {rec['retrained_rounds'][0]}..{rec['retrained_rounds'][-1]}; new run folder {rec['run_dir']} "
-          f"(the original {rec['source_run']} still holds its influence: delete it to finish)")
+          f"retrained rounds {rec['retrained_rounds'][0]}..{rec['retrained_rounds'][-1]}; new run folder {rec['run_dir']}")
+    if "erased_from_source" in rec:  # its policy asks erasure on request: done, not left to the operator
+        print(f"erased from {rec['source_run']} (forget_on_request): {', '.join(rec['erased_from_source']) or 'nothing left to erase'}")
+    else:
+        print(f"the original {rec['source_run']} still holds its influence: delete it to finish")
     return 0
 
 
@@ -128,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("run_dir")
     forget.add_argument("--institution", required=True, help="the institution to forget")
     forget.add_argument("--out", default=None, help="new run folder (default: RUN_DIR-without-INSTITUTION)")
-    forget.add_argument("--scope", choices=("touched", "all"), default="touched",
-                        help="touched: roll back only the components it touched (default); all: every component, exactly a run without it")
+    forget.add_argument("--scope", choices=("touched", "all"), default=None,
+                        help="touched: roll back only the components it touched (default); all: retrain from the initial state, "
+                             "exactly a run without it (the default, and the only scope, for a forget_on_request policy)")
     forget.set_defaults(func=cmd_forget)
 
     plugins = sub.add_parser("plugins", help="list installed plugins beside registry.toml")

@@ -82,3 +82,13 @@ class Failure:
     # A bad config or a plugin breaking its contract fails the same way on every attempt:
     # the round stops at once instead of retrying it.
     permanent: bool = False
+
+
+@dataclass
+class AggregatedUpdate(ComponentUpdate):
+    """Several institutions' updates already combined into one (secure aggregation's
+    unmasked sum, central DP's noised estimate): the weighted mean delta of
+    ``contributors`` and their total weight. It enters the aggregator as one update; the
+    round records every contributor (the server cannot tell which had weight 0)."""
+
+    contributors: list[str] = field(default_factory=list)

@@ -42,6 +42,7 @@ def test_epsilon_recomputed_from_the_ledger_with_opacus_matches_what_it_claims(t
     run_job(d, name="acc", runs_dir=tmp_path, progress=lambda m: None)
     ledger = json.loads((tmp_path / "acc" / "privacy_ledger.json").read_text())
     names = [d["institutions"][i]["name"] for i in range(3)]
+    train = json.loads((tmp_path / "acc" / "data_report.json").read_text())[names[2]]["train"]
     checked = 0
     for name, mode in zip(names, ("central", "local", "sample")):
         rows = ledger["institutions"][name]
@@ -55,7 +56,7 @@ def test_epsilon_recomputed_from_the_ledger_with_opacus_matches_what_it_claims(t
                     and r["mode"] == mode
                 )
                 # client-level: the server samples from the public seed, so no amplification
-                assert r["sample_rate"] == (1.0 if mode != "sample" else pytest.approx(8 / 18))
+                assert r["sample_rate"] == (1.0 if mode != "sample" else pytest.approx(8 / train))  # batch 8 of its train split
                 assert r["steps"] == (2 if mode == "sample" else 1)
             eps = epsilon_from_releases(releases, 1e-5) if releases else 0.0
             assert row["epsilon_total"] == pytest.approx(eps, rel=1e-6)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_config_dict
-from m3tfed.federation.aggregation import Aggregator, ComponentUpdate
+from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate
 from m3tfed.federation.config import load_config
 from m3tfed.federation.job import build_federation
 from m3tfed.plugins.pipeline.privacy import CentralNoise, LocalPrivacy
@@ -19,7 +19,6 @@ from m3tfed.privacy.dp import (
 )
 from m3tfed.privacy.dpsgd import make_dp_optimizer, per_sample_grads
 from m3tfed.privacy.policy import PolicyConfig, resolve_policy
-from m3tfed.privacy.secagg import AggregatedUpdate
 from opacus.accountants import RDPAccountant
 
 
@@ -268,7 +267,7 @@ def test_dp_sgd_trains_the_moe_model_and_reports_epsilon():
 
     start = loss_now()
     priv.begin_round(1)
-    loss, tokens = inst.fit(model, 20, 2e-2, seed=0)
+    loss, tokens = inst.fit(model, 20, 5e-3, seed=0)
     assert priv.report(1)["epsilon_total"] > 0 and priv.report(1)["epsilon_round"] > 0
     assert tokens and sum(tokens.values()) > 0  # the experts were used under per-sample gradients
     assert loss_now() < start  # training still works under clipping + noise

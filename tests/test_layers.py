@@ -27,6 +27,7 @@ LAYERS = {
     "interfaces": 1,
     "contracts": 1,
     "modules": 1,
+    "seeds": 1,  # stable seeds from parts, imports nothing
     "threads": 1,  # process settings (torch threads), imports only torch
     "registry": 1,
     "plugin_manager": 1,
@@ -46,13 +47,11 @@ KNOWN_UPWARD = {
     ("m3tfed.privacy.attacks", "m3tfed.federation.config"): "privacy",
     ("m3tfed.privacy.attacks", "m3tfed.federation.data"): "privacy",
     ("m3tfed.privacy.attacks", "m3tfed.federation.job"): "privacy",
-    ("m3tfed.privacy.dp", "m3tfed.federation.institution"): "privacy",
     ("m3tfed.privacy.dpsgd", "m3tfed.federation.data"): "privacy",
     ("m3tfed.privacy.ledger", "m3tfed.federation.checkpoint"): "privacy",
-    ("m3tfed.privacy.secagg", "m3tfed.federation.aggregation"): "privacy",
 }
-# Issue 13, item 3: DP-SGD asks the router for a capability instead (privacy helper).
-KNOWN_PLUGIN_IMPORTS = {("m3tfed.privacy.dpsgd", "m3tfed.plugins.routers.topk"): "privacy"}
+# Issue 13, item 3: core imports no plugin (DP-SGD asks a router for its per-sample rule).
+KNOWN_PLUGIN_IMPORTS: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -166,7 +166,9 @@ def test_secure_aggregation_with_each_dp_mode(mode):
     want = epsilon_of([(1.0, q, 2)], 1e-5) if mode == "sample" else epsilon_of([(1.0, 1.0, 1)], 1e-5)
     for name in ALL:
         row = ledger["institutions"][name]["1"]
-        assert row["epsilon_total"] == pytest.approx(want) and row["held"] == [] and "trunk" in row["contributed"]
+        assert row["epsilon_total"] == pytest.approx(want) and "trunk" in row["contributed"]
+        # held only where it is alone in a group (its client does not join a group of one)
+        assert all(h["rule"] == "secure_aggregation" and "among 1 holders" in h["reason"] for h in row["held"])
     trunk = ledger["components"]["1"]["trunk"]
     if mode == "local":  # noise went on before masking: the mean of 6 carries std 1/sqrt(6)
         assert moved.std().item() == pytest.approx(1 / math.sqrt(6), rel=0.05)
@@ -181,7 +183,8 @@ def test_secure_aggregation_with_each_dp_mode(mode):
 def test_cohort_is_checked_again_after_unmasking():
     # Every institution requires all 6 on the trunk; community_college's masked trunk
     # vector is malformed, so secure aggregation excludes it after the policy stage
-    # counted 6 masked updates.
+    # counted 6 masked updates. The threshold was raised to the cohort (6), so the sum
+    # of the 5 others cannot be unmasked at all: it is held.
     cfg = load_config(with_policy({i: {"secure_aggregation": True, "min_cohort": {"trunk": 6}} for i in range(6)}, rounds=1))
     fed = build_federation(cfg)
     cc = fed.institutions["community_college"]
@@ -201,12 +204,12 @@ def test_cohort_is_checked_again_after_unmasking():
     assert rep.contributors["router"] == ALL  # the other components still aggregate
     ledger = privacy_ledger(fed).to_dict()
     trunk = ledger["components"]["1"]["trunk"]
-    assert trunk["rule"] == "min_cohort" and not trunk["aggregated"]
-    assert trunk["reason"].startswith("5 contributor(s) to trunk after unmasking, fewer than min_cohort 6")
+    assert trunk["rule"] == "secure_aggregation" and not trunk["aggregated"]
+    assert "threshold 6" in trunk["reason"] and trunk["contributors"] == sorted(set(ALL) - {"community_college"})
     assert [h["rule"] for h in ledger["institutions"]["community_college"]["1"]["held"]] == ["secure_aggregation"]
     assert "elements, expected" in ledger["institutions"]["community_college"]["1"]["held"][0]["reason"]
     hs = ledger["institutions"]["high_school"]["1"]
-    assert [h["rule"] for h in hs["held"]] == ["min_cohort"] and "trunk" not in hs["contributed"] and "router" in hs["contributed"]
+    assert [h["rule"] for h in hs["held"]] == ["secure_aggregation"] and "trunk" not in hs["contributed"] and "router" in hs["contributed"]
 
 
 def test_retried_round_charges_every_attempt():
@@ -253,13 +256,15 @@ def test_ferpa_gdpr_and_coppa_profiles_end_to_end():
     # central noise for FERPA/GDPR with the stricter (GDPR) sigma, scaled by 14 of 84 samples
     assert ledger["components"]["1"]["trunk"]["central_noise_std"] == pytest.approx(uni.noise_multiplier / 6)
     assert rep.contributors["trunk"] == ALL
-    # FERPA's cohort of 3: the text encoder (high_school, community_college) is held
+    # FERPA's cohort of 3: the text encoder (high_school, community_college) is held;
+    # high_school's secure-aggregation client does not even join a group of 2
     assert "encoder.text" not in rep.contributors
-    assert any(h["component"] == "encoder.text" and h["rule"] == "min_cohort" for h in rows["high_school"]["held"])
-    # COPPA's cohort of 5 holds components with fewer, such as the image encoder and the
-    # interactions encoder (3 contributors: enough for GDPR's 3, not for COPPA's 5)
+    assert any(h["component"] == "encoder.text" and h["rule"] == "secure_aggregation" and "requires at least 3" in h["reason"] for h in rows["high_school"]["held"])
+    # COPPA's cohort of 5: online_tutor does not join the interactions encoder's group of 3
+    # (enough for GDPR's 3, not for COPPA's 5); the 2 left are too few for GDPR's 3
     assert "encoder.image" not in rep.contributors and "encoder.interactions" not in rep.contributors
+    assert any(h["component"] == "encoder.interactions" and "requires at least 5" in h["reason"] for h in rows["online_tutor"]["held"])
     inter = ledger["components"]["1"]["encoder.interactions"]
-    assert "min_cohort 5 required by online_tutor" in inter["reason"]
+    assert "min_cohort 3 required by university" in inter["reason"]
     # tabular (5 contributors, not online_tutor) meets FERPA's and GDPR's 3
     assert rep.contributors["encoder.tabular"] == ["community_college", "high_school", "math_academy", "rural_school", "university"]

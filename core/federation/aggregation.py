@@ -8,6 +8,7 @@ all of them are exported from ``m3tfed``.
 from ..aggregation import (
     State,
     Tensor,
+    TooFewUpdates,
     accumulation_dtype,
     check_updates,
     float_keys,
@@ -16,10 +17,12 @@ from ..aggregation import (
     weighted_mean_delta,
 )
 from ..interfaces import Aggregator
-from ..messages import ComponentUpdate
+from ..messages import AggregatedUpdate, ComponentUpdate
 
 __all__ = [
+    "AggregatedUpdate",
     "Aggregator",
+    "TooFewUpdates",
     "ComponentUpdate",
     "State",
     "Tensor",

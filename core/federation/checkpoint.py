@@ -46,6 +46,9 @@ FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
 SEP = "::"  # component / parameter separator in flattened keys
+# In a run folder an institution was erased from on its request (unlearning.forget):
+# what carried its influence is gone, so the run must not be resumed.
+ERASED_FILE = "erased.json"
 
 _ROUND = re.compile(r"round_(\d+)")
 _REQUIRED = ("tensors_file", "tensors_sha256", "tensors_bytes", "meta")

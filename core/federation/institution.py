@@ -18,6 +18,8 @@ import torch
 from ..interfaces import RoundContext
 from ..messages import ComponentUpdate, State, TrainJob, TrainResult
 from ..model import M3TModel, ModelConfig, component_of
+from ..privacy.dp import privacy_report
+from ..seeds import seed_for  # noqa: F401  (where the federation's modules import it from)
 from ..specs import Catalogue
 from ..threads import apply_threads
 from .config import FederationSettings, InstitutionConfig
@@ -33,13 +35,6 @@ class InstitutionTimeout(RuntimeError):
     pass
 
 
-def seed_for(*parts: int | str) -> int:
-    """A stable 63-bit seed from parts (Python's hash() of str is salted per process)."""
-    h = 1469598103934665603
-    for p in parts:
-        for b in str(p).encode():
-            h = ((h ^ b) * 1099511628211) % (1 << 63)
-    return h
 
 
 class ModelPool:
@@ -339,3 +334,4 @@ def load_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torc
 
 
 MESSAGE_HANDLERS["capabilities"] = Institution.capabilities
+MESSAGE_HANDLERS["privacy_report"] = privacy_report  # every backend answers the policy stage

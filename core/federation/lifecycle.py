@@ -30,6 +30,7 @@ from ..privacy.ledger import PrivacyLedger
 from .baselines import BaselineContext, configured
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
+    ERASED_FILE,
     SEP,
     claim_run_dir,
     flatten_components,
@@ -84,6 +85,8 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress: Progress 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
+    if (run_dir / ERASED_FILE).exists():
+        raise CheckpointError(f"{run_dir}: an institution was erased from this run on its request ({ERASED_FILE}); continue the run folder forget wrote instead")
     cfg = load_config(json.loads((run_dir / "config.json").read_text()))
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     rounds = round_checkpoints(run_dir)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..aggregation import mark_expert_rows
+from ..aggregation import TooFewUpdates, mark_expert_rows
 from ..config import to_dict
 from ..errors import FederationError
 from ..interfaces import Aggregator, Backend, RoundContext
@@ -53,6 +53,7 @@ class RoundReport:
     bytes_down: int = 0
     bytes_up: int = 0
     attempts: int = 1
+    held: dict[str, str] = field(default_factory=dict)  # component -> why it was not aggregated
 
 
 def initial_state(config: FederationConfig, catalogue: Catalogue) -> State:
@@ -66,27 +67,71 @@ def tensor_bytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for comp in state.values() for t in comp.values())
 
 
-def screen(result: TrainResult | Failure, job: TrainJob | None = None, state: State | None = None, encoded: bool = False) -> str | None:
+def screen(
+    result: TrainResult | Failure,
+    job: TrainJob | None = None,
+    state: State | None = None,
+    encoded: bool = False,
+    max_weight: dict[str, float] | None = None,
+) -> str | None:
     """Why a result must be dropped, or None when it is usable.
 
+    Any reply is screened, whatever the backend delivered: the report fields have their
+    types (``loss`` a finite float or None when withheld, ``num_samples`` a count), every
+    update has a finite weight > 0 and at most ``max_weight[component]`` (the examples
+    the institution declared, for sample-weighted components) and finite float deltas.
     With the ``job`` it answers, a reply must also match what was sent: the same
     institution and round, only components the job carried, each once, trained from the
     version sent (a stale base is refused) and, unless updates are ``encoded`` on the
-    wire by a stage that validates them itself (secure aggregation), a delta with exactly
-    the float keys and shapes of the server's ``state``. Any backend gets these checks,
-    so a faulty or malicious node is dropped for the round, never merged.
+    wire by a stage that validates them itself (secure aggregation, whose weights travel
+    inside the mask), a delta with exactly the float keys and shapes of the server's
+    ``state``. A faulty or malicious node is dropped for the round, never merged.
     """
     if isinstance(result, Failure):
         return result.reason
+    if not isinstance(result, TrainResult):
+        return f"reply is a {type(result).__name__}, not a training result"
+    if (reason := _malformed_report(result)) is not None:
+        return reason
     if job is not None and (reason := _mismatch(result, job, state, encoded)):
         return reason
     for u in result.updates:
+        if not encoded and (reason := _bad_weight(u, (max_weight or {}).get(u.component))):
+            return reason
+        if not encoded and (bad := next((k for k, v in u.delta.items() if not isinstance(v, torch.Tensor) or not torch.is_floating_point(v)), None)):
+            kind = u.delta[bad].dtype if isinstance(u.delta[bad], torch.Tensor) else type(u.delta[bad]).__name__
+            return f"update to {u.component}:{bad} is {kind}; deltas must be floating point"
         # one fused check per update; the per-key search only runs on failure
         if u.delta and not torch.isfinite(torch.cat([v.reshape(-1) for v in u.delta.values()])).all():
             key = next(k for k, v in u.delta.items() if not torch.isfinite(v).all())
             return f"non-finite values in {u.component}:{key}"
     if result.loss is not None and not math.isfinite(result.loss):
         return f"non-finite training loss {result.loss}"
+    return None
+
+
+def _malformed_report(result: TrainResult) -> str | None:
+    checks = (
+        ("institution", isinstance(result.institution, str)),
+        ("round", isinstance(result.round, int) and not isinstance(result.round, bool)),
+        ("updates", isinstance(result.updates, list) and all(isinstance(u, ComponentUpdate) for u in result.updates)),
+        ("num_samples", isinstance(result.num_samples, int) and not isinstance(result.num_samples, bool) and result.num_samples >= 0),
+        ("loss", result.loss is None or (isinstance(result.loss, int | float) and not isinstance(result.loss, bool))),
+        ("tokens_per_expert", isinstance(result.tokens_per_expert, dict)),
+    )
+    bad = next((name for name, ok in checks if not ok), None)
+    return f"malformed report field {bad!r}: {getattr(result, bad)!r:.80}" if bad else None
+
+
+def _bad_weight(u: ComponentUpdate, bound: float | None) -> str | None:
+    try:
+        weight = float(u.weight)
+    except (TypeError, ValueError):
+        return f"weight of {u.component} is {u.weight!r:.40}, not a number"
+    if isinstance(u.weight, bool) or not (math.isfinite(weight) and weight > 0):
+        return f"weight of {u.component} is {u.weight!r}; it must be finite and > 0"
+    if bound is not None and weight > bound:
+        return f"weight of {u.component} is {weight:g}, more than the {bound:g} examples the institution declared"
     return None
 
 
@@ -136,6 +181,7 @@ class Server:
     # (round, institution, component) for every aggregated update: unlearning needs it.
     contributions: list[tuple[int, str, str]] = field(default_factory=list)
     initialized: set[str] = field(default_factory=set)  # institutions that got personal initial values
+    declared_examples: dict[str, float] = field(default_factory=dict)  # its capabilities' num_train
     run_dir: Path | None = None
     round: int = 0
 
@@ -159,6 +205,22 @@ class Server:
         f = self.config.federation
         k = max(f.min_institutions, math.ceil(f.fraction * len(names)))
         return sorted(random.Random(seed_for(self.config.seed, "sample", rnd)).sample(names, min(k, len(names))))
+
+    def weight_bounds(self, job: TrainJob) -> dict[str, float]:
+        """The most weight each sample-weighted component of ``job`` may carry: the
+        training examples the institution declared (its capabilities, asked once).
+        Token-weighted experts have no bound the server knows; under differential
+        privacy every weight is 1 and under secure aggregation weights are masked."""
+        name = job.institution
+        if name not in self.declared_examples:
+            ask = getattr(self.backend, "ask", None)
+            try:
+                self.declared_examples[name] = float(ask(name, "capabilities", {})["num_train"]) if ask else math.inf
+            except Exception as exc:  # no declaration: no bound this time (asked again next round)
+                log.warning("%s declared no training examples (%s); its weights are not bounded", name, exc)
+                return {}
+        by_tokens = self.config.federation.weight_experts_by == "tokens"
+        return {c: self.declared_examples[name] for c in job.components if not (by_tokens and c.startswith("expert."))}
 
     def make_job(self, name: str, rnd: int, attempt: int) -> TrainJob:
         wanted = self.backend.components_of(name)
@@ -202,7 +264,7 @@ class Server:
                 also = f" (also {', '.join(r.institution for r in permanent[1:])})" if len(permanent) > 1 else ""
                 raise FederationError(f"round {rnd}: institution {first.institution!r}{also}: {first.reason}; not retried, it fails the same way every time")
             for job, res in zip(jobs, results):
-                reason = screen(res, job, self.state, encoded)
+                reason = screen(res, job, self.state, encoded, None if encoded else self.weight_bounds(job))
                 if reason:
                     dropped[job.institution] = reason
                     log.warning("round %d: dropped %s: %s", rnd, job.institution, reason)
@@ -226,9 +288,14 @@ class Server:
         by_component: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:
             by_component[u.component].append(u)
-        contributors = {}
+        contributors, held = {}, {}
         for comp, comp_updates in sorted(by_component.items()):
-            self.state[comp] = self.aggregator(comp).aggregate(comp, self.state[comp], comp_updates)
+            try:
+                self.state[comp] = self.aggregator(comp).aggregate(comp, self.state[comp], comp_updates)
+            except TooFewUpdates as exc:  # e.g. a trimmed mean of too few: wait for a larger round
+                held[comp] = f"{exc}; component held at its current state"
+                log.warning("round %d: %s", rnd, held[comp])
+                continue
             self.versions[comp] += 1
             # an aggregated update (secure aggregation) names the institutions summed into it
             names = sorted(n for u in comp_updates for n in (getattr(u, "contributors", None) or [u.institution]))
@@ -246,6 +313,7 @@ class Server:
             bytes_down=sum(tensor_bytes(j.components) for j in jobs),
             bytes_up=sum(tensor_bytes({u.component: u.delta}) for u in updates),
             attempts=attempt + 1,
+            held=held,
         )
         self.history.append(report)
         self.round = rnd

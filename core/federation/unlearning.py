@@ -11,19 +11,29 @@ it was until the operator deletes it (that is what finishes the erasure).
 Two scopes:
 
 - ``touched`` (default, the architecture's design): only the components X touched are
-  rolled back and retrained; every other component keeps its newest state, bit for
-  bit (during the retrain their updates are dropped). Cheap, but those components were
-  trained beside X-influenced ones after ``r0``, so they may carry X's influence
-  indirectly.
-- ``all``: every component goes back to round ``r0 - 1`` and the rest of the run is
-  redone without X: exactly a run in which X never took part after ``r0`` (X had
-  contributed nothing before).
+  rolled back to round ``r0 - 1`` and retrained; every other component keeps its newest
+  state, bit for bit (during the retrain their updates are dropped). Cheap, but NOT
+  equal to a run without X: the kept components were trained beside X-influenced ones
+  after ``r0``, so they may carry X's influence indirectly, and rounds before ``r0``
+  were sampled among institutions that included X.
+- ``all``: every component goes back to the initial state and the whole run is redone
+  without X (a full retrain). It equals a run of the same config without X on the same
+  per-institution data: the server samples among the remaining institutions from round
+  1, every personal part starts from its initial value, seeds are per round, attempt and
+  institution. What can still differ: a partitioner that splits one dataset by the list
+  of institutions gave the others their data with X in that list (``forget`` keeps it,
+  a fresh run without X would re-split), and a retry caused by a node failing or timing
+  out is not replayed unless it fails again.
 
 Personal components are not in server checkpoints (each institution keeps only its
 newest), so the remaining institutions' personal parts restart from their initial
-values at ``r0`` in both scopes; X's personal state is not carried over.
+values at the restart round; X's personal state is not carried over.
 
-Any institution can be forgotten; ``forget_on_request`` in its policy is recorded.
+Any institution can be forgotten. For an institution whose policy sets
+``forget_on_request`` the erasure is enforced, not recorded: ``forget`` uses scope
+``all`` (and refuses ``touched``), and once the new run is written it deletes the source
+run's checkpoints from X's first contribution on and X's personal state, and marks the
+source with ``erased.json`` so it is neither resumed nor forgotten from again.
 Forgetting needs every round's checkpoint, which a run keeps (nothing prunes them).
 
 Not here: removing single students (that is a new run on the institution's reduced
@@ -46,6 +56,7 @@ from ..privacy.policy import resolve_policy
 from .aggregation import ComponentUpdate
 from .build import build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
+    ERASED_FILE,
     SEP,
     checkpoint_path,
     flatten_components,
@@ -87,15 +98,19 @@ def forget(
     run_dir: str | Path,
     institution: str,
     out_dir: str | Path | None = None,
-    scope: Literal["touched", "all"] = "touched",
+    scope: Literal["touched", "all"] | None = None,
     progress=print_progress,
 ) -> dict[str, Any]:
     """Forget ``institution`` from the run in ``run_dir``; write the result to ``out_dir``
     (default ``<run_dir>-without-<institution>``), a run folder like any other plus
-    ``forgotten.json``. Returns that record."""
+    ``forgotten.json``. Returns that record. ``scope`` defaults to ``all`` for an
+    institution whose policy sets ``forget_on_request`` (which refuses ``touched``),
+    else ``touched``."""
     run_dir = Path(run_dir)
-    if scope not in ("touched", "all"):
+    if scope not in ("touched", "all", None):
         raise ValueError(f"scope must be 'touched' or 'all', got {scope!r}")
+    if (run_dir / ERASED_FILE).exists():
+        raise CheckpointError(f"{run_dir}: an institution was already erased from this run ({ERASED_FILE}); forget from the run folder that forget wrote")
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
     config = json.loads((run_dir / "config.json").read_text())
@@ -103,6 +118,15 @@ def forget(
     names = [i.name for i in cfg.institutions]
     if institution not in names:
         raise ConfigError("institutions", f"no institution named {institution!r} in {run_dir}; the run has {', '.join(names)}")
+    index = names.index(institution)
+    policy = resolve_policy(institution, cfg.institutions[index].policy)
+    if scope is None:
+        scope = "all" if policy.forget_on_request else "touched"
+    if policy.forget_on_request and scope != "all":
+        raise ConfigError(
+            f"institutions[{index}].policy.forget_on_request",
+            f"{institution!r} requires erasure on request: only scope 'all' removes its influence (scope 'touched' keeps components trained beside it)",
+        )
     remaining = [i for i in config["institutions"] if i["name"] != institution]
     need = cfg.federation.min_institutions
     if len(remaining) < need:
@@ -123,7 +147,10 @@ def forget(
     mine = [(r, c) for r, n, c in final_meta["contributions"] if n == institution]
     if not mine:
         raise FederationError(f"{institution!r} contributed to no component in rounds 1..{last} of {run_dir}: the model does not depend on it")
-    first = min(r for r, _ in mine)
+    contributed_from = min(r for r, _ in mine)
+    # scope all restarts from the initial state: sampling, retries and personal parts of
+    # every round are then those of a run that never had the institution
+    first = 1 if scope == "all" else contributed_from
     touched = {c for _, c in mine}
 
     # The federation without the institution, on the data every institution had (a
@@ -194,13 +221,12 @@ def forget(
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # no half-forgotten run folder
         raise
-    policy = resolve_policy(institution, next(i for i in cfg.institutions if i.name == institution).policy)
     record = {
         "institution": institution,
         "forget_on_request": policy.forget_on_request,
         "scope": scope,
         "source_run": str(run_dir),
-        "first_contribution_round": first,
+        "first_contribution_round": contributed_from,
         "rolled_back_to_round": first - 1,
         "rolled_back": sorted(rolled),
         "kept": sorted(components - rolled),
@@ -210,6 +236,9 @@ def forget(
         "created": datetime.now().isoformat(),
     }
     write_json_atomic(out_dir / FORGOTTEN_FILE, record)
+    if policy.forget_on_request:
+        record["erased_from_source"] = erase_from_source(run_dir, institution, contributed_from, last)
+        write_json_atomic(out_dir / FORGOTTEN_FILE, record)
     return record
 
 
@@ -221,6 +250,23 @@ def _curve_without(entry: dict[str, Any], institution: str) -> dict[str, Any]:
     if "metrics" in out:
         out["metrics"] = {n: m for n, m in out["metrics"].items() if n != institution}
     return out
+
+
+def erase_from_source(run_dir: Path, institution: str, first: int, last: int) -> list[str]:
+    """The erasure an institution with ``forget_on_request`` is owed, done rather than
+    recorded: once the run without it is written, every checkpoint of ``run_dir`` that
+    carries its influence (rounds ``first`` .. ``last``) and its personal state are
+    deleted, and ``erased.json`` marks the folder so it is neither resumed nor forgotten
+    from again. Returns what was removed (paths relative to ``run_dir``)."""
+    removed = [checkpoint_path(run_dir, rnd) for rnd in range(first, last + 1)]
+    removed.append(run_dir / "institutions" / institution)
+    gone = []
+    write_json_atomic(run_dir / ERASED_FILE, {"institution": institution, "rounds": [first, last], "created": datetime.now().isoformat()})
+    for path in removed:
+        if path.exists():
+            shutil.rmtree(path)
+            gone.append(str(path.relative_to(run_dir)))
+    return gone
 
 
 def _without(report: dict[str, Any], institution: str) -> dict[str, Any]:

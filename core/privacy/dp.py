@@ -41,7 +41,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from ..federation.institution import seed_for
+from ..seeds import seed_for
 from .policy import Policy, resolve_policies
 
 State = dict[str, torch.Tensor]
@@ -375,15 +375,8 @@ def privacy_report(inst, payload: dict[str, Any]) -> dict[str, Any]:
     return priv.report(int(payload.get("round", 0)))
 
 
-def register_handlers() -> None:
-    from ..federation.institution import MESSAGE_HANDLERS
-
-    MESSAGE_HANDLERS.setdefault("privacy_report", privacy_report)
-
-
 def attach_privacy(cfg, institutions: dict) -> dict[str, InstitutionPrivacy]:
     """Give every institution whose policy asks for anything its own privacy state."""
-    register_handlers()
     out = {}
     for name, pol in resolve_policies(cfg).items():
         if not pol.active or name not in institutions:

@@ -67,6 +67,15 @@ from ..specs import Routing
 PerSample = Literal["auto", "batched", "loop"]
 
 
+# The routing rule DP-SGD can replay per sample: a router class that routes by it declares
+# ``per_sample_rule = PER_SAMPLE_RULE`` (softmax over the active experts' gate logits,
+# per-token top-k, optional renormalization, capacity(N, k, E) with first choices first,
+# load-balance and z aux losses) and exposes ``gate``, ``k``, ``renormalize``,
+# ``capacity``, ``noise_std`` and ``num_experts``. Core asks for the capability; it never
+# imports a router plugin.
+PER_SAMPLE_RULE = "softmax_top_k_gate"
+
+
 class UnsupportedModel(Instrumentation):
     """The batched per-sample path cannot run this model exactly; use the loop."""
 
@@ -287,13 +296,12 @@ class _PerSampleTrace:
             self._install(child)
 
     def _install_moe(self, moe: MoELayer) -> None:
-        try:
-            from m3tfed.plugins.routers.topk import TopKRouter
-        except ImportError as exc:  # pragma: no cover - the built-in plugins ship with the package
-            raise UnsupportedModel("the top-k router plugin is not importable") from exc
         router = moe.router
-        if type(router) is not TopKRouter:
-            raise UnsupportedModel(f"per-sample routing is implemented for the top-k router only, not {type(router).__name__}")
+        if vars(type(router)).get("per_sample_rule") != PER_SAMPLE_RULE:
+            raise UnsupportedModel(
+                f"{type(router).__name__} does not declare per_sample_rule = {PER_SAMPLE_RULE!r}: per-sample routing "
+                "is implemented for the softmax top-k gate rule only"
+            )
         if router.training and router.noise_std > 0:
             raise UnsupportedModel("noisy routing draws different noise per pass")
         if router.gate.weight.dtype != torch.float32:
@@ -485,7 +493,7 @@ class _PerSampleTrace:
 
     # -- per-sample top-k routing --------------------------------------------------
     def _route(self, router: nn.Module, args: tuple) -> Routing:
-        """:class:`TopKRouter`'s routing with each sample's tokens routed as if alone:
+        """The softmax top-k gate rule (:data:`PER_SAMPLE_RULE`) with each sample's tokens routed as if alone:
         the same per-token top-k, but capacity ``capacity(N_b)`` and the drop priority
         (first choices, then token order) within each sample, and aux losses computed
         per sample and averaged (so the batch loss stays the mean of sample losses)."""

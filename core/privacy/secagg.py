@@ -57,7 +57,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import ConfigError, FederationError
-from ..federation.aggregation import ComponentUpdate
 from . import shamir
 from .encoding import RingCodec
 
@@ -118,15 +117,6 @@ def neighbour_graph(members: list[str], degree: int, seed: int | str) -> dict[st
     return {
         u: sorted({order[(pos[u] + d) % n] for d in range(-half, half + 1) if d}) for u in members
     }
-
-
-@dataclass
-class AggregatedUpdate(ComponentUpdate):
-    """A securely aggregated update: the weighted mean delta of ``contributors`` (the
-    survivors; the server cannot tell which of them had weight 0) and their total weight.
-    It enters the aggregator as one update; the round records every contributor."""
-
-    contributors: list[str] = field(default_factory=list)
 
 
 # -- primitives ------------------------------------------------------------------------
@@ -232,6 +222,10 @@ class SecAggClient:
         self.round: int | None = None
         self.groups: dict[str, _ClientGroup] = {}
         self.clamped: dict[str, int] = {}
+        # The fewest members whose sum this institution lets the server learn, per
+        # component (its policy's min_cohort; set by the stage); never fewer than 2.
+        self.min_cohort: Callable[[str], int] = lambda component: 2
+        self.refused: dict[str, str] = {}  # component -> why it did not join this session
 
     def _group(self, payload: dict[str, Any], component: str) -> _ClientGroup:
         if payload.get("session") != self.session:
@@ -247,7 +241,7 @@ class SecAggClient:
     def advertise(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Step 0: fresh key pairs for every component this institution contributes to."""
         self.session, self.round = str(payload["session"]), int(payload["round"])
-        self.groups, self.clamped = {}, {}
+        self.groups, self.clamped, self.refused = {}, {}, {}
         out = {}
         for comp, spec in payload["components"].items():
             layout = [(str(k), int(n)) for k, n in spec.get("layout", [])]
@@ -279,6 +273,17 @@ class SecAggClient:
                 raise SecAggMessageError(
                     f"{self.name}: threshold {g.threshold} exceeds the {len(holders)} holders of component {comp!r}"
                 )
+            need = max(2, int(self.min_cohort(comp)))
+            if g.threshold < need or len(holders) < need:
+                # a sum of fewer members than its policy allows could be revealed: it
+                # does not join (the server excludes it from this component's sum)
+                self.refused[comp] = (
+                    f"{self.name} refuses secure aggregation of {comp!r} with threshold {g.threshold} among {len(holders)} holders: "
+                    f"its policy requires at least {need} (min_cohort, never fewer than 2)"
+                )
+                del self.groups[comp]
+                out[comp] = {"refused": self.refused[comp]}
+                continue
             g.b = os.urandom(32)
             xs = [g.index[h] for h in holders]
             s_shares = shamir.split(private_bytes(g.s_key), xs, g.threshold)
@@ -431,6 +436,7 @@ class SecAggClient:
             "session": self.session,
             "round": self.round,
             "clamped": dict(self.clamped),
+            "refused": dict(self.refused),
             "groups": {c: _group_state(g) for c, g in self.groups.items()},
         }
 
@@ -440,6 +446,7 @@ class SecAggClient:
         client = cls(str(state["name"]), settings)
         client.session, client.round = state["session"], state["round"]
         client.clamped = {str(c): int(n) for c, n in state.get("clamped", {}).items()}
+        client.refused = {str(c): str(r) for c, r in state.get("refused", {}).items()}
         client.groups = {str(c): _group_from_state(g) for c, g in state["groups"].items()}
         return client
 
@@ -454,7 +461,10 @@ def _group_state(g: _ClientGroup) -> dict[str, Any]:
         "index": dict(g.index),
         "threshold": g.threshold,
         "b": g.b.hex(),
-        "held": {u: [x, shamir.share_to_bytes(ss).hex(), shamir.share_to_bytes(bs).hex()] for u, (x, ss, bs) in g.held.items()},
+        "held": {
+            u: [x, shamir.share_to_bytes(ss).hex(), shamir.share_to_bytes(bs).hex()]
+            for u, (x, ss, bs) in g.held.items()
+        },
         "mask_with": list(g.mask_with),
         "delivered": g.delivered,
         "answered": g.answered,
@@ -469,7 +479,9 @@ def _group_from_state(d: dict[str, Any]) -> _ClientGroup:
         c_key=key(d["c_key"]),
         s_key=key(d["s_key"]),
         layout=[(str(k), int(n)) for k, n in d["layout"]],
-        neighbours={v: (bytes.fromhex(c), bytes.fromhex(s)) for v, (c, s) in d["neighbours"].items()},
+        neighbours={
+            v: (bytes.fromhex(c), bytes.fromhex(s)) for v, (c, s) in d["neighbours"].items()
+        },
         index={v: int(x) for v, x in d["index"].items()},
         threshold=int(d["threshold"]),
         b=bytes.fromhex(d["b"]),
@@ -524,9 +536,13 @@ class SecAggServer:
         layouts: dict[str, list[tuple[str, int]]],
         send: Send,
         seed: int | str = 0,
+        min_threshold: dict[str, int] | None = None,
     ) -> dict[str, dict[str, str]]:
         """Steps 0-2 for every component: ``groups`` its members, ``layouts`` the (key,
-        numel) its vector holds. Returns the exclusions ``{component: {institution: reason}}``."""
+        numel) its vector holds, ``min_threshold`` the fewest members whose sum its
+        members' policies let be revealed (the threshold is raised to it, up to the
+        holders; a member whose minimum a group cannot meet refuses to join).
+        Returns the exclusions ``{component: {institution: reason}}``."""
         self.session = session
         self.groups = {
             c: _ServerGroup(sorted(m), sum(n for _, n in layouts[c]) + 1) for c, m in groups.items()
@@ -573,7 +589,8 @@ class SecAggServer:
             degree = self.settings.degree_for(len(alive)) if alive else 0
             g.graph = neighbour_graph(alive, degree, f"{seed}|{c}") if alive else {}
             g.index = {u: i + 1 for i, u in enumerate(alive)}
-            g.threshold = self.settings.threshold_for(degree + 1)
+            need = max(2, (min_threshold or {}).get(c, 2))
+            g.threshold = min(max(self.settings.threshold_for(degree + 1), need), degree + 1)
         for u, comps in by_member.items():
             comps = [c for c in comps if u in self.groups[c].keys]
             if not comps:
@@ -593,6 +610,12 @@ class SecAggServer:
             )
             for c in comps:
                 if reply is None:
+                    continue
+                if (
+                    isinstance(reply.get("components", {}).get(c), dict)
+                    and "refused" in reply["components"][c]
+                ):
+                    self._exclude(c, u, f"share: {reply['components'][c]['refused']}")
                     continue
                 try:
                     r = reply["components"][c]
@@ -742,7 +765,9 @@ class SecAggServer:
                     refusals.setdefault(c, {})[v] = f"malformed unmask reply: {exc!r}"
         for c, (survivors, dropped) in plans.items():
             try:
-                results[c] = self._unmask(c, masked[c], survivors, dropped, answers[c], refusals.get(c))
+                results[c] = self._unmask(
+                    c, masked[c], survivors, dropped, answers[c], refusals.get(c)
+                )
             except SecAggError as exc:  # what was rebuilt is discarded: the sum stays masked
                 results[c] = self._held(c, survivors, dropped, str(exc))
         return dict(sorted(results.items()))
@@ -795,13 +820,17 @@ class SecAggServer:
             )
             sk = X25519PrivateKey.from_private_bytes(sk_bytes)
             for v in live:
-                m = prg(pair_seed(sk, g.keys[v][1], self.session, c, u, v), g.length, codec.unsigned)
+                m = prg(
+                    pair_seed(sk, g.keys[v][1], self.session, c, u, v), g.length, codec.unsigned
+                )
                 if v < u:  # v added +m
                     total -= m
                 else:
                     total += m
         values, weight = codec.decode(total)
-        return GroupResult(c, values, weight, survivors, {u: g.excluded.get(u, "dropped") for u in dropped})
+        return GroupResult(
+            c, values, weight, survivors, {u: g.excluded.get(u, "dropped") for u in dropped}
+        )
 
     def _check_recoverable(
         self, c: str, g: _ServerGroup, survivors: list[str], dropped: list[str]

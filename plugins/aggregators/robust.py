@@ -16,6 +16,7 @@ from m3tfed.federation.aggregation import (
     ComponentUpdate,
     State,
     Tensor,
+    TooFewUpdates,
     float_keys,
     stack_deltas,
 )
@@ -74,7 +75,7 @@ class TrimmedMean(Aggregator):
         k = math.floor(self.beta * n + 1e-9)  # 0.29 * 100 is 28.999...; still trims 29
         if self.beta > 0 and k == 0:
             need = math.ceil(1 / self.beta - 1e-9)
-            raise ValueError(
+            raise TooFewUpdates(
                 f"component {component!r}: trimmed_mean with beta={self.beta} trims "
                 f"floor({self.beta} * {n}) = 0 updates from each end; it needs at least "
                 f"{need} updates (got {n}). Raise beta, require more contributors, or use median."

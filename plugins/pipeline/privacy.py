@@ -25,11 +25,10 @@ import logging
 from collections import defaultdict
 
 from m3tfed.errors import ConfigError
-from m3tfed.federation.aggregation import Aggregator, ComponentUpdate
+from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate
 from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, l2_norm, noise_generator
 from m3tfed.privacy.ledger import PrivacyLedger
 from m3tfed.privacy.policy import Policy, resolve_policies
-from m3tfed.privacy.secagg import AggregatedUpdate
 
 log = logging.getLogger("m3tfed.privacy")
 

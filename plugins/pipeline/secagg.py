@@ -7,7 +7,7 @@ One config entry, ``{plugin = "secagg", options = {...}}``, runs:
   ``secagg.share``, ``secagg.deliver`` messages through ``backend.ask``), then
   ``process`` (order 50, before central DP noise): sum the masked vectors, ask the
   survivors for shares (``secagg.unmask``), remove the masks, and hand the aggregator one
-  :class:`~m3tfed.privacy.secagg.AggregatedUpdate` per component; a component whose sum
+  :class:`~m3tfed.federation.aggregation.AggregatedUpdate` per component; a component whose sum
   cannot be unmasked (too many dropouts for its threshold) is held for the round, with
   the reason in ``reports`` and the privacy ledger, and the others aggregate;
 - at each institution, ``process`` (order 80, after clipping and local DP noise): encode
@@ -34,11 +34,12 @@ import torch
 from m3tfed.errors import ConfigError
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
 from m3tfed.federation.institution import Institution, seed_for
+from m3tfed.messages import AggregatedUpdate
 from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
+from m3tfed.privacy.policy import resolve_policies
 from m3tfed.privacy.secagg import (
     CLIENT_METHODS,
-    AggregatedUpdate,
     SecAggClient,
     SecAggError,
     SecAggMessageError,
@@ -97,6 +98,12 @@ class SecureAggregation:
             for c in groups
         }
         session = new_session(rnd)
+        policies = resolve_policies(server.config)
+        # the strictest min_cohort among each group's members (their clients refuse less)
+        need = {
+            c: max([2, *(policies[u].cohort_for(c) for u in members if u in policies)])
+            for c, members in groups.items()
+        }
         excluded = self.server.setup(
             session,
             rnd,
@@ -104,6 +111,7 @@ class SecureAggregation:
             self.layouts,
             backend.ask,
             seed=seed_for(server.config.seed, "secagg", rnd),
+            min_threshold=need,
         )
         self.reports.append(
             {
@@ -152,6 +160,17 @@ class SecureAggregation:
             if self.reports and self.reports[-1]["round"] == context["round"]
             else {"components": {}}
         )
+        ledger = context.get("privacy_ledger")
+        if ledger is not None:  # members that did not join at setup (a refusal, a dropout) are held
+            for comp, why in report.get("excluded_at_setup", {}).items():
+                for name, reason in why.items():
+                    ledger.hold(
+                        context["round"],
+                        name,
+                        comp,
+                        "secure_aggregation",
+                        f"not in the secure-aggregation group: {reason}",
+                    )
         refused: dict[str, dict[str, str]] = defaultdict(dict)
         masked: dict[str, dict[str, Any]] = defaultdict(dict)
         for u in updates:
@@ -197,7 +216,9 @@ class SecureAggregation:
                 continue
             # the policy stage counted the cohort on masked updates: members excluded here
             # may leave it below a policy's min_cohort
-            if (held := recheck_cohort(context, comp, list(res.survivors), res.dropped)) is not None:
+            if (
+                held := recheck_cohort(context, comp, list(res.survivors), res.dropped)
+            ) is not None:
                 entry["aggregated"], entry["held"] = False, held
                 continue
             entry["aggregated"] = True
@@ -237,7 +258,9 @@ class SecureAggregation:
     def load_client_state(self, name: str, state: dict[str, Any]) -> None:
         """Take back what :meth:`client_state` returned (in a new process)."""
         if state.get("name") != name:
-            raise SecAggMessageError(f"{name}: stored secure-aggregation state belongs to {state.get('name')!r}")
+            raise SecAggMessageError(
+                f"{name}: stored secure-aggregation state belongs to {state.get('name')!r}"
+            )
         self.clients[name] = SecAggClient.from_state_dict(state, self.settings)
 
     def mask(self, updates: list[ComponentUpdate], name: str, rnd: int) -> list[ComponentUpdate]:
@@ -249,6 +272,8 @@ class SecureAggregation:
         signed = {32: torch.int32, 64: torch.int64}[self.settings.codec.bits]
         out, seen = [], set()
         for u in updates:
+            if u.component in client.refused:
+                continue  # it did not join this component's sum (too small for its policy)
             group = client.groups.get(u.component)
             if group is None:
                 raise SecAggMessageError(
@@ -312,10 +337,19 @@ def _stage_of(inst: Institution) -> SecureAggregation:
     return stage
 
 
+def _client_of(inst: Institution) -> SecAggClient:
+    """``inst``'s protocol side, bound to its own policy's minimum cohort (so it refuses
+    a threshold or group the server chose too small for it)."""
+    client = _stage_of(inst).client(inst.name)
+    policy = getattr(inst.privacy, "policy", None)
+    client.min_cohort = policy.cohort_for if policy is not None else (lambda component: 2)
+    return client
+
+
 def message_handlers() -> dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]]:
     """One handler per secure-aggregation message kind (registered by the pipeline
     plugin's ``register_message_handlers``): the institution's SecAgg client answers."""
     return {
-        kind: lambda inst, payload, method=method: getattr(_stage_of(inst).client(inst.name), method)(payload)
+        kind: lambda inst, payload, method=method: getattr(_client_of(inst), method)(payload)
         for kind, method in CLIENT_METHODS.items()
     }

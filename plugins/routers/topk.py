@@ -44,6 +44,12 @@ class TopKRouter(Router):
     mean_tokens(logsumexp(active logits)^2) (ST-MoE), which keeps logits small.
     """
 
+    # Capability (m3tfed.privacy.dpsgd.PER_SAMPLE_RULE): this class routes by exactly the
+    # softmax top-k gate rule above (``gate``, ``k``, ``renormalize``, ``capacity``,
+    # ``noise_std``), so DP-SGD can route each sample as if alone. A subclass that
+    # changes the rule does not inherit the claim (it is looked up on the class itself).
+    per_sample_rule = "softmax_top_k_gate"
+
     def __init__(
         self,
         d_model: int,

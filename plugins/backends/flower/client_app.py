@@ -214,7 +214,8 @@ def _restore_privacy(inst: Institution, payload: dict[str, Any]) -> dict[str, An
     rnd = int(payload["round"])
     if priv.accounted_round >= rnd:
         return {"kept": "own", "accounted_round": priv.accounted_round, "epsilon_total": priv.epsilon()}
-    priv.restore(payload["accountant"], rnd)
+    if not priv.restore(payload["accountant"], rnd):  # it would lower the epsilon this node counts
+        return {"kept": "own", "accounted_round": priv.accounted_round, "epsilon_total": priv.epsilon()}
     log.warning("%s: no privacy state of its own up to round %d; took the coordinator's ledger", inst.name, rnd)
     return {"kept": "ledger", "accounted_round": rnd, "epsilon_total": priv.epsilon()}
 
