@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..config import to_dict
-from ..errors import FederationError
+from ..errors import ConfigError, FederationError
 from ..model import M3TModel
 from ..specs import Catalogue
 from .aggregation import Aggregator, ComponentUpdate
@@ -150,7 +150,11 @@ class Server:
                 group = comp.split(".")[0]
                 if group not in self.aggregators:
                     pc = self.config.aggregator_for(comp)
-                    self.aggregators[group] = self.catalogue.get("aggregator", pc.plugin).build(**pc.options)
+                    try:
+                        self.aggregators[group] = self.catalogue.get("aggregator", pc.plugin).build(**pc.options)
+                    except (TypeError, ValueError) as exc:  # options the aggregator rejects
+                        key = group if group in self.config.aggregation else "default"
+                        raise ConfigError(f"aggregation.{key}.options", f"aggregator plugin {pc.plugin!r}: {exc}") from None
 
     def aggregator(self, component: str) -> Aggregator:
         return self.aggregators[component.split(".")[0]]
