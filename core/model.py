@@ -137,8 +137,13 @@ class EncoderSlot(nn.Module):
         try:
             out = self.encoder(inputs)
         except Exception as exc:  # the encoder meets the institution's data here: say whose and which options
-            problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
-            raise ContractError("encoder", self.plugin, self.package, problem) from exc
+            # Re-raised as is (callers may catch its type, e.g. DP-SGD's hooks), marked
+            # with the plugin and key so a backend reports it once, without retrying.
+            if not hasattr(exc, "plugin_failure"):
+                problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
+                exc.plugin_failure = str(ContractError("encoder", self.plugin, self.package, problem))
+                exc.add_note(exc.plugin_failure)
+            raise
         tokens, mask = check_tokens(out, self.embed.shape[0], "encoder", self.plugin, self.package)
         return tokens + self.embed, mask
 

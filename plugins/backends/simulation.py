@@ -60,6 +60,9 @@ class SimulationBackend:
                 results.append(Failure(job.institution, str(exc), permanent=True))
                 continue
             except Exception as exc:  # an institution's crash must not end the round
+                if hasattr(exc, "plugin_failure"):  # a plugin failing on this data (model.py): the same every attempt
+                    results.append(Failure(job.institution, exc.plugin_failure, permanent=True))
+                    continue
                 log.exception("institution %s failed", job.institution)
                 results.append(Failure(job.institution, f"raised {type(exc).__name__}: {exc}"))
                 continue
