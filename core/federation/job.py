@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..config import to_dict
+from ..config import IDENTIFIER, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..model import ExpertConfig, M3TModel, PluginConfig, component_of
 from ..plugin_manager import get_catalogue
@@ -383,6 +383,8 @@ def run_job(
     """Run a federation end to end. ``stop_after`` stops after that round (tests of resume)."""
     cfg = load_config(config, overrides)
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not IDENTIFIER.fullmatch(name):  # it becomes a folder: never one outside runs_dir
+        raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
     run_dir = Path(runs_dir) / name
     claim_run_dir(run_dir, {"data_root": str(data_root) if data_root else None, "created": datetime.now().isoformat()})  # refuses a reused folder
     try:
