@@ -13,6 +13,8 @@ Parameter names map onto federation components (:func:`component_of`):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -134,16 +136,8 @@ class EncoderSlot(nn.Module):
         self.plugin, self.package, self.path = name, package, path
 
     def forward(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
+        with blame("encoder", self.plugin, self.package, self.path, "forward"):
             out = self.encoder(inputs)
-        except Exception as exc:  # the encoder meets the institution's data here: say whose and which options
-            # Re-raised as is (callers may catch its type, e.g. DP-SGD's hooks), marked
-            # with the plugin and key so a backend reports it once, without retrying.
-            if not hasattr(exc, "plugin_failure"):
-                problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
-                exc.plugin_failure = str(ContractError("encoder", self.plugin, self.package, problem))
-                exc.add_note(exc.plugin_failure)
-            raise
         tokens, mask = check_tokens(out, self.embed.shape[0], "encoder", self.plugin, self.package)
         return tokens + self.embed, mask
 
@@ -151,10 +145,27 @@ class EncoderSlot(nn.Module):
 class TaskSlot(nn.Module):
     """A task head plus its task embedding (the task token, also added to router input)."""
 
-    def __init__(self, head: nn.Module, d_model: int):
+    def __init__(self, head: nn.Module, d_model: int, name: str = "?", package: str = "", path: str = "model.tasks"):
         super().__init__()
         self.head = head
         self.embed = nn.Parameter(torch.randn(d_model) * 0.02)
+        self.plugin, self.package, self.path = name, package, path
+
+
+@contextlib.contextmanager
+def blame(kind: str, plugin: str, package: str, path: str, call: str) -> Iterator[None]:
+    """Where plugin code meets an institution's data (an encoder's forward, a head's
+    loss): an exception is re-raised as is (callers may catch its type, e.g. DP-SGD's
+    hooks) but marked ``plugin_failure`` with the plugin, its package and its options key,
+    so a backend reports it once instead of retrying what fails the same way each time."""
+    try:
+        yield
+    except Exception as exc:
+        if not hasattr(exc, "plugin_failure"):
+            problem = f"{call} raised {type(exc).__name__}: {exc} (its options: {path}.options)"
+            exc.plugin_failure = str(ContractError(kind, plugin, package, problem))
+            exc.add_note(exc.plugin_failure)
+        raise
 
 
 class Attention(nn.Module):
@@ -231,7 +242,8 @@ class M3TModel(nn.Module):
         self.tasks = nn.ModuleDict()
         for t in tasks:
             pc = config.tasks[t]
-            self.tasks[t] = TaskSlot(_build(cat.get("task", pc.plugin), f"model.tasks.{t}", d, pc.options, check=check_contracts), d)
+            spec = cat.get("task", pc.plugin)
+            self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}")
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -287,14 +299,19 @@ class M3TModel(nn.Module):
             if tpe is not None:
                 counts += tpe.detach().to(counts.device).long()
         x = self.norm(x)
-        pred = self.tasks[task].head(x, mask)
+        slot = self.tasks[task]
+        with blame("task", slot.plugin, slot.package, slot.path, "head forward"):
+            pred = slot.head(x, mask)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
         return ModelOutput(pred, aux_loss, aux, counts)
 
     def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
         out = self(batch, task)
-        return self.tasks[task].head.loss(out.pred, target) + out.aux_loss, out
+        slot = self.tasks[task]
+        with blame("task", slot.plugin, slot.package, slot.path, "loss"):
+            loss = slot.head.loss(out.pred, target)
+        return loss + out.aux_loss, out
 
     # -- federation view ----------------------------------------------------------
     def _component_params(self) -> dict[str, dict[str, nn.Parameter]]:

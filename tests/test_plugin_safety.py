@@ -207,6 +207,23 @@ def test_an_error_that_retrying_cannot_fix_is_shown_once_with_plugin_key_and_ins
     assert not [r for r in caplog.records if r.exc_info]  # no traceback per institution
 
 
+def test_a_task_head_failing_on_the_data_is_not_retried_either():
+    # symbol labels reach 3; a head built for 2 classes fails on them every attempt
+    d = tiny_config_dict(rounds=1, max_retries=3)
+    d["institutions"] = [i for i in d["institutions"] if i["name"] in ("university", "math_academy", "rural_school")]
+    d["model"]["tasks"]["symbol"]["options"]["num_classes"] = 2
+    fed = build_federation(load_config(d))
+    calls = []
+    train = fed.server.backend.train
+    fed.server.backend.train = lambda jobs: calls.append(len(jobs)) or train(jobs)
+    with pytest.raises(FederationError) as err:
+        fed.server.run_round(1)
+    assert len(calls) == 1
+    msg = str(err.value)
+    assert "institution 'math_academy'" in msg and "task plugin 'classification' (from m3tfed): loss raised" in msg
+    assert "model.tasks.symbol.options" in msg
+
+
 # -- non-finite metrics ----------------------------------------------------------------------
 class NaNAtEvaluation(nn.Module):
     """Fine while training, NaN once evaluated (an expert that diverges late)."""
