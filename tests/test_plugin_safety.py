@@ -210,7 +210,9 @@ def test_an_error_that_retrying_cannot_fix_is_shown_once_with_plugin_key_and_ins
 def test_a_task_head_failing_on_the_data_is_not_retried_either():
     # symbol labels reach 3; a head built for 2 classes fails on them every attempt
     d = tiny_config_dict(rounds=1, max_retries=3)
-    d["institutions"] = [i for i in d["institutions"] if i["name"] in ("university", "math_academy", "rural_school")]
+    d["institutions"] = [
+        i for i in d["institutions"] if i["name"] in ("university", "math_academy", "rural_school")
+    ]
     d["model"]["tasks"]["symbol"]["options"]["num_classes"] = 2
     fed = build_federation(load_config(d))
     calls = []
@@ -220,8 +222,52 @@ def test_a_task_head_failing_on_the_data_is_not_retried_either():
         fed.server.run_round(1)
     assert len(calls) == 1
     msg = str(err.value)
-    assert "institution 'math_academy'" in msg and "task plugin 'classification' (from m3tfed): loss raised" in msg
+    assert (
+        "institution 'math_academy'" in msg
+        and "task plugin 'classification' (from m3tfed): loss raised" in msg
+    )
     assert "model.tasks.symbol.options" in msg
+
+
+class RaisesWhileTraining(nn.Module):
+    def __init__(self, d_model, **options):
+        super().__init__()
+        self.lin = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("out of device memory")  # may pass on a retry: retried
+        return self.lin(x)
+
+
+def test_an_error_that_may_pass_is_retried_with_its_traceback_logged_once(caplog):
+    class Flaky:
+        __name__ = "flaky"
+
+        @hookimpl
+        def register_experts(self, register):
+            register(
+                ExpertSpec(name="flaky", build=RaisesWhileTraining, version="1", license="MIT")
+            )
+
+    d = tiny_config_dict(rounds=1, max_retries=2)
+    d["institutions"] = [
+        i for i in d["institutions"] if i["name"] in ("university", "rural_school")
+    ]
+    d["model"]["experts"][0]["plugin"] = "flaky"
+    for inst in d["institutions"]:
+        inst["experts"] = ["general_0"]
+    fed = build_federation(load_config(d), catalogue=catalogue_from([Flaky()]))
+    with (
+        caplog.at_level(logging.WARNING, logger="m3tfed"),
+        pytest.raises(FederationError, match="after 3 attempts"),
+    ):
+        fed.server.run_round(1)
+    failures = [
+        r for r in caplog.records if "failed" in r.getMessage() and r.name == "m3tfed.simulation"
+    ]
+    assert len(failures) == 6  # 2 institutions x 3 attempts
+    assert len([r for r in failures if r.exc_info]) == 1  # one traceback, then one line each
 
 
 # -- non-finite metrics ----------------------------------------------------------------------
