@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import Rule, setting
 from .contracts import build_module, check_module, check_tokens
-from .errors import ConfigError, ContractError
+from .errors import ConfigError, ContractError, Instrumentation
 from .moe import MoELayer
 from .plugin_manager import get_catalogue
 from .specs import Catalogue, ExpertSpec, Spec
@@ -155,17 +155,17 @@ class TaskSlot(nn.Module):
 @contextlib.contextmanager
 def blame(kind: str, plugin: str, package: str, path: str, call: str) -> Iterator[None]:
     """Where plugin code meets an institution's data (an encoder's forward, a head's
-    loss): an exception is re-raised as is (callers may catch its type, e.g. DP-SGD's
-    hooks) but marked ``plugin_failure`` with the plugin, its package and its options key,
-    so a backend reports it once instead of retrying what fails the same way each time."""
+    loss): its exception becomes a ContractError naming the plugin, its package and its
+    options key, which a backend reports once instead of retrying (it fails the same way
+    each time). m3tfed's own hooks running inside (:class:`Instrumentation`, e.g. DP-SGD's
+    per-sample probes) pass through as they are."""
     try:
         yield
-    except Exception as exc:
-        if not hasattr(exc, "plugin_failure"):
-            problem = f"{call} raised {type(exc).__name__}: {exc} (its options: {path}.options)"
-            exc.plugin_failure = str(ContractError(kind, plugin, package, problem))
-            exc.add_note(exc.plugin_failure)
+    except (Instrumentation, ContractError):
         raise
+    except Exception as exc:
+        problem = f"{call} raised {type(exc).__name__}: {exc} (its options: {path}.options)"
+        raise ContractError(kind, plugin, package, problem) from exc
 
 
 class Attention(nn.Module):

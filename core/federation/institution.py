@@ -14,19 +14,22 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..interfaces import RoundContext
+from ..messages import ComponentUpdate, State, TrainJob, TrainResult
 from ..model import M3TModel, ModelConfig, component_of
 from ..specs import Catalogue
-from .aggregation import ComponentUpdate
+from ..threads import apply_threads
 from .config import FederationSettings, InstitutionConfig
 from .data import InstitutionData, eval_batches, iterate_batches, model_inputs
 
-State = dict[str, dict[str, torch.Tensor]]  # component -> parameter name -> tensor
-
+# The key in ``Institution.personal_state`` under which an institution keeps its own
+# optimizer state between rounds (``federation.optimizer_state = "persist"``). It is not a
+# model component, so it is never sent, and it is checkpointed with the personal state.
+OPTIMIZER_STATE = "optimizer"
 
 class InstitutionTimeout(RuntimeError):
     pass
@@ -58,34 +61,6 @@ def hard_time_limit(seconds: float | None, error: Callable[[], BaseException]) -
         signal.signal(signal.SIGALRM, previous)
         if outer_delay:
             signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - start), 1e-3), outer_interval)
-
-
-@dataclass
-class TrainJob:
-    """What the server sends: the institution's shared components (and, on its first
-    participation, initial values for its personal ones) plus training settings."""
-
-    institution: str
-    round: int
-    components: State
-    versions: dict[str, int]
-    steps: int
-    lr: float
-    seed: int
-    proximal_mu: dict[str, float] = field(default_factory=dict)
-    timeout_s: float = 120.0
-
-
-@dataclass
-class TrainResult:
-    institution: str
-    round: int
-    updates: list[ComponentUpdate]
-    num_samples: int
-    loss: float
-    tokens_per_expert: dict[str, int]
-    seconds: float
-    details: dict[str, Any] = field(default_factory=dict)  # e.g. "deepspeed": per-rank shard sizes and timings
 
 
 def seed_for(*parts: int | str) -> int:
@@ -146,7 +121,8 @@ def default_accelerator():
 _ACCELERATOR = None
 
 
-# message kind -> handler(institution, payload) -> reply; protocol modules add their own.
+# Core's own messages: kind -> handler(institution, payload) -> reply. Plugins add theirs
+# with the register_message_handlers hook (the catalogue's message_handlers).
 MESSAGE_HANDLERS: dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]] = {}
 
 
@@ -163,6 +139,7 @@ class Institution:
     ):
         self.config, self.data, self.experts = config, data, experts
         self.settings, self.pool = settings, pool
+        apply_threads(settings.threads)  # one process-wide setting; every backend builds institutions
         self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
         self.weight_experts_by = weight_experts_by
         self.personal_state: State = {}
@@ -183,13 +160,20 @@ class Institution:
     def is_personal(self, component: str) -> bool:
         return component in self.config.personal
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether it holds state between rounds (personal components or its optimizer's
+        moments) that a checkpoint must carry."""
+        return bool(self.config.personal) or self.settings.optimizer_state == "persist"
+
     # -- messages other than training (capabilities, secure-aggregation rounds) -----
     def handle(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Answer a server message of ``kind``; every backend delivers messages here, so
         a protocol step (e.g. a secure-aggregation round) is written once."""
-        handler = MESSAGE_HANDLERS.get(kind)
+        plugins = self.pool.catalogue.message_handlers  # register_message_handlers
+        handler = MESSAGE_HANDLERS.get(kind) or plugins.get(kind)
         if handler is None:
-            raise ValueError(f"{self.name}: unknown message kind {kind!r}; known: {', '.join(sorted(MESSAGE_HANDLERS))}")
+            raise ValueError(f"{self.name}: unknown message kind {kind!r}; known: {', '.join(sorted({*MESSAGE_HANDLERS, *plugins}))}")
         return handler(self, payload)
 
     def capabilities(self, payload: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -240,7 +224,7 @@ class Institution:
     def _train(self, job: TrainJob) -> TrainResult:
         start = time.perf_counter()
         if self.privacy is not None:
-            self.privacy.begin_round(job.round)  # raises PrivacyBudgetSpent: nothing is trained or sent
+            self.privacy.begin_round(job.round, job.steps)  # raises PrivacyBudgetSpent: nothing is trained or sent
         model = self.load(job.components)
         sent = {c: s for c, s in job.components.items() if not self.is_personal(c)}
         details: dict[str, Any] = {}
@@ -250,7 +234,10 @@ class Institution:
             run = fit_sharded(self, model, job, deadline=start + job.timeout_s)
             loss, tokens, details["deepspeed"] = run.loss, run.tokens, run.report()
         else:
-            loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s)
+            keep = self.settings.optimizer_state == "persist"
+            moments = self.personal_state.setdefault(OPTIMIZER_STATE, {}) if keep else None
+            loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s, optimizer_state=moments)
+        withhold = self.withholds_statistics()
         updates = []
         for comp, received in sent.items():
             trained = model.component_state(comp)
@@ -258,15 +245,26 @@ class Institution:
             weight = float(self.data.num_train)
             if comp.startswith("expert.") and self.weight_experts_by == "tokens":
                 weight = float(tokens.get(comp.removeprefix("expert."), 0))
-                if weight == 0:
+                if weight == 0 and not withhold:
                     continue  # no token reached this expert: the institution did not train it
             updates.append(ComponentUpdate(self.name, comp, delta, weight, job.versions.get(comp, 0)))
         for comp in self.config.personal:
             if comp in model.component_names():
                 self.personal_state[comp] = model.component_state(comp)
         for stage in self.stages:
-            updates = stage.process(updates, {"institution": self.name, "round": job.round, "privacy": self.privacy})
+            updates = stage.process(updates, RoundContext(job.round, institution=self.name, privacy=self.privacy))
+        if withhold:  # loss, sample count and routing are statistics of the students' data
+            return TrainResult(self.name, job.round, updates, 0, None, {}, time.perf_counter() - start, details=details)
         return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=details)
+
+    def withholds_statistics(self) -> bool:
+        """Under differential privacy or secure aggregation nothing computed from this
+        institution's data leaves in the clear: its reply carries no loss, sample count or
+        routing counts, and an update for every component of the job (an expert no token
+        reached included: its absence would tell)."""
+        policy = getattr(self.privacy, "policy", None)
+        private = policy is not None and (policy.noisy or policy.secure_aggregation)
+        return private or any(getattr(s, "side", None) == "both" for s in self.stages)  # a masking stage
 
     def fit(
         self,
@@ -278,23 +276,29 @@ class Institution:
         proximal_mu: dict[str, float] | None = None,
         deadline: float | None = None,
         only: Callable[[str], bool] | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
     ) -> tuple[float, dict[str, int]]:
         """Local training for ``steps`` mini-batches over all of this institution's tasks.
 
         ``only(component)`` restricts which components train (personalization);
         ``anchor``/``proximal_mu`` add FedProx's (mu/2)||w - w_global||^2 per component.
+        ``optimizer_state`` (a flat dict, updated in place) carries the optimizer's
+        moments from the previous call into this one; None starts a fresh optimizer.
         Returns the mean loss and the tokens routed to each expert.
         """
         accelerator = self.pool.accelerator
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        params = [p for n, p in model.named_parameters() if p.requires_grad and (only is None or only(component_of(n)))]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or only(component_of(n)))]
+        params = [p for _, p in trainable]
         s = self.settings
         opt = (
             torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
             if s.optimizer == "adamw"
             else torch.optim.SGD(params, lr=lr, weight_decay=s.weight_decay)
         )
+        if optimizer_state is not None:
+            load_optimizer_state(opt, trainable, optimizer_state)
         if self.privacy is not None and self.privacy.policy.dp == "sample" and only is None:
             # Sample-level DP-SGD (Opacus): per-sample clipping and noise, Poisson batches.
             # Both from the institution's own (secret) generator, never the server's job seed.
@@ -338,6 +342,8 @@ class Institution:
                 loss.backward()
             opt.step()
             total += float(loss.detach())
+        if optimizer_state is not None:
+            optimizer_state.update(save_optimizer_state(opt, trainable))
         tokens = {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
         return total / max(steps, 1), tokens
 
@@ -362,6 +368,25 @@ class Institution:
             routing[task] = counts.tolist()
         model.train()
         return metrics, routing
+
+
+def save_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as ``"<parameter name>/<state key>" -> tensor``
+    (AdamW: step, exp_avg, exp_avg_sq): keyed by name, because the model object is shared
+    by every institution with the same selection and outlives no optimizer."""
+    return {f"{n}/{k}": v.detach().clone() for n, p in named for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], saved: dict[str, torch.Tensor]) -> None:
+    """Give ``opt`` the state :func:`save_optimizer_state` kept for each parameter
+    (parameters without saved state start fresh)."""
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in saved.items():
+        name, _, k = key.rpartition("/")
+        by_param.setdefault(name, {})[k] = v.clone()
+    for n, p in named:
+        if n in by_param:
+            opt.state[p] = by_param[n]
 
 
 MESSAGE_HANDLERS["capabilities"] = Institution.capabilities

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
+from ..aggregation import mark_expert_rows
 from ..config import to_dict
 from ..errors import ConfigError, FederationError
+from ..interfaces import Aggregator, Backend, RoundContext
+from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
 from ..model import M3TModel
 from ..specs import Catalogue
-from .aggregation import Aggregator, ComponentUpdate
 from .checkpoint import (
     check_resumable,
     checkpoint_path,
@@ -34,20 +36,9 @@ from .checkpoint import (
     unflatten_components,
 )
 from .config import FederationConfig
-from .institution import State, TrainJob, TrainResult, seed_for
+from .institution import seed_for
 
 log = logging.getLogger("m3tfed.federation")
-
-
-@dataclass
-class Failure:
-    """An institution that did not deliver a usable result this round, and why."""
-
-    institution: str
-    reason: str
-    # A bad config or a plugin breaking its contract fails the same way on every attempt:
-    # the round stops at once instead of retrying it.
-    permanent: bool = False
 
 
 @dataclass
@@ -94,7 +85,7 @@ def screen(result: TrainResult | Failure, job: TrainJob | None = None, state: St
         if u.delta and not torch.isfinite(torch.cat([v.reshape(-1) for v in u.delta.values()])).all():
             key = next(k for k, v in u.delta.items() if not torch.isfinite(v).all())
             return f"non-finite values in {u.component}:{key}"
-    if not math.isfinite(result.loss):
+    if result.loss is not None and not math.isfinite(result.loss):
         return f"non-finite training loss {result.loss}"
     return None
 
@@ -125,11 +116,18 @@ def _mismatch(result: TrainResult, job: TrainJob, state: State | None, encoded: 
     return None
 
 
+def mean_loss(results: list[TrainResult]) -> float:
+    """Mean training loss over the replies that carry one (nan when every institution
+    withheld it under differential privacy or secure aggregation)."""
+    losses = [r.loss for r in results if r.loss is not None]
+    return sum(losses) / len(losses) if losses else math.nan
+
+
 @dataclass
 class Server:
     config: FederationConfig
     catalogue: Catalogue
-    backend: Any  # has .train(jobs) -> list[TrainResult | Failure] and .shared_components(name)
+    backend: Backend
     state: State = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     aggregators: dict[str, Aggregator] = field(default_factory=dict)
@@ -187,7 +185,7 @@ class Server:
         start = time.perf_counter()
         f = self.config.federation
         sampled = self.sample(rnd)
-        context = {"round": rnd, "server": self, "backend": self.backend, "sampled": sampled}
+        context = RoundContext(rnd, server=self, backend=self.backend, sampled=sampled)
         for attempt in range(f.max_retries + 1):
             # 0. server stages that need a setup step with the sampled institutions before
             #    training (e.g. secure aggregation's key exchange) do it through backend.ask
@@ -228,6 +226,7 @@ class Server:
         context["succeeded"] = [r.institution for r in ok]
         for stage in self.server_stages:
             updates = stage.process(updates, context)
+        updates = mark_expert_rows(updates, self.config.model.expert_names, self.backend.components_of)
         by_component: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:
             by_component[u.component].append(u)
@@ -246,7 +245,7 @@ class Server:
             succeeded=sorted(r.institution for r in ok),
             dropped=dropped,
             contributors=contributors,
-            loss=sum(r.loss for r in ok) / len(ok),
+            loss=mean_loss(ok),
             seconds=time.perf_counter() - start,
             bytes_down=sum(tensor_bytes(j.components) for j in jobs),
             bytes_up=sum(tensor_bytes({u.component: u.delta}) for u in updates),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from m3tfed.federation.aggregation import Aggregator
+from m3tfed import Aggregator
 
 
 def _check_positive(owner: str, name: str, value: float) -> None:
@@ -21,9 +21,13 @@ def _check_positive(owner: str, name: str, value: float) -> None:
 
 @dataclass(eq=False)
 class FedAvg(Aggregator):
-    """``new = current + server_lr * sum_i(w_i * delta_i) / sum_i(w_i)``."""
+    """``new = current + server_lr * sum_i(w_i * delta_i) / sum_i(w_i)``.
+
+    ``expert_rows``: average a router's per-expert rows only over the institutions that
+    can select that expert (their update has no say on rows they cannot use)."""
 
     server_lr: float = 1.0
+    expert_rows: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(type(self).__name__, "server_lr", self.server_lr)

@@ -39,6 +39,7 @@ class FedOpt(Aggregator):
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    expert_rows: bool = False  # router rows averaged over the institutions that can select each expert
     # component -> param -> {"m": Tensor, "v": Tensor}
     moments: dict[str, dict[str, dict[str, Tensor]]] = field(
         default_factory=dict, init=False, repr=False

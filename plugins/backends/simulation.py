@@ -61,9 +61,6 @@ class SimulationBackend:
                 results.append(Failure(job.institution, str(exc), permanent=True))
                 continue
             except Exception as exc:  # an institution's crash must not end the round
-                if hasattr(exc, "plugin_failure"):  # a plugin failing on this data (model.py): the same every attempt
-                    results.append(Failure(job.institution, exc.plugin_failure, permanent=True))
-                    continue
                 error = f"{type(exc).__name__}: {exc}"
                 if error in self.errors_seen:
                     log.warning("institution %s failed: %s (traceback logged before)", job.institution, error)
@@ -88,13 +85,13 @@ class SimulationBackend:
         before the server commits the round (checkpoint.py); round ``rnd - 1``'s stays
         until then, so a kill in between resumes from it."""
         for name, inst in self.institutions.items():
-            if inst.config.personal:  # an empty snapshot too: "not started yet" is state
+            if inst.keeps_state:  # an empty snapshot too: "not started yet" is state
                 save_checkpoint(personal_path(run_dir, name, rnd), flatten_components(inst.personal_state), {"institution": name, "round": rnd})
                 prune_personal(run_dir, name, keep_from=rnd - 1)
 
     def load_personal(self, run_dir: Path, rnd: int) -> None:
         for name, inst in self.institutions.items():
-            if not inst.config.personal:
+            if not inst.keeps_state:
                 continue
             folder = personal_path(run_dir, name, rnd)
             if not folder.exists():
