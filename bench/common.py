@@ -1,7 +1,8 @@
-"""Shared bench helpers: environment, timing, and the JSON last line."""
+"""Shared bench helpers: environment, timing, the ``--smoke`` switch and the JSON last line."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -32,7 +33,24 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+SMOKE = False  # set by parse_args(--smoke); emit() marks the result
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke: dict) -> argparse.Namespace:
+    """Parse the bench's arguments plus ``--smoke``, which replaces them by ``smoke``
+    (tiny sizes: seconds). tests/test_bench_smoke.py runs every bench that way, so a
+    bench cannot silently break; its figures then mean nothing and are marked so."""
+    global SMOKE
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks that the bench runs; figures mean nothing")
+    args = parser.parse_args()
+    if args.smoke:
+        SMOKE = True
+        for key, value in smoke.items():
+            setattr(args, key, value)
+    return args
+
+
 def emit(result: dict) -> None:
     """The benchmark's last line: one JSON object."""
     sys.stdout.flush()
-    print(json.dumps(result, default=float))
+    print(json.dumps({**result, "smoke": True} if SMOKE else result, default=float))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from common import emit  # noqa: E402
+from common import emit, parse_args  # noqa: E402
+from m3tfed.defaults import default_config_dict  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.job import build_federation  # noqa: E402
 from m3tfed.federation.server import tensor_bytes  # noqa: E402
@@ -28,7 +29,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="config override, e.g. federation.local_steps=2")
-    args = p.parse_args()
+    names = [i["name"] for i in default_config_dict()["institutions"]]
+    tiny = ["federation.local_steps=1", "federation.batch_size=8", *(f"data.options.profiles.{n}.n=24" for n in names)]
+    args = parse_args(p, smoke={"rounds": 1, "set": tiny})
     torch.set_num_threads(2)
     fed = build_federation(load_config(None, ["federation.local_steps=2", *args.set]))
     full_model = tensor_bytes(fed.server.state)

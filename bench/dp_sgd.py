@@ -32,7 +32,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
-from common import Timer, emit  # noqa: E402
+from common import Timer, emit, parse_args  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.data import iterate_batches, model_inputs  # noqa: E402
 from m3tfed.federation.job import build_federation  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--institution", default="university")
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"steps": 1})
     torch.set_num_threads(1)
     cfg = load_config()
     fed = build_federation(cfg)

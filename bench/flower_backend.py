@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import tomli_w  # noqa: E402
 import torch  # noqa: E402
-from common import Timer, emit  # noqa: E402
+from common import Timer, emit, parse_args  # noqa: E402
 from flower_toy.apps import job_config_dict  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.job import build_federation  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--institutions", type=int, default=3)
-    args = p.parse_args()
+    args = parse_args(p, smoke={"rounds": 1, "institutions": 2})
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="m3tfed-flower-bench-"))
     config = folder / "job.toml"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from common import Timer, emit, peak_rss_mb, rss_mb  # noqa: E402
+from common import Timer, emit, parse_args, peak_rss_mb, rss_mb  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.institution import ModelPool  # noqa: E402
@@ -61,12 +61,13 @@ def in_child(n: int, shared: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--institutions", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--baseline", type=int, default=100, help="institutions in the baseline (models not shared)")
     p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_args(p, smoke={"institutions": [4], "baseline": 4})
     if args.child:
         print(json.dumps(measure(args.child[0], bool(args.child[1]))))
         return
-    baseline = in_child(100, shared=False)
+    baseline = in_child(args.baseline, shared=False)
     rows = [in_child(n, shared=True) for n in args.institutions]
     print(f"{'institutions':>12} {'shared':>7} {'models':>7} {'peak RSS MiB':>13} {'seconds':>8}")
     for r in [baseline, *rows]:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit  # noqa: E402
+from common import emit, parse_args  # noqa: E402
 from m3tfed.experts.swiglu import SwiGLUExpert  # noqa: E402
 from m3tfed.moe import MoELayer  # noqa: E402
 from m3tfed.plugins.routers.topk import TopKRouter  # noqa: E402
@@ -148,10 +148,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="E=16, d=512 only, 3 repeats")
     ap.add_argument("--no-deepspeed", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"tokens": 64, "repeats": 1, "warmup": 0, "threads": 1, "quick": True})
     torch.set_num_threads(args.threads)
-    settings = [(16, 512)] if args.quick else [(8, 256), (8, 512), (16, 256), (16, 512)]
-    repeats = 3 if args.quick else args.repeats
+    settings = [(4, 32)] if args.smoke else [(16, 512)] if args.quick else [(8, 256), (8, 512), (16, 256), (16, 512)]
+    repeats = args.repeats if args.smoke else 3 if args.quick else args.repeats
 
     ds_error = "disabled (--no-deepspeed)" if args.no_deepspeed else init_deepspeed()
     rows = []

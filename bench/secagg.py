@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from common import Timer, emit  # noqa: E402
+from common import Timer, emit, parse_args  # noqa: E402
 from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate  # noqa: E402
 from m3tfed.privacy.encoding import RingCodec  # noqa: E402
 from m3tfed.privacy.secagg import (  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> None:
         default=50,
         help="also time full SecAgg (every pair) up to this many institutions",
     )
-    args = p.parse_args()
+    args = parse_args(p, smoke={"params": 2_000, "sizes": [4], "full_secagg_up_to": 4})
     torch.set_num_threads(1)
     state = component(args.params)
     secure_path(component(1000), 4, "secagg+")  # warm up the crypto and numpy paths

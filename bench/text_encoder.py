@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import Timer, emit, peak_rss_mb  # noqa: E402
+from common import Timer, emit, parse_args, peak_rss_mb  # noqa: E402
 from m3tfed.model import ExpertConfig, M3TModel, ModelConfig, PluginConfig  # noqa: E402
 
 ESSAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ellipse" / "ELLIPSE_Final_github_test.csv"
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, default=ESSAYS)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"essays": 4, "train_essays": 4, "batch": 4})
     torch.set_num_threads(args.threads)
     n = max(args.essays, args.train_essays)
     texts, scores = read_essays(args.data, n)

@@ -13,6 +13,8 @@ Parameter names map onto federation components (:func:`component_of`):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -134,13 +136,8 @@ class EncoderSlot(nn.Module):
         self.plugin, self.package, self.path = name, package, path
 
     def forward(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
+        with blame("encoder", self.plugin, self.package, self.path, "forward"):
             out = self.encoder(inputs)
-        except Instrumentation:
-            raise
-        except Exception as exc:  # the encoder meets the institution's data here: say whose and which options
-            problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
-            raise ContractError("encoder", self.plugin, self.package, problem) from exc
         tokens, mask = check_tokens(out, self.embed.shape[0], "encoder", self.plugin, self.package)
         return tokens + self.embed, mask
 
@@ -148,10 +145,27 @@ class EncoderSlot(nn.Module):
 class TaskSlot(nn.Module):
     """A task head plus its task embedding (the task token, also added to router input)."""
 
-    def __init__(self, head: nn.Module, d_model: int):
+    def __init__(self, head: nn.Module, d_model: int, name: str = "?", package: str = "", path: str = "model.tasks"):
         super().__init__()
         self.head = head
         self.embed = nn.Parameter(torch.randn(d_model) * 0.02)
+        self.plugin, self.package, self.path = name, package, path
+
+
+@contextlib.contextmanager
+def blame(kind: str, plugin: str, package: str, path: str, call: str) -> Iterator[None]:
+    """Where plugin code meets an institution's data (an encoder's forward, a head's
+    loss): its exception becomes a ContractError naming the plugin, its package and its
+    options key, which a backend reports once instead of retrying (it fails the same way
+    each time). m3tfed's own hooks running inside (:class:`Instrumentation`, e.g. DP-SGD's
+    per-sample probes) pass through as they are."""
+    try:
+        yield
+    except (Instrumentation, ContractError):
+        raise
+    except Exception as exc:
+        problem = f"{call} raised {type(exc).__name__}: {exc} (its options: {path}.options)"
+        raise ContractError(kind, plugin, package, problem) from exc
 
 
 class Attention(nn.Module):
@@ -194,6 +208,8 @@ class M3TModel(nn.Module):
 
     ``modalities``, ``tasks`` and ``experts`` select what is built locally (default: all
     in the config). Unselected experts are never built and never routed to.
+    ``check_contracts=False`` skips running the plugins' contract checks, for a build
+    whose parameters are not there yet (DeepSpeed ZeRO-3 ranks: partitioned, filled later).
     """
 
     def __init__(
@@ -229,7 +245,8 @@ class M3TModel(nn.Module):
         self.tasks = nn.ModuleDict()
         for t in tasks:
             pc = config.tasks[t]
-            self.tasks[t] = TaskSlot(_build(cat.get("task", pc.plugin), f"model.tasks.{t}", d, pc.options, check=check_contracts), d)
+            spec = cat.get("task", pc.plugin)
+            self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}")
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -238,8 +255,9 @@ class M3TModel(nn.Module):
         for layer in range(config.n_layers):
             # Every layer builds the same plugins with the same options: checking the
             # first layer's modules checks them all.
-            local = {n: _build(cat.get("expert", by_name[n].plugin), slots[n], d, by_name[n].options, check=check_contracts and layer == 0) for n in experts}
-            router = _build(router_spec, "model.router", d, config.router.options, num_experts=len(self.expert_names), check=check_contracts and layer == 0)
+            check = check_contracts and layer == 0
+            local = {n: _build(cat.get("expert", by_name[n].plugin), slots[n], d, by_name[n].options, check=check) for n in experts}
+            router = _build(router_spec, "model.router", d, config.router.options, num_experts=len(self.expert_names), check=check)
             self.layers.append(Block(d, config.n_heads, config.dropout, MoELayer(d, self.expert_names, local, router)))
         self.norm = nn.LayerNorm(d)
         self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)
@@ -284,14 +302,19 @@ class M3TModel(nn.Module):
             if tpe is not None:
                 counts += tpe.detach().to(counts.device).long()
         x = self.norm(x)
-        pred = self.tasks[task].head(x, mask)
+        slot = self.tasks[task]
+        with blame("task", slot.plugin, slot.package, slot.path, "head forward"):
+            pred = slot.head(x, mask)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
         return ModelOutput(pred, aux_loss, aux, counts)
 
     def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
         out = self(batch, task)
-        return self.tasks[task].head.loss(out.pred, target) + out.aux_loss, out
+        slot = self.tasks[task]
+        with blame("task", slot.plugin, slot.package, slot.path, "loss"):
+            loss = slot.head.loss(out.pred, target)
+        return loss + out.aux_loss, out
 
     # -- federation view ----------------------------------------------------------
     def _component_params(self) -> dict[str, dict[str, nn.Parameter]]:

@@ -10,7 +10,15 @@ import torch
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate
 from m3tfed.federation.checkpoint import load_checkpoint, save_checkpoint
 from m3tfed.plugin_manager import PluginManager
-from m3tfed.plugins.aggregators import FedAdam, FedAvg, FedProx, FedYogi, Median, TrimmedMean
+from m3tfed.plugins.aggregators import (
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+    Median,
+    NormBound,
+    TrimmedMean,
+)
 
 C = "expert.swiglu_0"
 
@@ -41,6 +49,7 @@ def test_builtins_register_through_the_hook():
         "fedprox",
         "fedyogi",
         "median",
+        "norm_bound",
         "trimmed_mean",
     ]
     agg = cat.get("aggregator", "fedavg").build(server_lr=0.5)
@@ -321,3 +330,78 @@ def test_a_subclass_overrides_combine_only():
         C, {"w": t(1.0, 1.0)}, [upd("A", [1.0, 2.0], 1), upd("B", [5.0, 6.0], 9)]
     )
     close(new["w"], [6.0, 7.0])
+
+
+# -- norm bounding: a defence that holds with one or two contributors per component -----
+def test_norm_bound_scales_an_update_down_to_the_components_history():
+    agg = NormBound(multiplier=3.0)
+    # first round: no history, so the bound is first_relative * ||(3, 4)|| = 5
+    current = {"w": t(3.0, 4.0)}
+    new = agg.aggregate(C, current, [upd("a", [0.3, 0.4]), upd("b", [0.0, 1.0])])  # norms 0.5, 1.0
+    close(new["w"], [3.15, 4.7])
+    assert agg.history[C] == pytest.approx([0.5, 1.0])
+    # round 2: bound = 3 * median(0.5, 1.0) = 3 * 0.75 = 2.25; b sends x10^4 (norm 10^4)
+    new2 = agg.aggregate(C, new, [upd("a", [0.3, 0.4]), upd("b", [0.0, 1.0e4], weight=1000.0)])
+    # b scaled to (0, 2.25); weighted mean (1*(0.3,0.4) + 1000*(0,2.25)) / 1001
+    close(new2["w"], [3.15 + 0.3 / 1001, 4.7 + (0.4 + 2250.0) / 1001])
+    assert agg.last_bounds[C] == (pytest.approx(2.25), ["b"])
+    assert agg.history[C] == pytest.approx([0.5, 1.0, 0.5, 2.25])
+    # the history is server state: it survives a checkpoint
+    again = NormBound(multiplier=3.0)
+    again.load_state_dict(agg.state_dict())
+    assert again.history == agg.history and again.bound(C, new2) == pytest.approx(agg.bound(C, new2))
+
+
+def test_norm_bound_max_norm_and_inner_aggregator():
+    agg = NormBound(inner="median", max_norm=1.0)
+    new = agg.aggregate(C, {"w": t(0.0)}, [upd("a", [0.5]), upd("b", [-100.0]), upd("c", [3.0])])
+    close(new["w"], [0.5])  # bounded to 0.5, -1, 1; median 0.5
+    assert isinstance(agg.aggregator, Median)
+    with pytest.raises(ValueError, match="option multiplier must be a finite number > 0"):
+        NormBound(multiplier=0)
+    with pytest.raises(KeyError, match="no aggregator plugin named 'nope'"):
+        NormBound(inner="nope")
+
+
+def test_a_1e4_update_to_a_two_contributor_expert_is_bounded():
+    """One of the two institutions training expert general_0 sends its round-2 update
+    scaled x10^4. FedAvg moves the expert thousands of times further than an honest
+    round; norm_bound keeps the move within its bound (3 x the median honest norm)."""
+    from conftest import tiny_config_dict
+    from m3tfed.federation.config import load_config
+    from m3tfed.federation.job import build_federation
+
+    def run(aggregator):
+        d = tiny_config_dict(rounds=2, local_steps=2)
+        d["institutions"] = [i for i in d["institutions"] if i["name"] in ("university", "rural_school", "math_academy")]
+        for inst, experts in zip(d["institutions"], (["general_0", "tabular_0"], ["small_0", "small_1"], ["general_0", "tabular_1"])):
+            inst["experts"] = experts
+        d["aggregation"] = {"default": {"plugin": "fedavg"}, "expert": aggregator}
+        fed = build_federation(load_config(d))
+        train = fed.server.backend.train
+
+        def attacked(jobs):
+            results = train(jobs)
+            for r in results:
+                for u in getattr(r, "updates", []):
+                    if jobs[0].round == 2 and r.institution == "math_academy" and u.component == "expert.general_0":
+                        u.delta = {k: v * 1e4 for k, v in u.delta.items()}
+            return results
+
+        fed.server.backend.train = attacked
+        rep1 = fed.server.run_round(1)
+        before = {k: v.clone() for k, v in fed.server.state["expert.general_0"].items()}
+        rep2 = fed.server.run_round(2)
+        assert rep1.contributors["expert.general_0"] == rep2.contributors["expert.general_0"] == ["math_academy", "university"]
+        after = fed.server.state["expert.general_0"]
+        return math.sqrt(sum(float((after[k] - before[k]).pow(2).sum()) for k in before)), fed
+
+    moved_fedavg, _ = run({"plugin": "fedavg"})
+    moved_bounded, fed = run({"plugin": "norm_bound", "options": {"multiplier": 3.0}})
+    agg = fed.server.aggregator("expert.general_0")
+    honest_round1 = agg.history["expert.general_0"][:2]  # both contributors, round 1
+    bound, scaled = agg.last_bounds["expert.general_0"]
+    assert scaled == ["math_academy"]
+    assert bound == pytest.approx(3.0 * sum(honest_round1) / 2)
+    assert moved_bounded <= bound * (1 + 1e-6)
+    assert moved_fedavg > 1000 * bound  # the undefended expert is thrown far away

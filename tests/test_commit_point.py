@@ -170,3 +170,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path)
     with pytest.raises(Exception, match="model.encoders.tabular.options"):
         run_job(d, name="bad", runs_dir=tmp_path, **QUIET)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_name_cannot_leave_the_runs_folder(tmp_path):
+    from m3tfed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--name: '../escape' is not a safe run name"):
+        run_job(small_config(), name="../escape", runs_dir=tmp_path / "runs", **QUIET)
+    assert not (tmp_path / "escape").exists()

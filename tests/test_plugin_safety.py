@@ -22,7 +22,7 @@ from m3tfed import (
 )
 from m3tfed.errors import FederationError
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation, evaluate_federated, summarize
+from m3tfed.federation.job import build_federation, summarize, validate
 from m3tfed.model import M3TModel
 from m3tfed.plugin_manager import PluginManager, catalogue_from
 from m3tfed.plugins.aggregators.fedavg import FedAvg
@@ -207,6 +207,69 @@ def test_an_error_that_retrying_cannot_fix_is_shown_once_with_plugin_key_and_ins
     assert not [r for r in caplog.records if r.exc_info]  # no traceback per institution
 
 
+def test_a_task_head_failing_on_the_data_is_not_retried_either():
+    # symbol labels reach 3; a head built for 2 classes fails on them every attempt
+    d = tiny_config_dict(rounds=1, max_retries=3)
+    d["institutions"] = [
+        i for i in d["institutions"] if i["name"] in ("university", "math_academy", "rural_school")
+    ]
+    d["model"]["tasks"]["symbol"]["options"]["num_classes"] = 2
+    fed = build_federation(load_config(d))
+    calls = []
+    train = fed.server.backend.train
+    fed.server.backend.train = lambda jobs: calls.append(len(jobs)) or train(jobs)
+    with pytest.raises(FederationError) as err:
+        fed.server.run_round(1)
+    assert len(calls) == 1
+    msg = str(err.value)
+    assert (
+        "institution 'math_academy'" in msg
+        and "task plugin 'classification' (from m3tfed): loss raised" in msg
+    )
+    assert "model.tasks.symbol.options" in msg
+
+
+class RaisesWhileTraining(nn.Module):
+    def __init__(self, d_model, **options):
+        super().__init__()
+        self.lin = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("out of device memory")  # may pass on a retry: retried
+        return self.lin(x)
+
+
+def test_an_error_that_may_pass_is_retried_with_its_traceback_logged_once(caplog):
+    class Flaky:
+        __name__ = "flaky"
+
+        @hookimpl
+        def register_experts(self, register):
+            register(
+                ExpertSpec(name="flaky", build=RaisesWhileTraining, version="1", license="MIT")
+            )
+
+    d = tiny_config_dict(rounds=1, max_retries=2)
+    d["institutions"] = [
+        i for i in d["institutions"] if i["name"] in ("university", "rural_school")
+    ]
+    d["model"]["experts"][0]["plugin"] = "flaky"
+    for inst in d["institutions"]:
+        inst["experts"] = ["general_0"]
+    fed = build_federation(load_config(d), catalogue=catalogue_from([Flaky()]))
+    with (
+        caplog.at_level(logging.WARNING, logger="m3tfed"),
+        pytest.raises(FederationError, match="after 3 attempts"),
+    ):
+        fed.server.run_round(1)
+    failures = [
+        r for r in caplog.records if "failed" in r.getMessage() and r.name == "m3tfed.simulation"
+    ]
+    assert len(failures) == 6  # 2 institutions x 3 attempts
+    assert len([r for r in failures if r.exc_info]) == 1  # one traceback, then one line each
+
+
 # -- non-finite metrics ----------------------------------------------------------------------
 class NaNAtEvaluation(nn.Module):
     """Fine while training, NaN once evaluated (an expert that diverges late)."""
@@ -239,7 +302,7 @@ def test_a_non_finite_metric_is_reported_as_the_worst_not_skipped():
     for m in fed.institutions["high_school"].model().modules():
         if isinstance(m, NaNAtEvaluation):
             m.armed = True
-    results = {"fed_moe": evaluate_federated(fed)[0]}
+    results = {"fed_moe": validate(fed)[0]}
     grade = summarize(fed, results)["grade"]
     assert math.isnan(grade["institutions"]["high_school"]["fed_moe"])
     assert math.isfinite(grade["institutions"]["university"]["fed_moe"])

@@ -71,7 +71,9 @@ def job_config_dict() -> dict[str, Any]:
     d["aggregation"] = {"default": {"plugin": "fedavg"}}
     d["evaluation"] = {"baselines": [], "personalize": False, "plots": False}
     names = [f"school_{i:02d}" for i in range(INSTITUTIONS)]
-    d["institutions"] = [{"name": n, "modalities": ["tabular"], "tasks": ["grade"]} for n in names]
+    # max_experts = 0: every expert, as a Flower client trains the whole model (the
+    # default "base" budget would train 4 of the N_EXPERTS)
+    d["institutions"] = [{"name": n, "modalities": ["tabular"], "tasks": ["grade"], "max_experts": 0} for n in names]
     d["data"]["options"]["profiles"] = {
         n: {"n": STUDENTS, "ability_mean": (i % 5 - 2) / 4} for i, n in enumerate(names)
     }

@@ -9,8 +9,11 @@ returned.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +36,34 @@ OPTIMIZER_STATE = "optimizer"
 
 class InstitutionTimeout(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def hard_time_limit(seconds: float | None, error: Callable[[], BaseException]) -> Iterator[None]:
+    """Raise ``error()`` in this thread once ``seconds`` have passed, wherever the code
+    is: between steps, inside ``time.sleep``, a lock or event wait, or a socket read
+    (SIGALRM; any call that returns to Python). Only in the main thread of a POSIX
+    process; elsewhere a no-op, and the deadline checks between steps remain. Code stuck
+    in C that never returns to Python is not stopped: run such plugins where the process
+    can be killed (DeepSpeed ranks, a Flower node). A timer armed by someone else (e.g.
+    pytest-timeout) is re-armed with its remaining time afterwards."""
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise error()
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - start), 1e-3), outer_interval)
 
 
 
@@ -180,6 +211,13 @@ class Institution:
 
     # -- training ----------------------------------------------------------------
     def train(self, job: TrainJob) -> TrainResult:
+        """Local training for one job, stopped at ``job.timeout_s`` even inside a plugin
+        that blocks (:func:`hard_time_limit`); DeepSpeed ranks are killed by zero.py."""
+        limit = None if self.config.deepspeed is not None else job.timeout_s
+        with hard_time_limit(limit, lambda: InstitutionTimeout(f"{self.name} ran past its time limit of {job.timeout_s}s and was stopped")):
+            return self._train(job)
+
+    def _train(self, job: TrainJob) -> TrainResult:
         start = time.perf_counter()
         if self.privacy is not None:
             self.privacy.begin_round(job.round, job.steps)  # raises PrivacyBudgetSpent: nothing is trained or sent

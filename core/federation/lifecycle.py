@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..config import to_dict
-from ..errors import CheckpointError
+from ..config import IDENTIFIER, to_dict
+from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import PrivacyLedger
 from .baselines import BaselineContext, configured
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
@@ -66,6 +66,8 @@ def run_job(
     ``echo=False`` leaves the tables out of stdout (a multi-seed run prints its own)."""
     cfg = load_config(config, overrides)
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not IDENTIFIER.fullmatch(name):  # it becomes a folder: never one outside runs_dir
+        raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
     run_dir = Path(runs_dir) / name
     claim_run_dir(run_dir, {"data_root": str(data_root) if data_root else None, "created": datetime.now().isoformat()})  # refuses a reused folder
     try:

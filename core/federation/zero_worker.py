@@ -143,6 +143,7 @@ def run(folder: Path, rank: int, world: int) -> None:
         skip_weight_init(),
         deepspeed.zero.Init(config_dict_or_path=ds_config) if stage == 3 else nullcontext(),
     ):
+        # the institution's process checked these plugins' contracts when it built its model
         model = M3TModel(
             config, spec["modalities"], spec["tasks"], spec["experts"], catalogue=catalogue,
             check_contracts=False,  # checked by the institution's process before launch

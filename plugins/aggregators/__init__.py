@@ -8,9 +8,9 @@ from m3tfed import AggregatorSpec, hookimpl
 
 from .fedavg import FedAvg, FedProx
 from .fedopt import FedAdam, FedYogi
-from .robust import Median, TrimmedMean
+from .robust import Median, NormBound, TrimmedMean
 
-__all__ = ["FedAdam", "FedAvg", "FedProx", "FedYogi", "Median", "TrimmedMean"]
+__all__ = ["FedAdam", "FedAvg", "FedProx", "FedYogi", "Median", "NormBound", "TrimmedMean"]
 
 _VERSION = "0.1.0"
 _LICENSE = "Apache-2.0"
@@ -57,6 +57,13 @@ SPECS = (
         version=_VERSION,
         license=_LICENSE,
         description="Coordinate-wise mean after trimming a beta fraction at each end, unweighted (Yin et al. 2018). Options: beta=0.1, server_lr=1.0.",
+    ),
+    AggregatorSpec(
+        name="norm_bound",
+        build=NormBound,
+        version=_VERSION,
+        license=_LICENSE,
+        description="Scales each update down to a per-component norm bound (multiplier x median of its recent update norms, or max_norm), then combines with another aggregator; holds with 1-2 contributors per expert (Sun et al. 2019). Options: inner='fedavg', inner_options={}, max_norm=None, multiplier=3.0, window=20, first_relative=1.0.",
     ),
 )
 

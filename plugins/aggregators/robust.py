@@ -1,22 +1,35 @@
-"""Robust aggregators: coordinate-wise median and trimmed mean (Yin et al. 2018).
+"""Robust aggregators: coordinate-wise median and trimmed mean (Yin et al. 2018), and
+server-side norm bounding (Sun et al. 2019, "Can you really backdoor federated learning?").
 
-Both ignore the updates' weights on purpose: a weight is self-reported, so a faulty or
-malicious institution could claim a huge one. They cost a sort over the stacked deltas
-(``n_updates x numel`` memory per key).
+Median and trimmed mean ignore the updates' weights on purpose: a weight is
+self-reported, so a faulty or malicious institution could claim a huge one. They cost a
+sort over the stacked deltas (``n_updates x numel`` memory per key). They need a majority
+of honest contributors *per component*; an expert trained by one or two institutions
+has no majority to vote with, so there they protect nothing.
+
+:class:`NormBound` holds with any number of contributors, one included: it scales every
+update of a component down to a bound taken from that component's own history (a
+multiple of the median norm of its recent accepted updates) or a fixed ``max_norm``,
+then hands the bounded updates to an inner aggregator. What it protects against and
+what it does not is written in docs/federation.md ("Robust aggregation").
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from m3tfed.federation.aggregation import (
     Aggregator,
     ComponentUpdate,
     State,
     Tensor,
     TooFewUpdates,
+    accumulation_dtype,
     float_keys,
     stack_deltas,
 )
@@ -91,3 +104,90 @@ class TrimmedMean(Aggregator):
             key: _sorted_deltas(key, updates, current[key])[k : n - k].mean(dim=0)
             for key in float_keys(current)
         }
+
+
+HISTORY = "norm_bound_history"  # state key suffix: "<component>::norm_bound_history"
+
+
+@dataclass(eq=False)
+class NormBound(Aggregator):
+    """Bound each update's L2 norm (over all of a component's float keys), then combine
+    with the ``inner`` aggregator.
+
+    The bound for a component is the smallest of ``max_norm`` (if set) and ``multiplier``
+    times the median norm of its last ``window`` accepted (bounded) updates. A
+    component's first update, with no history and no ``max_norm``, is bounded by
+    ``first_relative`` times the component's own norm. The bound is per component, so it
+    holds for an expert with one contributor; the combined update of a round can never
+    exceed it whatever weights the institutions report. Not with secure aggregation (the
+    server sees only the sum): clip on the institutions' side there (stage ``clip``).
+    """
+
+    inner: str = "fedavg"
+    inner_options: dict[str, Any] = field(default_factory=dict)
+    max_norm: float | None = None
+    multiplier: float = 3.0
+    window: int = 20
+    first_relative: float = 1.0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for opt in ("multiplier", "first_relative") + (("max_norm",) if self.max_norm is not None else ()):
+            value = getattr(self, opt)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: option {opt} must be a finite number > 0, got {value!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"{name}: option window must be an integer >= 1, got {self.window!r}")
+        if self.inner == "norm_bound":
+            raise ValueError(f"{name}: option inner must name another aggregator, not norm_bound")
+        from m3tfed.plugin_manager import get_catalogue
+
+        self.aggregator: Aggregator = get_catalogue().get("aggregator", self.inner).build(**self.inner_options)
+        self.proximal_mu = self.aggregator.proximal_mu
+        self.history: dict[str, list[float]] = {}
+        self.last_bounds: dict[str, tuple[float, list[str]]] = {}  # component -> (bound, institutions scaled down)
+
+    def bound(self, component: str, current: Mapping[str, Tensor]) -> float:
+        past = self.history.get(component)
+        bounds = [self.max_norm] if self.max_norm is not None else []
+        if past:
+            bounds.append(self.multiplier * statistics.median(past))  # even count: mean of the middle pair
+        elif not bounds:
+            bounds.append(self.first_relative * _norm(current, float_keys(current)))
+        return min(bounds)
+
+    def combine(self, component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]) -> State:
+        keys = float_keys(current)
+        limit = self.bound(component, current)
+        bounded, scaled, norms = [], [], []
+        for u in updates:
+            norm = _norm(u.delta, keys)
+            factor = min(1.0, limit / norm) if norm > 0 else 1.0
+            if factor < 1.0:
+                scaled.append(u.institution)
+                u = ComponentUpdate(u.institution, u.component, {k: v * factor if k in keys else v for k, v in u.delta.items()}, u.weight, u.base_version)
+            bounded.append(u)
+            norms.append(norm * factor)
+        self.history[component] = (self.history.get(component, []) + norms)[-self.window :]
+        self.last_bounds[component] = (limit, scaled)
+        return self.aggregator.combine(component, current, bounded)
+
+    def apply(self, component: str, current: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> State:
+        return self.aggregator.apply(component, current, delta)
+
+    def state_dict(self) -> State:
+        out = {f"{c}::{HISTORY}": torch.tensor(norms, dtype=torch.float64) for c, norms in self.history.items()}
+        return {**self.aggregator.state_dict(), **out}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        mine = {k: v for k, v in state.items() if k.endswith(f"::{HISTORY}")}
+        self.history = {k.removesuffix(f"::{HISTORY}"): v.tolist() for k, v in mine.items()}
+        self.aggregator.load_state_dict({k: v for k, v in state.items() if k not in mine})
+
+
+def _norm(state: Mapping[str, Tensor], keys: list[str]) -> float:
+    total = 0.0
+    for k in keys:
+        t = state[k]
+        total += float(t.to(accumulation_dtype(t)).pow(2).sum())
+    return math.sqrt(total)

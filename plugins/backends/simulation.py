@@ -30,6 +30,7 @@ class SimulationBackend:
         self.institutions = institutions
         self.record_transcript = record_transcript
         self.transcript: list[dict] = []
+        self.errors_seen: set[str] = set()  # a traceback is logged once per distinct error
 
     # -- capabilities --------------------------------------------------------------
     def components_of(self, name: str) -> list[str]:
@@ -60,7 +61,12 @@ class SimulationBackend:
                 results.append(Failure(job.institution, str(exc), permanent=True))
                 continue
             except Exception as exc:  # an institution's crash must not end the round
-                log.exception("institution %s failed", job.institution)
+                error = f"{type(exc).__name__}: {exc}"
+                if error in self.errors_seen:
+                    log.warning("institution %s failed: %s (traceback logged before)", job.institution, error)
+                else:
+                    self.errors_seen.add(error)
+                    log.exception("institution %s failed", job.institution)
                 results.append(Failure(job.institution, f"raised {type(exc).__name__}: {exc}"))
                 continue
             self._record(job.round, job.institution, "up", {u.component: u.delta for u in result.updates})
