@@ -246,7 +246,7 @@ def test_dp_optimizer_clips_each_sample():
 
 
 def test_dp_sgd_trains_the_moe_model_and_reports_epsilon():
-    d = tiny_config_dict(rounds=1, n=60)
+    d = tiny_config_dict(rounds=1, n=75)  # 45 training samples (60/20/20 split)
     d["federation"].update({"batch_size": 8, "lr": 2e-2})
     # an explicit sigma: deriving one for a sample rate < 1 takes Opacus seconds
     d["institutions"][0]["policy"] = {

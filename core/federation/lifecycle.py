@@ -153,7 +153,8 @@ def finish(fed: Federation, run_dir: Path, curves: list[dict], fed_seconds: floa
     results["fed_moe"], routing = read_test_once(fed, final)
     ctx = BaselineContext(final=final, progress=progress)
     seconds = {"fed_moe": fed_seconds}
-    for baseline in baselines:
+    for k, baseline in enumerate(baselines, 1):
+        progress(f"  method {baseline.name} ({k}/{len(baselines)})")
         t = time.perf_counter()
         results[baseline.name] = baseline.run(fed, ctx)
         seconds[baseline.name] = time.perf_counter() - t
