@@ -78,7 +78,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """The coordinator: a SuperLink (unless --superlink names a running one) and the m3tfed
     ServerApp run on it with ``flwr run``; stops what it started, also on Ctrl-C."""
+    import ipaddress
+    import os
+
     from m3tfed.plugins.backends.flower.deploy import Certificates, Deployment
+    from m3tfed.plugins.backends.flower.identity import active
 
     folder = Path(args.home or Path(args.runs_dir) / ".flower" / args.name)
     given = {"--ca": args.ca, "--cert": args.cert, "--key": args.key}
@@ -87,23 +91,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"m3tfed: error: --ca, --cert and --key go together (the CA nodes trust, the SuperLink's certificate and its key); "
               f"{missing} missing. Make them with `m3tfed certs`, or give none to use the CA in {folder / 'certificates'} (made on first start)", file=sys.stderr)
         return 2
+    certs_dir = Path(args.certs) if args.certs else None
     certs = Certificates(Path(args.ca), Path(args.cert), Path(args.key)) if args.ca else None
+    if certs_dir is not None:
+        certs = Certificates(certs_dir / "ca.crt", certs_dir / "server.crt", certs_dir / "server.key")
     if certs is not None and args.insecure:
-        print("m3tfed: error: --insecure turns TLS off; it cannot be combined with --ca/--cert/--key", file=sys.stderr)
+        print("m3tfed: error: --insecure turns TLS off; it cannot be combined with --certs or --ca/--cert/--key", file=sys.stderr)
         return 2
     for path in (certs.ca, certs.cert, certs.key) if certs else ():
         if not path.is_file():
             print(f"m3tfed: error: {path} does not exist", file=sys.stderr)
             return 2
     host, _, port = (args.superlink or f"{args.host}:{args.port}").rpartition(":")
-    dep = Deployment(folder, insecure=args.insecure, certificates=certs, host=host, superlink_port=int(port))
+    # Flower 1.41 serves its control API (start runs, register nodes) on the same port as
+    # the nodes' Fleet API: on another address than loopback it needs user authentication
+    if not args.superlink and not _loopback(host, ipaddress) and os.environ.get("FLWR_OIDC_ENABLED") != "1" and not args.expose_control_api:
+        print(f"m3tfed: error: --host {host} would expose the SuperLink's control API (start runs, register nodes) to the network "
+              "without user authentication. Keep --host 127.0.0.1 and forward only /v1/fleet/ to it, or turn on Flower's user "
+              "authentication (FLWR_OIDC_ENABLED=1), or pass --expose-control-api if the network is yours alone (docs/deployment.md)", file=sys.stderr)
+        return 2
+    config = Path(args.config).resolve()
+    identities = None
+    if not args.insecure:
+        identities = certs_dir or (folder / "certificates")
+        from m3tfed.federation.config import load_config
+
+        keyless = [i.name for i in load_config(config).institutions if i.name not in active(identities)]
+        if keyless:
+            print(f"m3tfed: error: no registered key for {', '.join(keyless)} in {identities / 'institutions.json'}: "
+                  f"every institution connects with its own key; make them with `m3tfed certs {identities} "
+                  + " ".join(f"--institution {n}" for n in keyless) + "`", file=sys.stderr)
+            return 2
+    else:
+        print("m3tfed: warning: --insecure: no TLS and no SuperNode authentication; any machine that reaches the port can join", file=sys.stderr)
+    run_dir = (Path(args.runs_dir) / args.name).resolve()
+    dep = Deployment(folder, insecure=args.insecure, certificates=certs, host=host, superlink_port=int(port),
+                     identities=identities, roots=[run_dir, config, folder.resolve()])
     try:
         if not args.superlink:
             dep.start_superlink()
             print(f"SuperLink on {dep.address} ({'insecure' if args.insecure else 'TLS, CA ' + str(dep.certificates.ca)}); "
-                  f"institutions join with: m3tfed join CONFIG --institution NAME --superlink {dep.address}", file=sys.stderr)
-        run_dir = Path(args.runs_dir) / args.name
-        done = dep.run(Path(args.config), run_dir, resume=args.resume, wait_nodes_s=args.wait, reply_grace_s=args.grace)
+                  f"institutions join with: m3tfed join CONFIG --institution NAME --key NAME/node.key --superlink {dep.address}", file=sys.stderr)
+        done = dep.run(config, run_dir, resume=args.resume, wait_nodes_s=args.wait, reply_grace_s=args.grace)
         result = run_dir / "flower.json"
         if not result.exists():
             print(f"m3tfed: error: the run ended (flwr exit code {done.returncode}) without a result; logs in {folder / 'logs'}", file=sys.stderr)
@@ -112,6 +141,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         dep.stop()
+
+
+def _loopback(host: str, ipaddress) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -125,10 +161,14 @@ def cmd_join(args: argparse.Namespace) -> int:
     if not args.insecure and certs is None:
         print("m3tfed: error: TLS needs the federation's CA certificate: --ca ca.crt (or --insecure for local tests)", file=sys.stderr)
         return 2
+    if not args.insecure and not args.key:
+        print(f"m3tfed: error: the federation knows {args.institution} by its key: --key node.key (made by `m3tfed certs FOLDER --institution {args.institution}`)", file=sys.stderr)
+        return 2
     dep = Deployment(folder, insecure=args.insecure, certificates=certs, superlink_port=1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        proc = dep.start_supernode(args.institution, Path(args.config), data_root=args.data, superlink=args.superlink)
+        proc = dep.start_supernode(args.institution, Path(args.config), data_root=args.data, superlink=args.superlink,
+                                   private_key=Path(args.key).resolve() if args.key else None)
         print(f"{args.institution}: SuperNode pid {proc.pid} -> {args.superlink}; logs in {folder / 'logs'}", file=sys.stderr)
         return proc.wait()
     finally:
@@ -136,10 +176,33 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from m3tfed.plugins.backends.flower.deploy import make_certificates
+    """The CA and SuperLink certificate (made once, the CA key kept private in FOLDER), a
+    key pair per institution, a certificate for another host, and revocations."""
+    from m3tfed.plugins.backends.flower.deploy import make_certificates, sign_server_certificate
+    from m3tfed.plugins.backends.flower.identity import (
+        add_institution,
+        key_folder,
+        revoke_institution,
+    )
 
-    c = make_certificates(Path(args.folder), hosts=tuple(args.host or ("127.0.0.1", "localhost")))
-    print(f"CA {c.ca} (give to every institution and to flwr)\nserver certificate {c.cert}, key {c.key} (SuperLink only)")
+    folder = Path(args.folder)
+    hosts = tuple(args.host or ("127.0.0.1", "localhost"))
+    if not (folder / "ca.crt").exists():
+        c = make_certificates(folder, hosts=hosts)
+        print(f"CA {c.ca} (give to every institution and to flwr; ca.key stays here, private)\nserver certificate {c.cert}, key {c.key} (SuperLink only)")
+    elif args.host:
+        c = sign_server_certificate(folder, hosts)
+        print(f"server certificate {c.cert}, key {c.key} for {', '.join(hosts)}, signed by the CA in {folder}")
+    for name in args.institution or ():
+        entry = add_institution(folder, name)
+        print(f"{name}: key {entry['fingerprint']}; give {key_folder(folder, name) / 'node.key'} to {name} only (m3tfed join --key)")
+    for pair in args.public_key or ():
+        name, _, path = pair.partition("=")
+        entry = add_institution(folder, name, public_key=Path(path))
+        print(f"{name}: registered its own key {entry['fingerprint']}")
+    for name in args.revoke or ():
+        revoke_institution(folder, name)
+        print(f"{name}: key revoked; a coordinator started from now on refuses it (a running one: restart it, or `flwr supernode unregister`)")
     return 0
 
 
@@ -177,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--superlink", default=None, help="HOST:PORT of a SuperLink already running (then none is started)")
     serve.add_argument("--home", default=None, help="FLWR_HOME and logs of this deployment (default: runs/.flower/<name>)")
     serve.add_argument("--insecure", action="store_true", help="no TLS: local testing only")
+    serve.add_argument("--certs", default=None, help="the folder `m3tfed certs` made: CA, SuperLink certificate and the institutions' registered keys")
+    serve.add_argument("--expose-control-api", action="store_true", help="allow a --host other than loopback without Flower's user authentication (a network that is yours alone)")
     serve.add_argument("--ca", default=None, help="CA certificate (with --cert and --key; default: the CA in --home, made on first start)")
     serve.add_argument("--cert", default=None, help="SuperLink TLS certificate")
     serve.add_argument("--key", default=None, help="SuperLink TLS private key")
@@ -191,12 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--data", default=None, help="root folder for data sources that read files")
     join.add_argument("--home", default=None, help="FLWR_HOME, logs and personal state (default: ~/.m3tfed/nodes/<institution>)")
     join.add_argument("--ca", default=None, help="the federation's CA certificate (TLS)")
+    join.add_argument("--key", default=None, help="this institution's private key (node.key from `m3tfed certs`)")
     join.add_argument("--insecure", action="store_true", help="no TLS: local testing only")
     join.set_defaults(func=cmd_join)
 
-    certs = sub.add_parser("certs", help="make a CA and a SuperLink certificate for TLS")
-    certs.add_argument("folder", help="where ca.crt, server.crt and server.key go")
-    certs.add_argument("--host", action="append", default=None, help="SuperLink host name or IP (repeatable; default 127.0.0.1 and localhost)")
+    certs = sub.add_parser("certs", help="the federation's CA, SuperLink certificate and institution keys")
+    certs.add_argument("folder", help="where ca.crt, ca.key, server.crt, server.key and institutions/ go (keep it private)")
+    certs.add_argument("--host", action="append", default=None, help="SuperLink host name or IP (repeatable; default 127.0.0.1 and localhost); "
+                       "with an existing CA, signs a new SuperLink certificate for these hosts")
+    certs.add_argument("--institution", action="append", default=None, help="make and register a key pair for this institution (repeatable)")
+    certs.add_argument("--public-key", action="append", default=None, metavar="NAME=FILE", help="register a public key an institution made itself")
+    certs.add_argument("--revoke", action="append", default=None, metavar="NAME", help="revoke this institution's key")
     certs.set_defaults(func=cmd_certs)
 
     plugins = sub.add_parser("plugins", help="list installed plugins beside registry.toml")
