@@ -98,11 +98,12 @@ def seconds_of(code: str) -> float:
     return time.perf_counter() - t0
 
 
-def cold_message_cost(config: dict) -> dict[str, float]:
-    """Where a message's seconds go when Flower starts a ClientApp process for it."""
-    start = min(seconds_of("pass") for _ in range(2))
-    flower = min(seconds_of("import flwr.supernode.runtime.run_clientapp") for _ in range(2))
-    app = min(seconds_of("import flwr.supernode.runtime.run_clientapp, m3tfed.plugins.backends.flower.client_app") for _ in range(2))
+def cold_message_cost(config: dict, repeats: int = 2) -> dict[str, float]:
+    """Where a message's seconds go when Flower starts a ClientApp process for it (each
+    process timing: the best of ``repeats``)."""
+    start = min(seconds_of("pass") for _ in range(repeats))
+    flower = min(seconds_of("import flwr.supernode.runtime.run_clientapp") for _ in range(repeats))
+    app = min(seconds_of("import flwr.supernode.runtime.run_clientapp, m3tfed.plugins.backends.flower.client_app") for _ in range(repeats))
     from m3tfed.federation.job import build_institution
 
     cfg = load_config(config)
@@ -177,7 +178,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="seconds: the per-message cost breakdown only, no deployment")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cold = cold_message_cost(job(1, args.institutions))
+    cold = cold_message_cost(job(1, args.institutions), repeats=1 if args.smoke else 2)
     if args.smoke:
         print("a message on Flower's default SuperNode (fresh process):", {k: round(v, 2) for k, v in cold.items()})
         emit({"bench": "flower_backend", "smoke": True, "cold_message_s": cold, "cold_message_total_s": sum(cold.values())})

@@ -1,11 +1,15 @@
-"""The Flower backend: wire format, bad replies, node state kept between messages, and a
-real deployment on 127.0.0.1.
+"""The Flower backend: wire format, bad replies, node state kept between messages, who
+each institution is, private files, and a real deployment on 127.0.0.1.
 
-The deployment tests start a SuperLink and three SuperNodes as real processes (insecure,
-own free ports, own FLWR_HOME under tmp, telemetry off) and stop every one of them (by
-process group) at the end of the module, also when a test fails. Their federation runs
-with secure aggregation and DP policies, so privacy is tested on the wire, where every
-message is answered by a fresh ClientApp process.
+The deployment tests share one deployment (module fixture): a SuperLink with TLS and
+SuperNode authentication, the three institutions' SuperNodes (each with its warm
+worker), and three intruders: a node with a registered key of an institution outside
+the config that claims to be university, a node with a key nobody registered, and a
+second node with rural_school's own key. Every process runs with its own free ports and
+FLWR_HOME under tmp, telemetry off, and is stopped (by process group) at the end of the
+module, also when a test fails. Secure aggregation on the wire is tested with the
+ClientApp's own handlers and a fresh process state per message
+(``RestartingGrid``), which is what a node does, at a fraction of the time.
 """
 
 from __future__ import annotations
@@ -227,13 +231,14 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def in_process_run(config: Path, runs_dir: Path, stop_after: int) -> Path:
-    """The same federation with the in-process backend, stopped after round
-    ``stop_after`` and resumed from its checkpoint, as the Flower run is: the two runs
+def in_process_run(config: Path, runs_dir: Path, stop_after: int | None = None) -> Path:
+    """The same federation with the in-process backend; with ``stop_after``, stopped
+    after that round and resumed from its checkpoint, as the Flower run is: the two runs
     take exactly the same path, restart included."""
     with one_thread():
         run_job(config, name="in-process", runs_dir=runs_dir, stop_after=stop_after, progress=lambda _: None)
-        resume_job(runs_dir / "in-process", progress=lambda _: None)
+        if stop_after is not None:
+            resume_job(runs_dir / "in-process", progress=lambda _: None)
     return runs_dir / "in-process"
 
 
@@ -370,6 +375,21 @@ def test_certs_keep_the_ca_private_and_usable_and_register_one_key_per_instituti
     assert load_register(folder)["university"]["revoked"] and not (folder / "institutions" / "university" / "node.key").exists()
     assert main(["certs", str(folder), "--institution", "university"]) == 0
     assert load_register(folder)["university"]["public_key"] != register["university"]["public_key"]
+    # an institution that made its own key sends only the public half; Flower needs a NIST curve
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    ssh = (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    (tmp_path / "own.pub").write_bytes(ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(*ssh))
+    (tmp_path / "ed.pub").write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(*ssh))
+    assert main(["certs", str(folder), "--public-key", f"guest={tmp_path / 'own.pub'}"]) == 0
+    assert load_register(folder)["guest"]["public_key"] == (tmp_path / "own.pub").read_text().strip()
+    assert not (folder / "institutions" / "guest" / "node.key").exists()
+    capsys.readouterr()
+    assert main(["certs", str(folder), "--public-key", f"other={tmp_path / 'ed.pub'}"]) == 2
+    assert "EC key on a NIST curve" in capsys.readouterr().err
+    assert main(["certs", str(folder), "--public-key", f"again={tmp_path / 'own.pub'}"]) == 2
+    assert "already registered for another institution" in capsys.readouterr().err
 
 
 def test_the_serverapp_takes_paths_only_inside_the_folders_serve_gave_it(tmp_path, monkeypatch):
@@ -413,6 +433,9 @@ def test_serve_refuses_an_open_control_api_and_institutions_without_keys(tmp_pat
     err = capsys.readouterr().err
     assert "no registered key for rural_school, math_academy" in err and "--institution rural_school --institution math_academy" in err
     assert not (tmp_path / "home" / "logs").exists()  # nothing was started
+    # an institution joins with its key, or not at all (TLS)
+    assert main(["join", str(config), "--institution", "university", "--superlink", "127.0.0.1:1", "--ca", str(tmp_path / "certs" / "ca.crt")]) == 2
+    assert "--key node.key" in capsys.readouterr().err
 
 
 def test_certificates_name_loopback(tmp_path):
@@ -553,14 +576,12 @@ def _flower_run(dep: Deployment, config: Path, run_dir: Path, **run_config) -> d
 def test_only_registered_institutions_take_part_and_finish_as_the_in_process_run(deployment, tmp_path):
     dep, config = deployment
     run_dir = tmp_path / "run"
-    # the coordinator stops after round 1 (its checkpoint and ledger are written), then a
-    # new coordinator resumes from m3tfed's checkpoint: Flower does not resume a run itself
-    first = _flower_run(dep, config, run_dir, stop_after=1)
-    assert first["last_round"] == 1 and not first["done"]
+    out = _flower_run(dep, config, run_dir)
+    assert out["done"] and out["last_round"] == 2
     # the impersonation is refused by the coordinator: guest's node says it is university
     guest = dep.node_ids["guest"]
-    assert "holds the key registered for institution 'guest' but says it is 'university'" in first["refused"][str(guest)]
-    assert sorted(first["refused"]) == [str(guest)], first["refused"]  # nobody else got that far
+    assert "holds the key registered for institution 'guest' but says it is 'university'" in out["refused"][str(guest)]
+    assert sorted(out["refused"]) == [str(guest)], out["refused"]  # nobody else got that far
     assert f"refused node {guest}" in (dep.folder / "logs" / "flwr-run.log").read_text(errors="replace")
     # the stranger's key and the copy of rural_school's key never got past the SuperLink
     status = _node_status(dep)
@@ -570,11 +591,10 @@ def test_only_registered_institutions_take_part_and_finish_as_the_in_process_run
     caps = json.loads((run_dir / "capabilities.json").read_text())
     assert sorted(caps) == sorted(INSTITUTIONS)  # no "excluded": every node's policy is the config's
     assert caps["math_academy"]["personal"] == ["task.symbol"] and caps["university"]["policy"]["dp"] == "local"
-    second = _flower_run(dep, config, run_dir, resume=True)
-    assert second["resumed_after"] == 1 and second["done"] and second["last_round"] == 2
-    # weights, contributors and the ledger's epsilon per round equal the in-process run's:
-    # the nodes' accountants carried over from message to message and across the restart
-    assert_same_run(run_dir, in_process_run(config, tmp_path / "runs", stop_after=1), rounds=2)
+    # the genuine institutions' weights, contributors and the ledger's epsilon per round
+    # equal the in-process run's (the nodes' accountants carried over between messages;
+    # resuming on the wire: test_secagg_and_dp_state_survive_a_new_clientapp_process_per_message)
+    assert_same_run(run_dir, in_process_run(config, tmp_path / "runs"), rounds=2)
     # what the institutions keep (personal parts, privacy accounts) is theirs alone
     for name in INSTITUTIONS:
         state = dep.folder / "nodes" / name / "state"
@@ -593,7 +613,7 @@ def test_a_supernode_killed_mid_round_is_dropped_after_its_timeout_and_the_run_g
     dep, node_config = deployment
     # Without the privacy policies, to keep this test short. The nodes read their config
     # file at every message, so this run's federation is the plain one, on both sides.
-    plain = tomli_w.dumps(config_dict(rounds=2, min_institutions=2, timeout_s=20.0))
+    plain = tomli_w.dumps(config_dict(rounds=1, min_institutions=2, timeout_s=20.0))
     config = tmp_path / "short.toml"
     config.write_text(plain)
     run_dir = tmp_path / "faulty"
@@ -623,14 +643,13 @@ def test_a_supernode_killed_mid_round_is_dropped_after_its_timeout_and_the_run_g
         node_config.write_text(with_privacy)
     watcher.join(timeout=5)
     assert killed.is_set(), "the node never received its training message"
-    first, second = out["history"]
+    (first,) = out["history"]
     assert "no reply within 25s" in first["dropped"]["rural_school"]
-    # the run goes on: round 2 trains and aggregates with the two nodes left
-    assert out["done"] and first["succeeded"] == second["succeeded"] == ["math_academy", "university"]
-    assert "rural_school" in second["dropped"]
-    assert all("rural_school" not in names for h in (first, second) for names in h["contributors"].values())
-    assert second["contributors"]["trunk"] == ["math_academy", "university"]
-    assert checkpoint_path(run_dir, 2).exists()
+    # the run goes on: the round aggregates what the two nodes left sent, and is saved
+    assert out["done"] and first["succeeded"] == ["math_academy", "university"]
+    assert all("rural_school" not in names for names in first["contributors"].values())
+    assert first["contributors"]["trunk"] == ["math_academy", "university"]
+    assert checkpoint_path(run_dir, 1).exists()
 
 
 def test_a_revoked_institution_cannot_reconnect(deployment):
@@ -651,6 +670,20 @@ def test_a_revoked_institution_cannot_reconnect(deployment):
         time.sleep(0.5)
     assert "activat" in log.read_text(errors="replace")[seen:].lower()
     assert sorted(n for n, s in _node_status(dep).items() if s == "online") == sorted(dep.node_ids.values())
+
+
+def test_flower_bench_smoke_prints_where_a_message_goes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bench = Path(__file__).parent.parent / "bench" / "flower_backend.py"
+    done = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    parts = out["cold_message_s"]
+    assert set(parts) == {"process_start_s", "flower_imports_s", "m3tfed_torch_imports_s", "build_institution_s", "train_s"}
+    assert all(v > 0 for v in parts.values()) and out["cold_message_total_s"] == pytest.approx(sum(parts.values()))
 
 
 def test_flower_backend_is_a_registered_plugin_that_explains_where_it_runs():

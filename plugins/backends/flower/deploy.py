@@ -497,11 +497,17 @@ class Deployment:
         proc.kill()
         proc.wait()
 
-    def stop(self) -> None:
-        """Stop everything this deployment started: nodes and runs first, the SuperLink last."""
-        for name in sorted(self.processes, key=lambda n: n == "superlink"):
-            self.stop_process(name)
-        stop_groups({g for g in self.leftovers if flower_group(g)})
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop everything this deployment started, all process groups at once (one grace
+        period in all, not one per process)."""
+        procs = {name: self.processes.pop(name) for name in list(self.processes)}
+        groups = {g for g in self.leftovers if flower_group(g)}
+        for name, proc in procs.items():
+            own = {proc.pid} | process_groups(proc.pid) if proc.poll() is None else set()
+            groups |= own | {g for g in self.groups.pop(name, set()) | {proc.pid} if flower_group(g)}
+        stop_groups(groups, grace)
+        for proc in procs.values():
+            proc.wait(timeout=grace)  # reaped: no zombie left behind
         self.leftovers = set()
 
     def __enter__(self) -> Deployment:
