@@ -128,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dep = Deployment(folder, insecure=args.insecure, certificates=certs, host=host, superlink_port=int(port),
                      identities=identities, roots=[run_dir, config, folder.resolve()])
     try:
+        if args.superlink and identities is not None:
+            dep.register_nodes()  # a SuperLink someone else started (with --enable-supernode-auth)
         if not args.superlink:
             dep.start_superlink()
             print(f"SuperLink on {dep.address} ({'insecure' if args.insecure else 'TLS, CA ' + str(dep.certificates.ca)}); "

@@ -38,7 +38,6 @@ class InProcessExecutor:
 
     def __init__(self) -> None:
         self.apps: dict[str, Any] = {}  # FAB hash -> its loaded ClientApp
-        self.timings: list[dict[str, float]] = []  # per task: seconds to pull, run, push
 
     def get_eligible_capacity(
         self, supported_task_types, *, insecure=False, root_certificates_path=None
@@ -124,7 +123,6 @@ class InProcessExecutor:
             heartbeat.stop()
             client.close()
         end = time.perf_counter()
-        self.timings.append({"pull_s": t_pull - t0, "run_s": t_run - t_pull, "push_s": end - t_run})
         log.info(
             "task %s: pulled in %.3fs, ran in %.3fs, pushed in %.3fs",
             spec.task_id,
