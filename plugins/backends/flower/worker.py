@@ -25,6 +25,7 @@ Run: ``python -m m3tfed.plugins.backends.flower.worker --runtime-api-address HOS
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import time
 from typing import Any
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
     import flwr.supercore.superexec.run_superexec as superexec
+
+    # m3tfed's ClientApp (torch, the plugins) imported while the node connects, not
+    # while the coordinator waits for the first answer
+    importlib.import_module("m3tfed.plugins.backends.flower.client_app")
 
     executor = InProcessExecutor()
     superexec.get_executor = lambda *a, **k: executor  # Flower's loop, this executor
