@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ServerApp run on it with ``flwr run``; stops what it started, also on Ctrl-C."""
     import ipaddress
     import os
+    import signal
 
     from m3tfed.plugins.backends.flower.deploy import Certificates, Deployment
     from m3tfed.plugins.backends.flower.identity import active
@@ -125,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         print("m3tfed: warning: --insecure: no TLS and no SuperNode authentication; any machine that reaches the port can join", file=sys.stderr)
     run_dir = (Path(args.runs_dir) / args.name).resolve()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a service manager's stop: stop what we started
     dep = Deployment(folder, insecure=args.insecure, certificates=certs, host=host, superlink_port=int(port),
                      identities=identities, roots=[run_dir, config, folder.resolve()])
     try:
@@ -155,6 +157,7 @@ def _loopback(host: str, ipaddress) -> bool:
 def cmd_join(args: argparse.Namespace) -> int:
     """One institution: a SuperNode whose ClientApp builds only that institution."""
     import signal
+    import time
 
     from m3tfed.plugins.backends.flower.deploy import Certificates, Deployment
 
@@ -169,10 +172,19 @@ def cmd_join(args: argparse.Namespace) -> int:
     dep = Deployment(folder, insecure=args.insecure, certificates=certs, superlink_port=1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        proc = dep.start_supernode(args.institution, Path(args.config), data_root=args.data, superlink=args.superlink,
-                                   private_key=Path(args.key).resolve() if args.key else None)
-        print(f"{args.institution}: SuperNode pid {proc.pid} -> {args.superlink}; logs in {folder / 'logs'}", file=sys.stderr)
-        return proc.wait()
+        while True:
+            proc = dep.start_supernode(args.institution, Path(args.config), data_root=args.data, superlink=args.superlink,
+                                       private_key=Path(args.key).resolve() if args.key else None)
+            print(f"{args.institution}: SuperNode pid {proc.pid} -> {args.superlink}; logs in {folder / 'logs'}", file=sys.stderr)
+            code = proc.wait()
+            dep.stop()
+            if code == 0 or args.retry_s <= 0:
+                return code
+            # Flower's SuperNode gives up when the SuperLink refuses to activate it: its key
+            # not registered yet (the coordinator registers on start), or revoked
+            print(f"{args.institution}: SuperNode exited with code {code} (see its log: a key not registered yet, or revoked?); "
+                  f"trying again in {args.retry_s:.0f}s", file=sys.stderr)
+            time.sleep(args.retry_s)
     finally:
         dep.stop()
 
@@ -259,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--home", default=None, help="FLWR_HOME, logs and personal state (default: ~/.m3tfed/nodes/<institution>)")
     join.add_argument("--ca", default=None, help="the federation's CA certificate (TLS)")
     join.add_argument("--key", default=None, help="this institution's private key (node.key from `m3tfed certs`)")
+    join.add_argument("--retry-s", type=float, default=10.0, help="start the SuperNode again this long after it exits with an error (0: do not)")
     join.add_argument("--insecure", action="store_true", help="no TLS: local testing only")
     join.set_defaults(func=cmd_join)
 

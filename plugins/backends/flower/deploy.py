@@ -309,6 +309,12 @@ class Deployment:
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Flower's processes run in their own home folders: every path they get is absolute
+        if self.certificates is not None:
+            c = self.certificates
+            self.certificates = Certificates(Path(c.ca).resolve(), Path(c.cert).resolve(), Path(c.key).resolve())
+        if self.identities is not None:
+            self.identities = Path(self.identities).resolve()
         if not self.insecure and self.certificates is None:
             self.certificates = load_or_make_certificates(self.folder / "certificates", hosts=(self.host, "localhost"))
         self.superlink_port = self.superlink_port or free_port(self.host)
