@@ -1,17 +1,22 @@
-"""The Flower backend: wire format, bad replies, node state kept between messages, and a
-real deployment on 127.0.0.1.
+"""The Flower backend: wire format, bad replies, node state kept between messages, who
+each institution is, private files, and a real deployment on 127.0.0.1.
 
-The deployment tests start a SuperLink and three SuperNodes as real processes (insecure,
-own free ports, own FLWR_HOME under tmp, telemetry off) and stop every one of them (by
-process group) at the end of the module, also when a test fails. Their federation runs
-with secure aggregation and DP policies, so privacy is tested on the wire, where every
-message is answered by a fresh ClientApp process.
+The deployment tests share one deployment (module fixture): a SuperLink with TLS and
+SuperNode authentication, the three institutions' SuperNodes (each with its warm
+worker), and three intruders: a node with a registered key of an institution outside
+the config that claims to be university, a node with a key nobody registered, and a
+second node with rural_school's own key. Every process runs with its own free ports and
+FLWR_HOME under tmp, telemetry off, and is stopped (by process group) at the end of the
+module, also when a test fails. Secure aggregation on the wire is tested with the
+ClientApp's own handlers and a fresh process state per message
+(``RestartingGrid``), which is what a node does, at a fraction of the time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -21,7 +26,7 @@ import tomli_w
 import torch
 from conftest import tiny_config_dict
 from flwr.app import Message
-from m3tfed.federation.checkpoint import checkpoint_path, load_checkpoint
+from m3tfed.federation.checkpoint import checkpoint_path, load_checkpoint, write_bytes_atomic
 from m3tfed.federation.config import load_config
 from m3tfed.federation.job import (
     build_federation,
@@ -40,6 +45,7 @@ from m3tfed.plugins.backends.flower.deploy import (
     load_or_make_certificates,
     make_certificates,
 )
+from m3tfed.plugins.backends.flower.identity import add_institution, key_folder, load_register
 from m3tfed.plugins.backends.flower.server_app import differs_from_config, run_federation
 from m3tfed.privacy.ledger import PrivacyLedger
 
@@ -56,12 +62,14 @@ POLICIES = {
 }
 
 
-def config_dict(rounds: int = 3, privacy: bool = False, **federation) -> dict:
+def config_dict(rounds: int = 3, privacy: bool = False, secagg: bool = True, **federation) -> dict:
     d = tiny_config_dict(rounds=rounds, n=24, **federation)
     d["institutions"] = [i for i in d["institutions"] if i["name"] in INSTITUTIONS]
     for inst in d["institutions"]:
         if privacy and inst["name"] in POLICIES:
             inst["policy"] = dict(POLICIES[inst["name"]])
+            if not secagg:
+                inst["policy"].pop("secure_aggregation", None)
     return d
 
 
@@ -89,6 +97,7 @@ class FakeGrid:
         self.ids = {name: 100 + k for k, name in enumerate(institutions)}
         self.tamper = tamper or {}
         self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
 
     def get_node_ids(self):
         return list(self.ids.values())
@@ -96,6 +105,7 @@ class FakeGrid:
     def push_messages(self, messages):
         ids = []
         for k, m in enumerate(messages):
+            self.sent.append(m)
             name = next(n for n, i in self.ids.items() if i == m.metadata.dst_node_id)
             inst = self.institutions[name]
             if m.metadata.message_type == "train":
@@ -201,6 +211,12 @@ def test_secagg_and_dp_state_survive_a_new_clientapp_process_per_message(tmp_pat
     assert grid.kept[f"university/runs/{run_id}/stages/secagg.json"] == 0o600
     assert grid.kept[f"university/runs/{run_id}/privacy.json"] == 0o600
     assert not (tmp_path / "nodes" / "university" / "runs" / run_id / "stages" / "secagg.json").exists()
+    # and everything a node keeps (personal parts, their round snapshots, accounts) too
+    for name in INSTITUTIONS:
+        state = tmp_path / "nodes" / name
+        modes = {str(p.relative_to(state)): stat.S_IMODE(p.stat().st_mode) for p in [state, *state.rglob("*")]}
+        assert {p: oct(m) for p, m in modes.items() if m != (0o700 if (state / p).is_dir() else 0o600)} == {}, name
+    assert any(p.endswith("tensors.safetensors") for p in modes) or name != "math_academy"
 
 
 @contextlib.contextmanager
@@ -215,13 +231,14 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def in_process_run(config: Path, runs_dir: Path, stop_after: int) -> Path:
-    """The same federation with the in-process backend, stopped after round
-    ``stop_after`` and resumed from its checkpoint, as the Flower run is: the two runs
+def in_process_run(config: Path, runs_dir: Path, stop_after: int | None = None) -> Path:
+    """The same federation with the in-process backend; with ``stop_after``, stopped
+    after that round and resumed from its checkpoint, as the Flower run is: the two runs
     take exactly the same path, restart included."""
     with one_thread():
         run_job(config, name="in-process", runs_dir=runs_dir, stop_after=stop_after, progress=lambda _: None)
-        resume_job(runs_dir / "in-process", progress=lambda _: None)
+        if stop_after is not None:
+            resume_job(runs_dir / "in-process", progress=lambda _: None)
     return runs_dir / "in-process"
 
 
@@ -300,6 +317,129 @@ def test_one_institution_is_built_alone_with_the_same_data_and_selection():
         build_institution(cfg, "nowhere")
 
 
+# -- who each institution is ----------------------------------------------------------------
+class ImpostorGrid(FakeGrid):
+    """Five nodes: the three institutions (ids 100-102), guest's node (103) answering as
+    university, and a stranger's node (104) answering as math_academy."""
+
+    def __init__(self, fed):
+        super().__init__({**fed.institutions, "guest": fed.institutions["university"], "stranger": fed.institutions["math_academy"]})
+
+
+def test_discovery_binds_each_node_to_the_institution_of_its_key(caplog):
+    cfg = load_config(config_dict(rounds=1, min_institutions=2))
+    fed = build_federation(cfg)
+    grid = ImpostorGrid(fed)
+    identities = {"university": 100, "rural_school": 101, "math_academy": 102, "guest": 103}  # 104: nobody's key
+    backend = FlowerBackend(grid, reply_grace_s=5.0, identities=identities)
+    backend.discover(INSTITUTIONS, wait_s=5.0)
+    assert backend.nodes == {"university": 100, "rural_school": 101, "math_academy": 102}
+    assert "holds the key registered for institution 'guest' but says it is 'university' (impersonation)" in backend.refused[103]
+    assert "its key is not registered for any institution" in backend.refused[104]
+    assert sum("refused node 103" in r.message for r in caplog.records) == 1
+    assert [m.metadata.dst_node_id for m in grid.sent] == [100, 101, 102, 103]  # the stranger is not even asked
+    report = Server(cfg, fed.server.catalogue, backend).run_round(1)
+    assert report.succeeded == sorted(INSTITUTIONS) and not report.dropped
+    assert sorted(m.metadata.dst_node_id for m in grid.sent[4:]) == [100, 101, 102]  # the round: nothing to the refused
+    # without registered keys (an insecure local deployment) a second node saying a taken
+    # name is refused, and the run goes on with the first
+    plain = FlowerBackend(ImpostorGrid(fed), reply_grace_s=5.0)
+    plain.discover(INSTITUTIONS, wait_s=5.0)
+    assert plain.nodes == {"university": 100, "rural_school": 101, "math_academy": 102}
+    assert "which node 100 already is (duplicate name)" in plain.refused[103]
+    assert "which node 102 already is (duplicate name)" in plain.refused[104]
+
+
+def test_certs_keep_the_ca_private_and_usable_and_register_one_key_per_institution(tmp_path, capsys):
+    from cryptography import x509
+    from m3tfed.cli import main
+
+    folder = tmp_path / "certs"
+    assert main(["certs", str(folder), "--institution", "university", "--institution", "rural_school"]) == 0
+    ca = (folder / "ca.crt").read_bytes()
+    modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    private = {".": 0o700, "ca.key": 0o600, "server.key": 0o600, "institutions/university/node.key": 0o600, "institutions/university": 0o700}
+    assert {k: modes[k if k != "." else "."] for k in private if k != "."} == {k: v for k, v in private.items() if k != "."}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and modes["ca.crt"] == 0o644
+    # later: one more institution, and a SuperLink certificate for another host, same CA
+    assert main(["certs", str(folder), "--institution", "math_academy", "--host", "10.0.0.7"]) == 0
+    assert (folder / "ca.crt").read_bytes() == ca
+    cert = x509.load_pem_x509_certificate((folder / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+    register = load_register(folder)
+    assert sorted(register) == ["math_academy", "rural_school", "university"]
+    assert register["university"]["public_key"].startswith("ecdsa-sha2-nistp384 ")
+    # a name has one key: a second one is refused until the first is revoked
+    capsys.readouterr()
+    assert main(["certs", str(folder), "--institution", "university"]) == 2
+    assert "'university' already has a key" in capsys.readouterr().err
+    assert main(["certs", str(folder), "--revoke", "university"]) == 0
+    assert load_register(folder)["university"]["revoked"] and not (folder / "institutions" / "university" / "node.key").exists()
+    assert main(["certs", str(folder), "--institution", "university"]) == 0
+    assert load_register(folder)["university"]["public_key"] != register["university"]["public_key"]
+    # an institution that made its own key sends only the public half; Flower needs a NIST curve
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    ssh = (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    (tmp_path / "own.pub").write_bytes(ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(*ssh))
+    (tmp_path / "ed.pub").write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(*ssh))
+    assert main(["certs", str(folder), "--public-key", f"guest={tmp_path / 'own.pub'}"]) == 0
+    assert load_register(folder)["guest"]["public_key"] == (tmp_path / "own.pub").read_text().strip()
+    assert not (folder / "institutions" / "guest" / "node.key").exists()
+    capsys.readouterr()
+    assert main(["certs", str(folder), "--public-key", f"other={tmp_path / 'ed.pub'}"]) == 2
+    assert "EC key on a NIST curve" in capsys.readouterr().err
+    assert main(["certs", str(folder), "--public-key", f"again={tmp_path / 'own.pub'}"]) == 2
+    assert "already registered for another institution" in capsys.readouterr().err
+
+
+def test_the_serverapp_takes_paths_only_inside_the_folders_serve_gave_it(tmp_path, monkeypatch):
+    from m3tfed.errors import ConfigError
+    from m3tfed.plugins.backends.flower.deploy import ROOTS_ENV
+    from m3tfed.plugins.backends.flower.server_app import allowed_roots, inside
+
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    with pytest.raises(ConfigError, match="runs only on a SuperLink started by `m3tfed serve`"):
+        allowed_roots()
+    monkeypatch.setenv(ROOTS_ENV, f"{tmp_path / 'runs'}:{tmp_path / 'fed.toml'}")
+    roots = allowed_roots()
+    assert inside(tmp_path / "runs" / "a", roots, "run-dir") == (tmp_path / "runs" / "a").resolve()
+    assert inside(tmp_path / "fed.toml", roots, "config") == (tmp_path / "fed.toml").resolve()
+    for bad in (tmp_path / "other.toml", tmp_path / "runs" / ".." / "etc", "/etc/passwd"):
+        with pytest.raises(ConfigError, match="outside the folders"):
+            inside(bad, roots, "config")
+    # the app's entry point checks before it touches the grid or the disk
+    from flwr.app import Context, RecordDict
+    from m3tfed.plugins.backends.flower import server_app
+
+    run_config = {"config": str(tmp_path / "fed.toml"), "run-dir": "/tmp/elsewhere/run"}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError, match="run-config.run-dir: /tmp/elsewhere/run is outside"):
+        server_app.main(None, context)
+    assert not Path("/tmp/elsewhere").exists()
+
+
+def test_serve_refuses_an_open_control_api_and_institutions_without_keys(tmp_path, capsys, monkeypatch):
+    from m3tfed.cli import main
+
+    monkeypatch.delenv("FLWR_OIDC_ENABLED", raising=False)
+    config = tmp_path / "federation.toml"
+    config.write_text(tomli_w.dumps(config_dict(rounds=1)))
+    home = ["--home", str(tmp_path / "home"), "--runs-dir", str(tmp_path / "runs")]
+    assert main(["serve", str(config), "--host", "0.0.0.0", *home]) == 2
+    assert "would expose the SuperLink's control API" in capsys.readouterr().err
+    make_certificates(tmp_path / "certs")
+    add_institution(tmp_path / "certs", "university")
+    assert main(["serve", str(config), "--certs", str(tmp_path / "certs"), *home]) == 2
+    err = capsys.readouterr().err
+    assert "no registered key for rural_school, math_academy" in err and "--institution rural_school --institution math_academy" in err
+    assert not (tmp_path / "home" / "logs").exists()  # nothing was started
+    # an institution joins with its key, or not at all (TLS)
+    assert main(["join", str(config), "--institution", "university", "--superlink", "127.0.0.1:1", "--ca", str(tmp_path / "certs" / "ca.crt")]) == 2
+    assert "--key node.key" in capsys.readouterr().err
+
+
 def test_certificates_name_loopback(tmp_path):
     from cryptography import x509
 
@@ -357,17 +497,31 @@ def _running(pid: int) -> bool:
 
 
 # -- a real deployment on loopback -----------------------------------------------------------
+# Next to the three institutions: "guest", whose key is registered for the federation but
+# who is not in this run's config. Its node claims to be university (an impersonation);
+# a stranger's node with a key nobody registered claims math_academy; a second node
+# with rural_school's own (copied) key tries to join while rural_school is online.
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flower")
-    dep = Deployment(folder, insecure=True)  # loopback test only; TLS is the default
+    certs = folder / "certs"
+    make_certificates(certs)
+    for name in [*INSTITUTIONS, "guest"]:
+        add_institution(certs, name)
+    stranger_key = folder / "stranger" / "node.key"
+    write_bytes_atomic(stranger_key, _ssh_private_key(), private=True)
+    dep = Deployment(folder / "home", certificates=load_or_make_certificates(certs), identities=certs, roots=[tmp_path_factory.getbasetemp()])
     started: list[int] = []
     try:
-        dep.start_superlink()
+        dep.start_superlink()  # with SuperNode authentication: registers the four keys
         config = folder / "federation.toml"
-        config.write_text(tomli_w.dumps(config_dict(rounds=3, privacy=True, min_institutions=2)))
+        config.write_text(tomli_w.dumps(config_dict(rounds=2, privacy=True, secagg=False, min_institutions=2)))
         for name in INSTITUTIONS:
             dep.start_supernode(name, config)
+        dep.start_supernode("university", config, private_key=key_folder(certs, "guest") / "node.key", name="supernode-impostor")
+        dep.start_supernode("math_academy", config, private_key=stranger_key, name="supernode-stranger")
+        _wait_online(dep, [dep.node_ids[n] for n in [*INSTITUTIONS, "guest"]])
+        dep.start_supernode("rural_school", config, name="supernode-duplicate")
         started = [p.pid for p in dep.processes.values()]
         yield dep, config
     finally:
@@ -377,6 +531,29 @@ def deployment(tmp_path_factory):
         # also the helpers of the node the kill test crashed (orphans, in its process group)
         alive = [pid for pid in {*started, *spawned, *_members_of_groups(started)} if _running(pid)]
         assert not alive, f"processes left running: {alive}"
+
+
+def _ssh_private_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+
+
+def _node_status(dep: Deployment) -> dict[int, str]:
+    out = dep.flwr("supernode", "list", "m3tfed", "--format", "json")
+    return {int(n["node-id"]): n["status"] for n in json.loads(out[out.index("{"):])["nodes"]}
+
+
+def _wait_online(dep: Deployment, nodes: list[int], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _node_status(dep)
+        if all(status.get(n) == "online" for n in nodes):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"nodes {nodes} not all online within {timeout}s: {_node_status(dep)}")
 
 
 def _members_of_groups(groups: list[int]) -> list[int]:
@@ -391,44 +568,54 @@ def _members_of_groups(groups: list[int]) -> list[int]:
 
 
 def _flower_run(dep: Deployment, config: Path, run_dir: Path, **run_config) -> dict:
-    # generous: every message starts a process, and secure aggregation sends ~15 in a row
-    # per round (a few seconds each on an idle 2-core machine, far more on a busy one)
+    # generous: every message may start a process (a few seconds on a busy 2-core machine)
     done = dep.run(config, run_dir, timeout=900, wait_nodes_s=90.0, **run_config)
     out = run_dir / "flower.json"
     assert out.exists(), f"flwr run exited {done.returncode} without a result; see {dep.folder / 'logs'}"
     return json.loads(out.read_text())
 
 
-def test_secagg_and_dp_rounds_on_flower_equal_the_in_process_run_and_resume_from_checkpoint(deployment, tmp_path):
+def test_only_registered_institutions_take_part_and_finish_as_the_in_process_run(deployment, tmp_path):
     dep, config = deployment
     run_dir = tmp_path / "run"
-    # the coordinator stops after round 1 (its checkpoint and ledger are written), then a
-    # new coordinator resumes from m3tfed's checkpoint: Flower does not resume a run itself
-    first = _flower_run(dep, config, run_dir, stop_after=1)
-    assert first["last_round"] == 1 and not first["done"]
+    out = _flower_run(dep, config, run_dir)
+    assert out["done"] and out["last_round"] == 2
+    # the impersonation is refused by the coordinator: guest's node says it is university
+    guest = dep.node_ids["guest"]
+    assert "holds the key registered for institution 'guest' but says it is 'university'" in out["refused"][str(guest)]
+    assert sorted(out["refused"]) == [str(guest)], out["refused"]  # nobody else got that far
+    assert f"refused node {guest}" in (dep.folder / "logs" / "flwr-run.log").read_text(errors="replace")
+    # the stranger's key and the copy of rural_school's key never got past the SuperLink
+    status = _node_status(dep)
+    assert sorted(n for n, s in status.items() if s == "online") == sorted(dep.node_ids.values())
+    assert "Invalid SuperNode authentication" in _log(dep, "stranger") or "activat" in _log(dep, "stranger").lower()
+    assert "activat" in _log(dep, "duplicate").lower()
     caps = json.loads((run_dir / "capabilities.json").read_text())
     assert sorted(caps) == sorted(INSTITUTIONS)  # no "excluded": every node's policy is the config's
     assert caps["math_academy"]["personal"] == ["task.symbol"] and caps["university"]["policy"]["dp"] == "local"
-    assert sorted(json.loads((run_dir / "privacy_ledger.json").read_text())["components"]) == ["1"]
-    second = _flower_run(dep, config, run_dir, resume=True)
-    assert second["resumed_after"] == 1 and second["done"] and second["last_round"] == 3
-    # weights, contributors and the ledger's epsilon per round equal the in-process run's:
-    # the nodes' accountants and secrets carried over from message to message and across
-    # the coordinator restart
-    assert_same_run(run_dir, in_process_run(config, tmp_path / "runs", stop_after=1), rounds=3)
-    run_id = json.loads((run_dir / "run.json").read_text())["id"]
-    node_run = dep.folder / "nodes" / "university" / "state" / "runs" / run_id
-    assert stat.S_IMODE((node_run / "privacy.json").stat().st_mode) == 0o600
-    assert not (node_run / "stages" / "secagg.json").exists()  # a finished session's secrets are gone
+    # the genuine institutions' weights, contributors and the ledger's epsilon per round
+    # equal the in-process run's (the nodes' accountants carried over between messages;
+    # resuming on the wire: test_secagg_and_dp_state_survive_a_new_clientapp_process_per_message)
+    assert_same_run(run_dir, in_process_run(config, tmp_path / "runs"), rounds=2)
+    # what the institutions keep (personal parts, privacy accounts) is theirs alone
+    for name in INSTITUTIONS:
+        state = dep.folder / "nodes" / name / "state"
+        modes = {str(p.relative_to(state)): stat.S_IMODE(p.stat().st_mode) for p in [state, *state.rglob("*")]}
+        assert {p: m for p, m in modes.items() if m != (0o700 if (state / p).is_dir() else 0o600)} == {}, name
+    kept = {p.name for p in (dep.folder / "nodes").rglob("*") if p.is_file()}
+    assert {"tensors.safetensors", "privacy.json"} <= kept
+    assert stat.S_IMODE(dep.nodes_file.stat().st_mode) == 0o600
+
+
+def _log(dep: Deployment, node: str) -> str:
+    return (dep.folder / "logs" / f"supernode-{node}.log").read_text(errors="replace")
 
 
 def test_a_supernode_killed_mid_round_is_dropped_after_its_timeout_and_the_run_goes_on(deployment, tmp_path):
     dep, node_config = deployment
-    # Without the privacy policies, to keep this test short (secure aggregation sends ~15
-    # messages a round; tests/test_secagg.py covers a dropout under it). The nodes read
-    # their config file at every message (a fresh ClientApp process each), so this run's
-    # federation is the plain one, on both sides.
-    plain = tomli_w.dumps(config_dict(rounds=2, min_institutions=2, timeout_s=20.0))
+    # Without the privacy policies, to keep this test short. The nodes read their config
+    # file at every message, so this run's federation is the plain one, on both sides.
+    plain = tomli_w.dumps(config_dict(rounds=1, min_institutions=2, timeout_s=20.0))
     config = tmp_path / "short.toml"
     config.write_text(plain)
     run_dir = tmp_path / "faulty"
@@ -458,14 +645,47 @@ def test_a_supernode_killed_mid_round_is_dropped_after_its_timeout_and_the_run_g
         node_config.write_text(with_privacy)
     watcher.join(timeout=5)
     assert killed.is_set(), "the node never received its training message"
-    first, second = out["history"]
+    (first,) = out["history"]
     assert "no reply within 25s" in first["dropped"]["rural_school"]
-    # the run goes on: round 2 trains and aggregates with the two nodes left
-    assert out["done"] and first["succeeded"] == second["succeeded"] == ["math_academy", "university"]
-    assert "rural_school" in second["dropped"]
-    assert all("rural_school" not in names for h in (first, second) for names in h["contributors"].values())
-    assert second["contributors"]["trunk"] == ["math_academy", "university"]
-    assert checkpoint_path(run_dir, 2).exists()
+    # the run goes on: the round aggregates what the two nodes left sent, and is saved
+    assert out["done"] and first["succeeded"] == ["math_academy", "university"]
+    assert all("rural_school" not in names for names in first["contributors"].values())
+    assert first["contributors"]["trunk"] == ["math_academy", "university"]
+    assert checkpoint_path(run_dir, 1).exists()
+
+
+def test_a_revoked_institution_cannot_reconnect(deployment):
+    dep, config = deployment
+    node = dep.node_ids["rural_school"]  # killed by the test above: offline now
+    kept = Path(shutil.copy(key_folder(dep.identities, "rural_school") / "node.key", dep.folder / "rural_school.key"))
+    dep.revoke("rural_school")
+    assert _node_status(dep).get(node) not in ("online", "offline", "registered")
+    assert load_register(dep.identities)["rural_school"]["revoked"]
+    assert not (key_folder(dep.identities, "rural_school") / "node.key").exists()
+    assert "rural_school" not in json.loads(dep.nodes_file.read_text())
+    # the institution restarts its SuperNode with the key it still has: refused
+    log = dep.folder / "logs" / "supernode-rural_school.log"
+    seen = len(log.read_text(errors="replace"))
+    dep.start_supernode("rural_school", config, private_key=kept)
+    deadline = time.monotonic() + 60
+    while "activat" not in log.read_text(errors="replace")[seen:].lower() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "activat" in log.read_text(errors="replace")[seen:].lower()
+    assert sorted(n for n, s in _node_status(dep).items() if s == "online") == sorted(dep.node_ids.values())
+
+
+def test_flower_bench_smoke_prints_where_a_message_goes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bench = Path(__file__).parent.parent / "bench" / "flower_backend.py"
+    done = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    parts = out["cold_message_s"]
+    assert set(parts) == {"process_start_s", "flower_imports_s", "m3tfed_torch_imports_s", "build_institution_s", "train_s"}
+    assert all(v > 0 for v in parts.values()) and out["cold_message_total_s"] == pytest.approx(sum(parts.values()))
 
 
 def test_flower_backend_is_a_registered_plugin_that_explains_where_it_runs():

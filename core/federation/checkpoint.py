@@ -56,17 +56,19 @@ _REQUIRED = ("tensors_file", "tensors_sha256", "tensors_bytes", "meta")
 
 # -- saving --------------------------------------------------------------------
 def save_checkpoint(
-    directory: Path | str, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]
+    directory: Path | str, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any], private: bool = False
 ) -> Path:
     """Write ``directory/{tensors.safetensors, meta.json}`` atomically; return ``directory``.
 
     ``meta`` must be JSON-serialisable; it comes back unchanged from :func:`load_checkpoint`.
     Replacing an existing checkpoint moves it aside, renames the new one in, then deletes
-    the old one; if the second rename fails the old one is put back.
+    the old one; if the second rename fails the old one is put back. ``private``
+    (personal parts on a node): the folder stays 0700 and its files 0600, so nobody
+    else can read them at any moment.
     """
     directory = Path(directory)
     parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    parent.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
     prepared = _prepare(tensors)
     try:
         json.dumps(meta)  # fail before touching the disk
@@ -75,9 +77,12 @@ def save_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint is as readable as its run
+        if not private:
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint is as readable as its run
         tensors_path = tmp / TENSORS_FILE
         safetensors.torch.save_file(prepared, str(tensors_path))
+        if private:
+            os.chmod(tensors_path, 0o600)
         _fsync_path(tensors_path)
         record = {
             "format": FORMAT,
@@ -89,6 +94,8 @@ def save_checkpoint(
             "meta": meta,
         }
         _write_synced(tmp / META_FILE, json.dumps(record, indent=2) + "\n")
+        if private:
+            os.chmod(tmp / META_FILE, 0o600)
         _fsync_dir(tmp)
         _swap_in(tmp, directory)
     except BaseException:
@@ -103,13 +110,20 @@ def write_json_atomic(path: Path | str, obj: Any, private: bool = False) -> None
     readers see the old file or the new one, never a torn one. ``private``: the file
     (mode 0600) and a folder it creates (0700) are readable by this user only, for
     state that may hold secrets."""
+    text = json.dumps(obj, indent=None if private else 2) + "\n"  # fail before touching the disk
+    write_bytes_atomic(path, text.encode("utf-8"), private)
+
+
+def write_bytes_atomic(path: Path | str, data: bytes, private: bool = False) -> None:
+    """``data`` to ``path`` atomically, as :func:`write_json_atomic` (keys, certificates).
+    The temp file is created 0600 before anything is written to it; only a file that is
+    not ``private`` is opened up (0644) before it is renamed in."""
     path = Path(path)
     path.parent.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=None if private else 2) + "\n"  # fail before touching the disk
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # mode 0600
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         if not private:

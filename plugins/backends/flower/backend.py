@@ -3,7 +3,10 @@
 Each institution is one SuperNode. At the start :meth:`FlowerBackend.discover` sends
 every connected node a ``capabilities`` query (answered by ``Institution.capabilities``
 on the node), so the coordinator learns each institution's name, modalities, tasks,
-compute, components, personal parts and local steps from the institution itself.
+compute, components, personal parts and local steps from the institution itself. On a
+deployment with SuperNode authentication the name is not taken on trust: each node id
+belongs to the institution whose registered key it holds (``identities``,
+``identity.py``), and a node that is unbound, or says it is someone else, is refused.
 
 A round's :class:`TrainJob` becomes one ``train`` Message to that institution's node
 carrying only its components; the reply carries only its updates (``wire.py``). A node
@@ -75,6 +78,7 @@ class FlowerBackend:
         ask_timeout_s: float = 120.0,
         record_transcript: bool = True,
         run_id: str | None = None,
+        identities: dict[str, int] | None = None,
     ):
         if grid is None:
             raise ConfigError(
@@ -86,6 +90,10 @@ class FlowerBackend:
         self.reply_grace_s, self.ask_timeout_s = reply_grace_s, ask_timeout_s
         self.run_id = run_id  # the m3tfed run every message names (nodes keep state per run)
         self.nodes: dict[str, int] = {}  # institution -> Flower node id
+        # node id -> the institution whose registered key it holds (None: names are taken
+        # on trust, a deployment without SuperNode authentication, e.g. local tests)
+        self.bound = None if identities is None else {int(node): name for name, node in identities.items()}
+        self.refused: dict[int, str] = {}  # node id -> why it is never asked or sent anything
         self.capabilities: dict[str, dict[str, Any]] = {}
         self.excluded: dict[str, str] = {}  # institution -> why it is kept out of every round
         self.record_transcript = record_transcript
@@ -94,11 +102,20 @@ class FlowerBackend:
     # -- discovery ------------------------------------------------------------------
     def discover(self, expected: list[str], wait_s: float = 120.0) -> dict[str, dict[str, Any]]:
         """Wait until every ``expected`` institution's node has connected and answered
-        the capabilities query; return ``institution -> capabilities``."""
+        the capabilities query; return ``institution -> capabilities``.
+
+        With ``identities`` a node is the institution its key was registered for: a node
+        whose key is bound to no institution is refused unasked, and one that says it is
+        another institution (impersonation) is refused; a second node saying a taken
+        name is refused too. Each refusal is logged once; discovery goes on."""
         deadline = time.monotonic() + wait_s
         asked: set[int] = set()
         while True:
-            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            new = [n for n in self.grid.get_node_ids() if n not in asked and n not in self.refused]
+            if self.bound is not None:
+                for n in [n for n in new if n not in self.bound]:
+                    self._refuse(n, "its key is not registered for any institution of this federation (registered: " + ", ".join(f"{v}={k}" for k, v in sorted(self.bound.items(), key=lambda kv: kv[1])) + ")")
+                new = [n for n in new if n in self.bound]
             if new:
                 replies = self._send([self._query(n, "capabilities", {}) for n in new], timeout=max(1.0, deadline - time.monotonic()))
                 for node, reply in replies.items():
@@ -108,11 +125,15 @@ class FlowerBackend:
                         continue
                     reply = unpack(reply)
                     name = reply.get("name")
+                    if self.bound is not None and name != self.bound[node]:
+                        self._refuse(node, f"it holds the key registered for institution {self.bound[node]!r} but says it is {name!r} (impersonation)")
+                        continue
                     if name not in expected:
-                        log.warning("node %d is institution %r, which this federation does not list; ignored", node, name)
+                        log.warning("node %d is institution %r, which this federation's config does not list; ignored", node, name)
                         continue
                     if name in self.nodes and self.nodes[name] != node:
-                        raise FederationError(f"two nodes ({self.nodes[name]} and {node}) both say they are institution {name!r}")
+                        self._refuse(node, f"it says it is institution {name!r}, which node {self.nodes[name]} already is (duplicate name)")
+                        continue
                     self.nodes[name], self.capabilities[name] = node, reply
             missing = [n for n in expected if n not in self.nodes]
             if not missing:
@@ -120,6 +141,10 @@ class FlowerBackend:
             if time.monotonic() > deadline:
                 raise FederationError(f"no node answered for institution(s) {', '.join(missing)} within {wait_s}s (connected: {sorted(self.nodes)})")
             time.sleep(0.5)
+
+    def _refuse(self, node: int, why: str) -> None:
+        log.warning("refused node %d: %s; it is sent nothing in this run", node, why)
+        self.refused[node] = why
 
     def exclude(self, name: str, reason: str) -> None:
         """Keep ``name``'s node out of the federation: nothing is sent to it, its jobs

@@ -3,7 +3,9 @@
 The SuperNode is started with ``--node-config`` naming the federation ``config`` file,
 the ``institution`` it is and its ``state-dir`` (and optionally ``data-root``); see
 ``deploy.node_config``. The app builds only that institution (its data, selection, model
-and its side of the update pipeline: ``job.build_institution``), once per process.
+and its side of the update pipeline: ``job.build_institution``), once per run and process:
+a SuperNode with a warm worker (``worker.py``, the default of ``deploy``) answers all of
+a run's messages in one process, so the institution is built once per run.
 
 Messages: ``train`` runs ``Institution.train`` on the job and replies with the updates
 only; ``query`` delivers ``kind``/``payload`` to ``Institution.handle`` (capabilities,
@@ -13,8 +15,8 @@ node: it is kept in ``state-dir/personal`` and, per round it trained, in
 ``state-dir/rounds/round_NNNN``, so it survives the ClientApp process, the SuperNode and
 a coordinator restart.
 
-Flower 1.41 starts a fresh ClientApp process for every message, so state a protocol
-keeps between messages is kept in ``state-dir/runs/<run>/`` (the run the coordinator's
+Flower 1.41 itself starts a fresh ClientApp process for every message (and a warm
+worker may be restarted), so state a protocol keeps between messages is kept in ``state-dir/runs/<run>/`` (the run the coordinator's
 message names, ``wire.run_of``), read before each message and written after it (also
 when the message fails), atomically and readable by the node's user only (0600):
 
@@ -76,14 +78,22 @@ def _setting(context: Context, key: str, default: Any = None) -> Any:
     return value
 
 
-def institution(context: Context) -> tuple[Institution, Path]:
-    """This node's institution, built on first use in this process, and its state folder."""
-    key = (_setting(context, "config"), _setting(context, "institution"), context.node_config.get("data-root", ""))
+def institution(context: Context, run_id: str | None = None) -> tuple[Institution, Path]:
+    """This node's institution and its state folder. Built on the first message of a run
+    in this process and kept for the run's later messages (a warm worker, ``worker.py``,
+    answers them all in one process); built afresh for another run or when the config
+    file changed, so nothing in memory outlives what it was built from."""
+    config = _setting(context, "config")
+    stamp = Path(config).stat().st_mtime_ns if Path(config).exists() else 0
+    key = (config, stamp, _setting(context, "institution"), context.node_config.get("data-root", ""), run_id)
     if _NODE.get("key") != key:
         torch.set_num_threads(int(context.node_config.get("threads", os.environ.get("OMP_NUM_THREADS", 1))))
         cfg = load_config(Path(key[0]))
-        inst = build_institution(cfg, key[1], data_root=key[2] or None)
-        state_dir = Path(_setting(context, "state-dir", str(Path.home() / ".m3tfed" / "nodes" / key[1])))
+        inst = build_institution(cfg, key[2], data_root=key[3] or None)
+        state_dir = Path(_setting(context, "state-dir", str(Path.home() / ".m3tfed" / "nodes" / key[2])))
+        for folder in (state_dir, state_dir / "rounds", state_dir / "runs"):  # personal parts, secrets: this user's only
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
         live = state_dir / "personal"
         if live.exists():
             tensors, _ = load_checkpoint(live)
@@ -97,13 +107,13 @@ def _keep_personal(inst: Institution, state_dir: Path, rnd: int) -> None:
     resuming from its round-``rnd`` checkpoint restores (no extra message per round)."""
     if inst.personal_state:
         tensors, meta = flatten_components(inst.personal_state), {"institution": inst.name, "round": rnd}
-        save_checkpoint(state_dir / "personal", tensors, meta)
-        save_checkpoint(checkpoint_path(state_dir / "rounds", rnd), tensors, meta)
+        save_checkpoint(state_dir / "personal", tensors, meta, private=True)
+        save_checkpoint(checkpoint_path(state_dir / "rounds", rnd), tensors, meta, private=True)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    inst, state_dir = institution(context)
+    inst, state_dir = institution(context, run_of(msg.content))
     job = unpack_job(msg.content)
     if job.institution != inst.name:
         raise ValueError(f"a job for institution {job.institution!r} reached the node of {inst.name!r}")
@@ -118,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    inst, state_dir = institution(context)
+    inst, state_dir = institution(context, run_of(msg.content))
     request = unpack(msg.content)
     kind, payload = request["kind"], request["payload"]
     if kind == LOAD_PERSONAL:
@@ -150,6 +160,7 @@ def run_state(inst: Institution, state_dir: Path, run_id: str | None) -> Iterato
     """Load this run's privacy state and stage states into ``inst``; write them back
     after the message, also when it raised (a budget refusal is part of the log)."""
     folder = run_folder(state_dir, run_id)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # before any secret is written below it
     stages = [s for s in inst.stages if hasattr(s, "client_state")]
     priv = getattr(inst, "privacy", None)
     if priv is not None and (folder / "privacy.json").exists():
@@ -237,5 +248,5 @@ def _restore(inst: Institution, state_dir: Path, rnd: int) -> dict[str, Any]:
     if meta.get("institution") != inst.name:
         raise CheckpointError(f"{kept[0]}: personal state of {meta.get('institution')!r}, this node is {inst.name!r}")
     inst.personal_state = unflatten_components(tensors)
-    save_checkpoint(state_dir / "personal", tensors, meta)
+    save_checkpoint(state_dir / "personal", tensors, meta, private=True)
     return {"restored": sorted(inst.personal_state), "round": rnd, "from_round": meta.get("round")}

@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("m3tfed.flower")
+# The folders (os.pathsep-separated) the m3tfed ServerApp may take config and run paths
+# from: set by `m3tfed serve` on the SuperLink, whose SuperExec starts the ServerApp.
+ROOTS_ENV = "M3TFED_FLOWER_ROOTS"
 
 APP_PYPROJECT = """\
 [build-system]
@@ -62,6 +65,7 @@ stop-after = 0       # stop after this round (0: run every round of the config)
 wait-nodes-s = 120.0 # how long to wait for every institution's SuperNode to connect
 reply-grace-s = 30.0 # extra seconds a node gets beyond federation.timeout_s to answer
 ask-timeout-s = 120.0 # seconds a node gets to answer any other message (secure aggregation, privacy reports)
+nodes = ""           # nodes.json: institution -> the node id of its registered key (m3tfed serve writes it)
 """
 
 
@@ -122,22 +126,49 @@ class Certificates:
 def make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 365) -> Certificates:
     """A CA and a server certificate (signed by it) for ``hosts``, PEM files in ``folder``:
     ``ca.crt`` goes to every SuperNode and ``flwr`` (``--root-certificates``), ``server.crt``
-    and ``server.key`` to the SuperLink. For other hosts pass their names or addresses."""
+    and ``server.key`` to the SuperLink. ``ca.key`` stays in ``folder`` (0600, the folder
+    0700): :func:`sign_server_certificate` signs a certificate for another host with it,
+    so the institutions keep trusting the same ``ca.crt``. A folder that already holds a
+    CA keeps it (only the server certificate is made anew)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
+    from m3tfed.federation.checkpoint import write_bytes_atomic
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (folder / "ca.key").exists():
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "m3tfed federation CA")])
+        ca = (
+            x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        pkcs8 = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        write_bytes_atomic(folder / "ca.key", ca_key.private_bytes(*pkcs8), private=True)
+        write_bytes_atomic(folder / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+    return sign_server_certificate(folder, hosts, days)
+
+
+def sign_server_certificate(folder: Path, hosts: tuple[str, ...], days: int = 365) -> Certificates:
+    """A SuperLink certificate for ``hosts`` signed by the CA in ``folder`` (``ca.key``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from m3tfed.errors import ConfigError
+    from m3tfed.federation.checkpoint import write_bytes_atomic
+
+    folder = Path(folder)
+    if not (folder / "ca.key").exists():
+        raise ConfigError("certificates", f"{folder} holds no ca.key: only the folder `m3tfed certs` made can sign for its CA")
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
     now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "m3tfed federation CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
     for h in hosts:
@@ -147,17 +178,16 @@ def make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "loca
             names.append(x509.DNSName(h))
     cert = (
         x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     out = Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key")
-    out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    out.key.chmod(0o600)
+    pkcs8 = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write_bytes_atomic(out.key, key.private_bytes(*pkcs8), private=True)  # 0600 before the key is in it
+    write_bytes_atomic(out.cert, cert.public_bytes(serialization.Encoding.PEM))
     return out
 
 
@@ -172,12 +202,12 @@ def load_or_make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1
     if not out.ca.exists():
         return make_certificates(folder, hosts)
     if not (out.cert.exists() and out.key.exists()):
-        raise ConfigError("certificates", f"{folder} holds ca.crt but not server.crt and server.key; restore them, or remove the folder to make a new CA (every node then needs the new ca.crt)")
+        raise ConfigError("certificates", f"{folder} holds ca.crt but not server.crt and server.key; restore them, or sign new ones with `m3tfed certs {folder} --host HOST`")
     cert = x509.load_pem_x509_certificate(out.cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = {*sans.get_values_for_type(x509.DNSName), *(str(a) for a in sans.get_values_for_type(x509.IPAddress))}
     if hosts[0] not in names:
-        raise ConfigError("certificates", f"{out.cert} is for {sorted(names)}, not {hosts[0]}; sign one for this host with the same CA (m3tfed certs), or remove {folder} to make a new CA")
+        raise ConfigError("certificates", f"{out.cert} is for {sorted(names)}, not {hosts[0]}; sign one for this host with the same CA (m3tfed certs {folder} --host {hosts[0]})")
     log.info("reusing the CA and SuperLink certificate in %s", folder)
     return out
 
@@ -261,17 +291,38 @@ class Deployment:
     certificates: Certificates | None = None
     host: str = "127.0.0.1"
     superlink_port: int = 0
+    # the certificate folder whose institutions.json lists the institutions' public keys
+    # (identity.py): the SuperLink then runs with SuperNode authentication and registers them
+    identities: Path | None = None
+    # the only folders (or files) the m3tfed ServerApp may read a config from or write a run to
+    roots: list[Path] = field(default_factory=list)
+    node_ids: dict[str, int] = field(default_factory=dict)  # institution -> its registered Flower node id
+    # SuperNodes answer every message in one warm process (worker.py) instead of a fresh
+    # ClientApp process per message (Flower's default, ``warm=False``)
+    warm: bool = True
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # process groups seen under each started process (Flower starts some helpers in new sessions)
     groups: dict[str, set[int]] = field(default_factory=dict)
     leftovers: set[int] = field(default_factory=set)  # process groups of processes killed as a crash
+    workers: dict[str, str] = field(default_factory=dict)  # SuperNode process name -> its warm worker's
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Flower's processes run in their own home folders: every path they get is absolute
+        if self.certificates is not None:
+            c = self.certificates
+            self.certificates = Certificates(Path(c.ca).resolve(), Path(c.cert).resolve(), Path(c.key).resolve())
+        if self.identities is not None:
+            self.identities = Path(self.identities).resolve()
         if not self.insecure and self.certificates is None:
             self.certificates = load_or_make_certificates(self.folder / "certificates", hosts=(self.host, "localhost"))
         self.superlink_port = self.superlink_port or free_port(self.host)
+        self.roots = [Path(r).resolve() for r in self.roots] or [self.folder]
+        if self.identities is not None and self.insecure:
+            from m3tfed.errors import ConfigError
+
+            raise ConfigError("identities", "SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure)")
 
     @property
     def address(self) -> str:
@@ -285,13 +336,13 @@ class Deployment:
             return ["--ssl-ca-certfile", str(c.ca), "--ssl-certfile", str(c.cert), "--ssl-keyfile", str(c.key)]
         return ["--root-certificates", str(c.ca)]
 
-    def _start(self, name: str, argv: list[str], home: Path) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         if name in self.processes and self.processes[name].poll() is None:
             raise RuntimeError(f"{name} is already running (pid {self.processes[name].pid})")
         logs = self.folder / "logs"
         logs.mkdir(exist_ok=True)
         out = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+        proc = subprocess.Popen(argv, env={**flower_env(home), **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
         out.close()
         self.processes[name], self.groups[name] = proc, {proc.pid}  # its own group: pgid = pid
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -301,20 +352,100 @@ class Deployment:
         home = self.folder / "superlink"
         home.mkdir(exist_ok=True)
         argv = ["flower-superlink", *self._tls(True), "--host", self.host, "--port", str(self.superlink_port), "--disable-runtime-dependency-installation"]
-        proc = self._start("superlink", argv, home)
+        if self.identities is not None:
+            argv.append("--enable-supernode-auth")  # only registered keys connect
+        # the ServerApp (started by the SuperLink's SuperExec) inherits this environment
+        proc = self._start("superlink", argv, home, env={ROOTS_ENV: os.pathsep.join(str(r) for r in self.roots)})
         self.wait_for_port(self.superlink_port, proc, "superlink")
         self.groups["superlink"] |= process_groups(proc.pid)  # its SuperExec runs in a session of its own
+        if self.identities is not None:
+            self.register_nodes()
         return proc
 
-    def start_supernode(self, institution: str, config: Path, data_root: str | Path | None = None, superlink: str | None = None) -> subprocess.Popen:
-        home = self.folder / "nodes" / institution
-        home.mkdir(parents=True, exist_ok=True)
+    # -- who may connect ----------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0) -> str:
+        """A ``flwr`` command against this deployment's SuperLink (its control API);
+        returns stdout, raises with Flower's output when it fails."""
+        home = self.folder / "flwr-cli"
+        write_connection(home, "m3tfed", self.address, self.insecure, self.certificates.ca if self.certificates else None)
+        done = subprocess.run(["flwr", *args], env=flower_env(home), cwd=home, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        return done.stdout
+
+    def register_nodes(self) -> dict[str, int]:
+        """Register every key of the identity register not revoked with the SuperLink
+        (``flwr supernode register``); write ``nodes.json``, institution -> node id, that
+        the ServerApp binds each node to its institution with."""
+        from .identity import active, key_folder
+
+        for name in active(self.identities):
+            if name in self.node_ids:
+                continue
+            out = self.flwr("supernode", "register", str(key_folder(self.identities, name) / "node.pub"), "m3tfed", "--format", "json")
+            reply = json.loads(out[out.index("{"):])
+            self.node_ids[name] = int(reply["node-id"])
+            log.info("registered %s's key: node %d", name, self.node_ids[name])
+        self._write_node_ids()
+        return self.node_ids
+
+    def revoke(self, institution: str) -> None:
+        """Revoke ``institution``'s key in the register and unregister its node from the
+        running SuperLink: its SuperNode's next request is refused, now and after restarts."""
+        from .identity import revoke_institution
+
+        revoke_institution(self.identities, institution)
+        node = self.node_ids.pop(institution, None)
+        if node is not None and "superlink" in self.processes:
+            self.flwr("supernode", "unregister", str(node), "m3tfed")
+            log.warning("revoked %s: node %d unregistered from the SuperLink", institution, node)
+        self._write_node_ids()
+
+    def _write_node_ids(self) -> None:
+        from m3tfed.federation.checkpoint import write_json_atomic
+
+        write_json_atomic(self.nodes_file, self.node_ids, private=True)
+
+    @property
+    def nodes_file(self) -> Path:
+        return self.folder / "nodes.json"
+
+    def start_supernode(
+        self,
+        institution: str,
+        config: Path,
+        data_root: str | Path | None = None,
+        superlink: str | None = None,
+        private_key: Path | None = None,
+        name: str | None = None,
+    ) -> subprocess.Popen:
+        """A SuperNode for ``institution``, authenticating with ``private_key`` (default:
+        the institution's key in ``identities``, when there is one). ``name``: the
+        process's name here (default ``supernode-<institution>``)."""
+        name = name or f"supernode-{institution}"
+        home = self.folder / "nodes" / name.removeprefix("supernode-")
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)  # its state holds personal parts and secrets
+        os.chmod(home, 0o700)
+        if private_key is None and self.identities is not None:
+            from .identity import key_folder
+
+            private_key = key_folder(self.identities, institution) / "node.key"
         argv = [
             "flower-supernode", *self._tls(False), "--superlink", superlink or self.address,
             "--host", self.host, "--port", str(free_port(self.host)),
             "--node-config", node_config(config, institution, home / "state", data_root),
         ]
-        return self._start(f"supernode-{institution}", argv, home)
+        if private_key is not None:
+            argv += ["--auth-supernode-private-key", str(private_key)]
+        if not self.warm:
+            return self._start(name, argv, home)
+        runtime_port = int(argv[argv.index("--port") + 1])
+        proc = self._start(name, [*argv, "--isolation", "process"], home)
+        worker = [sys.executable, "-m", "m3tfed.plugins.backends.flower.worker", "--runtime-api-address", f"{self.host}:{runtime_port}",
+                  "--insecure", "--parent-pid", str(proc.pid)]  # the node's Runtime API: loopback, this machine only
+        self._start(f"{name}-worker", worker, home)
+        self.workers[name] = f"{name}-worker"
+        return proc
 
     def wait_for_port(self, port: int, proc: subprocess.Popen, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -334,6 +465,8 @@ class Deployment:
         write_connection(home, "m3tfed", self.address, self.insecure, self.certificates.ca if self.certificates else None)
         app = app or write_app(self.folder / "app" / "m3tfed-flower")
         values = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve()), **{k.replace("_", "-"): v for k, v in run_config.items()}}
+        if self.identities is not None:
+            values["nodes"] = str(self.nodes_file)
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
         argv = ["flwr", "run", str(app), "m3tfed", "--stream", "--run-config", overrides]
         logs = self.folder / "logs"
@@ -361,17 +494,26 @@ class Deployment:
 
     def kill(self, name: str) -> None:
         """SIGKILL one process as a crash would; its helpers (in its process group, or in
-        groups seen under it) are left running until :meth:`stop`."""
+        groups seen under it) are left running until :meth:`stop`. A SuperNode's warm
+        worker dies with it, as on a crashed machine."""
+        if name in self.workers:
+            self.kill(self.workers.pop(name))
         proc = self.processes.pop(name)
         self.leftovers |= self.groups.pop(name, set()) | process_groups(proc.pid)
         proc.kill()
         proc.wait()
 
-    def stop(self) -> None:
-        """Stop everything this deployment started: nodes and runs first, the SuperLink last."""
-        for name in sorted(self.processes, key=lambda n: n == "superlink"):
-            self.stop_process(name)
-        stop_groups({g for g in self.leftovers if flower_group(g)})
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop everything this deployment started, all process groups at once (one grace
+        period in all, not one per process)."""
+        procs = {name: self.processes.pop(name) for name in list(self.processes)}
+        groups = {g for g in self.leftovers if flower_group(g)}
+        for name, proc in procs.items():
+            own = {proc.pid} | process_groups(proc.pid) if proc.poll() is None else set()
+            groups |= own | {g for g in self.groups.pop(name, set()) | {proc.pid} if flower_group(g)}
+        stop_groups(groups, grace)
+        for proc in procs.values():
+            proc.wait(timeout=grace)  # reaped: no zombie left behind
         self.leftovers = set()
 
     def __enter__(self) -> Deployment:

@@ -5,7 +5,10 @@ Run configuration (``flwr run ... --run-config``; defaults in ``deploy.APP_PYPRO
 ``config`` (the federation config file), ``run-dir`` (m3tfed's run folder),
 ``resume`` (continue from the run folder's newest checkpoint: Flower does not resume an
 in-flight run, m3tfed does), ``stop-after``, ``wait-nodes-s``, ``reply-grace-s``,
-``ask-timeout-s``.
+``ask-timeout-s``, and ``nodes`` (``nodes.json``: the Flower node id each institution's
+registered key has; ``identity.py``). Paths are taken only inside the folders ``m3tfed
+serve`` gave the SuperLink (:func:`allowed_roots`): whoever can start a run cannot make
+this app read or write anywhere else.
 
 The coordinator holds no data: it discovers the institutions on their nodes, runs the
 rounds and writes ``run-dir/{config.json, run.json, capabilities.json, flower.json}``,
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from datetime import datetime
@@ -35,7 +39,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from m3tfed.config import to_dict
-from m3tfed.errors import CheckpointError, FederationError
+from m3tfed.errors import CheckpointError, ConfigError, FederationError
 from m3tfed.federation.checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
 from m3tfed.federation.config import load_config
 from m3tfed.federation.job import build_stages
@@ -45,6 +49,7 @@ from m3tfed.privacy.ledger import PrivacyLedger
 from m3tfed.privacy.policy import PolicyConfig, resolve_policy
 
 from .backend import FlowerBackend
+from .deploy import ROOTS_ENV
 
 log = logging.getLogger("m3tfed.flower")
 app = ServerApp()
@@ -53,10 +58,13 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
+    roots = allowed_roots()
+    nodes = inside(rc["nodes"], roots, "nodes") if rc.get("nodes") else None
     run_federation(
         grid,
-        config=Path(str(rc["config"])) if rc.get("config") else None,
-        run_dir=Path(str(rc["run-dir"])),
+        config=inside(rc["config"], roots, "config") if rc.get("config") else None,
+        run_dir=inside(rc["run-dir"], roots, "run-dir"),
+        identities={k: int(v) for k, v in json.loads(nodes.read_text()).items()} if nodes else None,
         resume=bool(rc.get("resume", False)),
         stop_after=int(rc.get("stop-after", 0)) or None,
         wait_nodes_s=float(rc.get("wait-nodes-s", 120.0)),
@@ -74,7 +82,10 @@ def run_federation(
     wait_nodes_s: float = 120.0,
     reply_grace_s: float = 30.0,
     ask_timeout_s: float = 120.0,
+    identities: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """m3tfed's rounds on ``grid``. ``identities``: institution -> the Flower node id its
+    registered key has (``nodes.json``): each node is then that institution and no other."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         if not (run_dir / "config.json").exists():
@@ -84,7 +95,7 @@ def run_federation(
         cfg = load_config(config)
         write_json_atomic(run_dir / "config.json", to_dict(cfg))
     catalogue = get_catalogue()
-    backend = FlowerBackend(grid, reply_grace_s=reply_grace_s, ask_timeout_s=ask_timeout_s, run_id=run_id(run_dir, resume))
+    backend = FlowerBackend(grid, reply_grace_s=reply_grace_s, ask_timeout_s=ask_timeout_s, run_id=run_id(run_dir, resume), identities=identities)
     t0 = time.perf_counter()
     capabilities = backend.discover([i.name for i in cfg.institutions], wait_s=wait_nodes_s)
     discover_s = time.perf_counter() - t0
@@ -114,6 +125,8 @@ def run_federation(
     out = {"name": cfg.name, "rounds": cfg.rounds, "discover_s": discover_s, "resumed_after": server.round if resume else None}
     if backend.excluded:
         out["excluded"] = backend.excluded
+    if backend.refused:
+        out["refused"] = {str(node): why for node, why in backend.refused.items()}
     for rnd in range(server.round + 1, cfg.rounds + 1):
         rep = server.run_round(rnd)
         if ledger_stages:  # after every round, as `m3tfed run` does
@@ -127,6 +140,25 @@ def run_federation(
     out.update(last_round=server.round, history=[to_dict(r) for r in server.history], done=server.round >= cfg.rounds)
     write_json_atomic(run_dir / "flower.json", out)
     return out
+
+
+def allowed_roots() -> list[Path]:
+    """The folders ``m3tfed serve`` lets this ServerApp use (``deploy.ROOTS_ENV``, set on
+    the SuperLink). Anyone who reaches the control API can start a run with any run
+    config; without this list the app would read and write wherever it is told."""
+    raw = os.environ.get(ROOTS_ENV, "")
+    roots = [Path(r).resolve() for r in raw.split(os.pathsep) if r]
+    if not roots:
+        raise ConfigError("run-config", f"the m3tfed ServerApp runs only on a SuperLink started by `m3tfed serve`, which names the folders it may use ({ROOTS_ENV} is unset)")
+    return roots
+
+
+def inside(value: Any, roots: list[Path], key: str) -> Path:
+    """``value`` as a resolved path if it is one of ``roots`` or below one, else refused."""
+    path = Path(str(value)).resolve()
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        raise ConfigError(f"run-config.{key}", f"{path} is outside the folders `m3tfed serve` gave this ServerApp ({', '.join(map(str, roots))}); refused")
+    return path
 
 
 def run_id(run_dir: Path, resume: bool) -> str:

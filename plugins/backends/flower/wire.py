@@ -2,7 +2,11 @@
 
 A training job travels as a ``RecordDict`` with an ``ArrayRecord`` of the components the
 institution receives (flattened ``component::parameter`` keys) and a ``ConfigRecord``
-holding the rest of the job as JSON. The reply carries only the updates: an
+holding the rest of the job as JSON. Every ``ArrayRecord`` here holds one ``Array``: the
+message's tensors as one safetensors buffer (:func:`tensor_record`). Flower moves each
+Array as an object of its own, one HTTP request per object at every hop (ServerApp,
+SuperLink, SuperNode, ClientApp); one per message instead of one per parameter tensor
+saves dozens of requests per message. The reply carries only the updates: an
 ``ArrayRecord`` of per-component deltas and a ``ConfigRecord`` with, per update, its
 component, weight and base version, plus the result's loss, sample count, tokens per
 expert and seconds (also mirrored in a ``MetricRecord`` for Flower's own tools).
@@ -25,13 +29,33 @@ import base64
 import json
 from typing import Any
 
+import numpy as np
+import safetensors.torch
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from m3tfed.federation.aggregation import ComponentUpdate
 from m3tfed.federation.checkpoint import flatten_components, unflatten_components
 from m3tfed.federation.institution import TrainJob, TrainResult
 
 JSON_KEY = "json"
+BLOB_KEY = "safetensors"
+
+
+def tensor_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Named tensors as an ArrayRecord of one Array (a safetensors buffer; dtypes, shapes
+    and names kept), or an empty record."""
+    if not tensors:
+        return ArrayRecord()
+    # own storage per tensor: safetensors refuses tensors that share memory
+    blob = safetensors.torch.save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+    return ArrayRecord({BLOB_KEY: Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of a :func:`tensor_record`."""
+    if BLOB_KEY not in record:
+        return {}
+    return safetensors.torch.load(record[BLOB_KEY].numpy().tobytes())
 
 
 # -- generic payloads ---------------------------------------------------------------
@@ -80,11 +104,11 @@ def pack(payload: dict[str, Any]) -> RecordDict:
     """Any payload of tensors, bytes and JSON values -> a RecordDict."""
     tensors: dict[str, torch.Tensor] = {}
     text = json.dumps(_encode(payload, tensors))
-    return RecordDict({"tensors": ArrayRecord(tensors), "payload": ConfigRecord({JSON_KEY: text})})
+    return RecordDict({"tensors": tensor_record(tensors), "payload": ConfigRecord({JSON_KEY: text})})
 
 
 def unpack(content: RecordDict) -> dict[str, Any]:
-    tensors = content["tensors"].to_torch_state_dict() if "tensors" in content.array_records else {}
+    tensors = record_tensors(content["tensors"]) if "tensors" in content.array_records else {}
     return _decode(json.loads(content["payload"][JSON_KEY]), tensors)
 
 
@@ -120,13 +144,13 @@ def pack_job(job: TrainJob) -> RecordDict:
         "timeout_s": job.timeout_s,
     }
     return RecordDict(
-        {"components": ArrayRecord(flatten_components(job.components)), "job": ConfigRecord({JSON_KEY: json.dumps(meta)})}
+        {"components": tensor_record(flatten_components(job.components)), "job": ConfigRecord({JSON_KEY: json.dumps(meta)})}
     )
 
 
 def unpack_job(content: RecordDict) -> TrainJob:
     meta = json.loads(content["job"][JSON_KEY])
-    state = unflatten_components(content["components"].to_torch_state_dict())
+    state = unflatten_components(record_tensors(content["components"]))
     components = {c: state.get(c, {}) for c in meta.pop("components")}
     return TrainJob(components=components, **meta)
 
@@ -146,13 +170,13 @@ def pack_result(result: TrainResult) -> RecordDict:
     loss = {} if result.loss is None else {"train-loss": float(result.loss)}  # withheld under DP / secure aggregation
     metrics = MetricRecord({"num-examples": result.num_samples, **loss, "compute-s": float(result.seconds)})
     return RecordDict(
-        {"deltas": ArrayRecord(flatten_components(deltas)), "result": ConfigRecord({JSON_KEY: json.dumps(meta)}), "metrics": metrics}
+        {"deltas": tensor_record(flatten_components(deltas)), "result": ConfigRecord({JSON_KEY: json.dumps(meta)}), "metrics": metrics}
     )
 
 
 def unpack_result(content: RecordDict) -> TrainResult:
     meta = json.loads(content["result"][JSON_KEY])
-    deltas = unflatten_components(content["deltas"].to_torch_state_dict())
+    deltas = unflatten_components(record_tensors(content["deltas"]))
     updates = []
     for u in meta.pop("updates"):
         delta = deltas.get(u["component"], {})
