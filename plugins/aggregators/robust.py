@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from m3tfed import AggregatorSpec
 from m3tfed.federation.aggregation import (
     Aggregator,
     ComponentUpdate,
@@ -90,3 +91,22 @@ class TrimmedMean(Aggregator):
             key: _sorted_deltas(key, updates, current[key])[k : n - k].mean(dim=0)
             for key in float_keys(current)
         }
+
+
+# Registered by the package (``register_aggregators``).
+SPECS = (
+    AggregatorSpec(
+        name="median",
+        build=Median,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Coordinate-wise median of deltas, unweighted; robust to a minority of bad updates. Options: server_lr=1.0.",
+    ),
+    AggregatorSpec(
+        name="trimmed_mean",
+        build=TrimmedMean,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Coordinate-wise mean after trimming a beta fraction at each end, unweighted (Yin et al. 2018). Options: beta=0.1, server_lr=1.0.",
+    ),
+)

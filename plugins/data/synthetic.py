@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from m3tfed import DataSourceSpec
 from m3tfed.federation.data import InstitutionData, split_tree
 from m3tfed.federation.institution import seed_for
 
@@ -190,3 +191,15 @@ class SyntheticEducation:
             train, test = split_tree(tree, self.test_fraction, g)
             out[inst.name] = InstitutionData(train, test, report={"generated": p.n})
         return out
+
+
+# Registered by the package (``register_data_sources``).
+SPEC = DataSourceSpec(
+        name="synthetic",
+        build=SyntheticEducation,
+        version="0.1.0",
+        license="Apache-2.0",
+        modalities=("tabular", "text", "interactions", "image"),
+        tasks=("grade", "dropout", "essay_score", "next_response", "symbol"),
+        description="embedded synthetic education federation, generated in-process",
+)
