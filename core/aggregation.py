@@ -14,8 +14,9 @@ pipeline; the aggregator only sees the updates it is allowed to combine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -42,14 +43,46 @@ def stack_deltas(key: str, updates: list[ComponentUpdate], like: Tensor) -> Tens
     return torch.stack([u.delta[key].to(device=like.device, dtype=dtype) for u in updates])
 
 
-def weighted_mean_delta(key: str, updates: list[ComponentUpdate], like: Tensor) -> Tensor:
-    """``sum_i w_i * delta_i / sum_i w_i`` for ``key`` (one running sum, no stacking)."""
+def weighted_mean_delta(key: str, updates: list[ComponentUpdate], like: Tensor, by_expert_rows: bool = False) -> Tensor:
+    """``sum_i w_i * delta_i / sum_i w_i`` for ``key`` (one running sum, no stacking).
+
+    With ``by_expert_rows``, a key whose leading dimension is the expert count (a
+    router's row per expert) is averaged row by row over the updates whose
+    ``expert_rows`` include that expert: an institution that cannot select an expert
+    has no say in its row (its zero delta would otherwise shrink every specialist's
+    update by the share of institutions that lack it). A row nobody can select stays.
+    """
     dtype = accumulation_dtype(like)
+    rows = [u.expert_rows for u in updates]
+    if by_expert_rows and like.dim() >= 1 and any(r is not None and r.numel() == like.shape[0] for r in rows):
+        shape = (like.shape[0],) + (1,) * (like.dim() - 1)
+        acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
+        norm = torch.zeros(shape, dtype=dtype, device=like.device)
+        for u, r in zip(updates, rows):
+            w = torch.full(shape, float(u.weight), dtype=dtype, device=like.device)
+            if r is not None and r.numel() == like.shape[0]:
+                w = w * r.to(device=like.device, dtype=dtype).reshape(shape)
+            acc.add_(u.delta[key].to(device=like.device, dtype=dtype) * w)
+            norm.add_(w)
+        return acc / norm.clamp_min(torch.finfo(dtype).tiny)
     total = sum(float(u.weight) for u in updates)
     acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
     for u in updates:
         acc.add_(u.delta[key].to(device=like.device, dtype=dtype), alpha=float(u.weight) / total)
     return acc
+
+
+def mark_expert_rows(updates: list[ComponentUpdate], expert_names: list[str], components_of: Callable[[str], list[str]]) -> list[ComponentUpdate]:
+    """Router updates with ``expert_rows`` set from each institution's selection
+    (``components_of(name)`` lists ``expert.<e>`` for every expert it holds). An update
+    summed over several institutions (secure aggregation) keeps every row."""
+    out = []
+    for u in updates:
+        if u.component == "router" and u.expert_rows is None and not getattr(u, "contributors", None):
+            held = set(components_of(u.institution))
+            u = dataclasses.replace(u, expert_rows=torch.tensor([f"expert.{e}" in held for e in expert_names]))
+        out.append(u)
+    return out
 
 
 def check_updates(

@@ -68,14 +68,29 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .federation.job import run_job
+    from .federation.lifecycle import run_job, run_seeds
 
-    run_job(args.config, overrides=args.set or [], name=args.name, runs_dir=Path(args.runs_dir), data_root=args.data)
+    overrides = list(args.set or [])
+    seeds = args.seeds
+    if args.protocol:  # the full evaluation protocol (docs/results.md)
+        seeds = seeds or 3
+        overrides = [*PROTOCOL_OVERRIDES, *overrides]
+    if seeds:
+        run_seeds(args.config, overrides=overrides, seeds=seeds, name=args.name, runs_dir=Path(args.runs_dir), data_root=args.data)
+    else:
+        run_job(args.config, overrides=overrides, name=args.name, runs_dir=Path(args.runs_dir), data_root=args.data)
     return 0
 
 
+# What --protocol adds to a config (later --set overrides win): every baseline.
+PROTOCOL_OVERRIDES = [
+    'evaluation.baselines=["local", "dense_fedavg", "fedprox", "fedavg_ft", "ditto", "centralized", "classical_pooled", "classical_local"]',
+    "evaluation.personalize=true",
+]
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .federation.job import resume_job
+    from .federation.lifecycle import resume_job
 
     resume_job(Path(args.run_dir))
     return 0
@@ -101,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default=None, help="run name (default: config name + time)")
     run.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
     run.add_argument("--data", default=None, help="root folder for data sources that read files")
+    run.add_argument("--seeds", type=int, default=None, metavar="N", help="run N seeds (seed, seed+1, ...); tables show mean and 95%% interval")
+    run.add_argument("--protocol", action="store_true", help="the full evaluation protocol: 3 seeds (or --seeds) and every baseline")
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")

@@ -149,6 +149,9 @@ class Aggregator:
     proximal_mu: float = 0.0
     # Step size on the combined delta; 1.0 moves the state to the combined model.
     server_lr: float = 1.0
+    # Average a router's per-expert rows only over the institutions that can select
+    # that expert (see weighted_mean_delta); False = every update weighs on every row.
+    expert_rows: bool = False
 
     def aggregate(
         self, component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
@@ -167,7 +170,7 @@ class Aggregator:
         self, component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
     ) -> State:
         """One delta per float key of ``current``, from validated updates."""
-        return {k: weighted_mean_delta(k, updates, current[k]) for k in float_keys(current)}
+        return {k: weighted_mean_delta(k, updates, current[k], self.expert_rows) for k in float_keys(current)}
 
     def apply(
         self, component: str, current: Mapping[str, Tensor], delta: Mapping[str, Tensor]

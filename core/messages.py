@@ -35,6 +35,10 @@ class ComponentUpdate:
     # The component version the institution trained from. The built-in aggregators do
     # not use it; staleness-aware rules (FedAsync, FedBuff) can discount old bases.
     base_version: int = 0
+    # Router updates only: bool [E] over the global expert list, the experts this
+    # institution can select. Set by the server from what it sent (mark_expert_rows),
+    # never taken from the institution. None = every row.
+    expert_rows: torch.Tensor | None = field(default=None, kw_only=True)  # keyword-only: subclasses add positional fields
 
 
 @dataclass

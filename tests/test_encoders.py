@@ -248,3 +248,76 @@ def test_builtin_encoders_are_registered_by_modality():
     modality = {name: cat.get("encoder", name).modality for name in ("tabular", "text", "image", "sequence")}
     assert modality == {"tabular": "tabular", "text": "text", "image": "image", "sequence": "interactions"}
     assert all(cat.get("encoder", n).package == "m3tfed" for n in modality)
+
+
+# -- sequence, factored tokens (question, concept, response) -------------------------------
+
+
+def _question_log(n, g, difficulty, concept_of):
+    """Students answering 12 of 1000 questions, then a 13th; P(correct) depends on the
+    student's ability and the question's difficulty, and ability shows only through
+    correctness across many different questions."""
+    ability = torch.randn(n, generator=g)
+    q = torch.randint(0, 1000, (n, 13), generator=g)
+    y = (torch.rand(n, 13, generator=g) < torch.sigmoid(1.5 * ability[:, None] - difficulty[q])).long()
+    return q, concept_of[q], y
+
+
+def _train_next_response(tokens, steps=100, seed=0):
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(seed)
+    difficulty, concept_of = torch.randn(1000, generator=g), torch.randint(0, 10, (1000,), generator=g)
+    train, val = _question_log(800, g, difficulty, concept_of), _question_log(400, g, difficulty, concept_of)
+
+    def inputs(log, idx):
+        q, c, y = (t[idx] for t in log)
+        if tokens == "pair":  # what a source without concepts did: question ids as skills
+            return {"skill": q[:, :12], "correct": y[:, :12], "query_skill": q[:, 12]}
+        return {"skill": c[:, :12], "question": q[:, :12], "correct": y[:, :12], "query_skill": c[:, 12], "query_question": q[:, 12]}
+
+    torch.manual_seed(seed)
+    factored = tokens == "factored"
+    enc = InteractionEncoder(16, num_skills=10 if factored else 1000, max_len=12, tokens=tokens, num_questions=1000 if factored else 0)
+    head = torch.nn.Linear(16, 1)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(0, 800, (64,), generator=g)
+        logit = head(enc(inputs(train, idx)).tokens[:, -1]).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, train[2][idx, 12].float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logit = head(enc(inputs(val, torch.arange(400))).tokens[:, -1]).squeeze(-1)
+    return roc_auc_score(val[2][:, 12].numpy(), logit.numpy())
+
+
+def test_factored_sequence_learns_from_1000_question_ids():
+    # Same data, same steps: the pair embedding (one vector per question x response) has
+    # nothing shared to learn "this student answers correctly" from; factored tokens do.
+    pair, factored = _train_next_response("pair"), _train_next_response("factored")
+    assert factored > 0.6 and factored > pair + 0.04, (pair, factored)
+
+
+def test_factored_sequence_question_ids_checked_and_start_at_their_concept():
+    torch.manual_seed(0)
+    enc = InteractionEncoder(D, num_skills=10, max_len=8, tokens="factored", num_questions=1000).eval()
+    x = _log(length=4)
+    x["question"] = torch.tensor([[0, 999, 5, 7], [1, 2, 3, 998]])
+    x["query_skill"], x["query_question"] = torch.tensor([1, 2]), torch.tensor([999, 0])
+    tokens, _ = enc(x)
+    # difficulties start at 0: before training, a question id changes nothing
+    without = {k: v for k, v in x.items() if k not in ("question", "query_question")}
+    torch.testing.assert_close(enc(without).tokens, tokens)
+    with torch.no_grad():
+        enc.difficulty.weight[999] = 1.0
+    assert not torch.allclose(enc(x).tokens[0], tokens[0])
+    bad = {**x, "question": x["question"].clone()}
+    bad["question"][0, 0] = 1000
+    with pytest.raises(ValueError, match=r"question ids must be in 0\.\.999"):
+        enc(bad)
+    with pytest.raises(ValueError, match="num_questions"):
+        InteractionEncoder(D, num_skills=10, max_len=8)(x)
+    with pytest.raises(ValueError, match="tokens must be"):
+        InteractionEncoder(D, tokens="dkt")

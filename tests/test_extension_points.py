@@ -31,7 +31,7 @@ class ConstantGrades:
                 "present": {},
                 "targets": {"grade": torch.full((n,), float(i))},
             }
-            out[inst.name] = InstitutionData(split, split)
+            out[inst.name] = InstitutionData(split, split, split)
         return out
 
 

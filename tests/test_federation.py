@@ -240,14 +240,15 @@ def test_relative_advantage_stays_finite_when_a_baseline_scores_zero():
 
 
 def test_centralized_baseline_keeps_what_institutions_keep_personal():
-    from m3tfed.federation.job import evaluate_centralized
+    from m3tfed.federation.baselines import BaselineContext, Centralized
+    from m3tfed.federation.evaluation import FinalTest
 
     def centralized(personal):
         d = tiny_config_dict(rounds=1)
         for inst in d["institutions"]:
             inst["personal"] = personal
         cfg = load_config(d)
-        return evaluate_centralized(cfg, build_federation(cfg))
+        return Centralized().run(build_federation(cfg), BaselineContext(FinalTest(), progress=lambda m: None))
 
     shared, shared_again, own_router = centralized([]), centralized([]), centralized(["router"])
     assert shared == shared_again  # deterministic under the seed

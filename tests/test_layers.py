@@ -27,6 +27,7 @@ LAYERS = {
     "interfaces": 1,
     "contracts": 1,
     "modules": 1,
+    "threads": 1,  # process settings (torch threads), imports only torch
     "registry": 1,
     "plugin_manager": 1,
     # the model

@@ -151,7 +151,7 @@ def flat(state: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["local", "central", "sample"])
 def test_secure_aggregation_with_each_dp_mode(mode):
-    # Every institution: sigma = 1, C = 1, masked; 18 training samples each.
+    # Every institution: sigma = 1, C = 1, masked; 14 training samples each (24: 14 train, 5 validation, 5 test).
     cfg = load_config(with_policy({i: {"dp": mode, "epsilon": 50.0, "noise_multiplier": 1.0, "secure_aggregation": True} for i in range(6)}, rounds=1))
     fed = build_federation(cfg)
     before = flat(fed.server.state["trunk"])
@@ -162,7 +162,7 @@ def test_secure_aggregation_with_each_dp_mode(mode):
     assert sorted(n for r, n, c in fed.server.contributions if c == "trunk") == ALL
     moved = flat(fed.server.state["trunk"]) - before
     ledger = privacy_ledger(fed).to_dict()
-    q = 8 / 18  # DP-SGD: batch 8 of 18 samples, 2 steps a round
+    q = 8 / 14  # DP-SGD: batch 8 of 14 samples, 2 steps a round
     want = epsilon_of([(1.0, q, 2)], 1e-5) if mode == "sample" else epsilon_of([(1.0, 1.0, 1)], 1e-5)
     for name in ALL:
         row = ledger["institutions"][name]["1"]
@@ -171,7 +171,7 @@ def test_secure_aggregation_with_each_dp_mode(mode):
     if mode == "local":  # noise went on before masking: the mean of 6 carries std 1/sqrt(6)
         assert moved.std().item() == pytest.approx(1 / math.sqrt(6), rel=0.05)
         assert "central_noise_std" not in trunk
-    elif mode == "central":  # after unmasking: sigma * C * max n / sum n = 18 / 108
+    elif mode == "central":  # after unmasking: sigma * C * max n / sum n = 14 / 84
         assert trunk["central_noise_std"] == pytest.approx(1 / 6)
         assert moved.std().item() == pytest.approx(1 / 6, rel=0.05)
     else:  # DP-SGD noise is per step and scaled by the learning rate: small, but there
@@ -240,7 +240,7 @@ def test_ferpa_gdpr_and_coppa_profiles_end_to_end():
     # noise derived from each budget over the one planned round
     assert hs.noise_multiplier == pytest.approx(noise_multiplier_for(8.0, 1e-5, 1.0, 1))
     assert uni.noise_multiplier == pytest.approx(noise_multiplier_for(4.0, 1e-5, 1.0, 1))
-    assert ot.noise_multiplier == pytest.approx(noise_multiplier_for(2.0, 1e-6, 8 / 18, 2))
+    assert ot.noise_multiplier == pytest.approx(noise_multiplier_for(2.0, 1e-6, 8 / 14, 2))
     assert (uni.policy.forget_on_request, hs.policy.forget_on_request, ot.policy.forget_on_request) == (True, False, True)
     rep = fed.server.run_round(1)
     ledger = privacy_ledger(fed).to_dict()
@@ -249,8 +249,8 @@ def test_ferpa_gdpr_and_coppa_profiles_end_to_end():
     assert secagg_stage(fed).reports[-1]["components"]["trunk"]["survivors"] == ALL
     assert 0 < rows["high_school"]["epsilon_total"] <= 8.0 and 0 < rows["university"]["epsilon_total"] <= 4.0
     assert 0 < rows["online_tutor"]["epsilon_total"] <= 2.0
-    assert ot.accountant.history == [(ot.noise_multiplier, 8 / 18, 2)]  # COPPA: DP-SGD, one entry per step batch
-    # central noise for FERPA/GDPR with the stricter (GDPR) sigma, scaled by 18 of 108 samples
+    assert ot.accountant.history == [(ot.noise_multiplier, 8 / 14, 2)]  # COPPA: DP-SGD, one entry per step batch
+    # central noise for FERPA/GDPR with the stricter (GDPR) sigma, scaled by 14 of 84 samples
     assert ledger["components"]["1"]["trunk"]["central_noise_std"] == pytest.approx(uni.noise_multiplier / 6)
     assert rep.contributors["trunk"] == ALL
     # FERPA's cohort of 3: the text encoder (high_school, community_college) is held

@@ -34,7 +34,7 @@ def load(plugin, names, inst_modalities, inst_tasks, seed=0, root=DATA, **option
 
 
 def both(d):
-    return [d.train, d.test]
+    return [d.train, d.val, d.test]
 
 
 # -- UCI ---------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def test_uci_institutions_shapes_and_ranges(uci):
     sizes = {k: v.report["rows_assigned"] for k, v in uci.items()}
     assert sizes == {"uci_GP_mat": 349, "uci_GP_por": 423, "uci_MS_mat": 46, "uci_MS_por": 226}
     for name, d in uci.items():
-        assert d.report["train"] + d.report["test"] == sizes[name]
+        assert d.report["train"] + d.report["val"] + d.report["test"] == sizes[name]
         for split in both(d):
             tab = split["tabular"]
             assert tab["numeric"].dtype == torch.float32 and tab["numeric"].shape[1] == 13
@@ -62,7 +62,7 @@ def test_uci_institutions_shapes_and_ranges(uci):
     assert read["student-mat.csv"]["rows_read"] == 395 and read["student-por.csv"]["rows_read"] == 649
     # The one corrupt cell of the published file is kept as missing and reported.
     assert read["student-por.csv"]["fixed_rows"] == {"famsize": [8]}
-    assert int((uci["uci_GP_por"].train["tabular"]["categorical"][:, 3] == -1).sum() + (uci["uci_GP_por"].test["tabular"]["categorical"][:, 3] == -1).sum()) == 1
+    assert sum(int((s["tabular"]["categorical"][:, 3] == -1).sum()) for s in both(uci["uci_GP_por"])) == 1
 
 
 def _identity(split):
@@ -72,11 +72,13 @@ def _identity(split):
     return {tuple(round(x, 4) for x in r) for r in cols.tolist()}
 
 
-def test_uci_shared_students_never_straddle_train_and_test(uci):
+def test_uci_shared_students_never_straddle_two_splits(uci):
     assert uci["uci_GP_mat"].report["read"]["shared_students"] > 300
     train = set().union(*(_identity(d.train) for d in uci.values()))
+    val = set().union(*(_identity(d.val) for d in uci.values()))
     test = set().union(*(_identity(d.test) for d in uci.values()))
-    assert train & test == set()
+    assert train & test == set() and train & val == set() and val & test == set()
+    assert len(val) > 50 and len(test) > 50
     # ...and shared students really are in both subjects of their school
     assert _identity(uci["uci_GP_mat"].train) & _identity(uci["uci_GP_por"].train)
 
@@ -138,7 +140,7 @@ def test_oulad_modules_shapes_sequences_and_report(oulad):
     assert list(data) == [f"oulad_{m}" for m in MODULES]
     assert data["oulad_AAA"].report["rows_assigned"] == 748 and data["oulad_BBB"].report["rows_assigned"] == 7909
     for d in data.values():
-        assert d.report["train"] == 150 and d.report["test"] == 50  # the cap, then a 25 % split
+        assert (d.report["train"], d.report["val"], d.report["test"]) == (120, 40, 40)  # the cap, then 60/20/20
         for split in both(d):
             tab, seq = split["tabular"], split["interactions"]
             assert tab["numeric"].shape[1] == 4 and tab["categorical"].shape[1] == len(OULAD_CARDS)
@@ -221,7 +223,7 @@ def crohme():
 def test_crohme_images_and_symbol_labels(crohme):
     assert list(crohme) == [f"crohme_{c}" for c in CROHME]
     for d in crohme.values():
-        assert d.report["rows_assigned"] == 200 and (d.report["train"], d.report["test"]) == (150, 50)
+        assert d.report["rows_assigned"] == 200 and (d.report["train"], d.report["val"], d.report["test"]) == (120, 40, 40)
         for split in both(d):
             x, y = split["image"], split["targets"]["symbols"]
             assert x.shape[1:] == (1, 32, 96) and x.dtype == torch.float32
@@ -332,5 +334,5 @@ def test_real_edu_example_runs_every_method_end_to_end(tmp_path):
     assert all(math.isfinite(c["mean_relative_advantage"]) for c in out["comparison"].values())
     report = json.loads((tmp_path / "real" / "data_report.json").read_text())
     grade8 = report["ellipse_grade8"]
-    assert grade8["train"] + grade8["test"] == 12 and grade8["rows_assigned"] == 652  # capped after assignment
+    assert grade8["train"] + grade8["val"] + grade8["test"] == 12 and grade8["rows_assigned"] == 652  # capped after assignment
     assert report["uci_MS_mat"]["rows_assigned"] == 46

@@ -22,13 +22,13 @@ def test_deterministic_and_shaped_for_the_encoders():
     inter = a["university"].train["interactions"]
     assert inter["skill"].shape == inter["correct"].shape == inter["mask"].shape
     assert (inter["correct"][~inter["mask"]] == 0).all()
-    sizes = {n: d.num_train + len(next(iter(d.test["targets"].values()))) for n, d in a.items()}
+    sizes = {n: d.num_train + len(next(iter(d.val["targets"].values()))) + len(next(iter(d.test["targets"].values()))) for n, d in a.items()}
     assert sizes == {"high_school": 320, "university": 480, "online_tutor": 400, "rural_school": 48, "community_college": 240, "math_academy": 160}
 
 
 def test_non_iid_but_sharing_structure():
     _, data = load()
-    grade = {n: torch.cat([d.train["targets"]["grade"], d.test["targets"]["grade"]]) for n, d in data.items() if "grade" in d.train["targets"]}
+    grade = {n: torch.cat([d.train["targets"]["grade"], d.val["targets"]["grade"], d.test["targets"]["grade"]]) for n, d in data.items() if "grade" in d.train["targets"]}
     # different ability distributions -> different grade means
     assert grade["university"].mean() - grade["rural_school"].mean() > 0.5
     # the same mapping everywhere: prior grade (feature 0) correlates with the grade at every institution

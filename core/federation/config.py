@@ -72,18 +72,28 @@ class FederationSettings:
     lr: float = setting(3e-3, gt=0, doc="local learning rate")
     weight_decay: float = setting(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = setting("adamw", doc="local optimizer")
+    optimizer_state: Literal["fresh", "persist"] = setting(
+        "fresh", doc="`persist`: each institution keeps its optimizer state (AdamW moments) across rounds, at the institution, never sent; `fresh`: a new optimizer every round"
+    )
     timeout_s: float = setting(120.0, gt=0, doc="per institution per round; past it the institution is stopped and dropped")
     weight_experts_by: Literal["tokens", "samples"] = setting("tokens", doc="an expert's update weighs by the tokens routed to it, or by samples")
     backend: PluginConfig = setting(factory=lambda: PluginConfig("simulation"), doc="where institutions run")
     pipeline: list[PluginConfig] = setting(factory=list, doc="update stages (plugins of kind `stage`), e.g. `clip`; privacy stages plug in here")
     personalize_steps: int = setting(20, ge=0, doc="local fine-tuning of router + heads for the `personalized` model")
+    threads: int = setting(1, ge=0, doc="torch CPU threads per process (m3tfed.threads); 0 = every usable core")
 
 
 @dataclass
 class EvaluationSettings:
-    baselines: list[Literal["local", "dense_fedavg", "centralized"]] = setting(factory=lambda: ["local", "dense_fedavg"], doc="compared with the federation")
+    # The compared methods (m3tfed.federation.baselines); `m3tfed run --protocol` runs them all.
+    baselines: list[Literal["local", "dense_fedavg", "fedprox", "fedavg_ft", "ditto", "centralized", "classical_pooled", "classical_local"]] = setting(
+        factory=lambda: ["local", "dense_fedavg", "classical_pooled"], doc="compared with the federation (m3tfed.federation.baselines)"
+    )
     personalize: bool = setting(True, doc="also evaluate the personalized model")
     plots: bool = setting(True, doc="write PNG plots into the run folder")
+    every: int = setting(1, ge=1, doc="rounds between validation passes (learning curves, early stopping); the last round is always evaluated")
+    val_samples: int | None = setting(None, ge=1, doc="validation samples per institution per pass (unset = all)")
+    keep: Literal["best", "last"] = setting("best", doc="`best`: the round with the lowest mean validation loss is the one tested; `last`: the last")
 
 
 @dataclass

@@ -19,9 +19,15 @@ from ..interfaces import RoundContext
 from ..messages import ComponentUpdate, State, TrainJob, TrainResult
 from ..model import M3TModel, ModelConfig, component_of
 from ..specs import Catalogue
+from ..threads import apply_threads
 from .config import FederationSettings, InstitutionConfig
-from .data import InstitutionData, eval_batches, iterate_batches, model_inputs
+from .data import InstitutionData, iterate_batches, model_inputs
+from .evaluation import evaluate_model
 
+# The key in ``Institution.personal_state`` under which an institution keeps its own
+# optimizer state between rounds (``federation.optimizer_state = "persist"``). It is not a
+# model component, so it is never sent, and it is checkpointed with the personal state.
+OPTIMIZER_STATE = "optimizer"
 
 class InstitutionTimeout(RuntimeError):
     pass
@@ -103,6 +109,7 @@ class Institution:
     ):
         self.config, self.data, self.experts = config, data, experts
         self.settings, self.pool = settings, pool
+        apply_threads(settings.threads)  # one process-wide setting; every backend builds institutions
         self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
         self.weight_experts_by = weight_experts_by
         self.personal_state: State = {}
@@ -122,6 +129,12 @@ class Institution:
 
     def is_personal(self, component: str) -> bool:
         return component in self.config.personal
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether it holds state between rounds (personal components or its optimizer's
+        moments) that a checkpoint must carry."""
+        return bool(self.config.personal) or self.settings.optimizer_state == "persist"
 
     # -- messages other than training (capabilities, secure-aggregation rounds) -----
     def handle(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +197,9 @@ class Institution:
             run = fit_sharded(self, model, job, deadline=start + job.timeout_s)
             loss, tokens, details["deepspeed"] = run.loss, run.tokens, run.report()
         else:
-            loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s)
+            keep = self.settings.optimizer_state == "persist"
+            moments = self.personal_state.setdefault(OPTIMIZER_STATE, {}) if keep else None
+            loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s, optimizer_state=moments)
         withhold = self.withholds_statistics()
         updates = []
         for comp, received in sent.items():
@@ -224,23 +239,29 @@ class Institution:
         proximal_mu: dict[str, float] | None = None,
         deadline: float | None = None,
         only: Callable[[str], bool] | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
     ) -> tuple[float, dict[str, int]]:
         """Local training for ``steps`` mini-batches over all of this institution's tasks.
 
         ``only(component)`` restricts which components train (personalization);
         ``anchor``/``proximal_mu`` add FedProx's (mu/2)||w - w_global||^2 per component.
+        ``optimizer_state`` (a flat dict, updated in place) carries the optimizer's
+        moments from the previous call into this one; None starts a fresh optimizer.
         Returns the mean loss and the tokens routed to each expert.
         """
         accelerator = self.pool.accelerator
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        params = [p for n, p in model.named_parameters() if p.requires_grad and (only is None or only(component_of(n)))]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or only(component_of(n)))]
+        params = [p for _, p in trainable]
         s = self.settings
         opt = (
             torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
             if s.optimizer == "adamw"
             else torch.optim.SGD(params, lr=lr, weight_decay=s.weight_decay)
         )
+        if optimizer_state is not None:
+            load_optimizer_state(opt, trainable, optimizer_state)
         if self.privacy is not None and self.privacy.policy.dp == "sample" and only is None:
             # Sample-level DP-SGD (Opacus): per-sample clipping and noise, Poisson batches.
             # Both from the institution's own (secret) generator, never the server's job seed.
@@ -284,30 +305,37 @@ class Institution:
                 loss.backward()
             opt.step()
             total += float(loss.detach())
+        if optimizer_state is not None:
+            optimizer_state.update(save_optimizer_state(opt, trainable))
         tokens = {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
         return total / max(steps, 1), tokens
 
     # -- evaluation --------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model: M3TModel, split: str = "test", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
-        """Metrics per task on a split, and tokens routed to each expert per task."""
-        model.eval()
-        data = getattr(self.data, split)
-        metrics, routing = {}, {}
-        for task in self.config.tasks:
-            preds, targets = [], []
-            counts = torch.zeros(len(model.expert_names), dtype=torch.long)
-            for batch in eval_batches(data, batch_size):
-                out = model(model_inputs(batch), task)
-                preds.append(out.pred)
-                targets.append(batch["targets"][task])
-                counts += out.tokens_per_expert
-            head = model.tasks[task].head
-            pred, target = torch.cat(preds), torch.cat(targets)
-            metrics[task] = {"loss": float(head.loss(pred, target)), **head.metrics(pred, target)}
-            routing[task] = counts.tolist()
-        model.train()
-        return metrics, routing
+    def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
+        """Metrics per task on ``"val"`` or ``"train"``, and tokens routed to each expert
+        per task. The test split is read once, at the end, through ``FinalTest`` only."""
+        if split not in ("train", "val"):
+            raise ValueError(f"{self.name}: evaluate reads 'train' or 'val', not {split!r}; the test split is read once at the end (m3tfed.federation.evaluation.FinalTest)")
+        return evaluate_model(model, self.config.tasks, getattr(self.data, split), batch_size)
+
+
+def save_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as ``"<parameter name>/<state key>" -> tensor``
+    (AdamW: step, exp_avg, exp_avg_sq): keyed by name, because the model object is shared
+    by every institution with the same selection and outlives no optimizer."""
+    return {f"{n}/{k}": v.detach().clone() for n, p in named for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], saved: dict[str, torch.Tensor]) -> None:
+    """Give ``opt`` the state :func:`save_optimizer_state` kept for each parameter
+    (parameters without saved state start fresh)."""
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in saved.items():
+        name, _, k = key.rpartition("/")
+        by_param.setdefault(name, {})[k] = v.clone()
+    for n, p in named:
+        if n in by_param:
+            opt.state[p] = by_param[n]
 
 
 MESSAGE_HANDLERS["capabilities"] = Institution.capabilities

@@ -1,9 +1,11 @@
-"""PNG plots of a run: learning curves, per-institution metrics, expert usage heatmap."""
+"""Plots of a run: validation learning curves, per-institution metrics (with 95%
+intervals over seeds), expert usage per institution x task. Each function draws to a
+file path or a binary stream (the HTML report embeds the PNG bytes)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import matplotlib
 
@@ -18,25 +20,26 @@ def write_plots(run_dir: Path, curves: list[dict], summary: dict[str, Any], rout
     return out
 
 
-def learning_curves(path: Path, curves: list[dict], summary: dict[str, Any]) -> Path:
+def learning_curves(path: Path | IO[bytes], curves: list[dict], summary: dict[str, Any]) -> Path | IO[bytes]:
     tasks = list(summary)
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         metric = summary[task]["metric"]
         for name in summary[task]["institutions"]:
-            xs = [c["round"] for c in curves if name in c["metrics"]]
-            ys = [c["metrics"][name][task][metric] for c in curves if name in c["metrics"]]
+            evaluated = [c for c in curves if name in c.get("metrics", {})]
+            xs = [c["round"] for c in evaluated]
+            ys = [c["metrics"][name][task][metric] for c in evaluated]
             ax.plot(xs, ys, marker=".", label=name)
-        ax.set_title(f"{task}: {metric}")
+        ax.set_title(f"{task}: validation {metric}")
         ax.set_xlabel("round")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
-def per_institution(path: Path, summary: dict[str, Any]) -> Path:
+def per_institution(path: Path | IO[bytes], summary: dict[str, Any]) -> Path | IO[bytes]:
     tasks = list(summary)
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -49,12 +52,12 @@ def per_institution(path: Path, summary: dict[str, Any]) -> Path:
         ax.set_title(f"{task}: {summary[task]['metric']}")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
-def expert_usage(path: Path, routing: dict, experts: list[str]) -> Path:
+def expert_usage(path: Path | IO[bytes], routing: dict, experts: list[str]) -> Path | IO[bytes]:
     """Rows: institution/task; columns: experts; cells: share of routed tokens."""
     labels, rows = [], []
     for name, per_task in routing.items():
@@ -67,8 +70,51 @@ def expert_usage(path: Path, routing: dict, experts: list[str]) -> Path:
     ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     fig.colorbar(im, ax=ax, label="share of tokens")
-    ax.set_title("expert usage (test data)")
+    ax.set_title("expert usage (test data, share of each row's tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def validation_loss_curves(path: Path | IO[bytes], curves: dict[str, list[list[tuple[int, float]]]]) -> Path | IO[bytes]:
+    """Mean validation loss over institutions per round, one line per method (the mean
+    over seeds), with the seeds' range shaded. ``curves``: method -> per seed [(x, loss)]."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for method, per_seed in curves.items():
+        xs = sorted({x for seed in per_seed for x, _ in seed})
+        by_x = [[dict(seed)[x] for seed in per_seed if x in dict(seed)] for x in xs]
+        ax.plot(xs, [sum(v) / len(v) for v in by_x], marker=".", label=method)
+        if len(per_seed) > 1:
+            ax.fill_between(xs, [min(v) for v in by_x], [max(v) for v in by_x], alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean validation loss")
+    ax.set_title("validation loss per method (seeds' range shaded)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def institutions_with_intervals(path: Path | IO[bytes], tasks: dict[str, Any]) -> Path | IO[bytes]:
+    """Per task, each institution's primary metric per method: the mean over seeds with
+    its 95% interval as an error bar (``tasks`` from ``report.across_seeds``)."""
+    names = list(tasks)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], names):
+        rows = tasks[task]["institutions"]
+        methods = list(tasks[task]["summary"])
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            cells = [r[m] for r in rows.values()]
+            err = [[c["mean"] - c["lo"] for c in cells], [c["hi"] - c["mean"] for c in cells]] if cells[0]["lo"] is not None else None
+            ax.bar([i + j * width for i in range(len(rows))], [c["mean"] for c in cells], width, yerr=err, capsize=2, label=m)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], list(rows), rotation=30, ha="right", fontsize=7)
+        arrow = "higher" if tasks[task]["higher_is_better"] else "lower"
+        ax.set_title(f"{task}: {tasks[task]['metric']} ({arrow} is better)", fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path

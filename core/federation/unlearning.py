@@ -44,6 +44,7 @@ from ..plugin_manager import get_catalogue
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import resolve_policy
 from .aggregation import ComponentUpdate
+from .build import build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
     SEP,
     checkpoint_path,
@@ -54,7 +55,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import load_config
-from .job import _continue, _progress, build_federation, privacy_ledger, restore_ledger
+from .lifecycle import continue_run, print_progress
 
 FORGOTTEN_FILE = "forgotten.json"
 AGGREGATOR_PREFIX = f"aggregator{SEP}"
@@ -87,7 +88,7 @@ def forget(
     institution: str,
     out_dir: str | Path | None = None,
     scope: Literal["touched", "all"] = "touched",
-    progress=_progress,
+    progress=print_progress,
 ) -> dict[str, Any]:
     """Forget ``institution`` from the run in ``run_dir``; write the result to ``out_dir``
     (default ``<run_dir>-without-<institution>``), a run folder like any other plus
@@ -184,12 +185,12 @@ def forget(
             write_json_atomic(out_dir / "data_report.json", {n: r for n, r in report.items() if n != institution})
         if (run_dir / "curves.json").exists():
             curves = json.loads((run_dir / "curves.json").read_text())
-            write_json_atomic(out_dir / "curves.json", [{**c, "metrics": {n: m for n, m in c["metrics"].items() if n != institution}} for c in curves if c["round"] < first])
+            write_json_atomic(out_dir / "curves.json", [_curve_without(c, institution) for c in curves if c["round"] < first])
         for rnd in range(1, first):  # a later forget may roll back to one of these
             t, m = load_checkpoint(checkpoint_path(run_dir, rnd))
             m.update(config=to_dict(fed.config), initialized=[n for n in m["initialized"] if n != institution], history=[_without(r, institution) for r in m["history"]])
             save_checkpoint(checkpoint_path(out_dir, rnd), t, m)
-        _continue(fed, out_dir, start_round=first, stop_after=last if last < fed.config.rounds else None, progress=progress)
+        continue_run(fed, out_dir, start_round=first, stop_after=last if last < fed.config.rounds else None, progress=progress)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # no half-forgotten run folder
         raise
@@ -210,6 +211,16 @@ def forget(
     }
     write_json_atomic(out_dir / FORGOTTEN_FILE, record)
     return record
+
+
+def _curve_without(entry: dict[str, Any], institution: str) -> dict[str, Any]:
+    """A curves.json entry without ``institution``'s validation metrics; its mean
+    validation loss (which counted it) is dropped, so early stopping in the new run
+    chooses among the retrained rounds only."""
+    out = {k: v for k, v in entry.items() if k != "val_loss"}
+    if "metrics" in out:
+        out["metrics"] = {n: m for n, m in out["metrics"].items() if n != institution}
+    return out
 
 
 def _without(report: dict[str, Any], institution: str) -> dict[str, Any]:

@@ -21,9 +21,13 @@ def _check_positive(owner: str, name: str, value: float) -> None:
 
 @dataclass(eq=False)
 class FedAvg(Aggregator):
-    """``new = current + server_lr * sum_i(w_i * delta_i) / sum_i(w_i)``."""
+    """``new = current + server_lr * sum_i(w_i * delta_i) / sum_i(w_i)``.
+
+    ``expert_rows``: average a router's per-expert rows only over the institutions that
+    can select that expert (their update has no say on rows they cannot use)."""
 
     server_lr: float = 1.0
+    expert_rows: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(type(self).__name__, "server_lr", self.server_lr)
@@ -48,13 +52,13 @@ SPECS = (
         build=FedAvg,
         version="0.1.0",
         license="Apache-2.0",
-        description="Weighted mean of deltas by sample count or routed tokens (McMahan et al. 2017). Options: server_lr=1.0.",
+        description="Weighted mean of deltas by sample count or routed tokens (McMahan et al. 2017). Options: server_lr=1.0, expert_rows=false (true: a router row per expert averaged only over the institutions that can select it).",
     ),
     AggregatorSpec(
         name="fedprox",
         build=FedProx,
         version="0.1.0",
         license="Apache-2.0",
-        description="FedAvg aggregation; institutions add (mu/2)||w - w_global||^2 locally (Li et al. 2020). Options: mu=0.01, server_lr=1.0.",
+        description="FedAvg aggregation; institutions add (mu/2)||w - w_global||^2 locally (Li et al. 2020). Options: mu=0.01, server_lr=1.0, expert_rows=false.",
     ),
 )

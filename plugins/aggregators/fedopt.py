@@ -40,6 +40,7 @@ class FedOpt(Aggregator):
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    expert_rows: bool = False  # router rows averaged over the institutions that can select each expert
     # component -> param -> {"m": Tensor, "v": Tensor}
     moments: dict[str, dict[str, dict[str, Tensor]]] = field(
         default_factory=dict, init=False, repr=False
@@ -143,13 +144,13 @@ SPECS = (
         build=FedAdam,
         version="0.1.0",
         license="Apache-2.0",
-        description="Adam on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3.",
+        description="Adam on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false.",
     ),
     AggregatorSpec(
         name="fedyogi",
         build=FedYogi,
         version="0.1.0",
         license="Apache-2.0",
-        description="Yogi on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3.",
+        description="Yogi on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false.",
     ),
 )

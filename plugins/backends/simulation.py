@@ -80,13 +80,13 @@ class SimulationBackend:
         before the server commits the round (checkpoint.py); round ``rnd - 1``'s stays
         until then, so a kill in between resumes from it."""
         for name, inst in self.institutions.items():
-            if inst.config.personal:  # an empty snapshot too: "not started yet" is state
+            if inst.keeps_state:  # an empty snapshot too: "not started yet" is state
                 save_checkpoint(personal_path(run_dir, name, rnd), flatten_components(inst.personal_state), {"institution": name, "round": rnd})
                 prune_personal(run_dir, name, keep_from=rnd - 1)
 
     def load_personal(self, run_dir: Path, rnd: int) -> None:
         for name, inst in self.institutions.items():
-            if not inst.config.personal:
+            if not inst.keeps_state:
                 continue
             folder = personal_path(run_dir, name, rnd)
             if not folder.exists():

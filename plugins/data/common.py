@@ -1,11 +1,11 @@
 """What the real-data sources share: strict CSV reading, the pooled dataset they build,
-and the path from a pool to per-institution train/test splits.
+and the path from a pool to per-institution train / validation / test splits.
 
 A real source only *reads*: it turns its files into a :class:`Pool` (every row's inputs
 and targets, the natural group each row belongs to, and optionally the unit that must
-not be split across train and test, e.g. one student). :class:`RealSource.load` then
+not be split across train, validation and test, e.g. one student). :class:`RealSource.load` then
 does the rest the same way for every source: assign rows to institutions (natural
-groups or a partitioner from :mod:`.partition`), cap sizes, split train/test, rename
+groups or a partitioner from :mod:`.partition`), cap sizes, split train / validation / test by unit, rename
 modalities and tasks to the config's names, apply modality dropout, and fill the report.
 
 Nothing here is silent: a file that cannot be read, a missing column or a cell that
@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 from m3tfed.errors import ConfigError, M3TError
-from m3tfed.federation.data import InstitutionData, take
+from m3tfed.federation.data import (
+    TEST,
+    TRAIN,
+    VAL,
+    InstitutionData,
+    split_by_sides,
+    split_sides,
+    take,
+)
 from m3tfed.federation.institution import seed_for
 
 from . import partition as part
@@ -128,7 +136,7 @@ class Pool:
     inputs: dict[str, Any]  # natural modality name -> input tree, leading dim N
     targets: dict[str, torch.Tensor]  # natural task name -> [N, ...]
     groups: list[str]  # natural group (school, module, ...) of each row
-    # Rows with the same unit id go to the same side of the train/test split in every
+    # Rows with the same unit id go to the same side of the train/val/test split in every
     # institution (e.g. one student who appears in two files); None = every row its own.
     units: torch.Tensor | None = None
     # natural modality -> [N] bool, for rows that lack it (e.g. no assessment before the cutoff)
@@ -151,7 +159,10 @@ class RealSource:
       default ``{by = "natural"}``.
     - ``modality_dropout``: ``{institution or "*": {modality (config name): rate}}``.
     - ``max_per_institution``: a random sample cap (by seed) applied before splitting.
-    - ``test_fraction``: share of each institution's rows (or units) held out.
+    - ``val_fraction`` / ``test_fraction``: shares of the units (students; rows when the
+      source has none) held out for validation (model selection, early stopping) and for
+      the final test, decided once per unit for the whole pool
+      (:func:`m3tfed.federation.data.split_sides`).
     """
 
     name = "real"
@@ -169,7 +180,8 @@ class RealSource:
         partition: Mapping[str, Any] | None = None,
         modality_dropout: Mapping[str, Mapping[str, float]] | None = None,
         max_per_institution: int | None = None,
-        test_fraction: float = 0.25,
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.2,
     ):
         self.prefix = self.default_prefix if prefix is None else prefix
         if isinstance(institutions, Mapping):
@@ -190,9 +202,9 @@ class RealSource:
         if max_per_institution is not None and max_per_institution < 2:
             raise ValueError(f"data source {self.name!r}: max_per_institution must be >= 2, got {max_per_institution}")
         self.max_per_institution = max_per_institution
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"data source {self.name!r}: test_fraction must be in (0, 1), got {test_fraction}")
-        self.test_fraction = test_fraction
+        if not (0 < test_fraction < 1 and 0 < val_fraction < 1 and test_fraction + val_fraction < 1):
+            raise ValueError(f"data source {self.name!r}: val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum to less than 1")
+        self.test_fraction, self.val_fraction = test_fraction, val_fraction
 
     def _renames(self, what: str, given: Mapping[str, str] | None, natural: tuple[str, ...]) -> dict[str, str]:
         out = {n: n for n in natural}
@@ -270,13 +282,12 @@ class RealSource:
         by = self.partition.get("by", "natural")
         groups = self._groups_for(names, available) if by == "natural" else {n: [] for n in names}
         rows = part.assign(pool, groups, self.partition, seed_for(seed, self.name, "partition"))
-        test_units = None
-        if pool.units is not None:  # one global decision per unit, shared by all institutions
-            units = torch.unique(pool.units)
+        # One decision per unit (a student in two institutions' files is on the same
+        # side in both), or per row within each institution when the source has no units.
+        unit_sides = None
+        if pool.units is not None:
             g = torch.Generator().manual_seed(seed_for(seed, self.name, "units"))
-            chosen = units[torch.randperm(len(units), generator=g)[: max(1, round(len(units) * self.test_fraction))]]
-            test_units = torch.zeros(int(pool.units.max()) + 1, dtype=torch.bool)
-            test_units[chosen] = True
+            unit_sides = split_sides(pool.units, self.val_fraction, self.test_fraction, g)
         out = {}
         for inst in institutions:
             g = torch.Generator().manual_seed(seed_for(seed, self.name, "data", inst.name))
@@ -286,21 +297,15 @@ class RealSource:
                 idx = idx[torch.randperm(len(idx), generator=g)[: self.max_per_institution]].sort().values
                 report["rows_dropped_by_cap"] = report["rows_assigned"] - len(idx)
             tree = self._tree(pool, idx, inst)
-            if test_units is not None:
-                is_test = test_units[pool.units[idx]]
-                perm = torch.randperm(len(idx), generator=g)
-                train_i, test_i = perm[~is_test[perm]], perm[is_test[perm]]
-            else:
-                perm = torch.randperm(len(idx), generator=g)
-                n_test = max(1, round(len(idx) * self.test_fraction))
-                train_i, test_i = perm[n_test:], perm[:n_test]
-            if len(train_i) == 0 or len(test_i) == 0:
-                raise ValueError(f"data source {self.name!r}: institution {inst.name!r} has {len(train_i)} train and {len(test_i)} test rows; give it more data")
-            train, test = take(tree, train_i), take(tree, test_i)
-            for split in (train, test):
+            sides = unit_sides[idx] if unit_sides is not None else split_sides(len(idx), self.val_fraction, self.test_fraction, g)
+            sizes = [int((sides == s).sum()) for s in (TRAIN, VAL, TEST)]
+            if min(sizes) == 0:
+                raise ValueError(f"data source {self.name!r}: institution {inst.name!r} has {sizes[0]} train, {sizes[1]} validation and {sizes[2]} test rows; give it more data")
+            train, val, test = split_by_sides(tree, sides, g)
+            for split in (train, val, test):
                 part.modality_dropout(split, self._rates(inst.name), g)
-            report.update(train=len(train_i), test=len(test_i))
-            out[inst.name] = InstitutionData(train, test, report)
+            report.update(train=sizes[0], val=sizes[1], test=sizes[2])
+            out[inst.name] = InstitutionData(train, val, test, report)
         return out
 
     def _rates(self, name: str) -> dict[str, float]:
@@ -324,7 +329,7 @@ class RealSource:
 
 
 # Options that do not change what read() returns (they act in load()).
-_LOAD_ONLY = {"prefix", "institutions", "modality_names", "task_names", "partition", "modality_dropout", "max_per_institution", "test_fraction"}
+_LOAD_ONLY = {"prefix", "institutions", "modality_names", "task_names", "partition", "modality_dropout", "max_per_institution", "test_fraction", "val_fraction"}
 _POOLS: dict[tuple, tuple[tuple, Pool]] = {}
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from m3tfed import DataSourceSpec
-from m3tfed.federation.data import InstitutionData, split_tree
+from m3tfed.federation.data import InstitutionData, num_samples, split_tree
 from m3tfed.federation.institution import seed_for
 
 NUMERIC = ("prior_grade", "attendance", "study_hours", "absences", "engagement", "age")
@@ -152,9 +152,9 @@ class SyntheticEducation:
     """Data source for the default federation. ``profiles`` maps an institution name to
     :class:`Profile` fields; institutions without one get the defaults."""
 
-    def __init__(self, profiles: dict[str, dict[str, Any]] | None = None, test_fraction: float = 0.25):
+    def __init__(self, profiles: dict[str, dict[str, Any]] | None = None, test_fraction: float = 0.2, val_fraction: float = 0.2):
         self.profiles = {k: Profile(**v) for k, v in (profiles or {}).items()}
-        self.test_fraction = test_fraction
+        self.test_fraction, self.val_fraction = test_fraction, val_fraction
 
     def example_institutions(self) -> list[dict[str, Any]]:
         """The default federation's institutions (what ``m3tfed.testing`` loads)."""
@@ -188,18 +188,19 @@ class SyntheticEducation:
                     tree["present"][mod] = torch.rand(p.n, generator=g) >= p.modality_dropout
             tree = {k: v for k, v in tree.items() if k in inst.modalities or k == "present"}
             tree["targets"] = {t: all_targets[t] for t in inst.tasks}
-            train, test = split_tree(tree, self.test_fraction, g)
-            out[inst.name] = InstitutionData(train, test, report={"generated": p.n})
+            # one row per generated student: the row is the unit
+            train, val, test = split_tree(tree, self.val_fraction, self.test_fraction, g)
+            out[inst.name] = InstitutionData(train, val, test, report={"generated": p.n, "train": num_samples(train), "val": num_samples(val), "test": num_samples(test)})
         return out
 
 
 # Registered by the package (``register_data_sources``).
 SPEC = DataSourceSpec(
-        name="synthetic",
-        build=SyntheticEducation,
-        version="0.1.0",
-        license="Apache-2.0",
-        modalities=("tabular", "text", "interactions", "image"),
-        tasks=("grade", "dropout", "essay_score", "next_response", "symbol"),
-        description="embedded synthetic education federation, generated in-process",
+    name="synthetic",
+    build=SyntheticEducation,
+    version="0.1.0",
+    license="Apache-2.0",
+    modalities=("tabular", "text", "interactions", "image"),
+    tasks=("grade", "dropout", "essay_score", "next_response", "symbol"),
+    description="embedded synthetic education federation, generated in-process",
 )

@@ -5,10 +5,23 @@ Input::
     {"skill":   [B, L] long,  skill (question concept) id of each interaction, 0..num_skills-1
      "correct": [B, L] long,  1 if answered correctly, else 0
      "mask":    [B, L] bool,  True = a real interaction (padding anywhere is fine)
-     "query_skill": [B] long  optional: the skill of the next question}
+     "query_skill": [B] long  optional: the skill of the next question
+     "question": [B, L] long  optional (factored tokens only): question id, 0..num_questions-1
+     "query_question": [B] long  optional: the next question's id}
 
-Each interaction becomes one token from the DKT interaction id ``skill * 2 + correct``
-plus a position embedding, then one causal transformer layer: token ``t`` sees only
+Two ways to embed an interaction (option ``tokens``):
+
+- ``"pair"``: one embedding per DKT interaction id ``skill * 2 + correct``. Nothing is
+  shared between skills, so with many ids (question-level ids, ~1000) each is seen a
+  few times and little is learned.
+- ``"factored"`` (AKT's Rasch embedding, Ghosh et al. 2020): concept + response, so
+  "answered correctly" is one vector learned from every interaction; with question ids,
+  each question adds only a scalar difficulty ``mu_q`` times a per-concept (and
+  per-response) variation vector, so ~1000 questions cost ~1000 parameters and a
+  question never seen in training falls back to its concept. A source with question
+  ids but no concepts passes them as ``skill`` (or all-zero skills and ``question``).
+
+Then a position embedding and one causal transformer layer: token ``t`` sees only
 interactions ``<= t``, so a head reading token ``t`` cannot peek at later answers.
 
 With ``query_skill`` one extra token is appended (SAKT's query): the next question's
@@ -50,11 +63,33 @@ class CausalBlock(nn.Module):
 class InteractionEncoder(ModalityEncoder):
     modality = "interactions"
 
-    def __init__(self, d_model: int, num_skills: int = 50, max_len: int = 64, heads: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_skills: int = 50,
+        max_len: int = 64,
+        heads: int | None = None,
+        tokens: str = "pair",
+        num_questions: int = 0,
+    ):
         super().__init__()
-        self.num_skills, self.max_len = num_skills, max_len
+        if tokens not in ("pair", "factored"):
+            raise ValueError(f"tokens must be 'pair' or 'factored', got {tokens!r}")
+        if num_questions and tokens != "factored":
+            raise ValueError("num_questions needs tokens = 'factored' (question ids are embedded as Rasch difficulties)")
+        self.num_skills, self.max_len, self.tokens, self.num_questions = num_skills, max_len, tokens, num_questions
         heads = heads or next(h for h in (4, 2, 1) if d_model % h == 0)
-        self.interaction = nn.Embedding(2 * num_skills, d_model)
+        if tokens == "pair":
+            self.interaction = nn.Embedding(2 * num_skills, d_model)
+        else:
+            self.concept = nn.Embedding(num_skills, d_model)
+            self.response = nn.Embedding(2, d_model)
+            if num_questions:
+                # mu_q starts at 0: every question starts as its concept's average.
+                self.difficulty = nn.Embedding(num_questions, 1)
+                nn.init.zeros_(self.difficulty.weight)
+                self.concept_variation = nn.Embedding(num_skills, d_model)
+                self.response_variation = nn.Embedding(2, d_model)
         self.query = nn.Embedding(num_skills, d_model)
         self.position = nn.Embedding(max_len + 1, d_model)  # +1: the query token's slot
         self.block = CausalBlock(d_model, heads)
@@ -70,11 +105,13 @@ class InteractionEncoder(ModalityEncoder):
         real = skill[mask]
         if real.numel() and (real.min() < 0 or real.max() >= self.num_skills):
             raise ValueError(f"skill ids must be in 0..{self.num_skills - 1}, got {int(real.min())}..{int(real.max())}")
-        ids = torch.where(mask, skill * 2 + correct.clamp(0, 1), 0)  # padding: any valid id
+        skill = torch.where(mask, skill, 0)  # padding: any valid id
+        response = torch.where(mask, correct.clamp(0, 1), 0)
+        question = self._questions(inputs.get("question"), mask)
         # Position = how many real interactions came before, so left and right padding
         # give the same tokens.
         step = (mask.long().cumsum(1) - 1).clamp_min(0)
-        x = self.interaction(ids) + self.position(step)
+        x = self.embed(skill, response, question) + self.position(step)
         # Causal: query t sees key s <= t that is real. A query always sees itself, so
         # no row is empty (an all-masked softmax row would be NaN).
         index = torch.arange(length, device=skill.device)
@@ -85,6 +122,9 @@ class InteractionEncoder(ModalityEncoder):
         if query is not None:
             q_pos = mask.long().sum(1)  # right after the real interactions
             q_tok = self.query(query.long()) + self.position(q_pos)
+            next_question = self._questions(inputs.get("query_question"), torch.ones_like(query, dtype=torch.bool))
+            if next_question is not None:
+                q_tok = q_tok + self.difficulty(next_question) * self.concept_variation(query.long())
             x = torch.cat([x, q_tok[:, None]], dim=1)
             see = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)], dim=1)
             allowed = torch.cat([F.pad(allowed, (0, 1), value=False), see[:, None, :]], dim=1)
@@ -92,6 +132,25 @@ class InteractionEncoder(ModalityEncoder):
 
         x = self.norm(self.block(x, allowed))
         return Tokens(x, mask)
+
+    def embed(self, skill: torch.Tensor, response: torch.Tensor, question: torch.Tensor | None) -> torch.Tensor:
+        if self.tokens == "pair":
+            return self.interaction(skill * 2 + response)
+        x = self.concept(skill) + self.response(response)
+        if question is not None:
+            x = x + self.difficulty(question) * (self.concept_variation(skill) + self.response_variation(response))
+        return x
+
+    def _questions(self, question: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+        if question is None:
+            return None
+        if not self.num_questions:
+            raise ValueError("the log has question ids but the encoder has num_questions = 0; set num_questions (and tokens = 'factored')")
+        question = question.long()
+        real = question[mask]
+        if real.numel() and (real.min() < 0 or real.max() >= self.num_questions):
+            raise ValueError(f"question ids must be in 0..{self.num_questions - 1}, got {int(real.min())}..{int(real.max())}")
+        return torch.where(mask, question, 0)
 
     def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         length = min(self.max_len, 8)
@@ -101,7 +160,11 @@ class InteractionEncoder(ModalityEncoder):
         lengths[0] = length
         mask = torch.arange(length)[None, :] < lengths[:, None]
         query = torch.randint(0, self.num_skills, (batch_size,), generator=generator)
-        return {"skill": skill, "correct": correct, "mask": mask, "query_skill": query}
+        out = {"skill": skill, "correct": correct, "mask": mask, "query_skill": query}
+        if self.num_questions:
+            out["question"] = torch.randint(0, self.num_questions, (batch_size, length), generator=generator)
+            out["query_question"] = torch.randint(0, self.num_questions, (batch_size,), generator=generator)
+        return out
 
 
 # Registered by the package (``register_encoders``); ``params`` is counted at

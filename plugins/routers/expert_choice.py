@@ -3,8 +3,9 @@ Routing"): experts pick tokens instead of tokens picking experts.
 
 Each active expert takes its ``C`` tokens of highest affinity, so the load is balanced
 by construction (no balancing loss) and a token may get zero, one or several experts.
-It needs the whole batch to route, so it suits encoders and training, not
-token-by-token decoding.
+It needs the whole batch to route, so it routes that way in training only. In eval mode
+each token takes its ``k`` highest-affinity experts (token choice over the same
+affinities), so a sample's prediction does not depend on the other samples in its batch.
 """
 
 from __future__ import annotations
@@ -59,9 +60,16 @@ class ExpertChoiceRouter(Router):
             logits = F.linear(x.float(), self.gate.weight.float())
         logits = logits.masked_fill(~mask, float("-inf"))
         affinity = logits.softmax(dim=-1)  # [N, E]; masked experts 0
-        # Only active experts choose: a masked expert never picks (never gets) a token.
-        weight, token_index = affinity[:, active].t().topk(C, dim=-1)  # [E_active, C]
-        expert_index = active.unsqueeze(1).expand(-1, C)
+        if self.training:
+            # Only active experts choose: a masked expert never picks (never gets) a token.
+            weight, token_index = affinity[:, active].t().topk(C, dim=-1)  # [E_active, C]
+            expert_index = active.unsqueeze(1).expand(-1, C)
+        else:  # per token: the same k experts alone or in any batch
+            k = min(self.k, len(active))
+            top = logits.topk(k, dim=-1).indices  # [N, k]; masked experts are -inf
+            expert_index, token_index = top.t(), torch.arange(N, device=x.device).repeat(k, 1)
+            weight = affinity.gather(1, top).t()
+            C = None
 
         lse = torch.logsumexp(logits, dim=-1)
         router_z = (lse**2).mean() if N else lse.sum()

@@ -1,8 +1,10 @@
 """Top-k softmax router with expert capacity (Switch Transformer / GShard / ST-MoE).
 
-Each token goes to the ``k`` active experts with the highest router probability. An
-expert takes at most ``capacity`` assignments per batch; the rest are dropped for that
-expert (the token keeps its other assignments, with their weights unchanged). Losses:
+Each token goes to the ``k`` active experts with the highest router probability. In
+training an expert takes at most ``capacity`` assignments per batch; the rest are
+dropped for that expert (the token keeps its other assignments, with their weights
+unchanged). In eval mode nothing is dropped, so a sample's prediction does not depend on
+the other samples in its batch. Losses:
 Switch load balancing and the ST-MoE router z-loss, both over the active experts only.
 
 Not here: the dispatch itself (``m3tfed.moe.MoELayer`` runs the experts).
@@ -25,8 +27,8 @@ class TopKRouter(Router):
         k: experts per token (default 2, Mixtral/GShard). Clamped to the number of
             active experts, so an institution that selected one expert still routes.
         capacity_factor: capacity = ceil(capacity_factor * N * k / E_active)
-            assignments per expert (default 1.25, Switch's training value). ``None`` or
-            0 means no limit (nothing is dropped).
+            assignments per expert in training (default 1.25, Switch's training
+            value). ``None`` or 0 means no limit; eval mode never limits.
         renormalize: rescale each token's top-k weights to sum to 1 (default False,
             as in Switch/GShard: the weights stay the softmax probabilities). Done
             before capacity drops, so a dropped assignment never inflates the others.
@@ -99,7 +101,9 @@ class TopKRouter(Router):
         expert_index, token_index, weight = expert_index[order], token_index[order], weight[order]
         wanted = torch.bincount(expert_index, minlength=E)  # [E] assignments before capacity
 
-        capacity = self.capacity(N, k, n_active)
+        # Capacity is a training-time compute bound; at evaluation it would make a
+        # sample's prediction depend on which other samples share its batch.
+        capacity = self.capacity(N, k, n_active) if self.training else None
         if capacity is not None:
             starts = torch.cumsum(wanted, 0) - wanted
             slot = torch.arange(expert_index.numel(), device=x.device) - starts[expert_index]

@@ -1,0 +1,51 @@
+"""``dense_fedavg``: a dense feed-forward (one expert as wide as the k active experts)
+trained with FedAvg on the same data and rounds. Each institution keeps the personal
+parts the dense model has (its task heads, encoders, router), so the comparison with
+the federated MoE is MoE versus dense, not personalization versus none; the round kept is
+chosen on validation."""
+
+from __future__ import annotations
+
+import copy
+
+from ...model import ExpertConfig, PluginConfig
+from ..build import Federation
+from ..config import FederationConfig
+from .base import BaselineContext, Results
+from .common import keep_personal, train_variant
+
+
+def dense_config(cfg: FederationConfig, aggregator: PluginConfig | None = None) -> FederationConfig:
+    """The same federation with one dense feed-forward as wide as the k active experts
+    (aggregated by ``aggregator``, default FedAvg); personal parts kept where they exist."""
+    dense = copy.deepcopy(cfg)
+    k = int(cfg.model.router.options.get("k", 2))
+    first = cfg.model.experts[0]
+    hidden = int(first.options.get("hidden", 0) or int(8 * cfg.model.d_model / 3))
+    dense.model.experts = [ExpertConfig(name="dense", plugin="swiglu", options={"hidden": k * hidden})]
+    dense.model.router = PluginConfig("topk", {"k": 1, "capacity_factor": 0.0})
+    dense.model.aux_loss_weights = {}
+    dense.aggregation = {"default": aggregator or PluginConfig("fedavg")}
+    for inst in dense.institutions:
+        inst.experts, inst.compute, inst.max_experts = ["dense"], "base", None
+    keep_personal(dense, lambda c: not c.startswith("expert."))  # the one dense expert is shared
+    return dense
+
+
+def trained_dense(fed: Federation, ctx: BaselineContext) -> Federation:
+    """The dense FedAvg federation at its best validation round, trained once per run
+    (FedAvg + fine-tuning starts from it too)."""
+    if "dense_fedavg" not in ctx.shared:
+        variant, kept, curve = train_variant(fed, dense_config(fed.config), ctx, "dense FedAvg")
+        ctx.shared["dense_fedavg"] = variant
+        ctx.curves["dense_fedavg"] = curve
+        ctx.progress(f"  dense FedAvg: keeping round {kept}")
+    return ctx.shared["dense_fedavg"]
+
+
+class DenseFedAvg:
+    name = "dense_fedavg"
+
+    def run(self, fed: Federation, ctx: BaselineContext) -> Results:
+        dense = trained_dense(fed, ctx)
+        return {n: ctx.final.evaluate(self.name, inst, inst.load(dense.server.state))[0] for n, inst in dense.institutions.items()}

@@ -1,0 +1,46 @@
+"""``ditto``: Ditto (Li et al. 2021). Dense FedAvg trains the global model; after each
+round every institution also trains its own personal model v for the same local steps
+on its loss + (lambda/2)||v - w_global||^2. Each institution is judged by its v; the
+round kept is chosen on validation. ``lambda`` = 0.1 (the middle of the paper's grid)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..build import Federation
+from ..institution import seed_for
+from .base import BaselineContext, Results
+from .common import train_variant
+from .dense_fedavg import dense_config
+
+LAMBDA = 0.1
+
+
+class Ditto:
+    name = "ditto"
+
+    def run(self, fed: Federation, ctx: BaselineContext) -> Results:
+        cfg = dense_config(fed.config)
+        own: dict[str, Any] = {}  # institution -> its personal model v (every component)
+
+        def personal_step(variant: Federation, rnd: int) -> None:
+            for name, inst in variant.institutions.items():
+                model = inst.load(variant.server.state)
+                global_w = {c: model.component_state(c) for c in model.component_names()}
+                for c, s in own.get(name, global_w).items():  # v starts at the first global model
+                    model.load_component_state(c, s)
+                mu = dict.fromkeys(global_w, LAMBDA)
+                inst.fit(model, inst.local_steps(), cfg.federation.lr, seed_for(cfg.seed, "ditto", name, rnd), anchor=global_w, proximal_mu=mu)
+                own[name] = {c: model.component_state(c) for c in model.component_names()}
+                for c, s in global_w.items():  # leave the pool model as the global one
+                    model.load_component_state(c, s)
+
+        def judged(variant: Federation, name: str):
+            model = variant.institutions[name].model()
+            for c, s in own[name].items():
+                model.load_component_state(c, s)
+            return model
+
+        variant, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "Ditto", after_round=personal_step, model_of=judged, carry=own)
+        ctx.progress(f"  Ditto: keeping round {kept}")
+        return {n: ctx.final.evaluate(self.name, inst, judged(variant, n))[0] for n, inst in variant.institutions.items()}

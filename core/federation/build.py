@@ -1,0 +1,158 @@
+"""Building a federation from a config: data, institutions with their selections, the
+update pipeline's stages, the backend and the server; and the privacy ledger plumbing
+that a built federation carries.
+
+Not for: running rounds (:mod:`.lifecycle`), baselines (:mod:`.baselines`) or reporting
+(:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..plugin_manager import get_catalogue
+from ..privacy.dp import attach_privacy, restore_privacy
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.policy import privacy_stages
+from ..registry import Registry, load_registry
+from ..specs import Catalogue
+from .config import FederationConfig, resolve_selection
+from .institution import Institution, ModelPool, default_accelerator
+from .server import Server
+
+
+@dataclass
+class Federation:
+    """A built federation: its config, server, institutions and each one's experts."""
+
+    config: FederationConfig
+    server: Server
+    institutions: dict[str, Institution]
+    selections: dict[str, list[str]]
+
+
+def build_federation(
+    cfg: FederationConfig,
+    catalogue: Catalogue | None = None,
+    registry: Registry | None = None,
+    data_root: str | Path | None = None,
+    run_dir: Path | None = None,
+    data: dict[str, Any] | None = None,
+) -> Federation:
+    """Everything a run needs: data, institutions with their selections, backend, server."""
+    catalogue = catalogue or get_catalogue()
+    if registry is None:
+        try:
+            registry = load_registry()
+        except Exception:  # the registry only refines selection; a federation runs without it
+            registry = None
+    check_plugins(cfg, catalogue)
+    if data is None:
+        source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
+        data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    pool = ModelPool(cfg.model, catalogue, default_accelerator())
+    # In-process, a stage on both sides (secagg) is one object serving institutions and server.
+    inst_stages, server_stages = build_stages(cfg, catalogue)
+    selections, institutions = {}, {}
+    for inst in cfg.institutions:
+        if inst.name not in data:
+            raise ConfigError("data", f"the data source produced no data for institution {inst.name!r}")
+        selections[inst.name] = resolve_selection(cfg, inst, catalogue, registry)
+        institutions[inst.name] = Institution(
+            inst, data[inst.name], selections[inst.name], cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by
+        )
+    attach_privacy(cfg, institutions)  # each institution enforces its own policy too
+    backend = catalogue.get("backend", cfg.federation.backend.plugin).build(institutions=institutions, **cfg.federation.backend.options)
+    server = Server(cfg, catalogue, backend, server_stages=server_stages, run_dir=run_dir)
+    return Federation(cfg, server, institutions, selections)
+
+
+def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any], list[Any]]:
+    """The update pipeline's (institution-side, server-side) stages: the configured ones
+    plus the privacy stages the institutions' policies ask for (policy checks, DP, secagg).
+    A process that holds only one side (a Flower node or coordinator) takes its half."""
+    pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
+    stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in pipeline]
+    for stage in stages:
+        if hasattr(stage, "secure_aggregation"):  # the policy stage checks secagg really runs
+            stage.secure_aggregation = any(pc.plugin == "secagg" for pc in pipeline)
+    orders = [getattr(s, "order", catalogue.get("stage", pc.plugin).order) for s, pc in zip(stages, pipeline)]
+    return stages_for("institution", stages, orders), stages_for("server", stages, orders)
+
+
+def build_institution(
+    cfg: FederationConfig,
+    name: str,
+    catalogue: Catalogue | None = None,
+    registry: Registry | None = None,
+    data_root: str | Path | None = None,
+) -> Institution:
+    """One institution alone, as its own machine builds it (a Flower SuperNode): its
+    data, its selection, its model and its side of the update pipeline. The data source
+    sees every institution's config, so partitioners split exactly as in a full run."""
+    catalogue = catalogue or get_catalogue()
+    if registry is None:
+        try:
+            registry = load_registry()
+        except Exception:  # the registry only refines selection
+            registry = None
+    inst = next((i for i in cfg.institutions if i.name == name), None)
+    if inst is None:
+        raise ConfigError("institutions", f"no institution named {name!r}; the config has {', '.join(i.name for i in cfg.institutions)}")
+    check_plugins(cfg, catalogue)
+    source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
+    data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    if name not in data:
+        raise ConfigError("data", f"the data source produced no data for institution {name!r}")
+    inst_stages, _ = build_stages(cfg, catalogue)
+    pool = ModelPool(cfg.model, catalogue, default_accelerator())
+    selection = resolve_selection(cfg, inst, catalogue, registry)
+    institution = Institution(inst, data[name], selection, cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by)
+    attach_privacy(cfg, {name: institution})  # it enforces its own policy
+    return institution
+
+
+def privacy_ledger(fed: Federation) -> PrivacyLedger | None:
+    """The run's privacy ledger (kept by the server-side ``policy`` stage), if any."""
+    return next((s.ledger for s in fed.server.server_stages if isinstance(getattr(s, "ledger", None), PrivacyLedger)), None)
+
+
+def restore_ledger(fed: Federation, ledger: PrivacyLedger | None) -> None:
+    """Continue from a ledger read back from a run folder: the server's ``policy`` stage
+    keeps filling it, and each institution's accountant resumes from its last row."""
+    if ledger is not None and privacy_ledger(fed) is not None:
+        for stage in fed.server.server_stages:
+            if hasattr(stage, "ledger"):
+                stage.ledger = ledger
+        restore_privacy(ledger, fed.institutions)
+
+
+def stages_for(side: str, stages: list[Any], orders: list[int]) -> list[Any]:
+    """The stages that run on ``side``, lowest order first (the stage's ``order``, else its
+    spec's). A stage with ``side = "both"`` (secure aggregation: masking at the institution,
+    unmasking at the server) runs on both sides, on the server at its ``server_order``."""
+    picked = []
+    for stage, order in zip(stages, orders):
+        where = getattr(stage, "side", "institution")
+        if where in (side, "both"):
+            if where == "both" and side == "server":
+                order = getattr(stage, "server_order", order)
+            picked.append((order, len(picked), stage))
+    return [stage for _, _, stage in sorted(picked, key=lambda p: p[:2])]
+
+
+def check_plugins(cfg: FederationConfig, catalogue: Catalogue) -> None:
+    """Unknown plugin names fail here, with the config path and the installed names."""
+    checks = [("model.router.plugin", "router", cfg.model.router.plugin), ("data.plugin", "data", cfg.data.plugin)]
+    checks += [(f"model.encoders.{m}.plugin", "encoder", pc.plugin) for m, pc in cfg.model.encoders.items()]
+    checks += [(f"model.tasks.{t}.plugin", "task", pc.plugin) for t, pc in cfg.model.tasks.items()]
+    checks += [(f"model.experts[{i}].plugin", "expert", e.plugin) for i, e in enumerate(cfg.model.experts)]
+    checks += [(f"aggregation.{g}.plugin", "aggregator", pc.plugin) for g, pc in cfg.aggregation.items()]
+    checks += [(f"federation.pipeline[{i}].plugin", "stage", pc.plugin) for i, pc in enumerate(cfg.federation.pipeline)]
+    checks.append(("federation.backend.plugin", "backend", cfg.federation.backend.plugin))
+    for path, kind, name in checks:
+        if name not in catalogue.specs[kind]:
+            raise ConfigError(path, f"no {kind} plugin named {name!r}; installed: {', '.join(catalogue.names(kind)) or 'none'}")

@@ -1,0 +1,74 @@
+"""Evaluating a model on a split, and the one door to the test split.
+
+The protocol a run follows: curves, early stopping and every tuning choice read the
+validation split; the test split is read once per (method, institution), at the end, and
+only through :class:`FinalTest`, which refuses a second read. ``Institution.evaluate``
+refuses ``"test"``, so nothing else can read it by accident.
+
+Not for: training, or deciding which rounds evaluate (the run lifecycle does that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import M3TError
+from .data import eval_batches, model_inputs
+
+Metrics = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+class RepeatedTestRead(M3TError, RuntimeError):
+    """A method asked for an institution's test split after it had read it once."""
+
+
+@torch.no_grad()
+def evaluate_model(model: Any, tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> tuple[Metrics, dict[str, list[int]]]:
+    """Metrics per task on ``split`` and the tokens routed to each expert per task. In
+    eval mode routers drop nothing, so a sample's prediction does not depend on its batch."""
+    was_training = model.training
+    model.eval()
+    metrics, routing = {}, {}
+    try:
+        for task in tasks:
+            preds, targets = [], []
+            counts = torch.zeros(len(model.expert_names), dtype=torch.long)
+            for batch in eval_batches(split, batch_size):
+                out = model(model_inputs(batch), task)
+                preds.append(out.pred)
+                targets.append(batch["targets"][task])
+                counts += out.tokens_per_expert
+            head = model.tasks[task].head
+            pred, target = torch.cat(preds), torch.cat(targets)
+            metrics[task] = {"loss": float(head.loss(pred, target)), **head.metrics(pred, target)}
+            routing[task] = counts.tolist()
+    finally:
+        model.train(was_training)
+    return metrics, routing
+
+
+class FinalTest:
+    """The run's only reader of test splits: one read per (method, institution).
+
+    ``reads`` counts them, so a run (and a test) can show each method saw test once."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, dict[str, int]] = {}  # method -> institution -> reads
+
+    def evaluate(self, method: str, institution: Any, model: Any) -> tuple[Metrics, dict[str, list[int]]]:
+        return self.evaluate_with(method, institution, lambda split: evaluate_model(model, institution.config.tasks, split))
+
+    def evaluate_with(self, method: str, institution: Any, read: Callable[[dict[str, Any]], Any]) -> Any:
+        """``read(test split)`` once for ``method`` (a learner that is not an ``M3TModel``,
+        e.g. a classical baseline, computes its own metrics from the split)."""
+        seen = self.reads.setdefault(method, {})
+        if seen.get(institution.name):
+            raise RepeatedTestRead(
+                f"method {method!r} already read the test split of {institution.name!r}; "
+                "choices are made on validation and test is read once, at the end"
+            )
+        seen[institution.name] = 1
+        return read(institution.data.test)

@@ -1,0 +1,217 @@
+"""Reporting a run's results: per task, each institution's primary metric per method with
+the mean and the worst institution; how one method stands against each other one; the
+terminal table.
+
+Not for: computing metrics (:mod:`.evaluation`) or plots (:mod:`.plots`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .build import Federation
+
+
+def primary(fed: Federation, task: str) -> tuple[str, bool]:
+    head = next(i.model().tasks[task].head for i in fed.institutions.values() if task in i.config.tasks)
+    return head.primary_metric, head.higher_is_better
+
+
+def summarize(fed: Federation, results: dict[str, dict]) -> dict[str, Any]:
+    """Per task: every institution's primary metric per method, with mean and worst."""
+    summary = {}
+    tasks = sorted({t for i in fed.institutions.values() for t in i.config.tasks})
+    for task in tasks:
+        metric, higher = primary(fed, task)
+        rows = {}
+        for name, inst in fed.institutions.items():
+            if task in inst.config.tasks:
+                rows[name] = {m: results[m][name][task][metric] for m in results}
+        agg = {}
+        for m in results:
+            vals = [r[m] for r in rows.values()]
+            # min/max skip a NaN: a non-finite metric is the worst, and named
+            bad = sorted(n for n, r in rows.items() if not math.isfinite(r[m]))
+            worst = math.nan if bad else (min if higher else max)(vals)
+            agg[m] = {"mean": sum(vals) / len(vals), "worst": worst, **({"non_finite": bad} if bad else {})}
+        summary[task] = {"metric": metric, "higher_is_better": higher, "institutions": rows, "summary": agg}
+    return summary
+
+
+def relative_advantage(summary: dict[str, Any], method: str, baseline: str) -> dict[str, float]:
+    """Per institution: ``method``'s mean relative advantage over ``baseline`` across its
+    tasks' primary metrics (positive = better, 0.05 = 5% better), so tasks with different
+    metrics and scales can be averaged. The difference is taken relative to the
+    baseline's mean on that task over institutions, not to the institution's own value:
+    a baseline at 0 (an F1 of 0 at one institution) would otherwise explode the ratio."""
+    per_inst: dict[str, list[float]] = {}
+    for s in summary.values():
+        sign = 1.0 if s["higher_is_better"] else -1.0
+        rows = {n: r for n, r in s["institutions"].items() if method in r and baseline in r}
+        if not rows:
+            continue
+        scale = max(sum(abs(r[baseline]) for r in rows.values()) / len(rows), 1e-8)
+        for name, row in rows.items():
+            per_inst.setdefault(name, []).append(sign * (row[method] - row[baseline]) / scale)
+    return {name: sum(v) / len(v) for name, v in per_inst.items()}
+
+
+def compare(summary: dict[str, Any], method: str = "fed_moe") -> dict[str, Any]:
+    """How ``method`` stands against every other method: mean relative advantage over
+    institutions and the share of institutions where it is better."""
+    methods = {m for s in summary.values() for m in s["summary"]} - {method}
+    out = {}
+    for base in sorted(methods):
+        adv = relative_advantage(summary, method, base)
+        if adv:
+            out[base] = {
+                "mean_relative_advantage": sum(adv.values()) / len(adv),
+                "share_of_institutions_better": sum(v > 0 for v in adv.values()) / len(adv),
+                "institutions": adv,
+            }
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = []
+    for task, s in summary.items():
+        methods = list(s["summary"])
+        arrow = "higher is better" if s["higher_is_better"] else "lower is better"
+        lines.append(f"\n{task} — {s['metric']} ({arrow})")
+        w = max(14, *(len(m) + 2 for m in methods))
+        lines.append(f"  {'institution':<20}" + "".join(f"{m:>{w}}" for m in methods))
+        for name, row in s["institutions"].items():
+            lines.append(f"  {name:<20}" + "".join(f"{row[m]:>{w}.4f}" for m in methods))
+        for stat in ("mean", "worst"):
+            lines.append(f"  {stat:<20}" + "".join(f"{s['summary'][m][stat]:>{w}.4f}" for m in methods))
+    return "\n".join(lines)
+
+
+# -- several seeds: means, intervals, paired comparisons ----------------------------------
+# Two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+         25: 2.060, 30: 2.042}  # fmt: skip
+
+
+def t_quantile(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (from a table)."""
+    if df in _T975:
+        return _T975[df]
+    below = [d for d in _T975 if d < df]
+    return _T975[max(below)] if df <= 30 else 1.96
+
+
+def mean_interval(values: list[float]) -> dict[str, Any]:
+    """Mean and 95% t-interval over seeds; ``lo``/``hi`` are None with one value (no
+    interval can be claimed from one seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": n}
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = t_quantile(n - 1) * sd / n**0.5
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a share ``k / n`` (stays inside [0, 1] for small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def across_seeds(summaries: list[dict[str, Any]], method: str = "fed_moe") -> dict[str, Any]:
+    """Combine the ``summary`` of several seeds of one design.
+
+    Per task: each institution's primary metric per method as mean and 95% interval over
+    seeds, the same for the mean and the worst institution; per baseline: each
+    institution's paired relative advantage of ``method`` (per seed, then mean and
+    interval). An institution counts as *better* (or *worse*) only when that interval
+    lies wholly above (below) zero; the share of such institutions comes with its Wilson
+    interval. With one seed no interval exists and nothing is counted as better.
+    """
+    tasks: dict[str, Any] = {}
+    for task, first in summaries[0].items():
+        methods = list(first["summary"])
+        rows = {inst: {m: mean_interval([s[task]["institutions"][inst][m] for s in summaries]) for m in methods} for inst in first["institutions"]}
+        agg = {m: {stat: mean_interval([s[task]["summary"][m][stat] for s in summaries]) for stat in ("mean", "worst")} for m in methods}
+        higher = first["higher_is_better"]
+        worst_inst = {m: (min if higher else max)(rows, key=lambda i, m=m: rows[i][m]["mean"]) for m in methods}
+        tasks[task] = {"metric": first["metric"], "higher_is_better": higher, "institutions": rows, "summary": agg, "worst_institution": worst_inst}
+    comparison = {}
+    others = sorted({m for s in summaries[0].values() for m in s["summary"]} - {method})
+    for base in others:
+        per_seed = [relative_advantage(s, method, base) for s in summaries]
+        if not per_seed[0]:
+            continue
+        insts = {i: mean_interval([adv[i] for adv in per_seed]) for i in per_seed[0]}
+        better = sorted(i for i, c in insts.items() if c["lo"] is not None and c["lo"] > 0)
+        worse = sorted(i for i, c in insts.items() if c["hi"] is not None and c["hi"] < 0)
+        n = len(insts)
+        comparison[base] = {
+            "mean_relative_advantage": mean_interval([sum(adv.values()) / len(adv) for adv in per_seed]),
+            "better_at": better,
+            "worse_at": worse,
+            "share_better": len(better) / n,
+            "share_better_interval": wilson(len(better), n),
+            "institutions": insts,
+        }
+    return {"seeds": len(summaries), "tasks": tasks, "comparison": comparison}
+
+
+def fmt_interval(c: dict[str, Any], pct: bool = False) -> str:
+    """``0.812 ± 0.020`` (half-width of the 95% interval), or the mean alone for one seed."""
+    if pct:
+        return f"{c['mean']:+.1%}" + (f" ± {(c['hi'] - c['lo']) / 2:.1%}" if c["lo"] is not None else "")
+    return f"{c['mean']:.4f}" + (f" ± {(c['hi'] - c['lo']) / 2:.4f}" if c["lo"] is not None else "")
+
+
+def format_seeds_table(combined: dict[str, Any], method: str = "fed_moe") -> str:
+    """The terminal tables of :func:`across_seeds`: mean ± 95% half-interval over seeds."""
+    lines = [f"{combined['seeds']} seed(s); cells are mean ± half-width of the 95% interval over seeds"]
+    for task, s in combined["tasks"].items():
+        methods = list(s["summary"])
+        arrow = "higher is better" if s["higher_is_better"] else "lower is better"
+        lines.append(f"\n{task} — {s['metric']} ({arrow})")
+        w = max(20, *(len(m) + 2 for m in methods))
+        lines.append(f"  {'institution':<20}" + "".join(f"{m:>{w}}" for m in methods))
+        for name, row in s["institutions"].items():
+            lines.append(f"  {name:<20}" + "".join(f"{fmt_interval(row[m]):>{w}}" for m in methods))
+        for stat in ("mean", "worst"):
+            lines.append(f"  {stat:<20}" + "".join(f"{fmt_interval(s['summary'][m][stat]):>{w}}" for m in methods))
+    lines.append(f"\n{method} against each method: mean relative advantage; institutions where the paired difference is beyond its 95% interval")
+    for base, c in combined["comparison"].items():
+        lo, hi = c["share_better_interval"]
+        lines.append(
+            f"  vs {base:<17} {fmt_interval(c['mean_relative_advantage'], pct=True):>16}   "
+            f"better at {len(c['better_at'])}/{len(c['institutions'])} ({c['share_better']:.0%}, 95% CI {lo:.0%}-{hi:.0%}), worse at {len(c['worse_at'])}"
+        )
+    if combined["seeds"] < 2:
+        lines.append("  (one seed: no interval, so no institution is counted as better or worse; run --seeds 3)")
+    return "\n".join(lines)
+
+
+def markdown_tables(combined: dict[str, Any], method: str = "fed_moe") -> str:
+    """:func:`across_seeds` as two Markdown tables (README, docs): per task the mean and
+    the worst institution per method (mean ± 95% half-interval over seeds), then the
+    paired comparison of ``method`` with every other method."""
+    tasks = combined["tasks"]
+    methods = list(next(iter(tasks.values()))["summary"]) if tasks else []
+    lines = ["| task (metric) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for task, t in tasks.items():
+        arrow = "↑" if t["higher_is_better"] else "↓"
+        cells = [f"{fmt_interval(t['summary'][m]['mean'])} / {fmt_interval(t['summary'][m]['worst'])}" for m in methods]
+        lines.append(f"| {task} ({t['metric']} {arrow}; {len(t['institutions'])} inst.) | " + " | ".join(cells) + " |")
+    lines += ["", f"| {method} vs | mean relative advantage | better at (beyond 95% interval) | share, Wilson 95% | worse at |", "|---|---|---|---|---|"]
+    for base, c in combined["comparison"].items():
+        lo, hi = c["share_better_interval"]
+        lines.append(
+            f"| {base} | {fmt_interval(c['mean_relative_advantage'], pct=True)} | {len(c['better_at'])}/{len(c['institutions'])} | "
+            f"{c['share_better']:.0%} ({lo:.0%}–{hi:.0%}) | {len(c['worse_at'])}/{len(c['institutions'])} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""The baselines: one interface, the same protocol (choices on validation, test read once),
+personal parts kept where the method allows, and classical learners that really fit."""
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from m3tfed.federation.baselines import BASELINES, FULL, dense_config
+from m3tfed.federation.baselines.classical import Featurizer, fit_predict
+from m3tfed.federation.config import load_config
+from m3tfed.federation.lifecycle import run_job
+
+
+def test_every_baseline_runs_under_the_protocol(tmp_path):
+    d = tiny_config_dict(rounds=2, n=20, personalize_steps=2)
+    d["evaluation"].update(baselines=list(FULL), personalize=True)
+    out = run_job(d, name="all", runs_dir=tmp_path, progress=lambda m: None, echo=False)
+    names = {i["name"] for i in d["institutions"]}
+    assert set(out["results"]) == {"fed_moe", *BASELINES}
+    assert out["test_reads"] == {m: dict.fromkeys(names, 1) for m in out["results"]}  # test once per method
+    for method in ("local", "dense_fedavg", "fedprox", "ditto", "centralized"):
+        curve = out["method_curves"][method]
+        assert [p["round"] for p in curve] == [1, 2] and all(p["val_loss"] > 0 for p in curve), method
+    for s in out["summary"].values():
+        for row in s["institutions"].values():
+            assert all(v == v for v in row.values()), row  # a finite metric for every method
+
+
+def test_dense_baselines_keep_the_personal_parts_the_dense_model_has():
+    d = tiny_config_dict()
+    d["institutions"][5]["personal"] = ["task.symbol", "router", "expert.vision_1"]
+    dense = dense_config(load_config(d))
+    assert dense.institutions[5].personal == ["task.symbol", "router"]  # no expert.vision_1 in a dense model
+    assert [e.name for e in dense.model.experts] == ["dense"]
+
+
+def test_ridge_recovers_a_linear_map_and_logistic_separates_classes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=g)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    y = x @ w + 0.7
+    ridge = fit_predict("ridge", x, y, 1e-6, 1)
+    assert torch.allclose(ridge(x), y, atol=1e-3)
+    labels = (x[:, 0] - x[:, 1] > 0).long()
+    softmax = fit_predict("softmax", x, labels, 1e-3, 2)
+    assert (softmax(x).argmax(1) == labels).float().mean() > 0.97
+
+
+def test_featurizer_handles_any_split_without_knowing_the_dataset():
+    n = 6
+    split = {
+        "tab": {"numeric": torch.tensor([[1.0, float("nan")]] * 3 + [[2.0, 1.0]] * 3), "categorical": torch.tensor([[0], [1], [2], [-1], [1], [0]])},
+        "text": ["a b", "a b c", "long words here", "x", "y y", "z"],
+        "present": {"text": torch.tensor([True, True, True, False, True, True])},
+        "targets": {"t": torch.zeros(n)},
+    }
+    f = Featurizer().fit([split])
+    x = f(split)
+    # tab: 2 numeric + 1 missing indicator + 3 one-hot + present; text: 4 statistics + present
+    assert x.shape == (n, 2 + 1 + 3 + 1 + 4 + 1) and torch.isfinite(x).all()
+    other = {"tab": split["tab"], "present": {}, "targets": split["targets"]}  # an institution without text
+    assert f(other).shape == x.shape
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_share_one_interface(name):
+    b = BASELINES[name]
+    assert b.name == name and callable(b.run)

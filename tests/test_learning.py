@@ -1,0 +1,177 @@
+"""Learning-quality mechanisms: per-institution optimizer state, per-expert router rows,
+the thread setting."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from m3tfed.federation.aggregation import ComponentUpdate, weighted_mean_delta
+from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint
+from m3tfed.federation.config import load_config
+from m3tfed.federation.institution import OPTIMIZER_STATE
+from m3tfed.federation.job import build_federation, resume_job, run_job
+
+
+def federation(overrides=(), **kw):
+    return build_federation(load_config(tiny_config_dict(**kw), list(overrides)))
+
+
+def test_optimizer_moments_persist_at_the_institution_and_never_leave():
+    fed = federation(["federation.optimizer_state=persist"], rounds=2)
+    inst = fed.institutions["university"]
+    fed.server.run_round(1)
+    saved = inst.personal_state[OPTIMIZER_STATE]
+    steps = {k: float(v) for k, v in saved.items() if k.endswith("/step")}
+    # every trained parameter has AdamW's step and both moments after one round of 2 steps
+    assert steps and set(steps.values()) == {2.0}
+    assert any(k.endswith("/exp_avg_sq") and float(v.abs().sum()) > 0 for k, v in saved.items())
+    first_moment = {k: v.clone() for k, v in saved.items()}
+    fed.server.run_round(2)
+    saved = inst.personal_state[OPTIMIZER_STATE]
+    # the second round continued from the first round's moments: 4 steps, not 2 again
+    assert {float(v) for k, v in saved.items() if k.endswith("/step")} == {4.0}
+    assert any(not torch.equal(first_moment[k], saved[k]) for k in first_moment)
+    # what went up: model components only, never optimizer state
+    log = fed.server.backend.transcript
+    ups = [c for e in log if e["direction"] == "up" for c in e["components"]]
+    assert ups and all(
+        c.split(".")[0] in ("encoder", "expert", "router", "trunk", "task") for c in ups
+    )
+    assert OPTIMIZER_STATE not in fed.server.state
+
+
+def test_fresh_optimizer_keeps_no_state_and_persist_changes_training():
+    fresh, persist = (
+        federation(rounds=2),
+        federation(["federation.optimizer_state=persist"], rounds=2),
+    )
+    for rnd in (1, 2):
+        fresh.server.run_round(rnd)
+        persist.server.run_round(rnd)
+    assert all(OPTIMIZER_STATE not in i.personal_state for i in fresh.institutions.values())
+    # round 1 is identical (no state yet); round 2 differs because the moments carried over
+    assert fresh.server.history[0].loss == persist.server.history[0].loss
+    assert fresh.server.history[1].loss != persist.server.history[1].loss
+
+
+def test_persistent_optimizer_runs_are_deterministic():
+    a, b = (federation(["federation.optimizer_state=persist"], rounds=2) for _ in range(2))
+    for rnd in (1, 2):
+        a.server.run_round(rnd)
+        b.server.run_round(rnd)
+    for comp, state in a.server.state.items():
+        assert all(torch.equal(v, b.server.state[comp][k]) for k, v in state.items()), comp
+
+
+def test_persistent_optimizer_state_survives_a_resume(tmp_path):
+    cfg = tiny_config_dict(rounds=3)
+    cfg["federation"]["optimizer_state"] = "persist"
+    run_job(cfg, name="full", runs_dir=tmp_path, progress=lambda m: None)
+    run_job(cfg, name="split", runs_dir=tmp_path, stop_after=1, progress=lambda m: None)
+    resume_job(tmp_path / "split", progress=lambda m: None)
+    full, split = (load_checkpoint(latest_checkpoint(tmp_path / n))[0] for n in ("full", "split"))
+    assert full.keys() == split.keys()
+    for k in full:
+        assert torch.equal(full[k], split[k]), k
+
+
+def test_router_rows_average_only_over_institutions_that_can_select_the_expert():
+    # 3 experts; A can select experts 0 and 1, B experts 0 and 2.
+    current = {"gate.weight": torch.zeros(3, 2)}
+    a = ComponentUpdate(
+        "A",
+        "router",
+        {"gate.weight": torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]])},
+        1.0,
+        expert_rows=torch.tensor([True, True, False]),
+    )
+    b = ComponentUpdate(
+        "B",
+        "router",
+        {"gate.weight": torch.tensor([[3.0, 3.0], [0.0, 0.0], [4.0, 4.0]])},
+        3.0,
+        expert_rows=torch.tensor([True, False, True]),
+    )
+    plain = weighted_mean_delta("gate.weight", [a, b], current["gate.weight"])
+    rows = weighted_mean_delta("gate.weight", [a, b], current["gate.weight"], by_expert_rows=True)
+    # shared row 0: the weighted mean either way; rows 1 and 2: only their selector's delta
+    assert torch.allclose(plain, torch.tensor([[2.5, 2.5], [0.5, 0.5], [3.0, 3.0]]))
+    assert torch.allclose(rows, torch.tensor([[2.5, 2.5], [2.0, 2.0], [4.0, 4.0]]))
+
+
+def test_a_router_row_is_not_shrunk_by_institutions_that_cannot_select_its_expert():
+    kw = {"rounds": 1}
+    d = tiny_config_dict(**kw)
+    d["aggregation"] = {
+        "default": {"plugin": "fedavg"},
+        "router": {"plugin": "fedavg", "options": {"expert_rows": True}},
+    }
+    fed = build_federation(load_config(d))
+    names = fed.config.model.expert_names
+    before = {k: v.clone() for k, v in fed.server.state["router"].items()}
+    jobs = {}
+    train = fed.server.backend.train
+
+    def spy(batch):  # keep each institution's own router delta for the check below
+        results = train(batch)
+        for r in results:
+            jobs[r.institution] = next(u.delta for u in r.updates if u.component == "router")
+        return results
+
+    fed.server.backend.train = spy
+    rep = fed.server.run_round(1)
+    assert set(rep.contributors["router"]) == set(jobs)
+    key = next(k for k in before if before[k].shape[0] == len(names))
+    new = fed.server.state["router"][key]
+    # vision_0 is selected by online_tutor only: its row moves by that institution's full
+    # delta, not by its delta times online_tutor's share of the samples
+    e = names.index("vision_0")
+    assert [n for n in jobs if "vision_0" in fed.selections[n]] == ["online_tutor"]
+    assert torch.allclose(new[e], before[key][e] + jobs["online_tutor"][key][e], atol=1e-6)
+    assert not torch.allclose(jobs["online_tutor"][key][e], torch.zeros_like(new[e]))
+    # general_0 is selected by several: the mean over them, weighted by samples
+    g = names.index("general_0")
+    users = [n for n in jobs if "general_0" in fed.selections[n]]
+    w = {n: fed.institutions[n].data.num_train for n in users}
+    mean = sum(w[n] * jobs[n][key][g] for n in users) / sum(w.values())
+    assert len(users) > 1 and torch.allclose(new[g], before[key][g] + mean, atol=1e-6)
+
+
+def test_threads_setting_is_applied_and_checked():
+    from m3tfed import ConfigError
+    from m3tfed.threads import resolve_threads, usable_cores
+
+    before = torch.get_num_threads()
+    try:
+        federation(["federation.threads=2"], rounds=1)
+        assert torch.get_num_threads() == 2
+        federation(rounds=1)  # the shipped default: one thread
+        assert torch.get_num_threads() == 1
+        assert resolve_threads(0) == usable_cores()
+        with pytest.raises(ConfigError, match="federation.threads"):
+            federation(["federation.threads=-1"], rounds=1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_bench_smoke(tmp_path):
+    bench = Path(__file__).parents[1] / "bench" / "threads.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "--smoke"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "threads" and result["smoke"] and result["shipped_threads"] == 1
+    for condition in ("idle", "busy"):
+        assert result["seconds"][condition]["1"] > 0
+        assert result["ratio_shipped_to_best"][condition] >= 1.0
+    assert (
+        result["busy_over_idle"] == result["seconds"]["busy"]["1"] / result["seconds"]["idle"]["1"]
+    )
