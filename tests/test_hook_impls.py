@@ -138,7 +138,7 @@ class Ones:
             "present": {},
             "targets": {"grade": torch.zeros(4)},
         }
-        return {i.name: InstitutionData(split, split) for i in institutions}
+        return {i.name: InstitutionData(split, split, split) for i in institutions}
 
 
 class DataSources:

@@ -75,7 +75,7 @@ class Source:
             if self.drop_task:
                 targets.pop("pass")
             split = {"tabular": {"numeric": x}, "present": {}, "targets": targets}
-            out[inst.name] = InstitutionData(split, split)
+            out[inst.name] = InstitutionData(split, split, split)
         return out
 
 

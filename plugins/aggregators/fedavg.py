@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from m3tfed import Aggregator
+from m3tfed import Aggregator, AggregatorSpec
 
 
 def _check_positive(owner: str, name: str, value: float) -> None:
@@ -43,3 +43,22 @@ class FedProx(FedAvg):
         super().__post_init__()
         _check_positive(type(self).__name__, "mu", self.mu)
         self.proximal_mu = self.mu
+
+
+# Registered by the package (``register_aggregators``).
+SPECS = (
+    AggregatorSpec(
+        name="fedavg",
+        build=FedAvg,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Weighted mean of deltas by sample count or routed tokens (McMahan et al. 2017). Options: server_lr=1.0, expert_rows=false (true: a router row per expert averaged only over the institutions that can select it).",
+    ),
+    AggregatorSpec(
+        name="fedprox",
+        build=FedProx,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="FedAvg aggregation; institutions add (mu/2)||w - w_global||^2 locally (Li et al. 2020). Options: mu=0.01, server_lr=1.0, expert_rows=false.",
+    ),
+)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from m3tfed import AggregatorSpec
 from m3tfed.federation.aggregation import Aggregator, State, Tensor, accumulation_dtype
 
 log = logging.getLogger("m3tfed.aggregators")
@@ -134,3 +135,22 @@ class FedYogi(FedOpt):
 
     def second_moment(self, v: Tensor, g2: Tensor) -> Tensor:
         return v - (1 - self.beta2) * g2 * torch.sign(v - g2)
+
+
+# Registered by the package (``register_aggregators``).
+SPECS = (
+    AggregatorSpec(
+        name="fedadam",
+        build=FedAdam,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Adam on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false.",
+    ),
+    AggregatorSpec(
+        name="fedyogi",
+        build=FedYogi,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Yogi on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false.",
+    ),
+)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from m3tfed import AggregatorSpec
 from m3tfed.federation.aggregation import (
     Aggregator,
     ComponentUpdate,
@@ -191,3 +192,29 @@ def _norm(state: Mapping[str, Tensor], keys: list[str]) -> float:
         t = state[k]
         total += float(t.to(accumulation_dtype(t)).pow(2).sum())
     return math.sqrt(total)
+
+
+# Registered by the package (``register_aggregators``).
+SPECS = (
+    AggregatorSpec(
+        name="median",
+        build=Median,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Coordinate-wise median of deltas, unweighted; robust to a minority of bad updates. Options: server_lr=1.0.",
+    ),
+    AggregatorSpec(
+        name="trimmed_mean",
+        build=TrimmedMean,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Coordinate-wise mean after trimming a beta fraction at each end, unweighted (Yin et al. 2018). Options: beta=0.1, server_lr=1.0.",
+    ),
+    AggregatorSpec(
+        name="norm_bound",
+        build=NormBound,
+        version="0.1.0",
+        license="Apache-2.0",
+        description="Scales each update down to a per-component norm bound (multiplier x median of its recent update norms, or max_norm), then combines with another aggregator; holds with 1-2 contributors per expert (Sun et al. 2019). Options: inner='fedavg', inner_options={}, max_norm=None, multiplier=3.0, window=20, first_relative=1.0.",
+    ),
+)

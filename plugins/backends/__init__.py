@@ -1,37 +1,18 @@
 """Built-in backends: where institutions run."""
 
-from m3tfed import BackendSpec, hookimpl
+from m3tfed import hookimpl
 
+from . import flower, simulation
+from .flower import build_flower_backend
 from .simulation import SimulationBackend
 
-
-def build_flower_backend(**options):
-    """Flower is imported only when this backend is used."""
-    from .flower.backend import FlowerBackend
-
-    return FlowerBackend(**options)
+__all__ = ["SimulationBackend", "build_flower_backend"]
 
 
 @hookimpl
 def register_backends(register):
-    register(
-        BackendSpec(
-            name="simulation",
-            build=SimulationBackend,
-            version="0.1.0",
-            license="Apache-2.0",
-            description="in-process simulation, deterministic under a seed (default)",
-        )
-    )
-    register(
-        BackendSpec(
-            name="flower",
-            build=build_flower_backend,
-            version="0.1.0",
-            license="Apache-2.0",
-            description="Flower 1.41 deployment: a ServerApp drives m3tfed rounds, one SuperNode per institution (m3tfed serve / join)",
-        )
-    )
+    for module in (simulation, flower):  # each spec sits beside its backend
+        register(module.SPEC)
 
 
 @hookimpl

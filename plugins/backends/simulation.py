@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from m3tfed import BackendSpec
 from m3tfed.errors import CheckpointError, ConfigError, ContractError
 from m3tfed.federation.checkpoint import (
     flatten_components,
@@ -103,3 +104,13 @@ class SimulationBackend:
             if meta.get("institution") != name or meta.get("round") != rnd:
                 raise CheckpointError(f"{folder}: holds {meta.get('institution')!r}'s state of round {meta.get('round')}, expected {name!r}'s of round {rnd}")
             inst.personal_state = unflatten_components(tensors)
+
+
+# Registered by the package (``register_backends``).
+SPEC = BackendSpec(
+    name="simulation",
+    build=SimulationBackend,
+    version="0.1.0",
+    license="Apache-2.0",
+    description="in-process simulation, deterministic under a seed (default)",
+)

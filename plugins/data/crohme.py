@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from m3tfed import DataSourceSpec
 
 from .common import DataFileError, Pool, RealSource, Table, count
 
@@ -117,3 +118,8 @@ class CROHME(RealSource):
     def vocabulary(self, truths: list[list[str]]) -> list[str]:
         df = Counter(s for tr in truths for s in set(tr))
         return [s for s, _ in sorted(df.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_k]]
+
+
+# Registered by the package (``register_data_sources``). The loader's code is Apache-2.0;
+# the dataset keeps its own licence (docs/data.md).
+SPEC = DataSourceSpec(name="crohme", build=CROHME, modalities=("image",), tasks=("symbols",), description="CROHME handwritten maths (CC BY-NC-SA 3.0 data): five universities; multi-label symbol presence", version="0.1.0", license="Apache-2.0")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from m3tfed import DataSourceSpec
 
 from .common import Pool, RealSource, Table, count
 
@@ -82,3 +83,8 @@ def _deal(prompts: list[str], k: int) -> list[int]:
         group_of[prompt] = j
         sizes[j] += n
     return [group_of[p] for p in prompts]
+
+
+# Registered by the package (``register_data_sources``). The loader's code is Apache-2.0;
+# the dataset keeps its own licence (docs/data.md).
+SPEC = DataSourceSpec(name="ellipse", build=Ellipse, modalities=("text",), tasks=("essay_scores",), description="ELLIPSE learner essays (CC BY-NC-SA 4.0 data): grade or prompt institutions; seven analytic scores", version="0.1.0", license="Apache-2.0")

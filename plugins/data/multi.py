@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from m3tfed import DataSourceSpec
 from m3tfed.errors import ConfigError
 from m3tfed.federation.data import InstitutionData
 
@@ -88,3 +89,8 @@ class MultiSource:
                 data.report = {"multi_source": key, **data.report}
                 out[name] = data
         return out
+
+
+# Registered by the package (``register_data_sources``). The loader's code is Apache-2.0;
+# the dataset keeps its own licence (docs/data.md).
+SPEC = DataSourceSpec(name="multi", build=MultiSource, description="several data sources combined into one federation, each institution served by the source that names it", version="0.1.0", license="Apache-2.0")

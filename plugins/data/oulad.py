@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from m3tfed import DataSourceSpec
 
 from .common import DataFileError, Pool, RealSource, Table, count, record_fixes
 
@@ -165,3 +166,8 @@ class OULAD(RealSource):
             present={"interactions": length_t > 0},
             report=report,
         )
+
+
+# Registered by the package (``register_data_sources``). The loader's code is Apache-2.0;
+# the dataset keeps its own licence (docs/data.md).
+SPEC = DataSourceSpec(name="oulad", build=OULAD, modalities=("tabular", "interactions"), tasks=("final_result", "withdrawal"), description="Open University Learning Analytics (CC BY 4.0 data): module or region institutions; final result, withdrawal; assessment sequences", version="0.1.0", license="Apache-2.0")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from m3tfed import DataSourceSpec
 from m3tfed.federation.data import InstitutionData, num_samples, split_tree
 from m3tfed.federation.institution import seed_for
 
@@ -191,3 +192,15 @@ class SyntheticEducation:
             train, val, test = split_tree(tree, self.val_fraction, self.test_fraction, g)
             out[inst.name] = InstitutionData(train, val, test, report={"generated": p.n, "train": num_samples(train), "val": num_samples(val), "test": num_samples(test)})
         return out
+
+
+# Registered by the package (``register_data_sources``).
+SPEC = DataSourceSpec(
+    name="synthetic",
+    build=SyntheticEducation,
+    version="0.1.0",
+    license="Apache-2.0",
+    modalities=("tabular", "text", "interactions", "image"),
+    tasks=("grade", "dropout", "essay_score", "next_response", "symbol"),
+    description="embedded synthetic education federation, generated in-process",
+)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from m3tfed import DataSourceSpec
 
 from .common import Pool, RealSource, Table, count, record_fixes
 
@@ -105,3 +106,8 @@ class UCIStudent(RealSource):
             units=units,
             report=report,
         )
+
+
+# Registered by the package (``register_data_sources``). The loader's code is Apache-2.0;
+# the dataset keeps its own licence (docs/data.md).
+SPEC = DataSourceSpec(name="uci_student", build=UCIStudent, modalities=("tabular",), tasks=("g3", "pass"), description="UCI Student Performance (CC BY 4.0 data): school x subject institutions; G3 and pass/fail", version="0.1.0", license="Apache-2.0")
