@@ -1,8 +1,17 @@
 """m3tfed: federated multi-modal, multi-task mixture-of-experts models for education.
 
 The core knows no concrete plugin: it asks the plugin manager (``get_catalogue``).
+What a plugin of each kind must build is in :mod:`m3tfed.interfaces`, the records that
+cross the wire in :mod:`m3tfed.messages`; both are exported here.
 """
 
+from .aggregation import (
+    accumulation_dtype,
+    check_updates,
+    float_keys,
+    stack_deltas,
+    weighted_mean_delta,
+)
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -13,7 +22,21 @@ from .errors import (
     UnknownPluginError,
 )
 from .hookspecs import hookimpl
-from .modules import ModalityEncoder, Router, TaskHead, active_mask, masked_mean
+from .interfaces import (
+    Aggregator,
+    Backend,
+    DataSource,
+    Expert,
+    MessageHandler,
+    ModalityEncoder,
+    RoundContext,
+    RoundSetup,
+    Router,
+    TaskHead,
+    UpdateStage,
+)
+from .messages import ComponentUpdate, Failure, TrainJob, TrainResult
+from .modules import active_mask, masked_mean
 from .plugin_manager import get_catalogue
 from .specs import (
     REFERENCE_D_MODEL,
@@ -33,28 +56,45 @@ __version__ = "0.1.0"
 
 __all__ = [
     "REFERENCE_D_MODEL",
+    "Aggregator",
     "AggregatorSpec",
+    "Backend",
     "BackendSpec",
     "CheckpointError",
+    "ComponentUpdate",
     "ConfigError",
     "ContractError",
+    "DataSource",
     "DataSourceSpec",
     "EncoderSpec",
+    "Expert",
     "ExpertSpec",
+    "Failure",
     "FederationError",
     "M3TError",
+    "MessageHandler",
     "ModalityEncoder",
     "RegistryError",
+    "RoundContext",
+    "RoundSetup",
     "Router",
     "RouterSpec",
     "Routing",
     "TaskHead",
     "TaskSpec",
     "Tokens",
+    "TrainJob",
+    "TrainResult",
     "UnknownPluginError",
+    "UpdateStage",
     "UpdateStageSpec",
+    "accumulation_dtype",
+    "active_mask",
+    "check_updates",
+    "float_keys",
     "get_catalogue",
     "hookimpl",
-    "active_mask",
     "masked_mean",
+    "stack_deltas",
+    "weighted_mean_delta",
 ]

@@ -1,14 +1,18 @@
-"""The ``m3tfed`` command: ``run``, ``resume``, ``forget``, ``plugins``, and ``serve`` / ``join`` / ``certs``
-for a federation on Flower (docs/deployment.md)."""
+"""The ``m3tfed`` command: ``run``, ``resume``, ``forget``, ``plugins``, plus the commands
+plugins add through ``register_commands`` (the Flower backend's ``serve`` / ``join`` /
+``certs``, docs/deployment.md). Core names no plugin here: it asks the catalogue."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from .errors import M3TError
+
+log = logging.getLogger("m3tfed.cli")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -29,9 +33,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                     row["check"] = "passed"
                 except Exception as exc:  # report every failing plugin, not just the first
                     row["check"] = f"failed: {exc}"
+    # --check fails (exit 1) when any plugin is broken or fails its contract checks
+    failed = args.check and (broken or any(str(row.get("check", "")).startswith("failed") for row in rows))
     if args.json:
         print(json.dumps({"registry": registry.source, "plugins": rows, "broken": broken}, indent=2, default=str))
-        return 0
+        return 1 if failed else 0
     print(f"registry: {registry.source}")
     header = f"{'kind':<11}{'name':<22}{'package':<24}{'version':<9}{'status':<17}{'modalities/tasks'}"
     print(header)
@@ -48,7 +54,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(line)
     for b in catalogue.broken:
         print(f"BROKEN {b}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -72,74 +78,6 @@ def cmd_forget(args: argparse.Namespace) -> int:
     print(f"forgot {rec['institution']}: rolled back {len(rec['rolled_back'])} component(s) to round {rec['rolled_back_to_round']}, "
           f"retrained rounds {rec['retrained_rounds'][0]}..{rec['retrained_rounds'][-1]}; new run folder {rec['run_dir']} "
           f"(the original {rec['source_run']} still holds its influence: delete it to finish)")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """The coordinator: a SuperLink (unless --superlink names a running one) and the m3tfed
-    ServerApp run on it with ``flwr run``; stops what it started, also on Ctrl-C."""
-    from m3tfed.plugins.backends.flower.deploy import Certificates, Deployment
-
-    folder = Path(args.home or Path(args.runs_dir) / ".flower" / args.name)
-    given = {"--ca": args.ca, "--cert": args.cert, "--key": args.key}
-    if any(given.values()) and not all(given.values()):
-        missing = " and ".join(k for k, v in given.items() if not v)
-        print(f"m3tfed: error: --ca, --cert and --key go together (the CA nodes trust, the SuperLink's certificate and its key); "
-              f"{missing} missing. Make them with `m3tfed certs`, or give none to use the CA in {folder / 'certificates'} (made on first start)", file=sys.stderr)
-        return 2
-    certs = Certificates(Path(args.ca), Path(args.cert), Path(args.key)) if args.ca else None
-    if certs is not None and args.insecure:
-        print("m3tfed: error: --insecure turns TLS off; it cannot be combined with --ca/--cert/--key", file=sys.stderr)
-        return 2
-    for path in (certs.ca, certs.cert, certs.key) if certs else ():
-        if not path.is_file():
-            print(f"m3tfed: error: {path} does not exist", file=sys.stderr)
-            return 2
-    host, _, port = (args.superlink or f"{args.host}:{args.port}").rpartition(":")
-    dep = Deployment(folder, insecure=args.insecure, certificates=certs, host=host, superlink_port=int(port))
-    try:
-        if not args.superlink:
-            dep.start_superlink()
-            print(f"SuperLink on {dep.address} ({'insecure' if args.insecure else 'TLS, CA ' + str(dep.certificates.ca)}); "
-                  f"institutions join with: m3tfed join CONFIG --institution NAME --superlink {dep.address}", file=sys.stderr)
-        run_dir = Path(args.runs_dir) / args.name
-        done = dep.run(Path(args.config), run_dir, resume=args.resume, wait_nodes_s=args.wait, reply_grace_s=args.grace)
-        result = run_dir / "flower.json"
-        if not result.exists():
-            print(f"m3tfed: error: the run ended (flwr exit code {done.returncode}) without a result; logs in {folder / 'logs'}", file=sys.stderr)
-            return 1
-        print(result.read_text())
-        return 0
-    finally:
-        dep.stop()
-
-
-def cmd_join(args: argparse.Namespace) -> int:
-    """One institution: a SuperNode whose ClientApp builds only that institution."""
-    import signal
-
-    from m3tfed.plugins.backends.flower.deploy import Certificates, Deployment
-
-    folder = Path(args.home or Path.home() / ".m3tfed" / "nodes" / args.institution)
-    certs = Certificates(Path(args.ca), Path(), Path()) if args.ca else None
-    if not args.insecure and certs is None:
-        print("m3tfed: error: TLS needs the federation's CA certificate: --ca ca.crt (or --insecure for local tests)", file=sys.stderr)
-        return 2
-    dep = Deployment(folder, insecure=args.insecure, certificates=certs, superlink_port=1)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        proc = dep.start_supernode(args.institution, Path(args.config), data_root=args.data, superlink=args.superlink)
-        print(f"{args.institution}: SuperNode pid {proc.pid} -> {args.superlink}; logs in {folder / 'logs'}", file=sys.stderr)
-        return proc.wait()
-    finally:
-        dep.stop()
-
-
-def cmd_certs(args: argparse.Namespace) -> int:
-    from m3tfed.plugins.backends.flower.deploy import make_certificates
-
-    c = make_certificates(Path(args.folder), hosts=tuple(args.host or ("127.0.0.1", "localhost")))
-    print(f"CA {c.ca} (give to every institution and to flwr)\nserver certificate {c.cert}, key {c.key} (SuperLink only)")
     return 0
 
 
@@ -167,44 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="touched: roll back only the components it touched (default); all: every component, exactly a run without it")
     forget.set_defaults(func=cmd_forget)
 
-    serve = sub.add_parser("serve", help="coordinate a federation on Flower: a SuperLink and m3tfed's ServerApp")
-    serve.add_argument("config", help="federation TOML config (the institutions listed join with `m3tfed join`)")
-    serve.add_argument("--name", default="flower-run", help="run name: runs/<name>/ (default: flower-run)")
-    serve.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
-    serve.add_argument("--resume", action="store_true", help="continue runs/<name>/ from its newest checkpoint")
-    serve.add_argument("--host", default="127.0.0.1", help="SuperLink address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
-    serve.add_argument("--superlink", default=None, help="HOST:PORT of a SuperLink already running (then none is started)")
-    serve.add_argument("--home", default=None, help="FLWR_HOME and logs of this deployment (default: runs/.flower/<name>)")
-    serve.add_argument("--insecure", action="store_true", help="no TLS: local testing only")
-    serve.add_argument("--ca", default=None, help="CA certificate (with --cert and --key; default: the CA in --home, made on first start)")
-    serve.add_argument("--cert", default=None, help="SuperLink TLS certificate")
-    serve.add_argument("--key", default=None, help="SuperLink TLS private key")
-    serve.add_argument("--wait", type=float, default=600.0, help="seconds to wait for every institution to join")
-    serve.add_argument("--grace", type=float, default=30.0, help="seconds beyond federation.timeout_s a node gets to answer")
-    serve.set_defaults(func=cmd_serve)
-
-    join = sub.add_parser("join", help="join a Flower federation as one institution (a SuperNode)")
-    join.add_argument("config", help="the federation's TOML config (this institution's entry names its data and policy)")
-    join.add_argument("--institution", required=True, help="which institution of the config this machine is")
-    join.add_argument("--superlink", required=True, help="the coordinator's SuperLink, HOST:PORT")
-    join.add_argument("--data", default=None, help="root folder for data sources that read files")
-    join.add_argument("--home", default=None, help="FLWR_HOME, logs and personal state (default: ~/.m3tfed/nodes/<institution>)")
-    join.add_argument("--ca", default=None, help="the federation's CA certificate (TLS)")
-    join.add_argument("--insecure", action="store_true", help="no TLS: local testing only")
-    join.set_defaults(func=cmd_join)
-
-    certs = sub.add_parser("certs", help="make a CA and a SuperLink certificate for TLS")
-    certs.add_argument("folder", help="where ca.crt, server.crt and server.key go")
-    certs.add_argument("--host", action="append", default=None, help="SuperLink host name or IP (repeatable; default 127.0.0.1 and localhost)")
-    certs.set_defaults(func=cmd_certs)
-
     plugins = sub.add_parser("plugins", help="list installed plugins beside registry.toml")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--check", action="store_true", help="run the contract checks on every plugin")
     plugins.add_argument("--registry", default=None, help="registry file (default: ./registry.toml or the packaged one)")
     plugins.set_defaults(func=cmd_plugins)
+    add_plugin_commands(sub)
     return p
+
+
+def add_plugin_commands(sub) -> None:
+    """The subcommands installed plugins add (``register_commands``); one that would
+    take a built-in command's name is skipped with a warning naming its package."""
+    from .plugin_manager import get_catalogue
+
+    for name, command in sorted(get_catalogue().commands.items()):
+        if name in sub.choices:
+            log.warning("command %r from %r ignored: m3tfed has a command of that name", name, command.package)
+            continue
+        parser = sub.add_parser(name, help=command.help)
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,8 +214,8 @@ def _expert_masks(num_experts: int, device: torch.device) -> list[torch.Tensor]:
 
 
 def check_routing(spec: RouterSpec, routing: Any, n_tokens: int, num_experts: int, expert_mask: torch.Tensor | None) -> None:
-    """One Routing result: fields, dtypes, ranges, the expert mask, finite weights and
-    scalar aux losses."""
+    """One Routing result: fields, dtypes, ranges, the expert mask, gate weights that are
+    finite, non-negative and sum to at most 1 per token, and scalar aux losses."""
     where = "all experts allowed" if expert_mask is None or bool(expert_mask.all()) else (
         f"expert_mask={expert_mask.int().tolist()}"
     )
@@ -243,6 +243,17 @@ def check_routing(spec: RouterSpec, routing: Any, n_tokens: int, num_experts: in
             raise _fail(spec, f"routed tokens to masked expert(s) {bad} ({where}); a masked expert must never receive a token")
     if not torch.isfinite(w).all():
         raise _fail(spec, f"Routing.weight contains NaN or inf ({where})")
+    if len(w) and float(w.min()) < 0:
+        raise _fail(spec, f"Routing.weight must be >= 0 (a gate scales an expert's output), got {float(w.min()):.4g} ({where})")
+    if len(w):
+        per_token = torch.zeros(n_tokens, dtype=torch.float64, device=w.device).index_add_(0, tok, w.double())
+        if float(per_token.max()) > 1 + 1e-4:
+            worst = int(per_token.argmax())
+            raise _fail(
+                spec,
+                f"a token's gate weights must sum to at most 1, token {worst} gets {float(per_token[worst]):.4g} ({where}); "
+                "normalise them (e.g. a softmax over experts)",
+            )
     aux = getattr(routing, "aux_losses", {}) or {}
     if not isinstance(aux, Mapping):
         raise _fail(spec, f"Routing.aux_losses must be a dict name -> scalar tensor, got {type(aux).__name__}")

@@ -1,8 +1,11 @@
 """Every m3tfed hook. A plugin implements any subset with ``@m3tfed.hookimpl``.
 
-Each ``register_*`` hook receives a ``register`` callback; call it once per spec:
-``register(ExpertSpec(name="my_expert", build=MyExpert, ...))``. The host owns the
-catalogue and validates every spec, so a hook never returns anything.
+Each ``register_*`` hook receives a ``register`` callback and never returns anything:
+the host owns the catalogue and validates what is registered (a bad entry is reported
+as a broken plugin, naming it, and the others still load). The eight plugin-kind hooks
+take one spec per call: ``register(ExpertSpec(name="my_expert", build=MyExpert, ...))``;
+what the built object must do is in :mod:`m3tfed.interfaces`. The last two extend the
+messages institutions answer and the ``m3tfed`` command line.
 """
 
 from __future__ import annotations
@@ -51,3 +54,21 @@ def register_backends(register):
 @hookspec
 def register_update_stages(register):
     """Register update-pipeline stages such as clipping, privacy, compression (``UpdateStageSpec``)."""
+
+
+@hookspec
+def register_message_handlers(register):
+    """Register answers to server messages other than training:
+    ``register(kind: str, handler: MessageHandler)``, where
+    ``handler(institution, payload: dict) -> dict`` runs at the institution when the
+    server calls ``backend.ask(name, kind, payload)`` (every backend delivers it to
+    ``Institution.handle``). Core's own kinds (``capabilities``) cannot be replaced."""
+
+
+@hookspec
+def register_commands(register):
+    """Add ``m3tfed`` subcommands: ``register(name: str, help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int])``. ``add_arguments`` must not import heavy
+    or optional dependencies (it runs for every ``m3tfed`` call); ``run`` returns the
+    exit code. A name that a built-in command has is refused."""

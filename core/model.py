@@ -21,19 +21,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .contracts import check_tokens
-from .errors import ConfigError
+from .config import Rule, setting
+from .contracts import build_module, check_module, check_tokens
+from .errors import ConfigError, ContractError
 from .moe import MoELayer
 from .plugin_manager import get_catalogue
-from .specs import Catalogue, ExpertSpec
+from .specs import Catalogue, ExpertSpec, Spec
 
 
 @dataclass
 class PluginConfig:
     """A plugin by name plus the options passed to its ``build``."""
 
-    plugin: str
-    options: dict[str, Any] = field(default_factory=dict)
+    plugin: str = setting(doc="installed plugin name (`m3tfed plugins` lists them)")
+    options: dict[str, Any] = setting(factory=dict, doc="passed to the plugin's `build`; the plugin checks them")
 
 
 @dataclass
@@ -41,33 +42,38 @@ class ExpertConfig:
     """One expert slot of the MoE layers. ``modalities``/``tasks`` narrow who may select
     it (empty = the plugin's own tags; both empty = general purpose)."""
 
-    name: str
-    plugin: str = "swiglu"
-    options: dict[str, Any] = field(default_factory=dict)
-    modalities: list[str] = field(default_factory=list)
-    tasks: list[str] = field(default_factory=list)
+    name: str = setting(identifier=True, doc="component `expert.<name>`")
+    plugin: str = setting("swiglu", doc="installed expert plugin")
+    options: dict[str, Any] = setting(factory=dict, doc="passed to the plugin's `build` (e.g. `hidden`)")
+    modalities: list[str] = setting(factory=list, doc="who may select it; empty = the plugin's own tags")
+    tasks: list[str] = setting(factory=list, doc="who may select it; empty = the plugin's own tags")
 
 
 @dataclass
 class ModelConfig:
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    dropout: float = 0.0
-    router: PluginConfig = field(default_factory=lambda: PluginConfig("topk", {"k": 2}))
-    encoders: dict[str, PluginConfig] = field(default_factory=dict)  # modality -> encoder
-    experts: list[ExpertConfig] = field(default_factory=list)
-    tasks: dict[str, PluginConfig] = field(default_factory=dict)  # task name -> task plugin
-    # Switch uses 1e-2 for load balancing, ST-MoE 1e-3 for the z-loss.
-    aux_loss_weights: dict[str, float] = field(
-        default_factory=lambda: {"load_balance": 1e-2, "router_z": 1e-3}
+    d_model: int = setting(64, ge=1, doc="token width")
+    n_layers: int = setting(2, ge=1, doc="transformer blocks, each with a MoE feed-forward")
+    n_heads: int = setting(4, ge=1, doc="attention heads; must divide d_model")
+    dropout: float = setting(0.0, ge=0, lt=1)
+    router: PluginConfig = setting(factory=lambda: PluginConfig("topk", {"k": 2}), doc="router plugin (component `router`)")
+    encoders: dict[str, PluginConfig] = field(
+        default_factory=dict, metadata={"doc": "modality -> encoder plugin (component `encoder.<modality>`)", "key": "modality", "rule": Rule(min_items=1, identifier=True)}
     )
+    experts: list[ExpertConfig] = setting(factory=list, min_items=1, doc="expert slots of every MoE layer")
+    tasks: dict[str, PluginConfig] = field(
+        default_factory=dict, metadata={"doc": "task name -> task plugin (component `task.<task>`)", "key": "task", "rule": Rule(min_items=1, identifier=True)}
+    )
+    # Switch uses 1e-2 for load balancing, ST-MoE 1e-3 for the z-loss.
+    aux_loss_weights: dict[str, float] = setting(factory=lambda: {"load_balance": 1e-2, "router_z": 1e-3}, ge=0, doc="router auxiliary loss -> weight")
 
     def validate(self, path: str = "model") -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"{path}.n_heads", f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not self.experts:
             raise ConfigError(f"{path}.experts", "at least one expert is required")
+        for key in ("encoders", "tasks"):
+            if not getattr(self, key):
+                raise ConfigError(f"{path}.{key}", f"at least one entry is required in model.{key}")
         names = [e.name for e in self.experts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -81,6 +87,19 @@ class ModelConfig:
 def expert_tags(cfg: ExpertConfig, spec: ExpertSpec) -> tuple[set[str], set[str]]:
     """(modalities, tasks) an expert serves: the config's tags, else the plugin's."""
     return set(cfg.modalities or spec.modalities), set(cfg.tasks or spec.tasks)
+
+
+def _build(spec: Spec, path: str, d_model: int, options: dict[str, Any], num_experts: int | None = None, check: bool = True) -> nn.Module:
+    """A plugin's module with its contract checked (shapes, dtypes, finite values, a
+    router's gates), so a broken plugin fails at build naming itself and its package,
+    not deep inside a round. Options the plugin rejects are a config error at ``<path>.options``."""
+    try:
+        module = build_module(spec, d_model, num_experts, **options)
+    except ContractError as exc:
+        raise ConfigError(f"{path}.options", str(exc)) from None
+    if check:
+        check_module(spec, module, d_model, num_experts)
+    return module
 
 
 def component_of(param_name: str) -> str:
@@ -108,14 +127,18 @@ class ModelOutput(NamedTuple):
 class EncoderSlot(nn.Module):
     """A modality encoder plus its modality embedding (added to every token)."""
 
-    def __init__(self, encoder: nn.Module, d_model: int, name: str, package: str):
+    def __init__(self, encoder: nn.Module, d_model: int, name: str, package: str, path: str = "model.encoders"):
         super().__init__()
         self.encoder = encoder
         self.embed = nn.Parameter(torch.zeros(d_model))
-        self.plugin, self.package = name, package
+        self.plugin, self.package, self.path = name, package, path
 
     def forward(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.encoder(inputs)
+        try:
+            out = self.encoder(inputs)
+        except Exception as exc:  # the encoder meets the institution's data here: say whose and which options
+            problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
+            raise ContractError("encoder", self.plugin, self.package, problem) from exc
         tokens, mask = check_tokens(out, self.embed.shape[0], "encoder", self.plugin, self.package)
         return tokens + self.embed, mask
 
@@ -196,18 +219,21 @@ class M3TModel(nn.Module):
         for m in modalities:
             pc = config.encoders[m]
             spec = cat.get("encoder", pc.plugin)
-            self.encoders[m] = EncoderSlot(spec.build(d, **pc.options), d, spec.name, spec.package)
+            self.encoders[m] = EncoderSlot(_build(spec, f"model.encoders.{m}", d, pc.options), d, spec.name, spec.package, f"model.encoders.{m}")
         self.tasks = nn.ModuleDict()
         for t in tasks:
             pc = config.tasks[t]
-            self.tasks[t] = TaskSlot(cat.get("task", pc.plugin).build(d, **pc.options), d)
+            self.tasks[t] = TaskSlot(_build(cat.get("task", pc.plugin), f"model.tasks.{t}", d, pc.options), d)
 
         by_name = {e.name: e for e in config.experts}
+        slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
         router_spec = cat.get("router", config.router.plugin)
         self.layers = nn.ModuleList()
-        for _ in range(config.n_layers):
-            local = {n: cat.get("expert", by_name[n].plugin).build(d, **by_name[n].options) for n in experts}
-            router = router_spec.build(d, len(self.expert_names), **config.router.options)
+        for layer in range(config.n_layers):
+            # Every layer builds the same plugins with the same options: checking the
+            # first layer's modules checks them all.
+            local = {n: _build(cat.get("expert", by_name[n].plugin), slots[n], d, by_name[n].options, check=layer == 0) for n in experts}
+            router = _build(router_spec, "model.router", d, config.router.options, num_experts=len(self.expert_names), check=layer == 0)
             self.layers.append(Block(d, config.n_heads, config.dropout, MoELayer(d, self.expert_names, local, router)))
         self.norm = nn.LayerNorm(d)
         self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)

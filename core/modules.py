@@ -1,73 +1,20 @@
-"""Base classes for the modules plugins build. Subclassing is optional (the contract
-checks look at behaviour, not ancestry) but it documents what each kind must do.
-
-- ``ModalityEncoder``: raw modality input -> :class:`Tokens` ``[B, T, d]`` + mask.
-- ``Router``: tokens ``[N, d]`` (+ a mask over the global expert list) -> :class:`Routing`.
-- ``TaskHead``: tokens -> prediction, with its loss, metrics and label spec.
-Experts need no base class: any module mapping ``[N, d] -> [N, d]`` is an expert.
+"""Helpers for the modules plugins build: the routers' expert mask and the heads'
+masked mean. The base classes (``ModalityEncoder``, ``Expert``, ``Router``,
+``TaskHead``) are in :mod:`m3tfed.interfaces` and stay importable from here.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
-from .specs import Routing, Tokens
+from .interfaces import Expert, ModalityEncoder, Router, TaskHead
 
-
-class ModalityEncoder(nn.Module):
-    """Maps one modality's batch to tokens. Frozen parameters (``requires_grad=False``)
-    are a backbone that never travels; trainable ones form the encoder's component."""
-
-    modality: str = ""
-
-    def forward(self, inputs: Any) -> Tokens:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> Any:
-        """A valid random batch of ``batch_size`` samples (used by contract checks)."""
-        raise NotImplementedError
+__all__ = ["Expert", "ModalityEncoder", "Router", "TaskHead", "active_mask", "masked_mean"]
 
 
-class Router(nn.Module):
-    """Chooses experts for tokens. ``expert_mask[e]`` False means expert ``e`` is not
-    selected by this institution: it must never receive a token."""
-
-    num_experts: int
-
-    def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> Routing:  # pragma: no cover
-        raise NotImplementedError
-
-
-class TaskHead(nn.Module):
-    """A task's head, loss and metrics.
-
-    ``target_shape`` is the per-sample label shape (``()`` for a scalar) and
-    ``target_dtype`` its dtype; ``primary_metric`` names the metric used to compare
-    runs, ``higher_is_better`` says which way is better.
-    """
-
-    target_shape: tuple[int, ...] = ()
-    target_dtype: torch.dtype = torch.float32
-    primary_metric: str = "loss"
-    higher_is_better: bool = False
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:  # pragma: no cover
-        raise NotImplementedError
-
-    def example_target(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-
-def active_mask(expert_mask: torch.Tensor | None, num_experts: int, device: torch.device) -> torch.Tensor:
+def active_mask(
+    expert_mask: torch.Tensor | None, num_experts: int, device: torch.device
+) -> torch.Tensor:
     """A router's validated ``[E]`` bool mask of selectable experts (None = all)."""
     if expert_mask is None:
         return torch.ones(num_experts, dtype=torch.bool, device=device)

@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .specs import SPEC_TYPES, Catalogue, PluginError
+from .specs import SPEC_TYPES, Catalogue, Command, PluginError
 
 log = logging.getLogger("m3tfed.plugins")
 
@@ -43,6 +43,9 @@ HOOK_KINDS = {
     "register_update_stages": "stage",
 }
 
+# message kinds core answers itself (Institution.handle): a plugin cannot replace them
+CORE_MESSAGES = frozenset({"capabilities"})
+
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 # Metadata every spec must carry; kind-specific extras below.
 _REQUIRED = ("name", "version", "license")
@@ -53,6 +56,13 @@ def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     return pm
+
+
+class _Calls(list):
+    """The ``register`` callback a hook receives: it records each call's arguments."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.append((args, kwargs))
 
 
 class PluginManager:
@@ -108,25 +118,84 @@ class PluginManager:
 
     # -- catalogue -------------------------------------------------------------
     def catalogue(self) -> Catalogue:
-        """Call every register hook, one implementation at a time so each spec is
+        """Call every register hook, one implementation at a time so each entry is
         credited to its plugin and one failing hook does not stop the rest."""
         cat = Catalogue()
         cat.broken.extend(self.load_errors)
         for hook_name, kind in HOOK_KINDS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():  # registration order: the first name wins
-                package = self.packages.get(impl.plugin_name, impl.plugin_name)
-                pending: list[Any] = []
-                try:
-                    impl.function(*[{"register": pending.append}[a] for a in impl.argnames])
-                except Exception as exc:
-                    cat.broken.append(
-                        PluginError(impl.plugin_name, package, kind, f"{hook_name} raised {type(exc).__name__}: {exc}")
-                    )
-                    continue
-                for spec in pending:
-                    self._add(cat, kind, spec, impl.plugin_name, package)
+            for plugin, package, calls in self._call_each(cat, hook_name, kind):
+                for args, kwargs in calls:
+                    if len(args) != 1 or kwargs:
+                        problem = f"{hook_name}: register takes one {SPEC_TYPES[kind].__name__}, got {len(args) + len(kwargs)} arguments"
+                        cat.broken.append(PluginError(plugin, package, kind, problem))
+                        continue
+                    self._add(cat, kind, args[0], plugin, package)
+        for hook_name, kind, add in (
+            ("register_message_handlers", "message handler", self._add_handler),
+            ("register_commands", "command", self._add_command),
+        ):
+            for plugin, package, calls in self._call_each(cat, hook_name, kind):
+                for args, kwargs in calls:
+                    try:
+                        add(cat, plugin, package, *args, **kwargs)
+                    except TypeError as exc:  # register called with the wrong arguments
+                        cat.broken.append(PluginError(plugin, package, kind, f"{hook_name}: {exc}"))
         return cat
+
+    def _call_each(self, cat: Catalogue, hook_name: str, kind: str):
+        """Yield ``(plugin, package, [(args, kwargs) of each register call])`` per
+        implementation of ``hook_name``; a raising implementation is reported broken."""
+        # Built-ins first, then registration order, whatever ordering a hookimpl asks
+        # for (pluggy lists trylast implementations first): the first name wins, so a
+        # third-party plugin can never take a built-in's name.
+        registered = {name: i for i, name in enumerate(self.packages)}
+
+        def precedence(impl: Any) -> tuple[bool, int]:
+            package = self.packages.get(impl.plugin_name, impl.plugin_name)
+            return package != BUILTIN_DIST, registered.get(impl.plugin_name, len(registered))
+
+        for impl in sorted(getattr(self.pm.hook, hook_name).get_hookimpls(), key=precedence):
+            package = self.packages.get(impl.plugin_name, impl.plugin_name)
+            calls = _Calls()
+            try:
+                impl.function(*[{"register": calls}[a] for a in impl.argnames])
+            except Exception as exc:
+                cat.broken.append(PluginError(impl.plugin_name, package, kind, f"{hook_name} raised {type(exc).__name__}: {exc}"))
+                continue
+            yield impl.plugin_name, package, calls
+
+    @staticmethod
+    def _add_handler(cat: Catalogue, plugin: str, package: str, kind: Any = None, handler: Any = None, *extra: Any) -> None:
+        problem = None
+        if extra or not isinstance(kind, str) or not _NAME.match(kind):
+            problem = f"register(kind, handler) needs a message kind name (letters, digits, _ . -), got {kind!r}"
+        elif not callable(handler):
+            problem = f"handler for message {kind!r} is not callable"
+        elif kind in CORE_MESSAGES:
+            problem = f"message {kind!r} is answered by m3tfed itself and cannot be replaced"
+        elif kind in cat.message_handlers:
+            problem = f"duplicate message kind {kind!r}: already handled by {cat.handler_packages[kind]!r}"
+        if problem:
+            cat.broken.append(PluginError(plugin, package, "message handler", problem))
+            return
+        cat.message_handlers[kind] = handler
+        cat.handler_packages[kind] = package
+
+    @staticmethod
+    def _add_command(
+        cat: Catalogue, plugin: str, package: str, name: Any = None, help: Any = "", add_arguments: Any = None, run: Any = None
+    ) -> None:
+        problem = None
+        if not isinstance(name, str) or not _NAME.match(name):
+            problem = f"command name must start with a letter and use letters, digits, _ . -, got {name!r}"
+        elif not callable(add_arguments) or not callable(run):
+            problem = f"command {name!r}: add_arguments and run must be callable"
+        elif name in cat.commands:
+            problem = f"duplicate command {name!r}: already added by {cat.commands[name].package!r}"
+        if problem:
+            cat.broken.append(PluginError(plugin, package, "command", problem))
+            return
+        cat.commands[name] = Command(name, str(help), add_arguments, run, package)
 
     @staticmethod
     def _add(cat: Catalogue, kind: str, spec: Any, plugin: str, package: str) -> None:

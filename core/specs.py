@@ -177,14 +177,29 @@ class PluginError:
         return f"{self.kind} plugin {self.plugin!r} from {self.package!r}: {self.error}"
 
 
+@dataclass(frozen=True)
+class Command:
+    """An ``m3tfed`` subcommand a plugin adds (``register_commands``)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[Any], None]  # (argparse.ArgumentParser) -> None
+    run: Callable[[Any], int]  # (argparse.Namespace) -> exit code
+    package: str = ""
+
+
 @dataclass
 class Catalogue:
-    """Every spec registered by the loaded plugins, by kind then name."""
+    """Every spec registered by the loaded plugins, by kind then name, plus the message
+    handlers (by message kind) and commands (by name) they add."""
 
     specs: dict[str, dict[str, Spec]] = field(
         default_factory=lambda: {kind: {} for kind in SPEC_TYPES}
     )
     broken: list[PluginError] = field(default_factory=list)
+    message_handlers: dict[str, Callable[..., dict[str, Any]]] = field(default_factory=dict)
+    handler_packages: dict[str, str] = field(default_factory=dict)  # message kind -> package
+    commands: dict[str, Command] = field(default_factory=dict)
 
     def get(self, kind: str, name: str) -> Spec:
         from .errors import UnknownPluginError

@@ -86,3 +86,113 @@ def test_example_configs_load_and_build():
         cfg = load_config(path)
         fed = build_federation(cfg, data_root=root.parent / "shared" / "data")  # real-edu reads it
         assert set(fed.institutions) == {i.name for i in cfg.institutions}, path
+
+
+# -- every value range-checked, every name resolved at load -------------------------------
+@pytest.mark.parametrize(
+    "mutate, path, words",
+    [
+        (lambda d: d["federation"].update(local_steps=0), "federation.local_steps", ">= 1, got 0"),
+        (
+            lambda d: d["federation"].update(local_steps=-5),
+            "federation.local_steps",
+            ">= 1, got -5",
+        ),
+        (lambda d: d["model"].update(n_layers=0), "model.n_layers", ">= 1, got 0"),
+        (
+            lambda d: d["federation"].update(max_retries=-1),
+            "federation.max_retries",
+            ">= 0, got -1",
+        ),
+        (
+            lambda d: d["federation"].update(min_institutions=0),
+            "federation.min_institutions",
+            ">= 1, got 0",
+        ),
+        (lambda d: d["federation"].update(batch_size=0), "federation.batch_size", ">= 1, got 0"),
+        (
+            lambda d: d["federation"].update(lr=float("nan")),
+            "federation.lr",
+            "finite number, got nan",
+        ),
+        (lambda d: d["federation"].update(lr=-0.1), "federation.lr", "> 0, got -0.1"),
+        (lambda d: d["federation"].update(timeout_s=-1), "federation.timeout_s", "> 0, got -1"),
+        (lambda d: d["federation"].update(fraction=1.5), "federation.fraction", "<= 1, got 1.5"),
+        (lambda d: d["model"].update(dropout=1.0), "model.dropout", "< 1, got 1.0"),
+        (
+            lambda d: d["model"].update(aux_loss_weights={"load_balance": -1.0}),
+            "model.aux_loss_weights.load_balance",
+            ">= 0",
+        ),
+        (
+            lambda d: d["institutions"][2].update(modalities=[]),
+            "institutions[2].modalities",
+            "at least 1 item",
+        ),
+        (
+            lambda d: d["institutions"][0].update(name="../../x"),
+            "institutions[0].name",
+            "not a safe name",
+        ),
+        (
+            lambda d: d["model"]["experts"][0].update(name="a.b"),
+            "model.experts[0].name",
+            "not a safe name",
+        ),
+        (lambda d: d.update(name="../escape"), "name", "not a safe name"),
+        (
+            lambda d: d["institutions"][0].update(personal=["task.grad"]),
+            "institutions[0].personal",
+            "did you mean 'task.grade'",
+        ),
+        (
+            lambda d: d["institutions"][0].update(personal=["encoder.image"]),
+            "institutions[0].personal",
+            "names no component of 'high_school'",
+        ),
+        (
+            lambda d: d["institutions"][0].update(experts=["tabular_9"]),
+            "institutions[0].experts",
+            "unknown expert 'tabular_9'",
+        ),
+        (
+            lambda d: d["model"]["experts"][2].update(modalities=["tabluar"]),
+            "model.experts[2].modalities",
+            "'tabluar' is not in model.encoders",
+        ),
+        (
+            lambda d: d["institutions"][0].update(policy={"min_cohort": {"expert.tabular_O": 2}}),
+            "institutions[0].policy.min_cohort.expert.tabular_O",
+            "'expert.tabular_O' names no component of the model",
+        ),
+    ],
+)
+def test_values_and_names_are_checked_at_load(mutate, path, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_with(mutate))
+    assert err.value.path == path
+    assert words in str(err.value)
+
+
+def test_personal_and_cohort_names_that_exist_are_accepted():
+    cfg = load_config(
+        cfg_with(
+            lambda d: d["institutions"][0].update(
+                personal=["task.grade", "router", "expert.general_0"],
+                policy={"min_cohort": {"expert.tabular_0": 2}},
+            )
+        )
+    )
+    assert cfg.institutions[0].personal == ["task.grade", "router", "expert.general_0"]
+
+
+def test_config_table_in_the_docs_is_current():
+    from pathlib import Path
+
+    from m3tfed.federation.config import config_table, with_config_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "federation.md").read_text()
+    assert with_config_table(doc) == doc, "regenerate: python -m m3tfed.federation.config docs/federation.md"
+    table = config_table()
+    assert "| `federation.local_steps` | integer | >= 1 | `10` |" in table
+    assert "| `institutions[].name` | string | identifier" in table

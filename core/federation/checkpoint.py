@@ -8,6 +8,13 @@ the new one under the final name, plus at worst a leftover temp directory that
 sha256 and byte size of the tensors file, so truncation and bit rot are caught at load
 time with a :class:`~m3tfed.CheckpointError` that says which file and what is wrong.
 
+A run folder has one commit point per round: each institution's personal state for
+round N is written first (``institutions/<name>/round_NNNN``, see :func:`personal_path`),
+then the server checkpoint ``checkpoints/round_NNNN`` is renamed into place. That rename
+commits the round; a kill before it leaves round N-1 whole (its personal snapshots are
+only pruned once round N is committed). :func:`claim_run_dir` gives a new run folder its
+identity and :func:`check_resumable` refuses a checkpoint from another run or config.
+
 Not here: what goes into a checkpoint (components, aggregator state, the ledger of who
 touched what); the round loop decides that. :func:`flatten_components` helps it put
 nested component states into the one flat ``str -> Tensor`` map safetensors stores.
@@ -253,6 +260,66 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
             continue
         return entry
     return None
+
+
+# -- run folders: identity, resume checks, personal snapshots ---------------------------
+RUN_FILE = "run.json"
+
+
+def claim_run_dir(run_dir: Path | str, info: dict[str, Any]) -> str:
+    """Make ``run_dir`` a new run's folder and return the run's id (recorded in
+    ``run.json`` and in every checkpoint). A folder that already holds a run is refused:
+    reusing a name must never mix two runs' checkpoints."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any((run_dir / f).exists() for f in (RUN_FILE, "config.json", "checkpoints")):
+        raise CheckpointError(
+            f"{run_dir} already holds a run; choose another --name, continue it with `m3tfed resume {run_dir}`, or delete the folder"
+        )
+    run_id = uuid.uuid4().hex
+    write_json_atomic(run_dir / RUN_FILE, {**info, "run_id": run_id})
+    return run_id
+
+
+def run_id_of(run_dir: Path | str) -> str | None:
+    """The id :func:`claim_run_dir` gave the run in ``run_dir`` (None for older runs)."""
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()).get("run_id") if path.is_file() else None
+
+
+def check_resumable(run_dir: Path | str, meta: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint written by another run (a reused folder) or
+    under another config (``config``: the run's config as plain values)."""
+    where = f"checkpoint round {meta.get('round')} in {run_dir}"
+    run_id = run_id_of(run_dir)
+    if run_id is not None and meta.get("run_id") != run_id:
+        raise CheckpointError(f"{where} belongs to another run (run id {meta.get('run_id')}, this folder's run is {run_id}); the folder was reused")
+    saved = meta.get("config")
+    config = json.loads(json.dumps(config))  # as it reads back from JSON
+    if saved != config:
+        differ = sorted(_differences(saved, config))
+        raise CheckpointError(f"{where} was written under a different config; differing keys: {', '.join(differ[:8]) or '(whole config)'}")
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path or "<root>"]
+
+
+def personal_path(run_dir: Path | str, institution: str, round_index: int) -> Path:
+    """Where an institution's personal state after round ``round_index`` lives."""
+    return Path(run_dir) / "institutions" / institution / f"round_{round_index:04d}"
+
+
+def prune_personal(run_dir: Path | str, institution: str, keep_from: int) -> None:
+    """Delete an institution's personal snapshots older than round ``keep_from``."""
+    root = Path(run_dir) / "institutions" / institution
+    for entry in root.iterdir() if root.is_dir() else ():
+        m = _ROUND.fullmatch(entry.name)
+        if m and int(m[1]) < keep_from:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 # -- nested component states -----------------------------------------------------

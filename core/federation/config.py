@@ -7,11 +7,12 @@ what an institution trains is decided in one place.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import apply_overrides, from_dict, load_toml
+from ..config import apply_overrides, from_dict, load_toml, schema_markdown, setting
 from ..errors import ConfigError
 from ..model import ExpertConfig, ModelConfig, PluginConfig, expert_tags
 from ..privacy.policy import PolicyConfig, resolve_policies
@@ -30,17 +31,11 @@ class DeepSpeedSettings:
     docs/deepspeed.md and :mod:`m3tfed.federation.zero`), for a backbone too large for
     one device. Only trainable components come back; the server sees no difference."""
 
-    processes: int = 2  # ranks on the institution's machine: one per GPU, or per few CPU cores
-    # 3 partitions every parameter (the frozen backbone too); 1-2 only optimizer state / gradients.
-    zero_stage: int = 3
-    # Merged over the generated DeepSpeed config (e.g. {"zero_optimization": {"offload_param": ...}}).
-    config: dict[str, Any] = field(default_factory=dict)
+    processes: int = setting(2, ge=1, doc="ranks on the institution's machine: one per GPU, or per few CPU cores")
+    zero_stage: int = setting(3, ge=0, le=3, doc="3 partitions every parameter (the frozen backbone too); 1-2 only optimizer state / gradients")
+    config: dict[str, Any] = setting(factory=dict, doc="merged over the generated DeepSpeed config (e.g. `zero_optimization.offload_param`)")
 
     def validate(self, path: str = "deepspeed") -> None:
-        if self.processes < 1:
-            raise ConfigError(f"{path}.processes", f"must be >= 1, got {self.processes}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{path}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         for key in ("optimizer", "scheduler"):  # m3tfed passes its own (federation.optimizer, lr)
             if key in self.config:
                 raise ConfigError(f"{path}.config.{key}", "is set by m3tfed from federation.optimizer and federation.lr; remove it")
@@ -54,67 +49,59 @@ class DeepSpeedSettings:
 
 @dataclass
 class InstitutionConfig:
-    name: str
-    modalities: list[str]
-    tasks: list[str]
-    # "small" institutions get only small experts (low-rank), so they can take part at all.
-    compute: Literal["small", "base", "large"] = "base"
-    memory_mb: float | None = None  # experts whose registry min_memory_mb exceeds this are skipped
-    experts: list[str] | None = None  # explicit choice; default: resolved from tags and compute
-    # How many experts it trains; default by compute (COMPUTE_EXPERT_BUDGET). 0 = no limit.
-    max_experts: int | None = None
-    # Components that never leave the institution (e.g. "router", "task.grade", "expert.private").
-    personal: list[str] = field(default_factory=list)
-    # Privacy: a regulation profile plus overrides (m3tfed.privacy.policy; docs/privacy.md).
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    # Train locally with DeepSpeed ZeRO over several processes; None = in this process.
-    deepspeed: DeepSpeedSettings | None = None
+    name: str = setting(identifier=True, doc="unique; names its folder `institutions/<name>/`")
+    modalities: list[str] = setting(min_items=1, doc="each needs an encoder in `model.encoders`")
+    tasks: list[str] = setting(min_items=1, doc="each must be in `model.tasks`")
+    compute: Literal["small", "base", "large"] = setting("base", doc="small: only small (low-rank) experts, 2 of them; base: 4; large: every match")
+    memory_mb: float | None = setting(None, gt=0, doc="experts whose registry `min_memory_mb` exceeds this are skipped")
+    experts: list[str] | None = setting(None, doc="explicit choice of `model.experts` names; default: by tags and compute")
+    max_experts: int | None = setting(None, ge=0, doc="how many experts it trains; default by compute; 0 = no limit")
+    personal: list[str] = setting(factory=list, doc="components that never leave it: `router`, `trunk`, `encoder.<modality>`, `task.<task>`, `expert.<name>`")
+    policy: PolicyConfig = setting(factory=PolicyConfig, doc="privacy: a regulation profile plus overrides (docs/privacy.md)")
+    deepspeed: DeepSpeedSettings | None = setting(None, doc="train locally with DeepSpeed ZeRO over several processes; none = in this process")
 
 
 @dataclass
 class FederationSettings:
-    fraction: float = 1.0  # of institutions sampled per round
-    min_institutions: int = 2  # a round needs at least this many successful institutions
-    max_retries: int = 1  # a round with too few successes is retried this often
-    local_steps: int = 10
-    local_epochs: float | None = None  # if set, overrides local_steps per institution
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    # "persist": each institution keeps its optimizer state (AdamW moments) from one round
-    # to the next, at the institution, never sent; "fresh": a new optimizer every round.
-    optimizer_state: Literal["fresh", "persist"] = "fresh"
-    timeout_s: float = 120.0  # per institution per round
-    # Weight an expert's update by the tokens routed to it (Flower's weighted_by_key idea) or by samples.
-    weight_experts_by: Literal["tokens", "samples"] = "tokens"
-    backend: PluginConfig = field(default_factory=lambda: PluginConfig("simulation"))
-    # Update pipeline stages (plugins of kind "stage"), e.g. ["clip"]; privacy stages plug in here.
-    pipeline: list[PluginConfig] = field(default_factory=list)
-    personalize_steps: int = 20  # local fine-tuning of router + heads for the "personalized" model
-    # torch CPU threads per process (m3tfed.threads): 1 by default, 0 = every usable core.
-    threads: int = 1
+    fraction: float = setting(1.0, gt=0, le=1, doc="of institutions sampled per round")
+    min_institutions: int = setting(2, ge=1, doc="a round needs at least this many successful institutions")
+    max_retries: int = setting(1, ge=0, doc="a round with too few successes is retried this often")
+    local_steps: int = setting(10, ge=1, doc="mini-batches per institution per round")
+    local_epochs: float | None = setting(None, gt=0, doc="if set, overrides local_steps per institution")
+    batch_size: int = setting(32, ge=1)
+    lr: float = setting(3e-3, gt=0, doc="local learning rate")
+    weight_decay: float = setting(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = setting("adamw", doc="local optimizer")
+    optimizer_state: Literal["fresh", "persist"] = setting("fresh", doc="`persist`: each institution keeps its optimizer state (AdamW moments) between rounds, at the institution, never sent; `fresh`: a new optimizer every round")
+    timeout_s: float = setting(120.0, gt=0, doc="per institution per round; past it the institution is stopped and dropped")
+    weight_experts_by: Literal["tokens", "samples"] = setting("tokens", doc="an expert's update weighs by the tokens routed to it, or by samples")
+    backend: PluginConfig = setting(factory=lambda: PluginConfig("simulation"), doc="where institutions run")
+    pipeline: list[PluginConfig] = setting(factory=list, doc="update stages (plugins of kind `stage`), e.g. `clip`; privacy stages plug in here")
+    personalize_steps: int = setting(20, ge=0, doc="local fine-tuning of router + heads for the `personalized` model")
+    threads: int = setting(1, ge=0, doc="torch CPU threads per process (m3tfed.threads); 0 = every usable core")
 
 
 @dataclass
 class EvaluationSettings:
-    baselines: list[Literal["local", "dense_fedavg", "centralized"]] = field(default_factory=lambda: ["local", "dense_fedavg"])
-    personalize: bool = True
-    plots: bool = True
+    baselines: list[Literal["local", "dense_fedavg", "centralized"]] = setting(factory=lambda: ["local", "dense_fedavg"], doc="compared with the federation")
+    personalize: bool = setting(True, doc="also evaluate the personalized model")
+    plots: bool = setting(True, doc="write PNG plots into the run folder")
 
 
 @dataclass
 class FederationConfig:
-    name: str = "federation"
-    seed: int = 0
-    rounds: int = 10
-    model: ModelConfig = field(default_factory=ModelConfig)
-    federation: FederationSettings = field(default_factory=FederationSettings)
-    # component group ("encoder", "expert", "router", "trunk", "task", or "default") -> aggregator
-    aggregation: dict[str, PluginConfig] = field(default_factory=lambda: {"default": PluginConfig("fedavg")})
-    data: PluginConfig = field(default_factory=lambda: PluginConfig("synthetic"))
-    institutions: list[InstitutionConfig] = field(default_factory=list)
-    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    name: str = setting("federation", identifier=True, doc="run name; the run folder is `runs/<name>-<time>` unless `--name` is given")
+    seed: int = setting(0, ge=0)
+    rounds: int = setting(10, ge=1)
+    model: ModelConfig = setting(factory=ModelConfig)
+    federation: FederationSettings = setting(factory=FederationSettings)
+    aggregation: dict[str, PluginConfig] = field(
+        default_factory=lambda: {"default": PluginConfig("fedavg")},
+        metadata={"doc": "component group (`encoder`, `expert`, `router`, `trunk`, `task`) or `default` -> aggregator plugin", "key": "group"},
+    )
+    data: PluginConfig = setting(factory=lambda: PluginConfig("synthetic"), doc="data source plugin")
+    institutions: list[InstitutionConfig] = setting(factory=list, min_items=1)
+    evaluation: EvaluationSettings = setting(factory=EvaluationSettings)
 
     def validate(self, path: str = "") -> None:
         if self.rounds < 1:
@@ -127,13 +114,16 @@ class FederationConfig:
         f = self.federation
         if not 0 < f.fraction <= 1:
             raise ConfigError("federation.fraction", f"must be in (0, 1], got {f.fraction}")
-        if f.threads < 0:
-            raise ConfigError("federation.threads", f"must be >= 0 (0 = every usable core), got {f.threads}")
         if f.min_institutions > len(self.institutions):
             raise ConfigError("federation.min_institutions", f"{f.min_institutions} exceeds the {len(self.institutions)} institutions")
         for key in self.aggregation:
             if key not in (*COMPONENT_GROUPS, "default"):
                 raise ConfigError(f"aggregation.{key}", f"unknown component group; allowed: default, {', '.join(COMPONENT_GROUPS)}")
+        for j, e in enumerate(self.model.experts):
+            for key, known in (("modalities", self.model.encoders), ("tasks", self.model.tasks)):
+                for tag in getattr(e, key):
+                    if tag not in known:
+                        raise ConfigError(f"model.experts[{j}].{key}", f"{tag!r} is not in model.{'encoders' if key == 'modalities' else 'tasks'}; known: {', '.join(known)}")
         for i, inst in enumerate(self.institutions):
             for m in inst.modalities:
                 if m not in self.model.encoders:
@@ -141,11 +131,40 @@ class FederationConfig:
             for t in inst.tasks:
                 if t not in self.model.tasks:
                     raise ConfigError(f"institutions[{i}].tasks", f"{t!r} is not in model.tasks; known: {', '.join(self.model.tasks)}")
+            for e in inst.experts or []:
+                if e not in self.model.expert_names:
+                    raise ConfigError(f"institutions[{i}].experts", f"unknown expert {e!r}; model experts: {', '.join(self.model.expert_names)}")
+            own = self.components(inst)
+            for c in inst.personal:
+                if c not in own:
+                    raise ConfigError(f"institutions[{i}].personal", f"{c!r} names no component of {inst.name!r}{_close(c, own)}; its components: {', '.join(sorted(own))}")
+            cohorts = inst.policy.min_cohort
+            for key in cohorts if isinstance(cohorts, dict) else ():
+                # groups and "default" are checked by PolicyConfig; one component must exist
+                if "." in key and key not in self.components():
+                    everything = self.components()
+                    raise ConfigError(
+                        f"institutions[{i}].policy.min_cohort.{key}",
+                        f"{key!r} names no component of the model{_close(key, everything)}; components: {', '.join(sorted(everything))}",
+                    )
         resolve_policies(self)  # profiles, budgets, cohorts vs federation size
+
+    def components(self, inst: InstitutionConfig | None = None) -> set[str]:
+        """Every component name of the model, or those ``inst`` can hold (its modalities,
+        its tasks, any expert: which experts it trains is resolved later)."""
+        modalities = self.model.encoders if inst is None else inst.modalities
+        tasks = self.model.tasks if inst is None else inst.tasks
+        experts = self.model.expert_names
+        return {"router", "trunk", *(f"encoder.{m}" for m in modalities), *(f"task.{t}" for t in tasks), *(f"expert.{e}" for e in experts)}
 
     def aggregator_for(self, component: str) -> PluginConfig:
         group = component.split(".")[0]
         return self.aggregation.get(group, self.aggregation.get("default", PluginConfig("fedavg")))
+
+
+def _close(name: str, known: set[str]) -> str:
+    match = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> FederationConfig:
@@ -159,6 +178,25 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     else:
         data = load_toml(source)
     return from_dict(FederationConfig, apply_overrides(data, overrides or []))
+
+
+# docs/federation.md carries the config table between these markers; a test checks it is
+# current. Regenerate with: python -m m3tfed.federation.config docs/federation.md
+TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+def config_table() -> str:
+    """Every config key with its type, allowed range, default and meaning (Markdown)."""
+    return schema_markdown(FederationConfig)
+
+
+def with_config_table(doc: str) -> str:
+    """``doc`` with the text between the table markers replaced by :func:`config_table`."""
+    head, start, rest = doc.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ValueError(f"the document lacks the markers {TABLE_START} ... {TABLE_END}")
+    return f"{head}{start}\n{config_table()}{end}{tail}"
 
 
 def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue: Catalogue, registry: Registry | None = None) -> list[str]:
@@ -222,3 +260,10 @@ def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue:
         raise ConfigError(path, f"no expert fits institution {inst.name!r} (modalities {inst.modalities}, tasks {inst.tasks}, compute {inst.compute})")
     return chosen
 
+
+
+if __name__ == "__main__":  # rewrite the config table in the Markdown files given
+    import sys
+
+    for doc_path in map(Path, sys.argv[1:]):
+        doc_path.write_text(with_config_table(doc_path.read_text()))

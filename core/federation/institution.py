@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..interfaces import RoundContext
+from ..messages import ComponentUpdate, State, TrainJob, TrainResult
 from ..model import M3TModel, ModelConfig, component_of
 from ..specs import Catalogue
 from ..threads import apply_threads
-from .aggregation import ComponentUpdate
 from .config import FederationSettings, InstitutionConfig
 from .data import InstitutionData, eval_batches, iterate_batches, model_inputs
 
-State = dict[str, dict[str, torch.Tensor]]  # component -> parameter name -> tensor
 # The key in ``Institution.personal_state`` under which an institution keeps its own
 # optimizer state between rounds (``federation.optimizer_state = "persist"``). It is not a
 # model component, so it is never sent, and it is checkpointed with the personal state.
@@ -32,34 +31,6 @@ OPTIMIZER_STATE = "optimizer"
 
 class InstitutionTimeout(RuntimeError):
     pass
-
-
-@dataclass
-class TrainJob:
-    """What the server sends: the institution's shared components (and, on its first
-    participation, initial values for its personal ones) plus training settings."""
-
-    institution: str
-    round: int
-    components: State
-    versions: dict[str, int]
-    steps: int
-    lr: float
-    seed: int
-    proximal_mu: dict[str, float] = field(default_factory=dict)
-    timeout_s: float = 120.0
-
-
-@dataclass
-class TrainResult:
-    institution: str
-    round: int
-    updates: list[ComponentUpdate]
-    num_samples: int
-    loss: float
-    tokens_per_expert: dict[str, int]
-    seconds: float
-    details: dict[str, Any] = field(default_factory=dict)  # e.g. "deepspeed": per-rank shard sizes and timings
 
 
 def seed_for(*parts: int | str) -> int:
@@ -120,7 +91,8 @@ def default_accelerator():
 _ACCELERATOR = None
 
 
-# message kind -> handler(institution, payload) -> reply; protocol modules add their own.
+# Core's own messages: kind -> handler(institution, payload) -> reply. Plugins add theirs
+# with the register_message_handlers hook (the catalogue's message_handlers).
 MESSAGE_HANDLERS: dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]] = {}
 
 
@@ -155,6 +127,12 @@ class Institution:
     def component_names(self) -> list[str]:
         return self.model().component_names()
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether it holds state of its own between rounds (personal components, or its
+        optimizer's moments), which its checkpoints must carry."""
+        return bool(self.config.personal) or self.settings.optimizer_state == "persist"
+
     def is_personal(self, component: str) -> bool:
         return component in self.config.personal
 
@@ -162,9 +140,10 @@ class Institution:
     def handle(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Answer a server message of ``kind``; every backend delivers messages here, so
         a protocol step (e.g. a secure-aggregation round) is written once."""
-        handler = MESSAGE_HANDLERS.get(kind)
+        plugins = self.pool.catalogue.message_handlers  # register_message_handlers
+        handler = MESSAGE_HANDLERS.get(kind) or plugins.get(kind)
         if handler is None:
-            raise ValueError(f"{self.name}: unknown message kind {kind!r}; known: {', '.join(sorted(MESSAGE_HANDLERS))}")
+            raise ValueError(f"{self.name}: unknown message kind {kind!r}; known: {', '.join(sorted({*MESSAGE_HANDLERS, *plugins}))}")
         return handler(self, payload)
 
     def capabilities(self, payload: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -235,7 +214,7 @@ class Institution:
             if comp in model.component_names():
                 self.personal_state[comp] = model.component_state(comp)
         for stage in self.stages:
-            updates = stage.process(updates, {"institution": self.name, "round": job.round, "privacy": self.privacy})
+            updates = stage.process(updates, RoundContext(job.round, institution=self.name, privacy=self.privacy))
         return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=details)
 
     def fit(

@@ -16,6 +16,8 @@ import copy
 import dataclasses
 import json
 import logging
+import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import privacy_stages
 from ..registry import Registry, load_registry
 from ..specs import Catalogue
-from .checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
+from .checkpoint import claim_run_dir, load_checkpoint, round_checkpoints, write_json_atomic
 from .config import FederationConfig, load_config, resolve_selection
 from .data import iterate_batches, model_inputs
 from .institution import Institution, ModelPool, default_accelerator, seed_for
@@ -308,7 +310,10 @@ def summarize(fed: Federation, results: dict[str, dict]) -> dict[str, Any]:
         agg = {}
         for m in results:
             vals = [r[m] for r in rows.values()]
-            agg[m] = {"mean": sum(vals) / len(vals), "worst": (min if higher else max)(vals)}
+            # min/max skip a NaN: a non-finite metric is the worst, and named
+            bad = sorted(n for n, r in rows.items() if not math.isfinite(r[m]))
+            worst = math.nan if bad else (min if higher else max)(vals)
+            agg[m] = {"mean": sum(vals) / len(vals), "worst": worst, **({"non_finite": bad} if bad else {})}
         summary[task] = {"metric": metric, "higher_is_better": higher, "institutions": rows, "summary": agg}
     return summary
 
@@ -379,13 +384,17 @@ def run_job(
     cfg = load_config(config, overrides)
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(runs_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", to_dict(cfg))
-    write_json_atomic(run_dir / "run.json", {"data_root": str(data_root) if data_root else None, "created": datetime.now().isoformat()})
-    fed = build_federation(cfg, data_root=data_root, run_dir=run_dir)
-    # What each data source read, dropped or fixed, per institution: nothing is dropped unseen.
-    write_json_atomic(run_dir / "data_report.json", {n: i.data.report for n, i in fed.institutions.items()})
-    return _continue(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress)
+    claim_run_dir(run_dir, {"data_root": str(data_root) if data_root else None, "created": datetime.now().isoformat()})  # refuses a reused folder
+    try:
+        write_json_atomic(run_dir / "config.json", to_dict(cfg))
+        fed = build_federation(cfg, data_root=data_root, run_dir=run_dir)
+        # What each data source read, dropped or fixed, per institution: nothing is dropped unseen.
+        write_json_atomic(run_dir / "data_report.json", {n: i.data.report for n, i in fed.institutions.items()})
+        return _continue(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress)
+    except BaseException:
+        if not round_checkpoints(run_dir):  # nothing to resume: leave no folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resume_job(run_dir: Path, stop_after: int | None = None, progress=_progress) -> dict[str, Any]:

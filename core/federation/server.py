@@ -20,24 +20,25 @@ from typing import Any
 
 import torch
 
+from ..aggregation import mark_expert_rows
 from ..config import to_dict
 from ..errors import FederationError
+from ..interfaces import Aggregator, Backend, RoundContext
+from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
 from ..model import M3TModel
 from ..specs import Catalogue
-from .aggregation import Aggregator, ComponentUpdate, mark_expert_rows
-from .checkpoint import checkpoint_path, flatten_components, save_checkpoint, unflatten_components
+from .checkpoint import (
+    check_resumable,
+    checkpoint_path,
+    flatten_components,
+    run_id_of,
+    save_checkpoint,
+    unflatten_components,
+)
 from .config import FederationConfig
-from .institution import State, TrainJob, TrainResult, seed_for
+from .institution import seed_for
 
 log = logging.getLogger("m3tfed.federation")
-
-
-@dataclass
-class Failure:
-    """An institution that did not deliver a usable result this round, and why."""
-
-    institution: str
-    reason: str
 
 
 @dataclass
@@ -119,7 +120,7 @@ def _mismatch(result: TrainResult, job: TrainJob, state: State | None, encoded: 
 class Server:
     config: FederationConfig
     catalogue: Catalogue
-    backend: Any  # has .train(jobs) -> list[TrainResult | Failure] and .shared_components(name)
+    backend: Backend
     state: State = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     aggregators: dict[str, Aggregator] = field(default_factory=dict)
@@ -173,7 +174,7 @@ class Server:
         start = time.perf_counter()
         f = self.config.federation
         sampled = self.sample(rnd)
-        context = {"round": rnd, "server": self, "backend": self.backend, "sampled": sampled}
+        context = RoundContext(rnd, server=self, backend=self.backend, sampled=sampled)
         for attempt in range(f.max_retries + 1):
             # 0. server stages that need a setup step with the sampled institutions before
             #    training (e.g. secure aggregation's key exchange) do it through backend.ask
@@ -188,6 +189,11 @@ class Server:
             # 3. drop failures (raised, timed out, non-finite) with the reason
             dropped = {}
             ok: list[TrainResult] = []
+            permanent = [r for r in results if isinstance(r, Failure) and r.permanent]
+            if permanent:
+                first = permanent[0]
+                also = f" (also {', '.join(r.institution for r in permanent[1:])})" if len(permanent) > 1 else ""
+                raise FederationError(f"round {rnd}: institution {first.institution!r}{also}: {first.reason}; not retried, it fails the same way every time")
             for job, res in zip(jobs, results):
                 reason = screen(res, job, self.state, encoded)
                 if reason:
@@ -242,6 +248,9 @@ class Server:
 
     # -- checkpoints -----------------------------------------------------------
     def checkpoint(self) -> Path:
+        """Commit the round: institutions' personal state first, then the server
+        checkpoint, whose atomic rename is the round's one commit point."""
+        self.backend.save_personal(self.run_dir, self.round)
         tensors = flatten_components(self.state)
         for group, agg in self.aggregators.items():
             tensors.update({f"aggregator::{group}::{k}": v for k, v in agg.state_dict().items()})
@@ -252,12 +261,13 @@ class Server:
             "initialized": sorted(self.initialized),
             "history": [to_dict(r) for r in self.history],
             "config": to_dict(self.config),
+            "run_id": run_id_of(self.run_dir),
         }
-        path = save_checkpoint(checkpoint_path(self.run_dir, self.round), tensors, meta)
-        self.backend.save_personal(self.run_dir, self.round)
-        return path
+        return save_checkpoint(checkpoint_path(self.run_dir, self.round), tensors, meta)
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if self.run_dir is not None:
+            check_resumable(self.run_dir, meta, to_dict(self.config))
         agg_states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         plain = {}
         for k, v in tensors.items():

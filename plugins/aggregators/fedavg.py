@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from m3tfed.federation.aggregation import Aggregator
+from m3tfed import Aggregator
 
 
 def _check_positive(owner: str, name: str, value: float) -> None:

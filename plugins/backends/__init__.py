@@ -32,3 +32,12 @@ def register_backends(register):
             description="Flower 1.41 deployment: a ServerApp drives m3tfed rounds, one SuperNode per institution (m3tfed serve / join)",
         )
     )
+
+
+@hookimpl
+def register_commands(register):
+    # serve / join / certs: a federation on Flower (flwr is imported when one runs).
+    from .flower.commands import COMMANDS, HELP
+
+    for name, add_arguments, run in COMMANDS:
+        register(name, HELP[name], add_arguments, run)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from m3tfed.errors import CheckpointError
+from m3tfed.errors import CheckpointError, ConfigError, ContractError
 from m3tfed.federation.checkpoint import (
     flatten_components,
     load_checkpoint,
+    personal_path,
+    prune_personal,
     save_checkpoint,
     unflatten_components,
 )
@@ -54,6 +56,9 @@ class SimulationBackend:
             except InstitutionTimeout as exc:
                 results.append(Failure(job.institution, f"timed out: {exc}"))
                 continue
+            except (ConfigError, ContractError) as exc:  # the same on every attempt: reported once by the server
+                results.append(Failure(job.institution, str(exc), permanent=True))
+                continue
             except Exception as exc:  # an institution's crash must not end the round
                 log.exception("institution %s failed", job.institution)
                 results.append(Failure(job.institution, f"raised {type(exc).__name__}: {exc}"))
@@ -70,15 +75,25 @@ class SimulationBackend:
 
     # -- personal state lives with each institution (its own folder) ------------------
     def save_personal(self, run_dir: Path, rnd: int) -> None:
+        """Snapshot round ``rnd``'s personal state of every institution that keeps any,
+        before the server commits the round (checkpoint.py); round ``rnd - 1``'s stays
+        until then, so a kill in between resumes from it."""
         for name, inst in self.institutions.items():
-            if inst.personal_state:
-                save_checkpoint(run_dir / "institutions" / name, flatten_components(inst.personal_state), {"institution": name, "round": rnd})
+            if inst.keeps_state:  # an empty snapshot too: "not started yet" is state
+                save_checkpoint(personal_path(run_dir, name, rnd), flatten_components(inst.personal_state), {"institution": name, "round": rnd})
+                prune_personal(run_dir, name, keep_from=rnd - 1)
 
     def load_personal(self, run_dir: Path, rnd: int) -> None:
         for name, inst in self.institutions.items():
-            folder = run_dir / "institutions" / name
-            if folder.exists():
-                tensors, meta = load_checkpoint(folder)
-                if meta.get("round") != rnd:
-                    raise CheckpointError(f"{folder}: personal state is from round {meta.get('round')}, the server checkpoint from round {rnd}")
-                inst.personal_state = unflatten_components(tensors)
+            if not inst.keeps_state:
+                continue
+            folder = personal_path(run_dir, name, rnd)
+            if not folder.exists():
+                raise CheckpointError(
+                    f"{folder}: institution {name!r}'s personal state for round {rnd} is missing; resuming without it would "
+                    f"restart its personal components ({', '.join(inst.config.personal) or 'none'}) from the shared values and its optimizer afresh"
+                )
+            tensors, meta = load_checkpoint(folder)
+            if meta.get("institution") != name or meta.get("round") != rnd:
+                raise CheckpointError(f"{folder}: holds {meta.get('institution')!r}'s state of round {meta.get('round')}, expected {name!r}'s of round {rnd}")
+            inst.personal_state = unflatten_components(tensors)

@@ -56,3 +56,12 @@ def register_update_stages(register):
     from .secagg import SecureAggregation
 
     register(UpdateStageSpec(name="secagg", build=SecureAggregation, version="0.1.0", license="Apache-2.0", order=SecureAggregation.order, description="secure aggregation: pairwise-masked sums per component, SecAgg / SecAgg+ (institution and server)"))
+
+
+@hookimpl
+def register_message_handlers(register):
+    # Secure aggregation's protocol steps, answered by each institution's SecAgg client.
+    from .secagg import message_handlers
+
+    for kind, handler in message_handlers().items():
+        register(kind, handler)

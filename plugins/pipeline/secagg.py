@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from m3tfed.errors import ConfigError
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
-from m3tfed.federation.institution import MESSAGE_HANDLERS, Institution, seed_for
+from m3tfed.federation.institution import Institution, seed_for
 from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.secagg import (
@@ -311,5 +312,10 @@ def _stage_of(inst: Institution) -> SecureAggregation:
     return stage
 
 
-for _kind, _method in CLIENT_METHODS.items():
-    MESSAGE_HANDLERS[_kind] = lambda inst, payload, method=_method: getattr(_stage_of(inst).client(inst.name), method)(payload)
+def message_handlers() -> dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]]:
+    """One handler per secure-aggregation message kind (registered by the pipeline
+    plugin's ``register_message_handlers``): the institution's SecAgg client answers."""
+    return {
+        kind: lambda inst, payload, method=method: getattr(_stage_of(inst).client(inst.name), method)(payload)
+        for kind, method in CLIENT_METHODS.items()
+    }

@@ -1,0 +1,342 @@
+"""One typed contract per plugin kind: what the object a plugin's ``build`` returns must do.
+
+=========== ========================== ================== ==============================
+kind        hook                       spec               contract (this module)
+=========== ========================== ================== ==============================
+encoder     ``register_encoders``      ``EncoderSpec``    :class:`ModalityEncoder`
+expert      ``register_experts``       ``ExpertSpec``     :class:`Expert`
+task        ``register_tasks``         ``TaskSpec``       :class:`TaskHead`
+router      ``register_routers``       ``RouterSpec``     :class:`Router`
+aggregator  ``register_aggregators``   ``AggregatorSpec`` :class:`Aggregator`
+data        ``register_data_sources``  ``DataSourceSpec`` :class:`DataSource`
+stage       ``register_update_stages`` ``UpdateStageSpec`` :class:`UpdateStage`
+backend     ``register_backends``      ``BackendSpec``    :class:`Backend`
+=========== ========================== ================== ==============================
+
+Model parts (encoder, expert, task head, router) are ``torch.nn.Module`` base classes:
+subclassing is optional, because :mod:`m3tfed.contracts` checks behaviour, not
+ancestry, but a subclass documents what it must do. An :class:`Aggregator` is a base
+class too: its default rule is FedAvg, and a new rule overrides ``combine`` or
+``apply``. The others are :class:`typing.Protocol` classes: any object with those
+attributes conforms, and ``isinstance`` works on them at run time.
+
+Update stages receive a :class:`RoundContext`. Message handlers
+(``register_message_handlers``) are :data:`MessageHandler` callables. The records that
+cross the wire are in :mod:`m3tfed.messages`; the checks that a built module honours
+its contract are in :mod:`m3tfed.contracts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .aggregation import accumulation_dtype, check_updates, float_keys, weighted_mean_delta
+from .messages import ComponentUpdate, Failure, TrainJob, TrainResult
+from .specs import Routing, Tokens
+
+if TYPE_CHECKING:  # annotations only: the federation layer sits above this module
+    from .federation.config import InstitutionConfig
+    from .federation.data import InstitutionData
+    from .federation.institution import Institution
+
+Tensor = torch.Tensor
+State = dict[str, Tensor]
+
+__all__ = [
+    "SIDES",
+    "Aggregator",
+    "Backend",
+    "DataSource",
+    "Expert",
+    "MessageHandler",
+    "ModalityEncoder",
+    "RoundContext",
+    "RoundSetup",
+    "Router",
+    "TaskHead",
+    "UpdateStage",
+]
+
+
+# -- model parts ---------------------------------------------------------------------------
+
+
+class ModalityEncoder(nn.Module):
+    """Maps one modality's batch to tokens. Frozen parameters (``requires_grad=False``)
+    are a backbone that never travels; trainable ones form the encoder's component."""
+
+    modality: str = ""
+
+    def forward(self, inputs: Any) -> Tokens:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> Any:
+        """A valid random batch of ``batch_size`` samples (used by contract checks)."""
+        raise NotImplementedError
+
+
+class Expert(nn.Module):
+    """Maps tokens ``[N, d] -> [N, d]``, each token on its own: the MoE layer hands an
+    expert any subset of tokens, so no batch statistics or mixing across ``N``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Router(nn.Module):
+    """Chooses experts for tokens. ``expert_mask[e]`` False means expert ``e`` is not
+    selected by this institution: it must never receive a token."""
+
+    num_experts: int
+
+    def forward(
+        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+    ) -> Routing:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TaskHead(nn.Module):
+    """A task's head, loss and metrics.
+
+    ``target_shape`` is the per-sample label shape (``()`` for a scalar) and
+    ``target_dtype`` its dtype; ``primary_metric`` names the metric used to compare
+    runs, ``higher_is_better`` says which way is better.
+    """
+
+    target_shape: tuple[int, ...] = ()
+    target_dtype: torch.dtype = torch.float32
+    primary_metric: str = "loss"
+    higher_is_better: bool = False
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def metrics(
+        self, pred: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def example_target(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+# -- the server's update rule ----------------------------------------------------------------
+
+
+class Aggregator:
+    """Base class: a per-component update rule (researchers subclass it the way Flower
+    users subclass ``Strategy``).
+
+    ``aggregate`` = ``check_updates`` -> ``combine`` (updates -> one delta per float
+    key) -> ``apply`` (delta -> new state). The default ``combine`` is the weighted mean
+    (FedAvg); the default ``apply`` is ``current + server_lr * delta``. One aggregator
+    instance serves every component of a federation, so any server state it keeps
+    (optimizer moments) is keyed by component and saved through ``state_dict``.
+    """
+
+    # > 0 tells institutions to add the FedProx term (mu/2)||w - w_global||^2 locally.
+    proximal_mu: float = 0.0
+    # Step size on the combined delta; 1.0 moves the state to the combined model.
+    server_lr: float = 1.0
+    # Average a router's per-expert rows only over the institutions that can select
+    # that expert (m3tfed.aggregation.weighted_mean_delta); False = every update
+    # weighs on every row.
+    expert_rows: bool = False
+
+    def aggregate(
+        self, component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
+    ) -> State:
+        """The component's new state. Never mutates ``current`` or the updates."""
+        keys = check_updates(component, current, updates)
+        delta = self.combine(component, current, updates)
+        missing = [k for k in keys if k not in delta]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.combine gave no delta for {component!r} key {missing[0]!r}"
+            )
+        return self.apply(component, current, delta)
+
+    def combine(
+        self, component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
+    ) -> State:
+        """One delta per float key of ``current``, from validated updates."""
+        return {k: weighted_mean_delta(k, updates, current[k], self.expert_rows) for k in float_keys(current)}
+
+    def apply(
+        self, component: str, current: Mapping[str, Tensor], delta: Mapping[str, Tensor]
+    ) -> State:
+        """Move ``current`` by the combined ``delta``; returns fresh tensors."""
+        new: State = {}
+        for k, t in current.items():
+            if k in delta:
+                step = delta[k].to(device=t.device, dtype=accumulation_dtype(t))
+                new[k] = (t.to(step.dtype) + self.server_lr * step).to(t.dtype)
+            else:
+                # Non-float tensors (int counters, bool masks, index tables) are kept as
+                # the server has them: an average of integers means nothing, and the
+                # server's copy is the one every institution received.
+                new[k] = t.clone()
+        return new
+
+    def state_dict(self) -> State:
+        """Server-side state for checkpoints (flat ``str -> Tensor``); none by default."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no server state but was given {len(state)} "
+                f"tensors (first key {next(iter(state))!r}); was the checkpoint made by another aggregator?"
+            )
+
+
+# -- the update pipeline ---------------------------------------------------------------------
+
+SIDES = ("institution", "server", "both")
+
+
+@dataclass
+class RoundContext:
+    """What an update stage knows about the round it runs in.
+
+    On an institution: ``round``, ``institution`` and ``privacy`` (that institution's
+    privacy state, or None). On the server: ``round``, ``server``, ``backend``,
+    ``sampled``, then ``succeeded`` once training returned; server stages may leave
+    results for later stages (the ``policy`` stage sets ``privacy`` to its per-component
+    decisions and ``privacy_ledger``).
+
+    During the transition from the untyped context dict it also reads like one:
+    ``context["round"]``, ``context.get("privacy")``, ``"server" in context`` (True only
+    when set, i.e. on the server) and ``context["key"] = value``; keys that are not
+    fields go to ``extra``.
+    """
+
+    round: int
+    institution: str | None = None
+    privacy: Any = None
+    server: Any = None
+    backend: Backend | None = None
+    sampled: list[str] = field(default_factory=list)
+    succeeded: list[str] | None = None
+    privacy_ledger: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _fields(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self) if f.name != "extra")
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._fields():
+            value = getattr(self, key)
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.extra[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self._fields():
+            setattr(self, key, value)
+        else:
+            self.extra[key] = value
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._fields():
+            return getattr(self, key) is not None  # type: ignore[arg-type]
+        return key in self.extra
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+@runtime_checkable
+class UpdateStage(Protocol):
+    """A stage of the update pipeline (clip, privacy, compress, secure aggregation).
+
+    ``side`` is one of :data:`SIDES`: ``"institution"`` stages run before an update
+    leaves the institution, ``"server"`` stages on received updates before aggregation,
+    ``"both"`` on each side (one object; on the server at ``server_order`` if it has
+    one). Stages run lowest ``order`` first; without an ``order`` attribute the spec's
+    ``order`` applies. ``process`` returns the updates to pass on (it may drop, change
+    or replace them) and must not mutate the ones it got.
+    """
+
+    side: str
+
+    def process(
+        self, updates: list[ComponentUpdate], context: RoundContext
+    ) -> list[ComponentUpdate]: ...
+
+
+@runtime_checkable
+class RoundSetup(Protocol):
+    """A server-side stage capability: a setup step with the sampled institutions before
+    they train (e.g. secure aggregation's key exchange, through ``backend.ask``)."""
+
+    def begin_round(self, context: RoundContext) -> None: ...
+
+
+# -- data and where institutions run ---------------------------------------------------------
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Per-institution datasets for a federation.
+
+    ``load`` receives the config's institutions (:class:`InstitutionConfig`: ``name``,
+    ``modalities``, ``tasks``, ``data`` options), the run's seed and the folder files are
+    read from (``m3tfed run --data DIR``, None when not given) and returns
+    ``{institution name: InstitutionData(train, test, report)}`` for every institution.
+    A split is a dict: modality -> input (leading dimension = samples), ``"present"`` ->
+    ``{modality: [N] bool}`` and ``"targets"`` -> ``{task: [N, ...] tensor}``
+    (:mod:`m3tfed.federation.data`). The same seed must give the same data.
+    """
+
+    def load(
+        self, institutions: list[InstitutionConfig], seed: int, data_root: Path | None
+    ) -> dict[str, InstitutionData]: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where institutions run: built with ``build(institutions={name: Institution},
+    **options)`` and driven by the round loop (:class:`m3tfed.federation.server.Server`).
+
+    A backend answers what an institution trains (``components_of``, ``personal_of``,
+    ``local_steps``), delivers one round's jobs (``train``: one result or
+    :class:`Failure` per job, in job order; a crash is a Failure, never an exception)
+    and other messages (``ask``, answered by :meth:`Institution.handle`), and keeps each
+    institution's personal state with the institution (``save_personal`` /
+    ``load_personal`` at a checkpointed round).
+    """
+
+    def components_of(self, name: str) -> list[str]: ...
+
+    def personal_of(self, name: str) -> list[str]: ...
+
+    def local_steps(self, name: str) -> int: ...
+
+    def ask(self, name: str, kind: str, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def train(self, jobs: list[TrainJob]) -> list[TrainResult | Failure]: ...
+
+    def save_personal(self, run_dir: Path, rnd: int) -> None: ...
+
+    def load_personal(self, run_dir: Path, rnd: int) -> None: ...
+
+
+# A message other than training: ``handler(institution, payload) -> reply`` (JSON-ready
+# dicts and tensors), registered per message kind with ``register_message_handlers``.
+MessageHandler = Callable[["Institution", dict[str, Any]], dict[str, Any]]
