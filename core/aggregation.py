@@ -93,6 +93,21 @@ def mark_expert_rows(
     return out
 
 
+def loss_reweighted(updates: list[ComponentUpdate], losses: Mapping[str, float], q: float) -> list[ComponentUpdate]:
+    """q-FFL-style fairness (Li et al. 2020, "Fair resource allocation in federated
+    learning"): each update's weight times its institution's training loss to the power
+    ``q``, so institutions the model serves worst pull harder; q = 0 is plain weighting.
+    An update summed over several institutions (secure aggregation) keeps its weight."""
+    if q == 0:
+        return updates
+    out = []
+    for u in updates:
+        if u.institution in losses and not getattr(u, "contributors", None):
+            u = dataclasses.replace(u, weight=float(u.weight) * max(float(losses[u.institution]), 1e-8) ** q)
+        out.append(u)
+    return out
+
+
 def check_updates(
     component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
 ) -> list[str]:

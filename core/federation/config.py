@@ -78,6 +78,7 @@ class FederationSettings:
     backend: PluginConfig = setting(factory=lambda: PluginConfig("simulation"), doc="where institutions run")
     pipeline: list[PluginConfig] = setting(factory=list, doc="update stages (plugins of kind `stage`), e.g. `clip`; privacy stages plug in here")
     personalize_steps: int = setting(20, ge=0, doc="local fine-tuning of router + heads for the `personalized` model")
+    fairness_q: float = setting(0.0, ge=0, doc="q-FFL-style fairness: each update weighs by its institution's training loss to the power q (0 = off)")
     threads: int = setting(1, ge=0, doc="torch CPU threads per process (m3tfed.threads); 0 = every usable core")
 
 
