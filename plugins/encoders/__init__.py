@@ -9,7 +9,7 @@ name        modality        input
 tabular     tabular         ``{"numeric": [B, n] float (NaN = missing), "categorical": [B, k] long (-1 = missing)}``
 text        text            ``list[str]`` or ``{"input_ids", "attention_mask"}``
 image       image           ``[B, C, H, W]`` float
-sequence    interactions    ``{"skill", "correct", "mask"[, "query_skill"]}``
+sequence    interactions    ``{"skill", "correct", "mask"[, "query_skill", "question", "query_question"]}``
 hf_text     text            as ``text``; a local Hugging Face model, frozen, LoRA/projection
 hf_vision   image           as ``image``; a local or from-config HF ViT, LoRA/projection/full
 ==========  ==============  ===========================================================
@@ -91,7 +91,7 @@ def register_encoders(register):
             modality="interactions",
             build=InteractionEncoder,
             params=PARAMS["sequence"],
-            description="Knowledge-tracing log encoder: DKT interaction embedding + causal transformer layer",
+            description="Knowledge-tracing log encoder: DKT interaction embedding, or factored concept + response (+ Rasch question difficulty: tokens=factored, num_questions), + causal transformer layer",
             **_COMMON,
         )
     )
