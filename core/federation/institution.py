@@ -248,8 +248,6 @@ class Institution:
             if s.optimizer == "adamw"
             else torch.optim.SGD(params, lr=lr, weight_decay=s.weight_decay)
         )
-        if optimizer_state is not None:
-            load_optimizer_state(opt, trainable, optimizer_state)
         if self.privacy is not None and self.privacy.policy.dp == "sample" and only is None:
             # Sample-level DP-SGD (Opacus): per-sample clipping and noise, Poisson batches.
             # Both from the institution's own (secret) generator, never the server's job seed.
@@ -264,6 +262,8 @@ class Institution:
             priv.end_round()
             counts = counts if counts is not None else torch.zeros(len(model.expert_names), dtype=torch.long)
             return loss, {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
+        if optimizer_state is not None:  # (DP-SGD and DeepSpeed ranks start fresh each round)
+            load_optimizer_state(opt, trainable, optimizer_state)
         prox = []
         if anchor and proximal_mu:
             named = dict(model.named_parameters())
