@@ -46,7 +46,7 @@ def test_optimizer_moments_persist_at_the_institution_and_never_leave():
 
 def test_fresh_optimizer_keeps_no_state_and_persist_changes_training():
     fresh, persist = (
-        federation(rounds=2),
+        federation(["federation.optimizer_state=fresh"], rounds=2),
         federation(["federation.optimizer_state=persist"], rounds=2),
     )
     for rnd in (1, 2):
@@ -220,3 +220,21 @@ def test_loss_reweighting_favours_the_worst_served_institution():
         a.server.state["trunk"][next(iter(a.server.state["trunk"]))],
         b.server.state["trunk"][next(iter(b.server.state["trunk"]))],
     )
+
+
+def test_personal_gate_and_personal_expert_form():
+    # pFedMoE / FLEx form: each institution keeps its own router and its own expert
+    # ("own", one catalogue entry, a separate copy per institution); the rest is shared.
+    d = tiny_config_dict(rounds=1)
+    d["model"]["experts"].append({"name": "own", "plugin": "swiglu", "options": {"hidden": 16}})
+    for inst in d["institutions"][:2]:
+        inst["experts"] = ["general_0", "general_1", "own"]
+        inst["personal"] = ["router", "expert.own"]
+    fed = build_federation(load_config(d))
+    rep = fed.server.run_round(1)
+    a, b = (fed.institutions[i["name"]].personal_state["expert.own"] for i in d["institutions"][:2])
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two separate copies, each trained
+    mine = {i["name"] for i in d["institutions"][:2]}
+    # neither sends its router or its expert; the others still share a router
+    assert not mine & set(rep.contributors.get("expert.own", []))
+    assert rep.contributors["router"] and not mine & set(rep.contributors["router"])

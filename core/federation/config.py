@@ -72,7 +72,7 @@ class FederationSettings:
     lr: float = setting(3e-3, gt=0, doc="local learning rate")
     weight_decay: float = setting(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = setting("adamw", doc="local optimizer")
-    optimizer_state: Literal["fresh", "persist"] = setting("fresh", doc="`persist`: each institution keeps its optimizer state (AdamW moments) between rounds, at the institution, never sent; `fresh`: a new optimizer every round")
+    optimizer_state: Literal["fresh", "persist"] = setting("persist", doc="`persist`: each institution keeps its optimizer state (AdamW moments) between rounds, at the institution, never sent; `fresh`: a new optimizer every round")
     timeout_s: float = setting(120.0, gt=0, doc="per institution per round; past it the institution is stopped and dropped")
     weight_experts_by: Literal["tokens", "samples"] = setting("tokens", doc="an expert's update weighs by the tokens routed to it, or by samples")
     backend: PluginConfig = setting(factory=lambda: PluginConfig("simulation"), doc="where institutions run")
