@@ -1,8 +1,8 @@
 """Contract checks: does the module a plugin builds do what its kind promises?
 
-Used in two places: the model builder calls :func:`build_checked` for every plugin it
-assembles (so a bad third-party plugin fails at build time with its name, not deep in
-a training step), and the author's kit (:mod:`m3tfed.testing`) runs the same checks
+Used in two places: the model builder runs :func:`build_module` and
+:func:`check_module` on every plugin part it assembles (so a bad third-party plugin
+fails at build time with its name, not deep in a training step), and the author's kit (:mod:`m3tfed.testing`) runs the same checks
 plus gradient, determinism and state-dict tests.
 
 Every failure raises :class:`~m3tfed.errors.ContractError` naming the plugin, its

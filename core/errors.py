@@ -47,3 +47,8 @@ class CheckpointError(M3TError):
 
 class FederationError(M3TError):
     """A round cannot go on (too few institutions left, ...)."""
+
+
+class Instrumentation(Exception):
+    """Raised by m3tfed's own hooks while a plugin's code runs (e.g. DP-SGD's per-sample
+    gradient check): not the plugin's fault, so contract wrappers let it through as is."""

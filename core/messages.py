@@ -36,9 +36,9 @@ class ComponentUpdate:
     # not use it; staleness-aware rules (FedAsync, FedBuff) can discount old bases.
     base_version: int = 0
     # Router updates only: bool [E] over the global expert list, the experts this
-    # institution can select. Set by the server from its own record of what the
-    # institution holds (m3tfed.aggregation.mark_expert_rows), never sent. None = every row.
-    expert_rows: torch.Tensor | None = None
+    # institution can select. Set by the server from what it sent (mark_expert_rows),
+    # never taken from the institution. None = every row.
+    expert_rows: torch.Tensor | None = field(default=None, kw_only=True)  # keyword-only: subclasses add positional fields
 
 
 @dataclass
@@ -64,9 +64,9 @@ class TrainResult:
     institution: str
     round: int
     updates: list[ComponentUpdate]
-    num_samples: int
-    loss: float
-    tokens_per_expert: dict[str, int]
+    num_samples: int  # 0 when withheld (differential privacy or secure aggregation)
+    loss: float | None  # None when withheld
+    tokens_per_expert: dict[str, int]  # empty when withheld
     seconds: float
     details: dict[str, Any] = field(
         default_factory=dict

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import Rule, setting
 from .contracts import build_module, check_module, check_tokens
-from .errors import ConfigError, ContractError
+from .errors import ConfigError, ContractError, Instrumentation
 from .moe import MoELayer
 from .plugin_manager import get_catalogue
 from .specs import Catalogue, ExpertSpec, Spec
@@ -136,6 +136,8 @@ class EncoderSlot(nn.Module):
     def forward(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             out = self.encoder(inputs)
+        except Instrumentation:
+            raise
         except Exception as exc:  # the encoder meets the institution's data here: say whose and which options
             problem = f"forward raised {type(exc).__name__}: {exc} (its options: {self.path}.options)"
             raise ContractError("encoder", self.plugin, self.package, problem) from exc
@@ -201,7 +203,11 @@ class M3TModel(nn.Module):
         tasks: list[str] | None = None,
         experts: list[str] | None = None,
         catalogue: Catalogue | None = None,
+        check_contracts: bool = True,
     ):
+        """``check_contracts=False`` skips the build-time forward checks, for a process
+        that rebuilds a model already checked elsewhere (a DeepSpeed rank under ZeRO-3
+        init, where parameters are partitioned and cannot run a forward)."""
         super().__init__()
         cat = catalogue or get_catalogue()
         self.config = config
@@ -219,11 +225,11 @@ class M3TModel(nn.Module):
         for m in modalities:
             pc = config.encoders[m]
             spec = cat.get("encoder", pc.plugin)
-            self.encoders[m] = EncoderSlot(_build(spec, f"model.encoders.{m}", d, pc.options), d, spec.name, spec.package, f"model.encoders.{m}")
+            self.encoders[m] = EncoderSlot(_build(spec, f"model.encoders.{m}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.encoders.{m}")
         self.tasks = nn.ModuleDict()
         for t in tasks:
             pc = config.tasks[t]
-            self.tasks[t] = TaskSlot(_build(cat.get("task", pc.plugin), f"model.tasks.{t}", d, pc.options), d)
+            self.tasks[t] = TaskSlot(_build(cat.get("task", pc.plugin), f"model.tasks.{t}", d, pc.options, check=check_contracts), d)
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -232,8 +238,8 @@ class M3TModel(nn.Module):
         for layer in range(config.n_layers):
             # Every layer builds the same plugins with the same options: checking the
             # first layer's modules checks them all.
-            local = {n: _build(cat.get("expert", by_name[n].plugin), slots[n], d, by_name[n].options, check=layer == 0) for n in experts}
-            router = _build(router_spec, "model.router", d, config.router.options, num_experts=len(self.expert_names), check=layer == 0)
+            local = {n: _build(cat.get("expert", by_name[n].plugin), slots[n], d, by_name[n].options, check=check_contracts and layer == 0) for n in experts}
+            router = _build(router_spec, "model.router", d, config.router.options, num_experts=len(self.expert_names), check=check_contracts and layer == 0)
             self.layers.append(Block(d, config.n_heads, config.dropout, MoELayer(d, self.expert_names, local, router)))
         self.norm = nn.LayerNorm(d)
         self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)

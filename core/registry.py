@@ -1,21 +1,25 @@
 """``registry.toml``: the catalogue institutions choose from, without importing code.
 
 Each ``[[component]]`` entry describes one plugin (kind, name, package, metadata). The
-file is validated on load; an error names the entry and the field. :func:`compare`
-lines the registry up against what is installed.
+file is generated from the specs (:func:`generate`, ``m3tfed plugins --registry``), so
+the spec beside each plugin's module is the one source of its metadata; a test checks
+that the repository's file is exactly what the specs generate. The file is validated on
+load; an error names the entry and the field. :func:`compare` lines the registry up
+against what is installed.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
 from .errors import RegistryError
-from .specs import SPEC_TYPES, Catalogue
+from .specs import SPEC_TYPES, Catalogue, Spec
 
 SCHEMA_VERSION = 1
 _PACKAGED = Path(__file__).with_name("registry.toml")
@@ -51,6 +55,9 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "min_memory_mb": ((int, float), False),
     "size": ((str,), False),
 }
+
+
+_REQUIRED_FIELDS = {k for k, (_, required) in _FIELDS.items() if required}
 
 
 @dataclass
@@ -151,3 +158,59 @@ def compare(registry: Registry, catalogue: Catalogue) -> list[dict[str, Any]]:
             else "not in registry"
         )
     return sorted(rows.values(), key=lambda r: (r["kind"], r["name"]))
+
+
+HEADER = """\
+# m3tfed registry: the catalogue institutions choose from without importing code.
+# Generated from the installed plugins' specs by `m3tfed plugins --registry`: edit the
+# spec beside the plugin's module, not this file. Validated on load (core/registry.py).
+# params: parameter count when built at d_model = 256 with default options.
+# min_memory_mb: the smallest memory budget an institution needs to train the component.
+"""
+
+
+def entry_of(spec: Spec) -> RegistryEntry:
+    """A spec's registry entry. An encoder's ``modality`` is its tag; ``size`` is an
+    expert's (the others are "base")."""
+    modalities = tuple(spec.modalities) or ((spec.modality,) if getattr(spec, "modality", "") else ())
+    memory = spec.min_memory_mb
+    return RegistryEntry(
+        kind=spec.kind,
+        name=spec.name,
+        package=spec.package,
+        version=spec.version,
+        license=spec.license,
+        description=spec.description,
+        modalities=modalities,
+        tasks=tuple(spec.tasks),
+        params=getattr(spec, "params", None),
+        min_memory_mb=int(memory) if float(memory).is_integer() else memory,
+        size=getattr(spec, "size", "base"),
+    )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def generate(catalogue: Catalogue, packages: set[str] | None = None) -> str:
+    """``registry.toml`` for the catalogue's specs (of ``packages`` only, if given):
+    kinds in hook order, names sorted; fields at their defaults are left out."""
+    defaults = RegistryEntry("", "", "", "", "")
+    lines = [HEADER, f"schema = {SCHEMA_VERSION}"]
+    for kind in SPEC_TYPES:
+        for name in sorted(catalogue.specs[kind]):
+            spec = catalogue.specs[kind][name]
+            if packages is not None and spec.package not in packages:
+                continue
+            entry = entry_of(spec)
+            lines += ["", "[[component]]"]
+            for f in fields(RegistryEntry):
+                value = getattr(entry, f.name)
+                if f.name in _REQUIRED_FIELDS or (value != getattr(defaults, f.name) and value is not None):
+                    lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

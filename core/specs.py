@@ -2,9 +2,10 @@
 
 A spec is a small frozen record: a name, a version, metadata institutions choose by
 (modalities, tasks, parameter count, licence, minimum memory) and a ``build`` factory.
-Specs describe plugins; they do not validate the modules they build (that is
-``m3tfed.contracts``) and they do not know where they were found (the plugin manager
-fills ``package``).
+Specs describe plugins; what the built object must do is :mod:`m3tfed.interfaces`,
+the checks that it does are :mod:`m3tfed.contracts` and :mod:`m3tfed.testing`, and a
+spec does not know where it was found (the plugin manager fills ``package``).
+``registry.toml`` is generated from the specs (``m3tfed plugins --registry``).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class ExpertSpec(Spec):
 
 @dataclass(frozen=True)
 class TaskSpec(Spec):
-    """A task: ``build(d_model, **options)`` returns a :class:`m3tfed.tasks.TaskHead`
-    (head module + loss + metrics + label spec)."""
+    """A task: ``build(d_model, **options)`` returns a :class:`m3tfed.TaskHead` (head
+    module + loss + metrics + label spec)."""
 
     kind: ClassVar[str] = "task"
 
@@ -93,23 +94,25 @@ class RouterSpec(Spec):
 
 @dataclass(frozen=True)
 class AggregatorSpec(Spec):
-    """A per-component update rule: ``build(**options)`` returns an object with
-    ``aggregate(component, current, updates) -> new_state``."""
+    """A per-component update rule: ``build(**options)`` returns an
+    :class:`m3tfed.Aggregator` (``aggregate(component, current, updates) -> new_state``)."""
 
     kind: ClassVar[str] = "aggregator"
 
 
 @dataclass(frozen=True)
 class DataSourceSpec(Spec):
-    """A data source: ``build(**options)`` returns per-institution datasets."""
+    """A data source: ``build(**options)`` returns a :class:`m3tfed.DataSource`, whose
+    ``load(institutions, seed, data_root)`` gives each institution its datasets."""
 
     kind: ClassVar[str] = "data"
 
 
 @dataclass(frozen=True)
 class BackendSpec(Spec):
-    """Where institutions run: ``build(**options)`` returns a backend that executes a
-    round's local training jobs (in-process simulation, an FL engine, ...)."""
+    """Where institutions run: ``build(institutions=..., **options)`` returns a
+    :class:`m3tfed.Backend` that executes a round's local training jobs (in-process
+    simulation, an FL engine, ...)."""
 
     kind: ClassVar[str] = "backend"
 
@@ -117,8 +120,8 @@ class BackendSpec(Spec):
 @dataclass(frozen=True)
 class UpdateStageSpec(Spec):
     """A stage of the update pipeline (clip, privacy, compress): ``build(**options)``
-    returns an object with ``process(updates, context) -> updates``. ``order`` sorts
-    stages: lower runs first."""
+    returns a :class:`m3tfed.UpdateStage` (``side`` and ``process(updates, context) ->
+    updates``). ``order`` sorts stages, lower first, unless the stage has its own."""
 
     kind: ClassVar[str] = "stage"
     order: int = 100

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from m3tfed import ExpertSpec
 from torch import nn
 
 
@@ -27,3 +28,16 @@ class LowRankExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_b(self.out_a(F.gelu(self.in_b(self.in_a(x)))))
+
+
+# Registered by the package (``register_experts``).
+SPEC = ExpertSpec(
+    name="lowrank",
+    build=LowRankExpert,
+    version="0.1.0",
+    license="Apache-2.0",
+    params=42_240,  # 2 * 16 * (256 + 1024) + biases (1024 + 256)
+    size="small",
+    min_memory_mb=1,  # fp32 weights, gradients and AdamW moments
+    description="Rank-16 factorised GELU feed-forward for institutions with little compute or bandwidth",
+)

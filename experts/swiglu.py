@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from m3tfed import ExpertSpec
 from torch import nn
 
 
@@ -20,3 +21,16 @@ class SwiGLUExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+# Registered by the package (``register_experts``).
+SPEC = ExpertSpec(
+    name="swiglu",
+    build=SwiGLUExpert,
+    version="0.1.0",
+    license="Apache-2.0",
+    params=523_776,  # 3 * 256 * int(8 * 256 / 3)
+    size="base",
+    min_memory_mb=8,  # fp32 weights, gradients and AdamW moments
+    description="SwiGLU feed-forward (LLaMA/Mixtral style), hidden = 8/3 d; the default expert",
+)

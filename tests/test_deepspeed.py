@@ -193,7 +193,7 @@ def test_sample_level_dp_sgd_is_refused_not_skipped():
     inst = fed.institutions["private_school"]
     # What build_federation attaches when the institution's policy asks for DP-SGD.
     inst.privacy = SimpleNamespace(
-        policy=SimpleNamespace(dp="sample"), begin_round=lambda rnd: None
+        policy=SimpleNamespace(dp="sample"), begin_round=lambda rnd, steps=None: None
     )
     with pytest.raises(ShardedTrainingError, match="private_school.*DP-SGD"):
         inst.train(fed.server.make_job("private_school", 1, 0))

@@ -27,15 +27,17 @@ LAYERS = {
     "interfaces": 1,
     "contracts": 1,
     "modules": 1,
+    "threads": 1,  # process settings (torch threads), imports only torch
     "registry": 1,
     "plugin_manager": 1,
     # the model
     "model": 2,
     "moe": 2,
-    "testing": 2,
     "privacy": 3,
     "federation": 4,
+    # tools on top: the command line and the author's kit (check_backend runs a federation)
     "cli": 5,
+    "testing": 5,
 }
 
 # (importing module, imported module) -> who removes it. Issue 13, item 4: core/privacy

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from m3tfed import RegistryError, get_catalogue
-from m3tfed.registry import compare, load_registry, parse_registry
+from m3tfed.registry import compare, generate, load_registry, parse_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,17 +18,44 @@ def entry(**kw):
     return base
 
 
-def test_repository_registry_is_valid_and_matches_builtins():
-    reg = load_registry(ROOT / "registry.toml")
-    rows = compare(reg, get_catalogue())
+def test_registry_toml_is_exactly_what_the_specs_generate():
+    cat = get_catalogue()
+    assert "m3tfed-example-plugin" in {s.package for specs in cat.specs.values() for s in specs.values()}, (
+        "the registry lists the example plugin: pip install -e examples/m3tfed-example-plugin"
+    )
+    generated = generate(cat, packages={"m3tfed", "m3tfed-example-plugin"})
+    # core/registry.toml, the packaged copy, is a link to this file
+    assert (ROOT / "registry.toml").read_text() == generated, "registry.toml is stale: m3tfed plugins --registry > registry.toml"
+    assert (ROOT / "core" / "registry.toml").read_text() == generated
+    # every installed built-in is in it, with the spec's numbers
+    rows = compare(load_registry(ROOT / "registry.toml"), cat)
     builtin = [r for r in rows if r["installed"] and r["installed"]["package"] == "m3tfed"]
-    assert builtin, "no built-in plugins found"
-    missing = [f"{r['kind']}:{r['name']}" for r in builtin if r["status"] != "ok"]
-    assert missing == [], f"built-in plugins missing from registry.toml: {missing}"
-    # Parameter counts in the registry agree with the installed specs.
-    for r in rows:
-        if r["status"] == "ok" and r["registry"].get("params") is not None and r["installed"].get("params") is not None:
-            assert r["registry"]["params"] == r["installed"]["params"], r["name"]
+    assert len(builtin) >= 30 and all(r["status"] == "ok" for r in builtin)
+    swiglu = next(r for r in rows if r["name"] == "swiglu")
+    assert swiglu["registry"]["min_memory_mb"] == swiglu["installed"]["min_memory_mb"] == 8
+
+
+def test_plugins_registry_prints_the_generated_file():
+    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--registry"], capture_output=True, text=True, check=True)
+    assert out.stdout == generate(get_catalogue())
+
+
+def test_memory_filter_uses_the_specs_even_when_the_registry_cannot_be_read(tmp_path, monkeypatch):
+    from conftest import tiny_config_dict
+    from m3tfed.federation.config import load_config
+    from m3tfed.federation.job import build_federation
+
+    broken = tmp_path / "registry.toml"
+    broken.write_text("schema = [")
+    monkeypatch.setenv("M3TFED_REGISTRY", str(broken))
+    with pytest.raises(RegistryError):
+        load_registry()
+    d = tiny_config_dict(rounds=1)
+    d["model"]["experts"] = [{"name": "big", "plugin": "swiglu"}, {"name": "small", "plugin": "lowrank"}]
+    d["institutions"][0]["memory_mb"] = 4  # high_school: swiglu needs 8 MiB to train, lowrank 1
+    fed = build_federation(load_config(d))
+    assert fed.selections["high_school"] == ["small"]
+    assert sorted(fed.selections["university"]) == ["big", "small"]
 
 
 @pytest.mark.parametrize(
@@ -96,10 +124,16 @@ def test_registry_toml_parses_as_toml():
     tomllib.loads((ROOT / "registry.toml").read_text())
 
 
-def test_plugins_check_runs_every_contract():
-    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--check"], capture_output=True, text=True, check=True)
+def test_plugins_check_runs_every_kinds_check():
+    data = Path(os.environ.get("M3TFED_DATA", ROOT.parent / "shared" / "data"))
+    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--check", "--data", str(data)], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)["plugins"]
     checked = {(r["kind"], r["name"]): r["check"] for r in rows if "check" in r}
     assert checked[("expert", "swiglu")] == "passed" and checked[("router", "expert_choice")] == "passed"
-    assert all(v == "passed" for v in checked.values()), checked
-    assert {k for k, _ in checked} == {"encoder", "expert", "router", "task"}
+    assert checked[("data", "uci_student")] == "passed" and checked[("aggregator", "fedadam")] == "passed"
+    # built only inside a deployment / only with options: said so, not failed
+    assert checked[("backend", "flower")].startswith("skipped: config federation.backend.plugin")
+    assert checked[("data", "multi")].startswith("skipped: config data.options.sources")
+    skipped = {("backend", "flower"), ("data", "multi")}
+    assert all(v == "passed" for k, v in checked.items() if k not in skipped), checked
+    assert {k for k, _ in checked} == {"encoder", "expert", "router", "task", "aggregator", "data", "stage", "backend"}

@@ -11,6 +11,7 @@ from ..aggregation import (
     accumulation_dtype,
     check_updates,
     float_keys,
+    mark_expert_rows,
     stack_deltas,
     weighted_mean_delta,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "accumulation_dtype",
     "check_updates",
     "float_keys",
+    "mark_expert_rows",
     "stack_deltas",
     "weighted_mean_delta",
 ]

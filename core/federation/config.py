@@ -53,7 +53,7 @@ class InstitutionConfig:
     modalities: list[str] = setting(min_items=1, doc="each needs an encoder in `model.encoders`")
     tasks: list[str] = setting(min_items=1, doc="each must be in `model.tasks`")
     compute: Literal["small", "base", "large"] = setting("base", doc="small: only small (low-rank) experts, 2 of them; base: 4; large: every match")
-    memory_mb: float | None = setting(None, gt=0, doc="experts whose registry `min_memory_mb` exceeds this are skipped")
+    memory_mb: float | None = setting(None, gt=0, doc="experts whose `min_memory_mb` (from their spec) exceeds this are skipped")
     experts: list[str] | None = setting(None, doc="explicit choice of `model.experts` names; default: by tags and compute")
     max_experts: int | None = setting(None, ge=0, doc="how many experts it trains; default by compute; 0 = no limit")
     personal: list[str] = setting(factory=list, doc="components that never leave it: `router`, `trunk`, `encoder.<modality>`, `task.<task>`, `expert.<name>`")
@@ -202,7 +202,8 @@ def with_config_table(doc: str) -> str:
 
 def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue: Catalogue, registry: Registry | None = None) -> list[str]:
     """The experts an institution trains: explicit, or every expert whose tags match its
-    modalities/tasks (untagged = general) and whose size and memory fit its budget."""
+    modalities/tasks (untagged = general) and whose size and memory fit its budget.
+    Memory comes from the expert's spec; ``registry`` is accepted for callers that have one."""
     index = next(i for i, x in enumerate(cfg.institutions) if x is inst)
     path = f"institutions[{index}].experts"
     by_name: dict[str, ExpertConfig] = {e.name: e for e in cfg.model.experts}
@@ -234,8 +235,9 @@ def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue:
                 continue
             if inst.compute == "small" and spec.size != "small":
                 continue
-            entry = registry.find("expert", e.plugin) if registry else None
-            if inst.memory_mb is not None and entry is not None and entry.min_memory_mb > inst.memory_mb:
+            # the spec is the source of truth (registry.toml is generated from it), so the
+            # memory filter holds whether or not a registry file could be read
+            if inst.memory_mb is not None and spec.min_memory_mb > inst.memory_mb:
                 continue
             mods, tasks = expert_tags(e, spec)
             tags = sorted((mods & have_m) | (tasks & have_t))

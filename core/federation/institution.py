@@ -187,7 +187,7 @@ class Institution:
     def train(self, job: TrainJob) -> TrainResult:
         start = time.perf_counter()
         if self.privacy is not None:
-            self.privacy.begin_round(job.round)  # raises PrivacyBudgetSpent: nothing is trained or sent
+            self.privacy.begin_round(job.round, job.steps)  # raises PrivacyBudgetSpent: nothing is trained or sent
         model = self.load(job.components)
         sent = {c: s for c, s in job.components.items() if not self.is_personal(c)}
         details: dict[str, Any] = {}
@@ -200,6 +200,7 @@ class Institution:
             keep = self.settings.optimizer_state == "persist"
             moments = self.personal_state.setdefault(OPTIMIZER_STATE, {}) if keep else None
             loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s, optimizer_state=moments)
+        withhold = self.withholds_statistics()
         updates = []
         for comp, received in sent.items():
             trained = model.component_state(comp)
@@ -207,7 +208,7 @@ class Institution:
             weight = float(self.data.num_train)
             if comp.startswith("expert.") and self.weight_experts_by == "tokens":
                 weight = float(tokens.get(comp.removeprefix("expert."), 0))
-                if weight == 0:
+                if weight == 0 and not withhold:
                     continue  # no token reached this expert: the institution did not train it
             updates.append(ComponentUpdate(self.name, comp, delta, weight, job.versions.get(comp, 0)))
         for comp in self.config.personal:
@@ -215,7 +216,18 @@ class Institution:
                 self.personal_state[comp] = model.component_state(comp)
         for stage in self.stages:
             updates = stage.process(updates, RoundContext(job.round, institution=self.name, privacy=self.privacy))
+        if withhold:  # loss, sample count and routing are statistics of the students' data
+            return TrainResult(self.name, job.round, updates, 0, None, {}, time.perf_counter() - start, details=details)
         return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=details)
+
+    def withholds_statistics(self) -> bool:
+        """Under differential privacy or secure aggregation nothing computed from this
+        institution's data leaves in the clear: its reply carries no loss, sample count or
+        routing counts, and an update for every component of the job (an expert no token
+        reached included: its absence would tell)."""
+        policy = getattr(self.privacy, "policy", None)
+        private = policy is not None and (policy.noisy or policy.secure_aggregation)
+        return private or any(getattr(s, "side", None) == "both" for s in self.stages)  # a masking stage
 
     def fit(
         self,

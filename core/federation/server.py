@@ -85,7 +85,7 @@ def screen(result: TrainResult | Failure, job: TrainJob | None = None, state: St
         if u.delta and not torch.isfinite(torch.cat([v.reshape(-1) for v in u.delta.values()])).all():
             key = next(k for k, v in u.delta.items() if not torch.isfinite(v).all())
             return f"non-finite values in {u.component}:{key}"
-    if not math.isfinite(result.loss):
+    if result.loss is not None and not math.isfinite(result.loss):
         return f"non-finite training loss {result.loss}"
     return None
 
@@ -114,6 +114,13 @@ def _mismatch(result: TrainResult, job: TrainJob, state: State | None, encoded: 
                 shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
                 return f"wrong shape for {u.component}:{k}: {shape}, the component has {tuple(current[k].shape)}"
     return None
+
+
+def mean_loss(results: list[TrainResult]) -> float:
+    """Mean training loss over the replies that carry one (nan when every institution
+    withheld it under differential privacy or secure aggregation)."""
+    losses = [r.loss for r in results if r.loss is not None]
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 @dataclass
@@ -235,7 +242,7 @@ class Server:
             succeeded=sorted(r.institution for r in ok),
             dropped=dropped,
             contributors=contributors,
-            loss=sum(r.loss for r in ok) / len(ok),
+            loss=mean_loss(ok),
             seconds=time.perf_counter() - start,
             bytes_down=sum(tensor_bytes(j.components) for j in jobs),
             bytes_up=sum(tensor_bytes({u.component: u.delta}) for u in updates),

@@ -57,6 +57,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..errors import Instrumentation
 from ..federation.data import model_inputs, num_samples, take
 from ..model import Block, EncoderSlot, M3TModel, TaskSlot
 from ..modules import active_mask
@@ -66,7 +67,7 @@ from ..specs import Routing
 PerSample = Literal["auto", "batched", "loop"]
 
 
-class UnsupportedModel(Exception):
+class UnsupportedModel(Instrumentation):
     """The batched per-sample path cannot run this model exactly; use the loop."""
 
 

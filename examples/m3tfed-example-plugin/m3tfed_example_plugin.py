@@ -129,6 +129,7 @@ MICRO_MIXTURE = ExpertSpec(
     license="Apache-2.0",
     # 256 * 4 + 4 (gate) + 2 * 4 * 256 * 64 (MLPs), checked by m3tfed.testing.check_expert
     params=132_100,
+    min_memory_mb=3,  # fp32 weights, gradients and AdamW moments of 132,100 parameters
     size="small",
     modalities=("text",),
     description="Four small GELU MLPs mixed per token by a softmax gate",

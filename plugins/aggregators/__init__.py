@@ -1,6 +1,6 @@
 """Built-in aggregators (registered through the m3tfed entry-point group).
 
-Each is a :class:`m3tfed.federation.aggregation.Aggregator`; ``build(**options)`` takes
+Each is a :class:`m3tfed.Aggregator`; ``build(**options)`` takes
 the options named in its description.
 """
 

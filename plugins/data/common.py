@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m3tfed.errors import M3TError
+from m3tfed.errors import ConfigError, M3TError
 from m3tfed.federation.data import InstitutionData, take
 from m3tfed.federation.institution import seed_for
 
@@ -158,6 +158,7 @@ class RealSource:
     default_prefix = ""
     natural_modalities: tuple[str, ...] = ()
     natural_tasks: tuple[str, ...] = ()
+    example_groups: tuple[str, ...] = ()  # natural groups m3tfed.testing loads
 
     def __init__(
         self,
@@ -209,7 +210,8 @@ class RealSource:
         path = Path(folder)
         if not path.is_absolute():
             if data_root is None:
-                raise ValueError(f"data source {self.name!r}: folder {folder!r} is relative but no data root was given (m3tfed run --data DIR)")
+                # a configuration gap, not bad data: `plugins --check` reports it as skipped
+                raise ConfigError("data.options.folder", f"data source {self.name!r}: folder {folder!r} is relative but no data root was given (m3tfed run --data DIR)")
             path = Path(data_root) / path
         if not path.is_dir():
             raise DataFileError(path, f"data source {self.name!r}: folder not found")
@@ -254,6 +256,12 @@ class RealSource:
                 _POOLS.pop(next(iter(_POOLS)))
             hit = _POOLS[key] = (stamp, self.read(root))
         return hit[1]
+
+    def example_institutions(self) -> list[dict[str, Any]]:
+        """One institution per ``example_groups`` entry, with every modality and task the
+        source provides under the config's names (what ``m3tfed.testing`` loads)."""
+        names = list(self.institutions) if self.institutions is not None else [self.prefix + g for g in self.example_groups]
+        return [{"name": n, "modalities": list(self.modality_names.values()), "tasks": list(self.task_names.values())} for n in names]
 
     def load(self, institutions: list, seed: int, data_root: Any = None) -> dict[str, InstitutionData]:
         pool = self.read_cached(Path(data_root) if data_root is not None else None)

@@ -82,6 +82,7 @@ class CROHME(RealSource):
     default_prefix = "crohme_"
     natural_modalities = ("image",)
     natural_tasks = ("symbols",)
+    example_groups = ("KAIST",)
 
     def __init__(self, folder: str = "crohme_by_institution", image_size: Sequence[int] = (32, 96), top_k: int = 16, symbols: Sequence[str] | None = None, **options: Any):
         super().__init__(**options)

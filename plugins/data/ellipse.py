@@ -36,6 +36,7 @@ class Ellipse(RealSource):
     default_prefix = "ellipse_"
     natural_modalities = ("text",)
     natural_tasks = ("essay_scores",)
+    example_groups = ("grade8",)
 
     def __init__(self, folder: str = "ellipse", file: str = FILE, by: str = "grade", prompt_groups: int = 4, **options: Any):
         super().__init__(**options)

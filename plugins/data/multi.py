@@ -25,15 +25,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from m3tfed.errors import ConfigError
 from m3tfed.federation.data import InstitutionData
 
 
 class MultiSource:
-    def __init__(self, sources: Mapping[str, Mapping[str, Any]], assign: Mapping[str, str] | None = None):
+    def __init__(self, sources: Mapping[str, Mapping[str, Any]] | None = None, assign: Mapping[str, str] | None = None):
         from m3tfed import get_catalogue  # here, not at import: the catalogue imports this module
 
         if not sources:
-            raise ValueError("data source 'multi': sources is empty; give {key = {plugin = ..., options = {...}}}")
+            raise ConfigError("data.options.sources", "data source 'multi' needs at least one source: {key = {plugin = ..., options = {...}}}")
         catalogue = get_catalogue()
         self.sources = {}
         for key, sub in sources.items():
@@ -64,6 +65,18 @@ class MultiSource:
                 + "; name it with a source's prefix, list it in a source's institutions option, or use assign"
             )
         raise ValueError(f"data source 'multi': institution {name!r} is served by several sources {keys}; use assign = {{{name} = ...}}")
+
+    def example_institutions(self) -> list[dict[str, Any]]:
+        """Every source's example institutions that this source routes to it."""
+        out = []
+        for key, source in self.sources.items():
+            for inst in getattr(source, "example_institutions", list)():
+                try:
+                    if self.source_of(inst["name"]) == key:
+                        out.append(inst)
+                except ValueError:
+                    continue
+        return out
 
     def load(self, institutions: list, seed: int, data_root: Any = None) -> dict[str, InstitutionData]:
         by_source: dict[str, list] = {}

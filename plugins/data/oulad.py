@@ -57,6 +57,7 @@ class OULAD(RealSource):
     default_prefix = "oulad_"
     natural_modalities = ("tabular", "interactions")
     natural_tasks = ("final_result", "withdrawal")
+    example_groups = ("GGG",)
 
     def __init__(self, folder: str = "oulad", by: str = "module", cutoff_day: int = 90, max_len: int = 16, unknown_values: str = "error", **options: Any):
         super().__init__(**options)

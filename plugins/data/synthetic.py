@@ -155,6 +155,12 @@ class SyntheticEducation:
         self.profiles = {k: Profile(**v) for k, v in (profiles or {}).items()}
         self.test_fraction = test_fraction
 
+    def example_institutions(self) -> list[dict[str, Any]]:
+        """The default federation's institutions (what ``m3tfed.testing`` loads)."""
+        from m3tfed.defaults import default_config_dict
+
+        return [{k: i[k] for k in ("name", "modalities", "tasks")} for i in default_config_dict()["institutions"]]
+
     def load(self, institutions: list, seed: int, data_root: Any = None) -> dict[str, InstitutionData]:
         # Skill difficulties are a property of the curriculum, shared by everyone.
         difficulty = torch.randn(NUM_SKILLS, generator=torch.Generator().manual_seed(seed_for(seed, "skills")))

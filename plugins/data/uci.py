@@ -52,6 +52,7 @@ class UCIStudent(RealSource):
     default_prefix = "uci_"
     natural_modalities = ("tabular",)
     natural_tasks = ("g3", "pass")
+    example_groups = ("MS_mat",)
 
     def __init__(self, folder: str = "uci_student_performance", prior_grades: str = "none", unknown_values: str = "missing", **options: Any):
         super().__init__(**options)

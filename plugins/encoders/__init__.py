@@ -1,7 +1,8 @@
 """Built-in modality encoders, registered through the ``m3tfed`` entry-point group
 exactly as a third-party package would register its own.
 
-Each encoder lives in one file and is built from options only (no downloads):
+One encoder per file, its spec (``SPEC``) beside it; all are built from options only
+(no downloads):
 
 ==========  ==============  ===========================================================
 name        modality        input
@@ -14,117 +15,41 @@ hf_text     text            as ``text``; a local Hugging Face model, frozen, LoR
 hf_vision   image           as ``image``; a local or from-config HF ViT, LoRA/projection/full
 ==========  ==============  ===========================================================
 
-``params`` is the parameter count at ``REFERENCE_D_MODEL`` with default options; the
-contract checks compare it with the real module.
+Importing them is cheap: ``transformers`` and ``peft`` load when a text or HF encoder is
+built, so listing the catalogue (``m3tfed plugins``) does not pay for them.
 """
 
 from __future__ import annotations
 
-from m3tfed import EncoderSpec, hookimpl
+from m3tfed import hookimpl
 
+from . import hf_text, hf_vision, image, sequence, tabular, text
+from .hf_text import HFTextEncoder
+from .hf_vision import HFVisionEncoder
 from .image import ImageEncoder
 from .sequence import InteractionEncoder
 from .tabular import TabularEncoder
+from .text import TextEncoder
 
-__all__ = ["ImageEncoder", "InteractionEncoder", "TabularEncoder", "build_hf_text_encoder", "build_hf_vision_encoder", "build_text_encoder"]
+__all__ = [
+    "HFTextEncoder",
+    "HFVisionEncoder",
+    "ImageEncoder",
+    "InteractionEncoder",
+    "TabularEncoder",
+    "TextEncoder",
+    "build_hf_text_encoder",
+    "build_hf_vision_encoder",
+    "build_text_encoder",
+]
 
+# Earlier names of the factories, kept for code that imports them.
+build_text_encoder, build_hf_text_encoder, build_hf_vision_encoder = TextEncoder, HFTextEncoder, HFVisionEncoder
 
-def build_text_encoder(d_model: int, **options):
-    """Imported lazily: loading transformers costs seconds, and listing the catalogue
-    (``m3tfed plugins``) should not pay for it."""
-    from .text import TextEncoder
-
-    return TextEncoder(d_model, **options)
-
-
-def build_hf_text_encoder(d_model: int, **options):
-    from .hf import HFTextEncoder
-
-    return HFTextEncoder(d_model, **options)
-
-
-def build_hf_vision_encoder(d_model: int, **options):
-    from .hf import HFVisionEncoder
-
-    return HFVisionEncoder(d_model, **options)
-
-
-_COMMON = {"version": "0.1.0", "license": "Apache-2.0"}
+MODULES = (tabular, text, image, sequence, hf_text, hf_vision)
 
 
 @hookimpl
 def register_encoders(register):
-    register(
-        EncoderSpec(
-            name="tabular",
-            modality="tabular",
-            build=TabularEncoder,
-            params=PARAMS["tabular"],
-            description="FT-Transformer feature tokenizer: one token per column; missing values get a learned embedding",
-            **_COMMON,
-        )
-    )
-    register(
-        EncoderSpec(
-            name="text",
-            modality="text",
-            build=build_text_encoder,
-            params=PARAMS["text"],
-            description="Byte-level tokenizer + tiny BERT (built from a config) + projection; chunk-mean pooled to max_tokens",
-            min_memory_mb=64,
-            **_COMMON,
-        )
-    )
-    register(
-        EncoderSpec(
-            name="image",
-            modality="image",
-            build=ImageEncoder,
-            params=PARAMS["image"],
-            description="ViT patch embedding + small transformer; one token per patch",
-            **_COMMON,
-        )
-    )
-    register(
-        EncoderSpec(
-            name="sequence",
-            modality="interactions",
-            build=InteractionEncoder,
-            params=PARAMS["sequence"],
-            description="Knowledge-tracing log encoder: DKT interaction embedding, or factored concept + response (+ Rasch question difficulty: tokens=factored, num_questions), + causal transformer layer",
-            **_COMMON,
-        )
-    )
-    register(
-        EncoderSpec(
-            name="hf_text",
-            modality="text",
-            build=build_hf_text_encoder,
-            params=PARAMS["hf_text"],
-            description="Local Hugging Face text model (path, local_files_only), frozen; LoRA or projection trains; optional embedding cache",
-            min_memory_mb=64,
-            **_COMMON,
-        )
-    )
-    register(
-        EncoderSpec(
-            name="hf_vision",
-            modality="image",
-            build=build_hf_vision_encoder,
-            params=PARAMS["hf_vision"],
-            description="Local or from-config Hugging Face ViT; patch tokens; frozen + LoRA/projection, or fully trainable",
-            min_memory_mb=64,
-            **_COMMON,
-        )
-    )
-
-
-# At REFERENCE_D_MODEL (256) with default options; tests/test_conformance.py checks them.
-PARAMS = {
-    "tabular": 6_144,
-    "text": 41_792,
-    "image": 548_352,
-    "sequence": 582_656,
-    "hf_text": 34_624,  # the tiny from-config BERT + LoRA (no path)
-    "hf_vision": 20_736,  # the tiny from-config ViT + LoRA (no path)
-}
+    for module in MODULES:
+        register(module.SPEC)

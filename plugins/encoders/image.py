@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from m3tfed import ModalityEncoder, Tokens
+from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
 
 
@@ -65,3 +65,17 @@ class ImageEncoder(ModalityEncoder):
     def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         s = self.image_size
         return torch.rand(batch_size, self.channels, s, s, generator=generator)
+
+
+# Registered by the package (``register_encoders``); ``params`` is counted at
+# REFERENCE_D_MODEL with default options and checked against the module.
+SPEC = EncoderSpec(
+    name="image",
+    modality="image",
+    build=ImageEncoder,
+    version="0.1.0",
+    license="Apache-2.0",
+    params=548_352,
+    min_memory_mb=9,  # fp32 weights, gradients and AdamW moments
+    description="ViT patch embedding + small transformer; one token per patch",
+)

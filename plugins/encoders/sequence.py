@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from m3tfed import ModalityEncoder, Tokens
+from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
 
 
@@ -165,3 +165,17 @@ class InteractionEncoder(ModalityEncoder):
             out["question"] = torch.randint(0, self.num_questions, (batch_size, length), generator=generator)
             out["query_question"] = torch.randint(0, self.num_questions, (batch_size,), generator=generator)
         return out
+
+
+# Registered by the package (``register_encoders``); ``params`` is counted at
+# REFERENCE_D_MODEL with default options and checked against the module.
+SPEC = EncoderSpec(
+    name="sequence",
+    modality="interactions",
+    build=InteractionEncoder,
+    version="0.1.0",
+    license="Apache-2.0",
+    params=582_656,
+    min_memory_mb=9,  # fp32 weights, gradients and AdamW moments
+    description="Knowledge-tracing log encoder: DKT interaction embedding, or factored concept + response (+ Rasch question difficulty: tokens=factored, num_questions), + causal transformer layer",
+)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from m3tfed import ModalityEncoder, Tokens
+from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
 
 
@@ -115,3 +115,17 @@ def _get(inputs: dict[str, torch.Tensor], key: str, width: int) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != width:
         raise ValueError(f"tabular input {key!r} must be [B, {width}], got {list(x.shape)}")
     return x
+
+
+# Registered by the package (``register_encoders``); ``params`` is counted at
+# REFERENCE_D_MODEL with default options and checked against the module.
+SPEC = EncoderSpec(
+    name="tabular",
+    modality="tabular",
+    build=TabularEncoder,
+    version="0.1.0",
+    license="Apache-2.0",
+    params=6_144,
+    min_memory_mb=1,  # fp32 weights, gradients and AdamW moments
+    description="FT-Transformer feature tokenizer: one token per column; missing values get a learned embedding",
+)

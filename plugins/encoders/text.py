@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from m3tfed import ModalityEncoder, Tokens
+from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
 
 
@@ -179,3 +179,17 @@ def chunk_mean(hidden: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[tor
     weight = rearrange(mask, "b (t c) -> b t c 1", c=size).to(hidden.dtype)
     count = weight.sum(2)
     return (hidden * weight).sum(2) / count.clamp_min(1.0), count.squeeze(-1) > 0
+
+
+# Registered by the package (``register_encoders``); ``params`` is counted at
+# REFERENCE_D_MODEL with default options and checked against the module.
+SPEC = EncoderSpec(
+    name="text",
+    modality="text",
+    build=TextEncoder,
+    version="0.1.0",
+    license="Apache-2.0",
+    params=41_792,
+    min_memory_mb=64,
+    description="Byte-level tokenizer + tiny BERT (built from a config) + projection; chunk-mean pooled to max_tokens",
+)

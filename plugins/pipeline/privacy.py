@@ -24,18 +24,21 @@ import dataclasses
 import logging
 from collections import defaultdict
 
-import torch
-from m3tfed.federation.aggregation import ComponentUpdate
-from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, clip_update, noise_generator
+from m3tfed.errors import ConfigError
+from m3tfed.federation.aggregation import Aggregator, ComponentUpdate
+from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, l2_norm, noise_generator
 from m3tfed.privacy.ledger import PrivacyLedger
 from m3tfed.privacy.policy import Policy, resolve_policies
+from m3tfed.privacy.secagg import AggregatedUpdate
 
 log = logging.getLogger("m3tfed.privacy")
 
 
 class LocalPrivacy:
-    """Institution side: clip each component update to the policy's norm and, for
-    ``dp = "local"``, add Gaussian noise before the update leaves (and before masking)."""
+    """Institution side: clip everything the institution sends this round as one vector
+    to the policy's norm and, for ``dp = "local"``, add Gaussian noise before it leaves
+    (and before masking). Under any DP mode every update weighs 1: a weight computed
+    from the data (samples, routed tokens) would leave in the clear."""
 
     side = "institution"
     order = 40
@@ -45,8 +48,9 @@ class LocalPrivacy:
         priv = context.get("privacy")
         if priv is None:
             return updates
-        rnd = context["round"]
-        return [ComponentUpdate(u.institution, u.component, priv.privatize(rnd, u.component, u.delta), u.weight, u.base_version) for u in updates]
+        out = priv.privatize(context["round"], {u.component: u.delta for u in updates})
+        weight = (lambda u: 1.0) if priv.policy.noisy else (lambda u: u.weight)  # noqa: E731
+        return [dataclasses.replace(u, delta=out[u.component], weight=weight(u)) for u in updates]
 
 
 class PolicyEnforcement:
@@ -61,7 +65,6 @@ class PolicyEnforcement:
         self.ledger = PrivacyLedger()
         self.secure_aggregation = False  # set by build_federation: a secagg stage runs
         self._policies: dict[str, Policy] | None = None
-        self._num_train: dict[str, float] = {}  # institution -> training samples (its capabilities)
 
     def policies(self, config) -> dict[str, Policy]:
         if self._policies is None:
@@ -87,6 +90,8 @@ class PolicyEnforcement:
             row["refused"] = reports[name].get("refused")
             row["attempts"] = int(reports[name].get("attempts", 0))
             row["accountant"] = reports[name].get("accountant_history", [])
+            # every parameter of every release (mode, noise multiplier, clip, sample rate, steps)
+            row["releases"] = reports[name].get("releases", [])
             row["accounted_round"] = int(reports[name].get("accounted_round", rnd))
             if row["refused"]:
                 log.warning("round %d: %s did not contribute: %s", rnd, name, row["refused"])
@@ -102,10 +107,24 @@ class PolicyEnforcement:
                 if unmet:
                     rule, reason = unmet
                     self.ledger.hold(rnd, u.institution, comp, rule, reason)
-                    log.warning("round %d: %s's update to %s held back (%s): %s", rnd, u.institution, comp, rule, reason)
+                    log.warning(
+                        "round %d: %s's update to %s held back (%s): %s",
+                        rnd,
+                        u.institution,
+                        comp,
+                        rule,
+                        reason,
+                    )
                 else:
                     ok.append(u)
-            need, strictest = max(((policies[u.institution].cohort_for(comp), u.institution) for u in ok if u.institution in policies), default=(1, None))
+            need, strictest = max(
+                (
+                    (policies[u.institution].cohort_for(comp), u.institution)
+                    for u in ok
+                    if u.institution in policies
+                ),
+                default=(1, None),
+            )
             decision = self.ledger.component(rnd, comp)
             decision["contributors"] = sorted(u.institution for u in ok)
             if len(ok) < need:
@@ -118,56 +137,74 @@ class PolicyEnforcement:
             if not ok:
                 continue
             self.ledger.contributed(rnd, comp, [u.institution for u in ok])
-            central = [policies[u.institution] for u in ok if u.institution in policies and policies[u.institution].dp == "central"]
+            central = [
+                policies[u.institution]
+                for u in ok
+                if u.institution in policies and policies[u.institution].dp == "central"
+            ]
             info[comp] = {
                 "cohort": (need, strictest),
                 # strictest: the largest noise multiplier, on the largest clip norm
-                "central": (max(float(reports[p.institution]["noise_multiplier"]) for p in central), max(p.clip_norm for p in central)) if central else None,
+                "central": (
+                    max(float(reports[p.institution]["noise_multiplier"]) for p in central),
+                    max(p.clip_norm for p in central),
+                )
+                if central
+                else None,
                 # predictable central noise only if every central contributor opted in (testing)
                 "reproducible": bool(central) and all(p.reproducible_noise for p in central),
             }
-            if central and self.secure_aggregation:
-                info[comp]["weight_bounds"] = {u.institution: self.weight_bound(u.institution, comp, context) for u in ok}
             kept += ok
         context["privacy"] = info
         return kept
 
-    def weight_bound(self, name: str, component: str, context: dict) -> float | None:
-        """The most weight ``name`` can have in ``component``'s aggregate, as the server
-        knows it without unmasking: masked updates carry weight 0 (the real one is hidden in
-        the sum). Sample-weighted components weigh ``num_train`` (from the institution's
-        capabilities); a token-weighted expert has no bound the server knows (None)."""
-        if component.startswith("expert.") and context["server"].config.federation.weight_experts_by == "tokens":
-            return None
-        if name not in self._num_train:
-            self._num_train[name] = float(context["backend"].ask(name, "capabilities", {})["num_train"])
-        return self._num_train[name]
-
-    def unmet(self, u: ComponentUpdate, policy: Policy | None, report: dict | None) -> tuple[str, str] | None:
+    def unmet(
+        self, u: ComponentUpdate, policy: Policy | None, report: dict | None
+    ) -> tuple[str, str] | None:
         """(rule, reason) when ``u`` does not meet its institution's policy, else None."""
         if policy is None:
             return None
         if policy.secure_aggregation and not self.secure_aggregation:
-            return "secure_aggregation", f"{policy.institution} requires secure aggregation and no secagg stage runs"
+            return (
+                "secure_aggregation",
+                f"{policy.institution} requires secure aggregation and no secagg stage runs",
+            )
         if not policy.noisy:
             return None
         if report is None or "error" in report:
-            return "dp", f"no privacy report from {policy.institution}: {(report or {}).get('error', 'not sampled')}"
+            return (
+                "dp",
+                f"no privacy report from {policy.institution}: {(report or {}).get('error', 'not sampled')}",
+            )
         rec = report.get("components", {}).get(u.component)
         if rec is None:
-            return "dp", f"{policy.institution}'s update to {u.component} was not processed by its privacy stage (dp = {policy.dp!r})"
+            return (
+                "dp",
+                f"{policy.institution}'s update to {u.component} was not processed by its privacy stage (dp = {policy.dp!r})",
+            )
         if rec.get("mode") != policy.dp:
-            return "dp", f"update was privatized as {rec.get('mode')!r}, the policy requires {policy.dp!r}"
+            return (
+                "dp",
+                f"update was privatized as {rec.get('mode')!r}, the policy requires {policy.dp!r}",
+            )
         if rec.get("clip_norm") is None or rec["clip_norm"] > policy.clip_norm * (1 + 1e-9):
             return "dp", f"clip norm {rec.get('clip_norm')} exceeds the policy's {policy.clip_norm}"
         if policy.dp in ("local", "sample") and not (rec.get("noise_multiplier") or 0) > 0:
             return "dp", "the update carries no noise but the policy requires it"
-        if policy.noise_multiplier is not None and (rec.get("noise_multiplier") or 0) < policy.noise_multiplier:
-            return "dp", f"noise multiplier {rec.get('noise_multiplier')} below the policy's {policy.noise_multiplier}"
+        if (
+            policy.noise_multiplier is not None
+            and (rec.get("noise_multiplier") or 0) < policy.noise_multiplier
+        ):
+            return (
+                "dp",
+                f"noise multiplier {rec.get('noise_multiplier')} below the policy's {policy.noise_multiplier}",
+            )
         return None
 
 
-def recheck_cohort(context: dict, component: str, survivors: list[str], dropped: dict[str, str]) -> str | None:
+def recheck_cohort(
+    context: dict, component: str, survivors: list[str], dropped: dict[str, str]
+) -> str | None:
     """After secure aggregation unmasked ``component``: correct the ledger to the
     ``survivors`` (members it excluded are held, rule ``secure_aggregation``) and check the
     ``policy`` stage's minimum cohort again. Returns why the component must be held at
@@ -188,7 +225,9 @@ def recheck_cohort(context: dict, component: str, survivors: list[str], dropped:
     return reason
 
 
-def hold_unmasked(context: dict, component: str, survivors: list[str], dropped: dict[str, str], reason: str) -> None:
+def hold_unmasked(
+    context: dict, component: str, survivors: list[str], dropped: dict[str, str], reason: str
+) -> None:
     """Secure aggregation could not unmask ``component`` (``reason``: too many dropouts
     for its threshold, ...): record it held at its current state, rule
     ``secure_aggregation``, in the ledger as :func:`recheck_cohort` records a cohort
@@ -201,31 +240,51 @@ def hold_unmasked(context: dict, component: str, survivors: list[str], dropped: 
     _hold(ledger, rnd, component, survivors, "secure_aggregation", reason)
 
 
-def _withdraw_excluded(ledger: PrivacyLedger, rnd: int, component: str, survivors: list[str], dropped: dict[str, str]) -> None:
+def _withdraw_excluded(
+    ledger: PrivacyLedger, rnd: int, component: str, survivors: list[str], dropped: dict[str, str]
+) -> None:
     decision = ledger.component(rnd, component)
     for name in sorted(set(decision["contributors"]) - set(survivors)):
-        ledger.hold(rnd, name, component, "secure_aggregation", f"excluded by secure aggregation: {dropped.get(name, 'dropped out')}")
+        ledger.hold(
+            rnd,
+            name,
+            component,
+            "secure_aggregation",
+            f"excluded by secure aggregation: {dropped.get(name, 'dropped out')}",
+        )
     ledger.withdraw(rnd, component)
 
 
-def _hold(ledger: PrivacyLedger, rnd: int, component: str, survivors: list[str], rule: str, reason: str) -> None:
+def _hold(
+    ledger: PrivacyLedger, rnd: int, component: str, survivors: list[str], rule: str, reason: str
+) -> None:
     for name in survivors:
         ledger.hold(rnd, name, component, rule, reason)
-    ledger.component(rnd, component).update(contributors=sorted(survivors), rule=rule, reason=reason)
+    ledger.component(rnd, component).update(
+        contributors=sorted(survivors), rule=rule, reason=reason
+    )
 
 
 class CentralNoise:
-    """Server side, after unmasking: add one Gaussian noise vector to every update of a
-    component, so the (shift-equivariant) aggregate moves by exactly that noise: std
-    ``sigma * C * max w / sum w`` (:func:`m3tfed.privacy.dp.central_noise_std`).
+    """Server side, after unmasking: the DP-FedAvg estimator with a fixed denominator
+    (McMahan et al. 2018): each component becomes ``sum_i d_i / D + N(0, (sigma C / D)^2)``
+    where the ``d_i`` are updates clipped to ``C`` (each institution clipped its whole
+    round as one vector) and ``D`` is the number of sampled institutions that hold the
+    component, fixed before anyone trained. One institution moves the estimate by at most
+    ``C / D`` whatever the others send, drop out or weigh, so the noise is calibrated for
+    any neighbouring federation (:func:`m3tfed.privacy.dp.central_noise_std`); with a
+    denominator that depended on who took part it would not be. Every contributor weighs
+    1, and the aggregator receives one update of weight 1: it must be a weighted mean
+    (FedAvg, FedProx, FedAdam, ...); a rule that combines individual updates (median,
+    trimmed mean) would be handed one update it cannot combine, and is refused.
 
     With the ``policy`` stage it noises the components that have a ``central``
     contributor, with the strictest sigma and C among them (those institutions clipped
-    their own updates). Under secure aggregation it sees one aggregated update of total
-    weight W per component and uses the policy stage's bound on each contributor's weight:
-    std ``sigma * C * min(1, max bound / W)`` (``sigma * C`` when a bound is unknown).
-    Alone, it clips every update to ``clip_norm`` and noises every component with
-    ``noise_multiplier`` (no accounting: use policies for that).
+    their own updates). Under secure aggregation it gets one aggregated update of total
+    weight W (DP institutions weigh 1 inside the mask) and uses ``mean * W`` as the sum.
+    Alone, it clips each institution's updates of the round as one vector to
+    ``clip_norm`` and noises every component with ``noise_multiplier`` (no accounting:
+    use policies for that).
 
     Noise is secret (:func:`m3tfed.privacy.dp.noise_generator`); ``reproducible_noise``
     (testing only: the server could then subtract it) seeds it from the run seed, as do
@@ -235,22 +294,32 @@ class CentralNoise:
     order = 60
     name = "dp_central"
 
-    def __init__(self, noise_multiplier: float | None = None, clip_norm: float = 1.0, reproducible_noise: bool = False):
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        clip_norm: float = 1.0,
+        reproducible_noise: bool = False,
+    ):
         if noise_multiplier is not None and noise_multiplier < 0:
             raise ValueError(f"dp_central: noise_multiplier must be >= 0, got {noise_multiplier}")
         if clip_norm <= 0:
             raise ValueError(f"dp_central: clip_norm must be > 0, got {clip_norm}")
-        self.noise_multiplier, self.clip_norm, self.reproducible_noise = noise_multiplier, clip_norm, reproducible_noise
+        self.noise_multiplier, self.clip_norm, self.reproducible_noise = (
+            noise_multiplier,
+            clip_norm,
+            reproducible_noise,
+        )
 
     def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
-        rnd, info = context["round"], context.get("privacy")
+        rnd, info, server = context["round"], context.get("privacy"), context["server"]
         ledger = context.get("privacy_ledger")
+        if info is None and self.noise_multiplier:
+            updates = self._clip_per_institution(updates)
         by_comp: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:
             by_comp[u.component].append(u)
         out = []
         for comp, ups in by_comp.items():
-            aggregated = [u for u in ups if getattr(u, "contributors", None) is not None]
             if info is not None:
                 entry = info.get(comp)
                 if not entry or not entry["central"]:
@@ -258,29 +327,97 @@ class CentralNoise:
                     continue
                 (sigma, clip), reproducible = entry["central"], entry["reproducible"]
             elif self.noise_multiplier:
-                if aggregated:
-                    raise ValueError(
-                        f"dp_central: component {comp!r} arrives securely aggregated, so its updates cannot be clipped here; "
-                        "give the institutions a policy with dp = 'central' (they clip their own updates) instead of noise_multiplier"
-                    )
-                sigma, clip, reproducible = self.noise_multiplier, self.clip_norm, self.reproducible_noise
-                ups = [dataclasses.replace(u, delta=clip_update(u.delta, clip)[0]) for u in ups]
+                sigma, clip, reproducible = (
+                    self.noise_multiplier,
+                    self.clip_norm,
+                    self.reproducible_noise,
+                )
             else:
                 out += ups
                 continue
-            if aggregated:  # one update per component under secure aggregation
-                bounds = [entry.get("weight_bounds", {}).get(c) for u in aggregated for c in u.contributors]
-                total = sum(float(u.weight) for u in ups)
-                share = 1.0 if not bounds or None in bounds or total <= 0 else min(1.0, max(bounds) / total)
-                std = sigma * clip * share
-            else:
-                std = central_noise_std(sigma, clip, [float(u.weight) for u in ups])
+            check_weighted_mean(server, comp, "central DP noise")
+            denominator = holders_sampled(comp, context)
+            contributors = sorted(
+                n for u in ups for n in (getattr(u, "contributors", None) or [u.institution])
+            )
+            # an aggregated update (secure aggregation) is a weighted mean of weight W: mean * W is the sum
+            total = {
+                k: sum(
+                    u.delta[k].double()
+                    * (float(u.weight) if getattr(u, "contributors", None) is not None else 1.0)
+                    for u in ups
+                )
+                for k in ups[0].delta
+            }
+            std = central_noise_std(sigma, clip, denominator)
             # reproducible streams differ per round and component: a resumed run never replays
             # noise; drawn in sorted key order (add_gaussian_noise), not the delta's
-            generator = noise_generator(reproducible, context["server"].config.seed, "dp_central", rnd, comp)
-            noise = add_gaussian_noise({k: torch.zeros_like(v, dtype=torch.float32) for k, v in ups[0].delta.items()}, std, generator)
-            # replace() keeps the update's type: an aggregated one keeps its contributors
-            out += [dataclasses.replace(u, delta={k: v + noise[k].to(v.dtype) for k, v in u.delta.items()}) for u in ups]
+            generator = noise_generator(reproducible, server.config.seed, "dp_central", rnd, comp)
+            mean = {k: (v / denominator).to(ups[0].delta[k].dtype) for k, v in total.items()}
+            noisy = add_gaussian_noise(mean, std, generator)
+            out.append(
+                AggregatedUpdate(
+                    f"dp_central[{len(contributors)}]",
+                    comp,
+                    noisy,
+                    1.0,
+                    server.versions.get(comp, 0),
+                    contributors,
+                )
+            )
             if ledger is not None:
-                ledger.component(rnd, comp).update(central_noise_std=std, noise_multiplier=sigma, clip_norm=clip)
+                ledger.component(rnd, comp).update(
+                    central_noise_std=std,
+                    noise_multiplier=sigma,
+                    clip_norm=clip,
+                    denominator=denominator,
+                )
         return out
+
+    def _clip_per_institution(self, updates: list[ComponentUpdate]) -> list[ComponentUpdate]:
+        """Without policies: clip each institution's round as one vector to ``clip_norm``."""
+        if any(getattr(u, "contributors", None) is not None for u in updates):
+            raise ValueError(
+                "dp_central: updates arrive securely aggregated, so they cannot be clipped here; "
+                "give the institutions a policy with dp = 'central' (they clip their own updates) instead of noise_multiplier"
+            )
+        by_inst: dict[str, list[ComponentUpdate]] = defaultdict(list)
+        for u in updates:
+            by_inst[u.institution].append(u)
+        out = []
+        for ups in by_inst.values():
+            flat = {f"{u.component}\x00{k}": v for u in ups for k, v in u.delta.items()}
+            scale = min(1.0, self.clip_norm / (l2_norm(flat) + 1e-12))
+            out += [
+                dataclasses.replace(u, delta={k: v * scale for k, v in u.delta.items()})
+                for u in ups
+            ]
+        return out
+
+
+def holders_sampled(component: str, context: dict) -> int:
+    """How many of the round's sampled institutions hold ``component`` as a shared one:
+    fixed before anyone trains, so it does not depend on who replied."""
+    backend = context["backend"]
+    return sum(
+        1
+        for name in context["sampled"]
+        if component in backend.components_of(name)
+        and component not in set(backend.personal_of(name))
+    )
+
+
+def check_weighted_mean(server, component: str, why: str) -> None:
+    """Refuse an aggregator that combines individual updates (median, trimmed mean):
+    ``why`` (central noise, secure aggregation) only hands it a sum."""
+    agg = server.aggregator(component)
+    if type(agg).combine is not Aggregator.combine:
+        group = component.split(".")[0]
+        path = (
+            f"aggregation.{group}" if group in server.config.aggregation else "aggregation.default"
+        )
+        raise ConfigError(
+            f"{path}.plugin",
+            f"{type(agg).__name__} combines individual updates, but {why} only hands it a noised sum of component {component!r}; "
+            "use a weighted-mean aggregator (fedavg, fedprox, fedadam, fedyogi)",
+        )

@@ -1,5 +1,6 @@
 """Built-in routers, registered through the ``m3tfed`` entry-point group exactly as a
-third-party router package would be. One router per file:
+third-party router package would be. One router per file, its spec (``SPEC``)
+beside it:
 
 - ``topk`` (:mod:`.topk`): softmax top-k with capacity, Switch balancing and z-loss;
 - ``expert_choice`` (:mod:`.expert_choice`): each expert picks its top-C tokens;
@@ -8,8 +9,9 @@ third-party router package would be. One router per file:
 
 from __future__ import annotations
 
-from m3tfed import RouterSpec, hookimpl
+from m3tfed import hookimpl
 
+from . import expert_choice, soft, topk
 from .expert_choice import ExpertChoiceRouter
 from .soft import SoftRouter
 from .topk import TopKRouter
@@ -19,30 +21,5 @@ __all__ = ["ExpertChoiceRouter", "SoftRouter", "TopKRouter"]
 
 @hookimpl
 def register_routers(register):
-    register(
-        RouterSpec(
-            name="topk",
-            build=TopKRouter,
-            version="0.1.0",
-            license="Apache-2.0",
-            description="Softmax top-k gating (k=2) with capacity factor 1.25, Switch load-balancing loss and ST-MoE z-loss",
-        )
-    )
-    register(
-        RouterSpec(
-            name="expert_choice",
-            build=ExpertChoiceRouter,
-            version="0.1.0",
-            license="Apache-2.0",
-            description="Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens; balanced by construction",
-        )
-    )
-    register(
-        RouterSpec(
-            name="soft",
-            build=SoftRouter,
-            version="0.1.0",
-            license="Apache-2.0",
-            description="Dense soft mixture: every token to every active expert with softmax weights (baseline)",
-        )
-    )
+    for module in (topk, expert_choice, soft):  # each router's spec sits beside it
+        register(module.SPEC)

@@ -13,7 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from m3tfed import Router, Routing, active_mask
+from m3tfed import Router, RouterSpec, Routing, active_mask
 from torch import nn
 
 
@@ -78,3 +78,13 @@ class ExpertChoiceRouter(Router):
             "gate_entropy": float(torch.special.entr(affinity.detach()).sum(-1).mean()) if N else 0.0,
         }
         return Routing(token_index, expert_index, weight, {"router_z": router_z}, stats)
+
+
+# Registered by the package (``register_routers``).
+SPEC = RouterSpec(
+    name="expert_choice",
+    build=ExpertChoiceRouter,
+    version="0.1.0",
+    license="Apache-2.0",
+    description="Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens; balanced by construction",
+)

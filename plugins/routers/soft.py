@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from m3tfed import Router, Routing, active_mask
+from m3tfed import Router, RouterSpec, Routing, active_mask
 from torch import nn
 
 
@@ -56,3 +56,13 @@ class SoftRouter(Router):
             "gate_entropy": float(torch.special.entr(probs.detach()).sum(-1).mean()) if N else 0.0,
         }
         return Routing(token_index, expert_index, weight, {"router_z": router_z}, stats)
+
+
+# Registered by the package (``register_routers``).
+SPEC = RouterSpec(
+    name="soft",
+    build=SoftRouter,
+    version="0.1.0",
+    license="Apache-2.0",
+    description="Dense soft mixture: every token to every active expert with softmax weights (baseline)",
+)

@@ -14,7 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from m3tfed import Router, Routing, active_mask
+from m3tfed import Router, RouterSpec, Routing, active_mask
 from torch import nn
 
 
@@ -126,3 +126,13 @@ class TopKRouter(Router):
             "gate_entropy": float(torch.special.entr(probs.detach()).sum(-1).mean()) if N else 0.0,
         }
         return Routing(token_index, expert_index, weight, {"load_balance": load_balance, "router_z": router_z}, stats)
+
+
+# Registered by the package (``register_routers``).
+SPEC = RouterSpec(
+    name="topk",
+    build=TopKRouter,
+    version="0.1.0",
+    license="Apache-2.0",
+    description="Softmax top-k gating (k=2) with capacity factor 1.25, Switch load-balancing loss and ST-MoE z-loss",
+)

@@ -143,7 +143,8 @@ def pack_result(result: TrainResult) -> RecordDict:
         "seconds": result.seconds,
         "details": result.details,
     }
-    metrics = MetricRecord({"num-examples": result.num_samples, "train-loss": float(result.loss), "compute-s": float(result.seconds)})
+    loss = {} if result.loss is None else {"train-loss": float(result.loss)}  # withheld under DP / secure aggregation
+    metrics = MetricRecord({"num-examples": result.num_samples, **loss, "compute-s": float(result.seconds)})
     return RecordDict(
         {"deltas": ArrayRecord(flatten_components(deltas)), "result": ConfigRecord({JSON_KEY: json.dumps(meta)}), "metrics": metrics}
     )

@@ -1,0 +1,86 @@
+"""Under differential privacy or secure aggregation nothing about one institution's
+data leaves in the clear: no loss, no sample count, no routing counts, weights that are
+public (1) or inside the mask, and an update for every component of its job."""
+
+import pytest
+from conftest import tiny_config_dict
+from m3tfed.federation.config import load_config
+from m3tfed.federation.job import build_federation
+
+
+def replies_of_one_round(policies: dict[int, dict]):
+    d = tiny_config_dict(rounds=1)
+    for i, pol in policies.items():
+        d["institutions"][i]["policy"] = pol
+    fed = build_federation(load_config(d))
+    backend, seen = fed.server.backend, {}
+    train = backend.train
+
+    def spy(jobs):
+        results = train(jobs)
+        seen.update({j.institution: (j, r) for j, r in zip(jobs, results)})
+        return results
+
+    backend.train = spy
+    rep = fed.server.run_round(1)
+    return fed, rep, seen
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"dp": "local", "epsilon": 50.0, "noise_multiplier": 1.0},
+        {"dp": "central", "epsilon": 50.0, "noise_multiplier": 1.0},
+    ],
+)
+def test_a_dp_reply_carries_no_statistics_and_every_component(policy):
+    # Hole: outside secure aggregation a DP institution still sent its training loss,
+    # tokens per expert, its sample count (as num_samples and as every update's weight)
+    # and left out experts no token reached.
+    fed, rep, seen = replies_of_one_round({0: policy})
+    job, res = seen["high_school"]
+    assert res.loss is None and res.tokens_per_expert == {} and res.num_samples == 0
+    assert all(u.weight == 1.0 for u in res.updates)
+    sent = {c for c in job.components if not fed.institutions["high_school"].is_personal(c)}
+    assert {u.component for u in res.updates} == sent  # experts included, routed or not
+    # institutions without a policy still report theirs, and the round's loss is theirs
+    other = seen["university"][1]
+    assert other.loss is not None and other.num_samples > 0
+    assert rep.loss == pytest.approx(
+        sum(r.loss for n, (_, r) in seen.items() if r.loss is not None) / 5
+    )
+
+
+def test_a_secure_aggregation_reply_carries_no_statistics_and_masks_every_component():
+    fed, rep, seen = replies_of_one_round({i: {"secure_aggregation": True} for i in range(6)})
+    for name, (job, res) in seen.items():
+        assert res.loss is None and res.tokens_per_expert == {} and res.num_samples == 0
+        # weights travel inside the mask; what is in the clear is 0 for everyone
+        assert all(u.weight == 0.0 and set(u.delta) == {"secagg.masked"} for u in res.updates)
+        sent = {c for c in job.components if not fed.institutions[name].is_personal(c)}
+        assert {u.component for u in res.updates} == sent
+    assert rep.loss != rep.loss  # nan: nobody disclosed a loss
+
+
+def test_an_expert_nobody_routed_to_is_still_sent_under_dp():
+    # Force the case: an institution whose routing sends no token to one of its experts.
+    d = tiny_config_dict(rounds=1)
+    d["institutions"][0]["policy"] = {"dp": "local", "epsilon": 50.0, "noise_multiplier": 1.0}
+    fed = build_federation(load_config(d))
+    inst = fed.institutions["high_school"]
+    fit = inst.fit
+
+    def no_tokens_for_the_first_expert(*args, **kwargs):
+        loss, tokens = fit(*args, **kwargs)
+        return loss, {k: v for k, v in tokens.items() if k != inst.experts[0]}
+
+    inst.fit = no_tokens_for_the_first_expert
+    job = fed.server.make_job("high_school", 1, 0)
+    res = inst.train(job)
+    assert f"expert.{inst.experts[0]}" in {u.component for u in res.updates}
+    # without a policy the institution leaves it out (it did not train it): the filed behaviour
+    inst.privacy = None
+    inst.stages = [s for s in inst.stages if type(s).__name__ != "LocalPrivacy"]
+    res = inst.train(fed.server.make_job("high_school", 1, 1))
+    assert fed.config.federation.weight_experts_by == "tokens"
+    assert f"expert.{inst.experts[0]}" not in {u.component for u in res.updates}
