@@ -122,7 +122,10 @@ def main() -> None:
             "ratio_shipped_to_best": ratio_to_best,
             "busy_over_idle": busy_over_idle,
             "target": {"ratio_shipped_to_best": 1.2, "busy_over_idle": 2.0},
-            "met": all(r <= 1.2 for r in ratio_to_best.values()) and busy_over_idle <= 2.0,
+            # the smoke mode measures one setting: it checks the bench, not the targets
+            "met": None
+            if args.smoke
+            else all(r <= 1.2 for r in ratio_to_best.values()) and busy_over_idle <= 2.0,
         }
     )
 

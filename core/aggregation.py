@@ -48,7 +48,9 @@ def stack_deltas(key: str, updates: list[ComponentUpdate], like: Tensor) -> Tens
     return torch.stack([u.delta[key].to(device=like.device, dtype=dtype) for u in updates])
 
 
-def weighted_mean_delta(key: str, updates: list[ComponentUpdate], like: Tensor, by_expert_rows: bool = False) -> Tensor:
+def weighted_mean_delta(
+    key: str, updates: list[ComponentUpdate], like: Tensor, by_expert_rows: bool = False
+) -> Tensor:
     """``sum_i w_i * delta_i / sum_i w_i`` for ``key`` (one running sum, no stacking).
 
     With ``by_expert_rows``, a key whose leading dimension is the expert count (a
@@ -59,7 +61,8 @@ def weighted_mean_delta(key: str, updates: list[ComponentUpdate], like: Tensor, 
     """
     dtype = accumulation_dtype(like)
     rows = [u.expert_rows for u in updates]
-    if by_expert_rows and like.dim() >= 1 and any(r is not None and r.numel() == like.shape[0] for r in rows):
+    per_row = like.dim() >= 1 and any(r is not None and r.numel() == like.shape[0] for r in rows)
+    if by_expert_rows and per_row:
         shape = (like.shape[0],) + (1,) * (like.dim() - 1)
         acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
         norm = torch.zeros(shape, dtype=dtype, device=like.device)
@@ -77,7 +80,11 @@ def weighted_mean_delta(key: str, updates: list[ComponentUpdate], like: Tensor, 
     return acc
 
 
-def mark_expert_rows(updates: list[ComponentUpdate], expert_names: list[str], components_of: Callable[[str], list[str]]) -> list[ComponentUpdate]:
+def mark_expert_rows(
+    updates: list[ComponentUpdate],
+    expert_names: list[str],
+    components_of: Callable[[str], list[str]],
+) -> list[ComponentUpdate]:
     """Router updates with ``expert_rows`` set from each institution's selection
     (``components_of(name)`` lists ``expert.<e>`` for every expert it holds). An update
     summed over several institutions (secure aggregation) keeps every row."""
@@ -85,7 +92,23 @@ def mark_expert_rows(updates: list[ComponentUpdate], expert_names: list[str], co
     for u in updates:
         if u.component == "router" and u.expert_rows is None and not getattr(u, "contributors", None):
             held = set(components_of(u.institution))
-            u = dataclasses.replace(u, expert_rows=torch.tensor([f"expert.{e}" in held for e in expert_names]))
+            rows = torch.tensor([f"expert.{e}" in held for e in expert_names])
+            u = dataclasses.replace(u, expert_rows=rows)
+        out.append(u)
+    return out
+
+
+def loss_reweighted(updates: list[ComponentUpdate], losses: Mapping[str, float], q: float) -> list[ComponentUpdate]:
+    """q-FFL-style fairness (Li et al. 2020, "Fair resource allocation in federated
+    learning"): each update's weight times its institution's training loss to the power
+    ``q``, so institutions the model serves worst pull harder; q = 0 is plain weighting.
+    An update summed over several institutions (secure aggregation) keeps its weight."""
+    if q == 0:
+        return updates
+    out = []
+    for u in updates:
+        if u.institution in losses and not getattr(u, "contributors", None):
+            u = dataclasses.replace(u, weight=float(u.weight) * max(float(losses[u.institution]), 1e-8) ** q)
         out.append(u)
     return out
 

@@ -150,7 +150,8 @@ class Aggregator:
     # Step size on the combined delta; 1.0 moves the state to the combined model.
     server_lr: float = 1.0
     # Average a router's per-expert rows only over the institutions that can select
-    # that expert (see weighted_mean_delta); False = every update weighs on every row.
+    # that expert (m3tfed.aggregation.weighted_mean_delta); False = every update
+    # weighs on every row.
     expert_rows: bool = False
 
     def aggregate(

@@ -72,14 +72,13 @@ class FederationSettings:
     lr: float = setting(3e-3, gt=0, doc="local learning rate")
     weight_decay: float = setting(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = setting("adamw", doc="local optimizer")
-    optimizer_state: Literal["fresh", "persist"] = setting(
-        "fresh", doc="`persist`: each institution keeps its optimizer state (AdamW moments) across rounds, at the institution, never sent; `fresh`: a new optimizer every round"
-    )
+    optimizer_state: Literal["fresh", "persist"] = setting("persist", doc="`persist`: each institution keeps its optimizer state (AdamW moments) between rounds, at the institution, never sent; `fresh`: a new optimizer every round")
     timeout_s: float = setting(120.0, gt=0, doc="per institution per round; past it the institution is stopped and dropped")
     weight_experts_by: Literal["tokens", "samples"] = setting("tokens", doc="an expert's update weighs by the tokens routed to it, or by samples")
     backend: PluginConfig = setting(factory=lambda: PluginConfig("simulation"), doc="where institutions run")
     pipeline: list[PluginConfig] = setting(factory=list, doc="update stages (plugins of kind `stage`), e.g. `clip`; privacy stages plug in here")
     personalize_steps: int = setting(20, ge=0, doc="local fine-tuning of router + heads for the `personalized` model")
+    fairness_q: float = setting(0.0, ge=0, doc="q-FFL-style fairness: each update weighs by its institution's training loss to the power q (0 = off)")
     threads: int = setting(1, ge=0, doc="torch CPU threads per process (m3tfed.threads); 0 = every usable core")
 
 

@@ -34,6 +34,7 @@ from .evaluation import evaluate_model
 # model component, so it is never sent, and it is checkpointed with the personal state.
 OPTIMIZER_STATE = "optimizer"
 
+
 class InstitutionTimeout(RuntimeError):
     pass
 
@@ -153,14 +154,14 @@ class Institution:
     def component_names(self) -> list[str]:
         return self.model().component_names()
 
-    def is_personal(self, component: str) -> bool:
-        return component in self.config.personal
-
     @property
     def keeps_state(self) -> bool:
-        """Whether it holds state between rounds (personal components or its optimizer's
-        moments) that a checkpoint must carry."""
+        """Whether it holds state of its own between rounds (personal components, or its
+        optimizer's moments), which its checkpoints must carry."""
         return bool(self.config.personal) or self.settings.optimizer_state == "persist"
+
+    def is_personal(self, component: str) -> bool:
+        return component in self.config.personal
 
     # -- messages other than training (capabilities, secure-aggregation rounds) -----
     def handle(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -293,8 +294,6 @@ class Institution:
             if s.optimizer == "adamw"
             else torch.optim.SGD(params, lr=lr, weight_decay=s.weight_decay)
         )
-        if optimizer_state is not None:
-            load_optimizer_state(opt, trainable, optimizer_state)
         if self.privacy is not None and self.privacy.policy.dp == "sample" and only is None:
             # Sample-level DP-SGD (Opacus): per-sample clipping and noise, Poisson batches.
             # Both from the institution's own (secret) generator, never the server's job seed.
@@ -309,6 +308,8 @@ class Institution:
             priv.end_round()
             counts = counts if counts is not None else torch.zeros(len(model.expert_names), dtype=torch.long)
             return loss, {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
+        if optimizer_state is not None:  # (DP-SGD and DeepSpeed ranks start fresh each round)
+            load_optimizer_state(opt, trainable, optimizer_state)
         prox = []
         if anchor and proximal_mu:
             named = dict(model.named_parameters())

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..aggregation import TooFewUpdates, mark_expert_rows
+from ..aggregation import TooFewUpdates, loss_reweighted, mark_expert_rows
 from ..config import to_dict
 from ..errors import ConfigError, FederationError
 from ..interfaces import Aggregator, Backend, RoundContext
@@ -288,6 +288,7 @@ class Server:
         context["succeeded"] = [r.institution for r in ok]
         for stage in self.server_stages:
             updates = stage.process(updates, context)
+        updates = loss_reweighted(updates, {r.institution: r.loss for r in ok}, f.fairness_q)
         updates = mark_expert_rows(updates, self.config.model.expert_names, self.backend.components_of)
         by_component: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:

@@ -98,7 +98,7 @@ class SimulationBackend:
             if not folder.exists():
                 raise CheckpointError(
                     f"{folder}: institution {name!r}'s personal state for round {rnd} is missing; resuming without it would "
-                    f"restart its personal components ({', '.join(inst.config.personal)}) from the shared values"
+                    f"restart its personal components ({', '.join(inst.config.personal) or 'none'}) from the shared values and its optimizer afresh"
                 )
             tensors, meta = load_checkpoint(folder)
             if meta.get("institution") != name or meta.get("round") != rnd:

@@ -10,7 +10,7 @@ name        modality        input
 tabular     tabular         ``{"numeric": [B, n] float (NaN = missing), "categorical": [B, k] long (-1 = missing)}``
 text        text            ``list[str]`` or ``{"input_ids", "attention_mask"}``
 image       image           ``[B, C, H, W]`` float
-sequence    interactions    ``{"skill", "correct", "mask"[, "query_skill"]}``
+sequence    interactions    ``{"skill", "correct", "mask"[, "query_skill", "question", "query_question"]}``
 hf_text     text            as ``text``; a local Hugging Face model, frozen, LoRA/projection
 hf_vision   image           as ``image``; a local or from-config HF ViT, LoRA/projection/full
 ==========  ==============  ===========================================================

@@ -177,5 +177,5 @@ SPEC = EncoderSpec(
     license="Apache-2.0",
     params=582_656,
     min_memory_mb=9,  # fp32 weights, gradients and AdamW moments
-    description="Knowledge-tracing log encoder: DKT interaction embedding + causal transformer layer",
+    description="Knowledge-tracing log encoder: DKT interaction embedding, or factored concept + response (+ Rasch question difficulty: tokens=factored, num_questions), + causal transformer layer",
 )
