@@ -26,8 +26,10 @@ Two scopes:
   out is not replayed unless it fails again.
 
 Personal components are not in server checkpoints (each institution keeps only its
-newest), so the remaining institutions' personal parts restart from their initial
-values at the restart round; X's personal state is not carried over.
+newest), so the remaining institutions' personal parts, and their optimizer moments under
+``federation.optimizer_state = "persist"``, restart from their initial values at the
+restart round; X's personal state is not carried over. With personal state, scope
+``touched`` therefore differs from a run without X in those parts too.
 
 Any institution can be forgotten. For an institution whose policy sets
 ``forget_on_request`` the erasure is enforced, not recorded: ``forget`` uses scope
