@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/dp_sgd.py
 	$(BIN)/python bench/text_encoder.py
 	$(BIN)/python bench/flower_backend.py
+	$(BIN)/python bench/privacy_audit.py
+	$(BIN)/python bench/unlearning.py
+	$(BIN)/python bench/threads.py
 
 clean:
 	rm -rf $(VENV) .cache
