@@ -481,7 +481,7 @@ def check_data_source(
 ) -> dict[str, Any]:
     """Build with ``options`` and ``load`` the ``institutions`` (objects or dicts with
     ``name``, ``modalities``, ``tasks``; default: the source's ``example_institutions()``):
-    every institution gets ``InstitutionData`` whose train and test splits hold targets
+    every institution gets ``InstitutionData`` whose train, val and test splits hold targets
     for each of its tasks, inputs only for its modalities, one sample count N >= 1
     across every input, presence mask and target, [N] bool presence masks and finite
     float targets; the same seed loads the same data. Returns the loaded data."""
@@ -504,14 +504,14 @@ def check_data_source(
         raise _fail(spec, f"load must return {{institution name: InstitutionData}} for exactly {sorted(i.name for i in insts)}, got {got}")
     for inst in insts:
         d = data[inst.name]
-        for split in ("train", "test"):
+        for split in ("train", "val", "test"):  # choices are made on val, so it is never optional
             _check_split(spec, f"institution {inst.name!r} {split} split", getattr(d, split, None), list(inst.modalities), list(inst.tasks))
         if not isinstance(getattr(d, "report", None), dict):
             raise _fail(spec, f"institution {inst.name!r}: report must be a dict (what the source dropped or fixed)")
     again = _plain(spec, "load (again, same seed)", _plain(spec, "build", spec.build, **options).load, insts, seed, root)
     for inst in insts:
         a, b = data[inst.name], again[inst.name]
-        if not (_equal_trees(a.train, b.train) and _equal_trees(a.test, b.test)):
+        if not all(_equal_trees(getattr(a, s), getattr(b, s)) for s in ("train", "val", "test")):
             raise _fail(spec, f"institution {inst.name!r}: two loads with seed {seed} differ; draw randomness from generators seeded by the seed")
     return data
 

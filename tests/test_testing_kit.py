@@ -79,6 +79,16 @@ class Source:
         return out
 
 
+class NoValTargets(Source):
+    """Targets in train and test only: choices on validation would have nothing to read."""
+
+    def load(self, institutions, seed, data_root=None):
+        out = super().load(institutions, seed, data_root)
+        for d in out.values():
+            d.val = {**d.val, "targets": {"grade": d.val["targets"]["grade"]}}
+        return out
+
+
 class Empty(Source):
     def load(self, institutions, seed, data_root=None):
         return {}
@@ -91,6 +101,10 @@ def test_check_data_source_names_a_missing_target_and_nondeterminism():
         PluginCheckFailed, match=r"'a' train split has no targets for task\(s\) \['pass'\]"
     ):
         check_data_source(spec(DataSourceSpec, lambda: Source(drop_task=True)))
+    with pytest.raises(
+        PluginCheckFailed, match=r"'a' val split has no targets for task\(s\) \['pass'\]"
+    ):
+        check_data_source(spec(DataSourceSpec, NoValTargets))
     with pytest.raises(PluginCheckFailed, match="two loads with seed 0 differ"):
         check_data_source(spec(DataSourceSpec, lambda: Source(noisy=True)))
     with pytest.raises(
