@@ -13,6 +13,14 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save(fig: Any, path: Path | IO[bytes]) -> Path | IO[bytes]:
+    """Lay out, write as PNG (a file or a buffer the HTML report embeds) and free ``fig``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
 def write_plots(run_dir: Path, curves: list[dict], summary: dict[str, Any], routing: dict, experts: list[str]) -> list[Path]:
     out = [learning_curves(run_dir / "learning_curves.png", curves, summary)]
     out.append(per_institution(run_dir / "institutions.png", summary))
@@ -33,10 +41,7 @@ def learning_curves(path: Path | IO[bytes], curves: list[dict], summary: dict[st
         ax.set_title(f"{task}: validation {metric}")
         ax.set_xlabel("round")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def per_institution(path: Path | IO[bytes], summary: dict[str, Any]) -> Path | IO[bytes]:
@@ -51,10 +56,7 @@ def per_institution(path: Path | IO[bytes], summary: dict[str, Any]) -> Path | I
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], list(rows), rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{task}: {summary[task]['metric']}")
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def expert_usage(path: Path | IO[bytes], routing: dict, experts: list[str]) -> Path | IO[bytes]:
@@ -71,10 +73,7 @@ def expert_usage(path: Path | IO[bytes], routing: dict, experts: list[str]) -> P
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     fig.colorbar(im, ax=ax, label="share of tokens")
     ax.set_title("expert usage (test data, share of each row's tokens)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def validation_loss_curves(path: Path | IO[bytes], curves: dict[str, list[list[tuple[int, float]]]]) -> Path | IO[bytes]:
@@ -91,10 +90,7 @@ def validation_loss_curves(path: Path | IO[bytes], curves: dict[str, list[list[t
     ax.set_ylabel("mean validation loss")
     ax.set_title("validation loss per method (seeds' range shaded)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def institutions_with_intervals(path: Path | IO[bytes], tasks: dict[str, Any]) -> Path | IO[bytes]:
@@ -114,7 +110,4 @@ def institutions_with_intervals(path: Path | IO[bytes], tasks: dict[str, Any]) -
         arrow = "higher" if tasks[task]["higher_is_better"] else "lower"
         ax.set_title(f"{task}: {tasks[task]['metric']} ({arrow} is better)", fontsize=9)
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save(fig, path)

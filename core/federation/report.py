@@ -8,6 +8,7 @@ Not for: computing metrics (:mod:`.evaluation`) or plots (:mod:`.plots`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .build import Federation
@@ -74,18 +75,24 @@ def compare(summary: dict[str, Any], method: str = "fed_moe") -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    return "\n".join(task_tables(summary, lambda v: f"{v:.4f}", width=14))
+
+
+def task_tables(tasks: dict[str, Any], cell: Callable[[Any], str], width: int) -> list[str]:
+    """Per task, the terminal table: one row per institution, then mean and worst, one
+    column per method (at least ``width`` wide), each cell rendered by ``cell``."""
     lines = []
-    for task, s in summary.items():
+    for task, s in tasks.items():
         methods = list(s["summary"])
         arrow = "higher is better" if s["higher_is_better"] else "lower is better"
         lines.append(f"\n{task} — {s['metric']} ({arrow})")
-        w = max(14, *(len(m) + 2 for m in methods))
+        w = max(width, *(len(m) + 2 for m in methods))
         lines.append(f"  {'institution':<20}" + "".join(f"{m:>{w}}" for m in methods))
         for name, row in s["institutions"].items():
-            lines.append(f"  {name:<20}" + "".join(f"{row[m]:>{w}.4f}" for m in methods))
+            lines.append(f"  {name:<20}" + "".join(f"{cell(row[m]):>{w}}" for m in methods))
         for stat in ("mean", "worst"):
-            lines.append(f"  {stat:<20}" + "".join(f"{s['summary'][m][stat]:>{w}.4f}" for m in methods))
-    return "\n".join(lines)
+            lines.append(f"  {stat:<20}" + "".join(f"{cell(s['summary'][m][stat]):>{w}}" for m in methods))
+    return lines
 
 
 # -- several seeds: means, intervals, paired comparisons ----------------------------------
@@ -174,16 +181,7 @@ def fmt_interval(c: dict[str, Any], pct: bool = False) -> str:
 def format_seeds_table(combined: dict[str, Any], method: str = "fed_moe") -> str:
     """The terminal tables of :func:`across_seeds`: mean ± 95% half-interval over seeds."""
     lines = [f"{combined['seeds']} seed(s); cells are mean ± half-width of the 95% interval over seeds"]
-    for task, s in combined["tasks"].items():
-        methods = list(s["summary"])
-        arrow = "higher is better" if s["higher_is_better"] else "lower is better"
-        lines.append(f"\n{task} — {s['metric']} ({arrow})")
-        w = max(20, *(len(m) + 2 for m in methods))
-        lines.append(f"  {'institution':<20}" + "".join(f"{m:>{w}}" for m in methods))
-        for name, row in s["institutions"].items():
-            lines.append(f"  {name:<20}" + "".join(f"{fmt_interval(row[m]):>{w}}" for m in methods))
-        for stat in ("mean", "worst"):
-            lines.append(f"  {stat:<20}" + "".join(f"{fmt_interval(s['summary'][m][stat]):>{w}}" for m in methods))
+    lines += task_tables(combined["tasks"], fmt_interval, width=20)
     lines.append(f"\n{method} against each method: mean relative advantage; institutions where the paired difference is beyond its 95% interval")
     for base, c in combined["comparison"].items():
         lo, hi = c["share_better_interval"]
