@@ -71,22 +71,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .federation.lifecycle import run_job, run_seeds
 
     overrides = list(args.set or [])
-    seeds = args.seeds
+    seeds, workers = args.seeds, args.workers
     if args.protocol:  # the full evaluation protocol (docs/results.md)
         seeds = seeds or 3
-        overrides = [*PROTOCOL_OVERRIDES, *overrides]
-    if seeds:
-        run_seeds(args.config, overrides=overrides, seeds=seeds, name=args.name, runs_dir=Path(args.runs_dir), data_root=args.data)
+        overrides = [*protocol_overrides(args.config, overrides), *overrides]
+        workers = 0 if workers is None else workers  # every usable core
+    if seeds or workers is not None or _has_grid(args.config, overrides):  # a grid is tuned by run_seeds
+        run_seeds(args.config, overrides=overrides, seeds=seeds or 1, name=args.name, runs_dir=Path(args.runs_dir), data_root=args.data, workers=workers)
     else:
         run_job(args.config, overrides=overrides, name=args.name, runs_dir=Path(args.runs_dir), data_root=args.data)
     return 0
 
 
-# What --protocol adds to a config (later --set overrides win): every baseline.
+# What --protocol adds to a config (later --set overrides win): every baseline, and the
+# shared tuning grid of protocol_overrides.
 PROTOCOL_OVERRIDES = [
     'evaluation.baselines=["local", "dense_fedavg", "fedprox", "fedavg_ft", "ditto", "centralized", "classical_pooled", "classical_local"]',
     "evaluation.personalize=true",
 ]
+
+
+def _has_grid(config: str | None, overrides: list[str]) -> bool:
+    from .federation.config import load_config
+
+    grid = load_config(config, overrides).evaluation.grid
+    return bool(grid.lr or grid.local_steps)
+
+
+def protocol_overrides(config: str | None, overrides: list[str]) -> list[str]:
+    """The protocol's overrides for this config: every baseline, and (unless the config
+    or ``--set`` has a grid) a 2 x 2 grid around the config's point: learning rate x {1, 2}
+    and local steps x {1/2, 1}, so the step size times steps per round spans 1/2 to 2 of
+    the config's, for every deep method alike."""
+    from .federation.config import load_config
+
+    cfg = load_config(config, overrides)
+    grid = cfg.evaluation.grid
+    if grid.lr or grid.local_steps:
+        return PROTOCOL_OVERRIDES
+    f = cfg.federation
+    out = [*PROTOCOL_OVERRIDES, f"evaluation.grid.lr=[{f.lr!r}, {2 * f.lr!r}]"]
+    if f.local_epochs is None and f.local_steps > 1:
+        out.append(f"evaluation.grid.local_steps=[{(f.local_steps + 1) // 2}, {f.local_steps}]")
+    return out
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -120,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
     run.add_argument("--data", default=None, help="root folder for data sources that read files")
     run.add_argument("--seeds", type=int, default=None, metavar="N", help="run N seeds (seed, seed+1, ...); tables show mean and 95%% interval")
-    run.add_argument("--protocol", action="store_true", help="the full evaluation protocol: 3 seeds (or --seeds) and every baseline")
+    run.add_argument("--protocol", action="store_true", help="the full evaluation protocol: 3 seeds (or --seeds), every baseline, the tuning grid")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="runs (seeds, grid points) at once, each in its own process (default 1; with --protocol every usable core; 0 = every usable core)")
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")

@@ -82,6 +82,38 @@ class FederationSettings:
     threads: int = setting(1, ge=0, doc="torch CPU threads per process (m3tfed.threads); 0 = every usable core")
 
 
+# The methods the tuning grid applies to (the deep ones; the classical learners choose
+# their L2 strength on validation themselves). fed_moe runs at `federation.lr` and
+# `federation.local_steps`, so it has no entry in `evaluation.tuned`.
+TUNED_METHODS = ("fed_moe", "personalized", "local", "dense_fedavg", "fedprox", "fedavg_ft", "ditto", "centralized")
+
+
+@dataclass
+class GridPoint:
+    """A method's learning rate and local steps (unset = the federation's)."""
+
+    lr: float | None = setting(None, gt=0, doc="local learning rate; unset = `federation.lr`")
+    local_steps: int | None = setting(None, ge=1, doc="mini-batches per institution per round; unset = `federation.local_steps`")
+
+
+@dataclass
+class TuningGrid:
+    """The shared tuning grid: every deep method runs at every point on the first seed and
+    keeps the point of its lowest validation loss (docs/results.md)."""
+
+    lr: list[float] = setting(factory=list, doc="learning rates tried; empty = only `federation.lr`")
+    local_steps: list[int] = setting(factory=list, doc="local steps tried; empty = only `federation.local_steps`")
+
+    def validate(self, path: str = "evaluation.grid") -> None:
+        for key, values in (("lr", self.lr), ("local_steps", self.local_steps)):
+            if any(v <= 0 for v in values) or len(set(values)) != len(values):
+                raise ConfigError(f"{path}.{key}", f"expected distinct positive values, got {values}")
+
+    def points(self) -> list[GridPoint]:
+        """Every point of the grid (one unset point when the grid is empty)."""
+        return [GridPoint(lr, steps) for lr in self.lr or [None] for steps in self.local_steps or [None]]
+
+
 @dataclass
 class EvaluationSettings:
     # The compared methods (m3tfed.federation.baselines); `m3tfed run --protocol` runs them all.
@@ -93,6 +125,21 @@ class EvaluationSettings:
     every: int = setting(1, ge=1, doc="rounds between validation passes (learning curves, early stopping); the last round is always evaluated")
     val_samples: int | None = setting(None, ge=1, doc="validation samples per institution per pass (unset = all)")
     keep: Literal["best", "last"] = setting("best", doc="`best`: the round with the lowest mean validation loss is the one tested; `last`: the last")
+    workers: int = setting(1, ge=0, doc="runs (seeds, grid points) at once, each in a process of its own; 0 = every usable core")
+    grid: TuningGrid = setting(factory=TuningGrid, doc="shared tuning grid of the deep methods, chosen on validation on the first seed; empty = no tuning")
+    tuned: dict[str, GridPoint] = field(
+        default_factory=dict, metadata={"doc": "method -> its learning rate and local steps (the grid's choice; fed_moe's is `federation.*`); unlisted = the federation's", "key": "method"}
+    )
+
+    def validate(self, path: str = "evaluation") -> None:
+        for method in self.tuned:
+            if method not in TUNED_METHODS or method == "fed_moe":
+                why = "fed_moe runs at federation.lr and federation.local_steps: set those" if method == "fed_moe" else f"not a tuned method; allowed: {', '.join(TUNED_METHODS[1:])}"
+                raise ConfigError(f"{path}.tuned.{method}", why)
+
+    def point(self, method: str) -> GridPoint:
+        """The learning rate and local steps ``method`` runs with (unset = the federation's)."""
+        return self.tuned.get(method, GridPoint())
 
 
 @dataclass
@@ -115,6 +162,8 @@ class FederationConfig:
             raise ConfigError("rounds", "must be >= 1")
         if not self.institutions:
             raise ConfigError("institutions", "at least one institution is required")
+        if self.evaluation.grid.local_steps and self.federation.local_epochs is not None:
+            raise ConfigError("evaluation.grid.local_steps", "federation.local_epochs is set, so local steps are no setting here; tune lr only or unset local_epochs")
         names = [i.name for i in self.institutions]
         if len(set(names)) != len(names):
             raise ConfigError("institutions", f"duplicate institution names in {names}")

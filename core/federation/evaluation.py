@@ -53,9 +53,14 @@ def evaluate_model(model: Any, tasks: list[str], split: dict[str, Any], batch_si
 class FinalTest:
     """The run's only reader of test splits: one read per (method, institution).
 
-    ``reads`` counts them, so a run (and a test) can show each method saw test once."""
+    ``reads`` counts them, so a run (and a test) can show each method saw test once.
+    ``split="val"`` makes it read validation instead: a tuning run (the grid of
+    ``evaluation.grid``) scores every method on validation by the same code path."""
 
-    def __init__(self) -> None:
+    def __init__(self, split: str = "test") -> None:
+        if split not in ("test", "val"):
+            raise ValueError(f"FinalTest reads 'test' (or 'val' for tuning), not {split!r}")
+        self.split = split
         self.reads: dict[str, dict[str, int]] = {}  # method -> institution -> reads
 
     def evaluate(self, method: str, institution: Any, model: Any) -> tuple[Metrics, dict[str, list[int]]]:
@@ -67,8 +72,8 @@ class FinalTest:
         seen = self.reads.setdefault(method, {})
         if seen.get(institution.name):
             raise RepeatedTestRead(
-                f"method {method!r} already read the test split of {institution.name!r}; "
+                f"method {method!r} already read the {self.split} split of {institution.name!r}; "
                 "choices are made on validation and test is read once, at the end"
             )
         seen[institution.name] = 1
-        return read(institution.data.test)
+        return read(getattr(institution.data, self.split))

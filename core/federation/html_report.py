@@ -74,8 +74,9 @@ def privacy_summary(ledger: PrivacyLedger) -> list[list[str]]:
     return rows
 
 
-def write_report(path: Path, run_dirs: list[Path], title: str | None = None) -> Path:
-    """Write ``path`` from one run folder (one seed) or several (one per seed)."""
+def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tuning: dict | None = None) -> Path:
+    """Write ``path`` from one run folder (one seed) or several (one per seed); ``tuning``
+    is the tuning grid's record (``seeds.json`` → ``tuning``) when the run had one."""
     from . import plots  # matplotlib only when a report is written
 
     metrics = [_read(d, "metrics.json") for d in run_dirs]
@@ -138,12 +139,32 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None) -> 
         parts.append("<h2>Expert usage per institution × task</h2>")
         parts.append(_png(lambda b: plots.expert_usage(b, routing["tokens"], routing["experts"])))
 
-    # Where the time goes: wall seconds per method (mean over seeds).
+    # Each deep method's learning rate and local steps, and the grid they were chosen on.
+    points = metrics[0].get("points") or {}
+    if points:
+        parts.append("<h2>Learning rate and local steps per method</h2>")
+        header = ["method", "learning rate", "local steps"]
+        rows = [[html.escape(m), f"{p['lr']:g}", str(p["local_steps"])] for m, p in points.items()]
+        if tuning:
+            grid = [f"lr {p['lr']:g}, {p['local_steps']} steps" for p in tuning["points"]]
+            header += [f"val loss at {html.escape(g)}" for g in grid]
+            for row, m in zip(rows, points):
+                row += [f"{v:.4f}" for v in tuning["val_loss"].get(m, [])]
+        parts.append(_table(header, rows))
+        note = (
+            f"Chosen per method on the tuning grid, by the lowest mean validation loss (seed {tuning['seed']}); test was not read for it."
+            if tuning else "No tuning grid: every method ran at the config's learning rate and local steps."
+        )  # fmt: skip
+        parts.append(f"<p class=note>{html.escape(note)}</p>")
+
+    # Where the time goes: wall and CPU seconds per method (mean over seeds).
     timed = [m.get("seconds") or {} for m in metrics]
+    cpu = [m.get("cpu_seconds") or {} for m in metrics]
     if any(timed):
         methods = list(timed[0])
         parts.append("<h2>Where the time goes</h2>")
-        parts.append(_table(["method", "seconds (mean over seeds)"], [[html.escape(m), f"{sum(t.get(m, 0.0) for t in timed) / len(timed):.1f}"] for m in methods]))
+        rows = [[html.escape(m), f"{sum(t.get(m, 0.0) for t in timed) / len(timed):.1f}", f"{sum(c.get(m, 0.0) for c in cpu) / len(cpu):.1f}"] for m in methods]
+        parts.append(_table(["method", "wall seconds (mean over seeds)", "CPU seconds (mean over seeds)"], rows))
 
     ledger = PrivacyLedger.read(run_dirs[0])
     if ledger is not None:

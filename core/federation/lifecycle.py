@@ -13,11 +13,17 @@ tables (:mod:`.report`).
 
 from __future__ import annotations
 
+import copy
 import json
+import multiprocessing
+import os
+import queue
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,9 @@ import torch
 from ..config import IDENTIFIER, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import PrivacyLedger
+from ..threads import resolve_threads, usable_cores
 from .baselines import BaselineContext, configured
+from .baselines.common import config_at
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
     ERASED_FILE,
@@ -40,7 +48,7 @@ from .checkpoint import (
     unflatten_components,
     write_json_atomic,
 )
-from .config import load_config
+from .config import TUNED_METHODS, FederationConfig, load_config
 from .data import num_samples, take
 from .evaluation import FinalTest, Metrics, evaluate_model
 from .report import across_seeds, compare, format_seeds_table, format_table, summarize
@@ -61,10 +69,15 @@ def run_job(
     stop_after: int | None = None,
     progress: Progress = print_progress,
     echo: bool = True,
+    tuning: bool = False,
 ) -> dict[str, Any]:
     """Run a federation end to end. ``stop_after`` stops after that round (tests of resume);
-    ``echo=False`` leaves the tables out of stdout (a multi-seed run prints its own)."""
+    ``echo=False`` leaves the tables out of stdout (a multi-seed run prints its own);
+    ``tuning=True`` is a run of the tuning grid: every method is scored on validation
+    and the test split is not read."""
     cfg = load_config(config, overrides)
+    if has_grid(cfg):
+        raise ConfigError("evaluation.grid", "a tuning grid is run by run_seeds (`m3tfed run --seeds N` or --protocol), which tunes on the first seed")
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if not IDENTIFIER.fullmatch(name):  # it becomes a folder: never one outside runs_dir
         raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
@@ -75,7 +88,7 @@ def run_job(
         fed = build_federation(cfg, data_root=data_root, run_dir=run_dir)
         # What each data source read, dropped or fixed, per institution: nothing is dropped unseen.
         write_json_atomic(run_dir / "data_report.json", {n: i.data.report for n, i in fed.institutions.items()})
-        return continue_run(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress, echo=echo)
+        return continue_run(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress, echo=echo, tuning=tuning)
     except BaseException:
         if not round_checkpoints(run_dir):  # nothing to resume: leave no folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -105,7 +118,13 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress: Progress 
 
 
 def continue_run(
-    fed: Federation, run_dir: Path, start_round: int, stop_after: int | None = None, progress: Progress = print_progress, echo: bool = True
+    fed: Federation,
+    run_dir: Path,
+    start_round: int,
+    stop_after: int | None = None,
+    progress: Progress = print_progress,
+    echo: bool = True,
+    tuning: bool = False,
 ) -> dict[str, Any]:
     """Rounds ``start_round..rounds`` of a built federation (validating as configured),
     then the final test of the kept state and the baselines. Returns ``metrics.json``'s
@@ -117,7 +136,7 @@ def continue_run(
     progress(f"m3tfed: {cfg.name}: {len(fed.institutions)} institutions, {cfg.rounds} rounds -> {run_dir}")
     for name, sel in fed.selections.items():
         progress(f"  {name:<20} experts: {', '.join(sel)}")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     ev = cfg.evaluation
     for rnd in range(start_round, cfg.rounds + 1):
         rep = fed.server.run_round(rnd)
@@ -137,27 +156,43 @@ def continue_run(
         progress(f"round {rnd}/{cfg.rounds}: {len(rep.succeeded)}/{len(rep.sampled)} institutions, train loss {rep.loss:.4f}{val}, {rep.seconds:.1f}s{dropped}")
         if stop_after is not None and rnd >= stop_after:
             return {"stopped_after": rnd, "run_dir": str(run_dir)}
-    return finish(fed, run_dir, curves, time.perf_counter() - t0, progress, echo)
+    return finish(fed, run_dir, curves, (time.perf_counter() - t0, cpu_seconds() - cpu0), progress, echo, tuning)
 
 
-def finish(fed: Federation, run_dir: Path, curves: list[dict], fed_seconds: float, progress: Progress, echo: bool = True) -> dict[str, Any]:
-    """Test the kept state and every configured baseline once; write the run folder."""
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that ended: on a
+    shared machine the honest measure of the work, where wall time depends on the load."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: this process only
+        return time.process_time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def finish(
+    fed: Federation, run_dir: Path, curves: list[dict], fed_time: tuple[float, float], progress: Progress, echo: bool = True, tuning: bool = False
+) -> dict[str, Any]:
+    """Test the kept state and every configured baseline once; write the run folder.
+    ``fed_time`` is the federated rounds' (wall, CPU) seconds. A tuning run reads
+    validation where a run reads test, writes no plots and prints nothing."""
     cfg = fed.config
+    fed_seconds, fed_cpu = fed_time
     baselines = configured(cfg.evaluation)
     progress(f"evaluating: federated MoE and {', '.join(b.name for b in baselines)}")
     history = [to_dict(r) for r in fed.server.history]
     kept_round = load_kept(fed, run_dir)
     progress(f"  testing the state after round {kept_round}" + (" (lowest validation loss)" if cfg.evaluation.keep == "best" else ""))
-    final = FinalTest()
+    final = FinalTest("val" if tuning else "test")
     results: dict[str, dict] = {}
     results["fed_moe"], routing = read_test_once(fed, final)
     ctx = BaselineContext(final=final, progress=progress)
-    seconds = {"fed_moe": fed_seconds}
+    seconds, cpu = {"fed_moe": fed_seconds}, {"fed_moe": fed_cpu}
     for k, baseline in enumerate(baselines, 1):
         progress(f"  method {baseline.name} ({k}/{len(baselines)})")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         results[baseline.name] = baseline.run(fed, ctx)
-        seconds[baseline.name] = time.perf_counter() - t
+        seconds[baseline.name], cpu[baseline.name] = time.perf_counter() - t, cpu_seconds() - c
     summary = summarize(fed, results)
     comparison = compare(summary)
     out = {
@@ -171,11 +206,17 @@ def finish(fed: Federation, run_dir: Path, curves: list[dict], fed_seconds: floa
         "communication": {"bytes_down": sum(r.bytes_down for r in fed.server.history), "bytes_up": sum(r.bytes_up for r in fed.server.history)},
         "history": history,
         "kept_round": kept_round,
-        "test_reads": final.reads,
+        "split": final.split,  # "val" in a tuning run: every table above is on validation
+        "test_reads": final.reads if not tuning else {},
         "method_curves": ctx.curves,  # validation curves of the baselines that have rounds
-        "seconds": seconds,  # where the time goes, per method
+        "seconds": seconds,  # where the time goes, per method: wall seconds
+        "cpu_seconds": cpu,  # and CPU seconds (this process and its finished children)
+        # the learning rate and local steps each deep method ran with (evaluation.tuned)
+        "points": {m: point_of(cfg, m) for m in results if m in TUNED_METHODS},
     }
     write_json_atomic(run_dir / "metrics.json", out)
+    if tuning:
+        return out
     expert_names = cfg.model.expert_names
     write_json_atomic(run_dir / "routing.json", {"experts": expert_names, "tokens": routing})
     if cfg.evaluation.plots:  # the PNGs and report.html (matplotlib only when asked for)
@@ -193,6 +234,12 @@ def finish(fed: Federation, run_dir: Path, curves: list[dict], fed_seconds: floa
     return out
 
 
+def point_of(cfg: FederationConfig, method: str) -> dict[str, Any]:
+    """The learning rate and local steps ``method`` runs with under ``cfg``."""
+    f = config_at(cfg, method).federation
+    return {"lr": f.lr, "local_steps": f.local_steps}
+
+
 def run_seeds(
     config: str | Path | dict | None = None,
     overrides: list[str] | None = None,
@@ -201,63 +248,228 @@ def run_seeds(
     runs_dir: Path = Path("runs"),
     data_root: str | Path | None = None,
     progress: Progress = print_progress,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """The same design under ``seeds`` seeds (the config's seed, +1, ...): one run folder
     per seed under ``runs_dir/name/``, then ``seeds.json`` with every table as mean and
-    95% interval over seeds and the paired comparisons (:func:`.report.across_seeds`)."""
+    95% interval over seeds and the paired comparisons (:func:`.report.across_seeds`).
+
+    With a tuning grid (``evaluation.grid``), every deep method first runs at every grid
+    point on the first seed (folders ``tune_<k>``, validation only, no test read) and
+    each keeps the point of its lowest mean validation loss (:func:`tune`); the seeds
+    then run with each method at its point. ``workers`` (default
+    ``evaluation.workers``; 0 = every usable core) runs that many runs at once, each in a
+    process of its own with its share of the cores; results are the same as serial."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     cfg = load_config(config, overrides)
+    workers = cfg.evaluation.workers if workers is None else workers
+    if workers < 0:
+        raise ConfigError("--workers", f"must be >= 0 (0 = every usable core), got {workers}")
+    workers = workers or usable_cores()
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not IDENTIFIER.fullmatch(name):
+        raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
     root = Path(runs_dir) / name
-    tracker = SeedProgress(seeds, progress)
-    outs = []
-    for i in range(seeds):
-        seed = cfg.seed + i
-        tracker.begin(i, seed)
-        outs.append(run_job(config, [*(overrides or []), f"seed={seed}"], name=f"seed_{seed}", runs_dir=root, data_root=data_root, progress=tracker, echo=False))
-    combined = {"name": cfg.name, "seeds_used": [cfg.seed + i for i in range(seeds)], **across_seeds([o["summary"] for o in outs])}
+    if root.exists():
+        raise ConfigError("--name", f"{root} exists: choose another run name")
+    base = to_dict(cfg)
+    base["evaluation"]["grid"] = {}  # tuned here, once: the runs get each method's point
+    if workers > 1:  # workers x threads stays within the cores
+        base["federation"]["threads"] = min(resolve_threads(cfg.federation.threads), max(1, usable_cores() // workers))
+    seed_list = [cfg.seed + i for i in range(seeds)]
+    points = [resolved(cfg, p) for p in cfg.evaluation.grid.points()] if has_grid(cfg) else []
+    labels = [f"grid point {k + 1}/{len(points)} (lr {p['lr']:g}, {p['local_steps']} steps)" for k, p in enumerate(points)]
+    labels += [f"seed {s} ({i + 1}/{seeds})" for i, s in enumerate(seed_list)]
+    tracker = RunsProgress(labels, workers, progress)
+    t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _load()
+    tuning = tune(base, points, root, data_root, workers, tracker) if points else None
+    if tuning is not None:
+        base = at_points(base, tuning["chosen"])
+    jobs = [RunSpec({**base, "seed": s}, root, f"seed_{s}", tracker_index=len(points) + i) for i, s in enumerate(seed_list)]
+    outs = run_all(jobs, data_root, workers, tracker)
+    combined = {"name": cfg.name, "seeds_used": seed_list, **across_seeds([o["summary"] for o in outs])}
+    combined["points"] = outs[0]["points"]  # each deep method's learning rate and local steps
+    if tuning is not None:
+        combined["tuning"] = tuning
+    combined["time"] = {
+        "workers": workers,
+        "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": cpu_seconds() - cpu0,  # every run's processes, tuning included
+        "load_average": {"start": load0, "end": _load()},  # the machine's, other work included
+    }
     write_json_atomic(root / "seeds.json", combined)
     if cfg.evaluation.plots:
         from .html_report import write_report
 
-        write_report(root / "report.html", [root / f"seed_{s}" for s in combined["seeds_used"]], title=f"{cfg.name} ({seeds} seeds)")
+        write_report(root / "report.html", [root / f"seed_{s}" for s in seed_list], title=f"{cfg.name} ({seeds} seeds)", tuning=tuning)
     print(format_seeds_table(combined))
     print(f"\nrun folders: {root}/seed_*" + (f"; report: {root / 'report.html'}" if cfg.evaluation.plots else ""))
     return combined
 
 
-class SeedProgress:
-    """Progress lines of a multi-seed run: which seed, what it is doing (the run's own
-    line: round, method) and an estimate of the time left from the seeds done so far
-    (during the first seed, from its rounds)."""
+def has_grid(cfg: FederationConfig) -> bool:
+    return bool(cfg.evaluation.grid.lr or cfg.evaluation.grid.local_steps)
 
-    def __init__(self, seeds: int, out: Progress):
-        self.seeds, self.out = seeds, out
+
+def resolved(cfg: FederationConfig, point: Any) -> dict[str, Any]:
+    """A grid point with the federation's value on an axis the grid leaves out."""
+    return {"lr": point.lr or cfg.federation.lr, "local_steps": point.local_steps or cfg.federation.local_steps}
+
+
+def tune(base: dict, points: list[dict], root: Path, data_root: Any, workers: int, tracker: RunsProgress) -> dict[str, Any]:
+    """Run every deep method of ``base`` at every grid point on its seed (validation
+    only: no test split is read) and choose, per method, the point with the lowest mean
+    validation loss over institutions (summed task losses, the quantity early stopping
+    minimises, of the state each method keeps). Every method gets the same grid, the same
+    rounds and the same early stopping: the same tuning budget."""
+    jobs = []
+    for k, p in enumerate(points):
+        d = copy.deepcopy(base)
+        d["federation"].update(lr=p["lr"], local_steps=p["local_steps"])
+        ev = d["evaluation"]
+        ev.update(plots=False, tuned={}, baselines=[b for b in ev["baselines"] if b in TUNED_METHODS])
+        jobs.append(RunSpec(d, root, f"tune_{k}", tracker_index=k, tuning=True))
+    outs = run_all(jobs, data_root, workers, tracker)
+    scores = {m: [validation_score(o["results"][m]) for o in outs] for m in outs[0]["results"]}
+    chosen = {m: points[min(range(len(points)), key=v.__getitem__)] for m, v in scores.items()}
+    return {"points": points, "val_loss": scores, "chosen": chosen, "seed": base["seed"]}
+
+
+def at_points(base: dict, chosen: dict[str, dict]) -> dict:
+    """``base`` with each method at its chosen point: fed_moe's in ``federation``, the
+    others' in ``evaluation.tuned``."""
+    d = copy.deepcopy(base)
+    d["federation"].update(chosen["fed_moe"])
+    d["evaluation"]["tuned"] = {m: dict(p) for m, p in chosen.items() if m != "fed_moe"}
+    return d
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# -- several runs, in this process or in worker processes ----------------------------------
+@dataclass
+class RunSpec:
+    """One run of :func:`run_all`: a config (as a dict), where and under which name."""
+
+    config: dict
+    runs_dir: Path
+    name: str
+    tracker_index: int
+    tuning: bool = False
+
+
+def run_all(jobs: list[RunSpec], data_root: Any, workers: int, tracker: RunsProgress) -> list[dict[str, Any]]:
+    """Run ``jobs`` (independent runs: seeds, grid points), ``workers`` at a time, each
+    worker a spawned process; returns their ``metrics.json`` contents in ``jobs`` order.
+    A run's results depend on its config only, so the order they finish in changes
+    nothing. The first failure stops the runs not yet started and is raised."""
+    if workers <= 1 or len(jobs) == 1:
+        outs = []
+        for job in jobs:
+            tracker.begin(job.tracker_index)
+            outs.append(_run_spec(job, data_root, tracker.reporter(job.tracker_index)))
+            tracker.end(job.tracker_index)
+        return outs
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    messages = ctx.Queue()
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(messages,)) as pool:
+        futures = [pool.submit(_run_in_worker, job, data_root) for job in jobs]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            _relay(messages, tracker)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                for f in pending:
+                    f.cancel()
+                raise failed[0].exception()
+        _relay(messages, tracker)
+    return [f.result() for f in futures]
+
+
+_MESSAGES: Any = None  # a worker's queue of (tracker index, message) to the parent
+
+
+def _init_worker(messages: Any) -> None:
+    global _MESSAGES
+    _MESSAGES = messages
+
+
+def _run_in_worker(job: RunSpec, data_root: Any) -> dict[str, Any]:
+    _MESSAGES.put((job.tracker_index, None))  # None: the run starts
+    try:
+        return _run_spec(job, data_root, lambda msg: _MESSAGES.put((job.tracker_index, msg)))
+    finally:
+        _MESSAGES.put((job.tracker_index, False))  # False: the run ended
+
+
+def _relay(messages: Any, tracker: RunsProgress) -> None:
+    while True:
+        try:
+            index, msg = messages.get_nowait()
+        except queue.Empty:
+            return
+        if msg is None:
+            tracker.begin(index)
+        elif msg is False:
+            tracker.end(index)
+        else:
+            tracker.reporter(index)(msg)
+
+
+def _run_spec(job: RunSpec, data_root: Any, progress: Progress) -> dict[str, Any]:
+    return run_job(job.config, name=job.name, runs_dir=job.runs_dir, data_root=data_root, progress=progress, echo=False, tuning=job.tuning)
+
+
+class RunsProgress:
+    """Progress lines of several runs (grid points, seeds), serial or at once: which run,
+    what it is doing (its own line: round, method) and an estimate of the time left.
+
+    The estimate is the mean duration of the runs done so far, for every run not done
+    (less what a running one has run), spread over the workers. Before any run is done
+    it is the rounds' pace alone, a lower bound (shown ``> ``): the baselines after the
+    rounds are not in it."""
+
+    def __init__(self, labels: list[str], workers: int, out: Progress):
+        self.labels, self.workers, self.out = labels, max(1, workers), out
         self.t0 = time.perf_counter()
-        self.index, self.seed, self.seed_t0 = 0, 0, self.t0
-        self.first_guess: tuple[float, float] | None = None  # (when, seconds left) from the first seed's rounds
+        self.started: dict[int, float] = {}
+        self.took: dict[int, float] = {}  # run -> its wall seconds, once done
+        self.rounds_guess: dict[int, float] = {}  # run -> its rounds' seconds, from its pace
 
-    def begin(self, index: int, seed: int) -> None:
-        self.index, self.seed, self.seed_t0 = index, seed, time.perf_counter()
+    def begin(self, index: int) -> None:
+        self.started[index] = time.perf_counter()
 
-    def left(self, msg: str) -> str:
+    def end(self, index: int) -> None:
+        self.took[index] = time.perf_counter() - self.started.get(index, self.t0)
+
+    def left(self, index: int, msg: str) -> str:
         now = time.perf_counter()
-        if self.index > 0:
-            per_seed = (self.seed_t0 - self.t0) / self.index
-            return _clock(max(0.0, per_seed * (self.seeds - self.index) - (now - self.seed_t0)))
-        if msg.startswith("round ") and "/" in msg:  # "round r/R: ..." of the first seed
+        if msg.startswith("round ") and "/" in msg:  # "round r/R: ..."
             r, total = (int(x) for x in msg.split(":")[0].removeprefix("round ").split("/"))
-            # rounds only: the baselines after them are not in this first estimate
-            self.first_guess = (now, (now - self.seed_t0) / r * (total - r + total * (self.seeds - 1)))
-        if self.first_guess is None:
+            self.rounds_guess[index] = (now - self.started.get(index, self.t0)) / r * total
+        if self.took:
+            per_run, prefix = sum(self.took.values()) / len(self.took), "~"
+        elif self.rounds_guess:
+            per_run, prefix = max(self.rounds_guess.values()), "> "
+        else:
             return "?"
-        at, guess = self.first_guess
-        return "> " + _clock(max(0.0, guess - (now - at)))
+        todo = [j for j in range(len(self.labels)) if j not in self.took]
+        work = sum(max(0.0, per_run - (now - self.started[j])) if j in self.started else per_run for j in todo)
+        return prefix + _clock(work / max(1, min(self.workers, len(todo))))
 
-    def __call__(self, msg: str) -> None:
-        elapsed = _clock(time.perf_counter() - self.t0)
-        self.out(f"[seed {self.seed} ({self.index + 1}/{self.seeds}) | {elapsed} elapsed, ~{self.left(msg)} left] {msg}")
+    def reporter(self, index: int) -> Progress:
+        def report(msg: str) -> None:
+            elapsed = _clock(time.perf_counter() - self.t0)
+            self.out(f"[{self.labels[index]} | {elapsed} elapsed, {self.left(index, msg)} left] {msg}")
+
+        return report
 
 
 def _clock(seconds: float) -> str:

@@ -1,15 +1,25 @@
 """``centralized``: one model trained on the pooled data of every institution, with the
-federation's total compute, in shuffled order: each round's steps (every institution's
-local steps) are interleaved at random, so consecutive steps mix institutions and tasks.
-A step's batch holds one institution's samples, because institutions' modality sets
-differ. What an institution keeps personal in the federation (its router, its heads) it
-keeps here too, with its own optimizer state, so this differs from the federation only
-in where the data is. Early stopping: the pooled model is validated every
+federation's compute, on shuffled mixed-institution, mixed-task batches: the upper
+bound the federation is compared with.
+
+A step's batch mixes the samples of :data:`MIX` institutions drawn at random (in
+proportion to their local steps, as the federation weighs them), so their tasks and
+modality sets differ within one step. Institutions' modality sets differ, so the batch
+is formed as micro-batches, one per drawn institution, whose gradients are accumulated
+(each weighted by its share of the batch's samples) before the one optimizer step: the
+step's gradient is the gradient of the mixed batch's mean loss. Per round it takes as
+many steps, of as many samples, as the federation's institutions take together.
+
+What an institution keeps personal in the federation (its router, its heads) it keeps
+here too, with its own optimizer state, so this differs from the federation only in
+where the data is. Early stopping: the pooled model is validated every
 ``evaluation.every`` rounds' worth of steps and the best state is the one tested."""
 
 from __future__ import annotations
 
 import copy
+import math
+from contextlib import contextmanager
 
 import torch
 
@@ -19,21 +29,22 @@ from ..data import iterate_batches, model_inputs
 from ..institution import seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
-from .common import val_loss
+from .common import federation_at, val_loss
+
+MIX = 4  # institutions per step (fewer when the federation has fewer)
 
 
-class Centralized:
-    name = "centralized"
+class PooledTrainer:
+    """The pooled model, its optimizers and each institution's own personal values."""
 
-    def run(self, fed: Federation, ctx: BaselineContext) -> Results:
-        ctx.progress("  centralized baseline: pooled data, same compute")
+    def __init__(self, fed: Federation):
         cfg = fed.config
         torch.manual_seed(seed_for(cfg.seed, "centralized"))
-        model = M3TModel(cfg.model, catalogue=fed.server.catalogue)
+        self.model = model = M3TModel(cfg.model, catalogue=fed.server.catalogue)
         init = initial_state(cfg, fed.server.catalogue)
         for comp, state in init.items():
             model.load_component_state(comp, state)
-        insts = list(fed.institutions.values())
+        self.insts = insts = list(fed.institutions.values())
         f = cfg.federation
 
         def optimizer(tensors):
@@ -41,54 +52,121 @@ class Centralized:
                 return torch.optim.AdamW(tensors, lr=f.lr, weight_decay=f.weight_decay)
             return torch.optim.SGD(tensors, lr=f.lr, weight_decay=f.weight_decay)
 
-        shared_opt = optimizer([p for p in model.parameters() if p.requires_grad])
-        personal = [[c for c in model.component_names() if inst.is_personal(c)] for inst in insts]
-        own_state = [{c: {k: v.clone() for k, v in init[c].items()} for c in comps} for comps in personal]
-        trainable = [(component_of(n), p) for n, p in model.named_parameters() if p.requires_grad]
-        own_opt = [optimizer([p for c, p in trainable if c in comps]) if comps else None for comps in personal]
+        self.shared_opt = optimizer([p for p in model.parameters() if p.requires_grad])
+        self.personal = [
+            [c for c in model.component_names() if inst.is_personal(c)] for inst in insts
+        ]
+        self.own_state = [
+            {c: {k: v.clone() for k, v in init[c].items()} for c in comps}
+            for comps in self.personal
+        ]
+        self.params = [(component_of(n), p) for n, p in model.named_parameters() if p.requires_grad]
+        self.own_opt = [
+            optimizer([p for c, p in self.params if c in comps]) if comps else None
+            for comps in self.personal
+        ]
+
+    def step(self, parts: list[tuple[int, dict]]) -> None:
+        """One optimizer step on a mixed batch given as ``(institution index, micro-batch)``
+        parts: each part's loss (its institution's tasks, with its own personal values)
+        weighted by its share of the samples, gradients accumulated, then one step of the
+        shared parameters and of each drawn institution's personal ones."""
+        model, total = self.model, sum(num_rows(b) for _, b in parts)
+        model.train()
+        self.shared_opt.zero_grad(set_to_none=True)
+        own_grads: dict[int, dict[torch.Tensor, torch.Tensor]] = {}
+        for k, batch in parts:
+            with self.own_values(k):
+                loss = sum(
+                    model.loss(model_inputs(batch), t, batch["targets"][t])[0]
+                    for t in self.insts[k].config.tasks
+                )
+                (loss * (num_rows(batch) / total)).backward()
+            grads = own_grads.setdefault(
+                k, {}
+            )  # a personal part's gradient is its institution's alone
+            for c, p in self.params:
+                if c in self.personal[k] and p.grad is not None:
+                    grads[p] = grads[p] + p.grad if p in grads else p.grad
+                    p.grad = None
+        self.shared_opt.step()  # a parameter without gradient (personal to every part) stays
+        for k, grads in own_grads.items():
+            if self.own_opt[k] is None:
+                continue
+            with self.own_values(k, keep=True):
+                for p, g in grads.items():
+                    p.grad = g
+                self.own_opt[k].step()
+                self.own_opt[k].zero_grad(set_to_none=True)
+
+    @contextmanager
+    def own_values(self, k: int, keep: bool = False):
+        """Institution ``k``'s own values of its personal components loaded in the pooled
+        model for the block (``keep``: what the block changed becomes its own values)."""
+        comps = self.personal[k]
+        shared_values = {c: self.model.component_state(c) for c in comps}
+        for c in comps:
+            self.model.load_component_state(c, self.own_state[k][c])
+        try:
+            yield
+        finally:
+            for c in comps:
+                if keep:
+                    self.own_state[k][c] = self.model.component_state(c)
+                self.model.load_component_state(c, shared_values[c])
+
+    def read(self, k: int, read):
+        """``read()`` with institution ``k``'s own personal values loaded."""
+        with self.own_values(k):
+            return read()
+
+
+def num_rows(batch: dict) -> int:
+    return len(next(iter(batch["targets"].values())))
+
+
+class Centralized:
+    name = "centralized"
+
+    def run(self, fed: Federation, ctx: BaselineContext) -> Results:
+        ctx.progress("  centralized baseline: pooled data, mixed-institution batches, same compute")
+        fed = federation_at(fed, self.name)  # at the method's learning rate and local steps
+        cfg, f = fed.config, fed.config.federation
+        pooled = PooledTrainer(fed)
+        insts = pooled.insts
+        mix = min(MIX, len(insts))
+        micro = math.ceil(f.batch_size / mix)
         gen = torch.Generator().manual_seed(seed_for(cfg.seed, "centralized", "batches"))
-        batches = [iterate_batches(i.data.train, f.batch_size, gen) for i in insts]
-        # Interleave in proportion to each institution's local steps, as the federation does.
-        schedule = torch.tensor([k for k, inst in enumerate(insts) for _ in range(inst.local_steps())])
+        batches = [iterate_batches(i.data.train, micro, gen) for i in insts]
+        # Institutions are drawn in proportion to their local steps, as the federation weighs them.
+        weights = torch.tensor([float(inst.local_steps()) for inst in insts])
+        steps = sum(inst.local_steps() for inst in insts)  # the federation's steps per round
         best, kept, curve = float("inf"), None, []
         for rnd in range(1, cfg.rounds + 1):
-            model.train()
-            for k in schedule[torch.randperm(len(schedule), generator=gen)].tolist():
-                shared_values = {c: model.component_state(c) for c in personal[k]}
-                for c in personal[k]:
-                    model.load_component_state(c, own_state[k][c])
-                batch = next(batches[k])
-                loss = sum(model.loss(model_inputs(batch), t, batch["targets"][t])[0] for t in insts[k].config.tasks)
-                shared_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if own_opt[k] is not None:
-                    own_opt[k].step()
-                    own_opt[k].zero_grad(set_to_none=True)  # the shared optimizer leaves them be
-                shared_opt.step()
-                for c in personal[k]:
-                    own_state[k][c] = model.component_state(c)
-                    model.load_component_state(c, shared_values[c])
+            for _ in range(steps):
+                drawn = torch.multinomial(weights, mix, replacement=False, generator=gen).tolist()
+                pooled.step([(k, next(batches[k])) for k in drawn])
             if rnd % cfg.evaluation.every and rnd != cfg.rounds:
                 continue
-            score = sum(with_own(model, personal[k], own_state[k], lambda inst=inst: val_loss(inst, model)) for k, inst in enumerate(insts)) / len(insts)
+            score = sum(
+                pooled.read(k, lambda inst=inst: val_loss(inst, pooled.model))
+                for k, inst in enumerate(insts)
+            ) / len(insts)
             curve.append({"round": rnd, "val_loss": score})
+            ctx.progress(f"  centralized: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
             if score < best:
                 best = score
-                kept = ({c: model.component_state(c) for c in model.component_names()}, copy.deepcopy(own_state))
-        shared_state, own_state = kept
+                kept = (
+                    {c: pooled.model.component_state(c) for c in pooled.model.component_names()},
+                    copy.deepcopy(pooled.own_state),
+                )
+        shared_state, pooled.own_state = kept
         for c, s in shared_state.items():
-            model.load_component_state(c, s)
+            pooled.model.load_component_state(c, s)
         ctx.curves[self.name] = curve
-        return {inst.name: with_own(model, personal[k], own_state[k], lambda inst=inst: ctx.final.evaluate(self.name, inst, model)[0]) for k, inst in enumerate(insts)}
-
-
-def with_own(model: M3TModel, comps: list[str], own: dict, read):
-    """``read()`` with an institution's own values of its personal components loaded."""
-    shared_values = {c: model.component_state(c) for c in comps}
-    for c in comps:
-        model.load_component_state(c, own[c])
-    try:
-        return read()
-    finally:
-        for c in comps:
-            model.load_component_state(c, shared_values[c])
+        return {
+            inst.name: pooled.read(
+                k, lambda inst=inst: ctx.final.evaluate(self.name, inst, pooled.model)[0]
+            )
+            for k, inst in enumerate(insts)
+        }

@@ -25,6 +25,27 @@ def val_loss(inst: Institution, model: Any) -> float:
     return sum(m["loss"] for m in metrics.values())
 
 
+def config_at(cfg: FederationConfig, method: str) -> FederationConfig:
+    """``cfg`` with ``method``'s learning rate and local steps (``evaluation.tuned``, the
+    tuning grid's choice); ``cfg`` itself when the method runs at the federation's."""
+    point = cfg.evaluation.point(method)
+    if point.lr in (None, cfg.federation.lr) and point.local_steps in (None, cfg.federation.local_steps):
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.federation.lr = point.lr or cfg.federation.lr
+    out.federation.local_steps = point.local_steps or cfg.federation.local_steps
+    return out
+
+
+def federation_at(fed: Federation, method: str) -> Federation:
+    """``fed`` when ``method`` runs at the federation's learning rate and local steps,
+    else an untrained federation on the same data at the method's point."""
+    cfg = config_at(fed.config, method)
+    if cfg is fed.config:
+        return fed
+    return build_federation(cfg, fed.server.catalogue, data={n: i.data for n, i in fed.institutions.items()})
+
+
 def train_variant(
     fed: Federation,
     cfg: FederationConfig,

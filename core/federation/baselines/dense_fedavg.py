@@ -12,7 +12,7 @@ from ...model import ExpertConfig, PluginConfig
 from ..build import Federation
 from ..config import FederationConfig
 from .base import BaselineContext, Results
-from .common import keep_personal, train_variant
+from .common import config_at, keep_personal, train_variant
 
 
 def dense_config(cfg: FederationConfig, aggregator: PluginConfig | None = None) -> FederationConfig:
@@ -32,20 +32,23 @@ def dense_config(cfg: FederationConfig, aggregator: PluginConfig | None = None) 
     return dense
 
 
-def trained_dense(fed: Federation, ctx: BaselineContext) -> Federation:
-    """The dense FedAvg federation at its best validation round, trained once per run
-    (FedAvg + fine-tuning starts from it too)."""
-    if "dense_fedavg" not in ctx.shared:
-        variant, kept, curve = train_variant(fed, dense_config(fed.config), ctx, "dense FedAvg")
-        ctx.shared["dense_fedavg"] = variant
-        ctx.curves["dense_fedavg"] = curve
-        ctx.progress(f"  dense FedAvg: keeping round {kept}")
-    return ctx.shared["dense_fedavg"]
+def trained_dense(fed: Federation, ctx: BaselineContext, method: str = "dense_fedavg") -> Federation:
+    """The dense FedAvg federation at ``method``'s learning rate and local steps, at its
+    best validation round, trained once per run and point (FedAvg + fine-tuning starts
+    from it too)."""
+    cfg = config_at(fed.config, method)
+    key = ("dense_fedavg", cfg.federation.lr, cfg.federation.local_steps)
+    if key not in ctx.shared:
+        variant, kept, curve = train_variant(fed, dense_config(cfg), ctx, f"dense FedAvg ({method})")
+        ctx.shared[key] = variant
+        ctx.curves.setdefault(method, curve)
+        ctx.progress(f"  dense FedAvg ({method}): keeping round {kept}")
+    return ctx.shared[key]
 
 
 class DenseFedAvg:
     name = "dense_fedavg"
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
-        dense = trained_dense(fed, ctx)
+        dense = trained_dense(fed, ctx, self.name)
         return {n: ctx.final.evaluate(self.name, inst, inst.load(dense.server.state))[0] for n, inst in dense.institutions.items()}

@@ -10,7 +10,7 @@ from typing import Any
 from ..build import Federation
 from ..institution import seed_for
 from .base import BaselineContext, Results
-from .common import train_variant
+from .common import config_at, train_variant
 from .dense_fedavg import dense_config
 
 LAMBDA = 0.1
@@ -20,7 +20,7 @@ class Ditto:
     name = "ditto"
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
-        cfg = dense_config(fed.config)
+        cfg = dense_config(config_at(fed.config, self.name))
         own: dict[str, Any] = {}  # institution -> its personal model v (every component)
 
         def personal_step(variant: Federation, rnd: int) -> None:

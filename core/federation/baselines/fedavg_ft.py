@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..build import Federation
 from ..institution import seed_for
 from .base import BaselineContext, Results
-from .common import val_loss
+from .common import config_at, val_loss
 from .dense_fedavg import trained_dense
 
 
@@ -15,8 +15,8 @@ class FedAvgFineTune:
     name = "fedavg_ft"
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
-        dense = trained_dense(fed, ctx)
-        f = fed.config.federation
+        dense = trained_dense(fed, ctx, self.name)
+        f = config_at(fed.config, self.name).federation
         out = {}
         for name, inst in dense.institutions.items():
             model = inst.load(dense.server.state)

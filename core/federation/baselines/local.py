@@ -10,13 +10,14 @@ from ..build import Federation
 from ..institution import Institution, seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
-from .common import val_loss
+from .common import federation_at, val_loss
 
 
 class Local:
     name = "local"
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
+        fed = federation_at(fed, self.name)  # at the method's learning rate and local steps
         cfg = fed.config
         init = initial_state(cfg, fed.server.catalogue)
         every = cfg.evaluation.every

@@ -1,19 +1,26 @@
 """``personalized``: the federated MoE after a short local fine-tune of each
-institution's router and task heads (its personal gate), from the kept global state."""
+institution's router and task heads (its personal gate), from the kept global state. At
+a learning rate / local steps of its own (``evaluation.tuned``), it first trains its own
+federated MoE at that point (round kept on validation)."""
 
 from __future__ import annotations
 
 from ..build import Federation
 from ..institution import seed_for
 from .base import BaselineContext, Results
+from .common import config_at, train_variant
 
 
 class Personalized:
     name = "personalized"
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
+        cfg = config_at(fed.config, self.name)
+        if cfg is not fed.config:  # its own point: its own federated MoE
+            fed, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "federated MoE (personalized)")
+            ctx.progress(f"  federated MoE (personalized): keeping round {kept}")
         out = {}
-        f = fed.config.federation
+        f = cfg.federation
         for name, inst in fed.institutions.items():
             model = inst.load(fed.server.state)
             inst.fit(model, f.personalize_steps, f.lr, seed_for(fed.config.seed, "personalize", name), only=lambda c: c == "router" or c.startswith("task."))

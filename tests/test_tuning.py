@@ -1,0 +1,128 @@
+"""The shared tuning grid (every deep method at every point of learning rate x local
+steps on the first seed, each keeping its point by validation loss, test never read for
+it), runs in parallel worker processes with the same results as serial, and the
+centralized baseline's mixed-institution batches."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from m3tfed.cli import build_parser, protocol_overrides
+from m3tfed.errors import ConfigError
+from m3tfed.federation.baselines.centralized import PooledTrainer
+from m3tfed.federation.baselines.common import config_at
+from m3tfed.federation.build import build_federation
+from m3tfed.federation.config import load_config
+from m3tfed.federation.data import iterate_batches, model_inputs
+from m3tfed.federation.lifecycle import run_job, run_seeds, validation_score
+from m3tfed.model import component_of
+
+
+def quiet(_msg):
+    pass
+
+
+def test_workers_give_the_same_tables_as_serial(tmp_path):
+    d = tiny_config_dict(rounds=1, n=16)
+    lines = []
+    run_seeds(d, seeds=2, name="serial", runs_dir=tmp_path, progress=quiet, workers=1)
+    run_seeds(d, seeds=2, name="parallel", runs_dir=tmp_path, progress=lines.append, workers=2)
+    serial, parallel = (json.loads((tmp_path / n / "seeds.json").read_text()) for n in ("serial", "parallel"))
+    assert parallel["time"]["workers"] == 2 and serial["time"]["workers"] == 1
+    for key in ("tasks", "comparison", "points", "seeds_used"):
+        assert json.dumps(serial[key]) == json.dumps(parallel[key]), key  # NaN-safe equality
+    # the workers' progress reaches the parent: which run, its round, the time left
+    assert any(line.startswith("[seed 1 (2/2) |") and "left]" in line and "round 1/1" in line for line in lines)
+    assert serial["time"]["cpu_seconds"] > 0 and parallel["time"]["cpu_seconds"] > 0  # the workers' CPU is counted
+
+
+def test_every_deep_method_keeps_its_own_grid_point_chosen_on_validation(tmp_path):
+    d = tiny_config_dict(rounds=1, n=16, personalize_steps=1)
+    d["evaluation"].update(baselines=["local", "dense_fedavg", "centralized", "classical_pooled"], personalize=True, grid={"lr": [1e-4, 3e-2], "local_steps": [1, 2]})
+    out = run_seeds(d, seeds=1, name="g", runs_dir=tmp_path, progress=quiet)
+    tuning = out["tuning"]
+    assert [(p["lr"], p["local_steps"]) for p in tuning["points"]] == [(1e-4, 1), (1e-4, 2), (3e-2, 1), (3e-2, 2)]
+    deep = ["fed_moe", "personalized", "local", "dense_fedavg", "centralized"]
+    assert sorted(tuning["val_loss"]) == sorted(deep)  # the classical learner is not on the grid
+    for k in range(4):  # tuning runs read validation, never test
+        m = json.loads((tmp_path / "g" / f"tune_{k}" / "metrics.json").read_text())
+        assert m["split"] == "val" and m["test_reads"] == {}
+        for method in deep:  # the score is the method's validation loss at that point
+            assert tuning["val_loss"][method][k] == pytest.approx(validation_score(m["results"][method]))
+            assert m["points"][method] == tuning["points"][k]
+    for method, losses in tuning["val_loss"].items():
+        assert tuning["chosen"][method] == tuning["points"][losses.index(min(losses))]
+    seed = json.loads((tmp_path / "g" / "seed_0" / "metrics.json").read_text())
+    assert seed["points"] == {m: tuning["chosen"][m] for m in deep}  # each ran at its own point
+    assert set(seed["test_reads"]) == {*deep, "classical_pooled"}
+
+
+def test_a_method_point_changes_that_method_only(tmp_path):
+    d = tiny_config_dict(rounds=1, n=16)
+    d["evaluation"]["baselines"] = ["local"]
+    plain = run_job(d, name="plain", runs_dir=tmp_path, progress=quiet, echo=False)
+    tuned = copy.deepcopy(d)
+    tuned["evaluation"]["tuned"] = {"local": {"lr": 3e-2, "local_steps": 3}}
+    other = run_job(tuned, name="tuned", runs_dir=tmp_path, progress=quiet, echo=False)
+    assert other["points"]["local"] == {"lr": 3e-2, "local_steps": 3} and other["points"]["fed_moe"] == plain["points"]["fed_moe"]
+    assert json.dumps(other["results"]["fed_moe"]) == json.dumps(plain["results"]["fed_moe"])
+    assert json.dumps(other["results"]["local"]) != json.dumps(plain["results"]["local"])
+    cfg = load_config(tuned)
+    assert config_at(cfg, "fed_moe") is cfg and config_at(cfg, "local").federation.local_steps == 3
+
+
+def test_grid_and_point_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"evaluation.tuned.fed_moe.*federation.lr"):
+        load_config(tiny_config_dict(), ["evaluation.tuned.fed_moe={lr=0.1}"])
+    with pytest.raises(ConfigError, match=r"evaluation.tuned.fedavg: not a tuned method"):
+        load_config(tiny_config_dict(), ["evaluation.tuned.fedavg={lr=0.1}"])
+    with pytest.raises(ConfigError, match=r"evaluation.grid.lr"):
+        load_config(tiny_config_dict(), ["evaluation.grid.lr=[0.1, 0.1]"])
+    with pytest.raises(ConfigError, match=r"evaluation.grid.local_steps.*local_epochs"):
+        load_config(tiny_config_dict(), ["evaluation.grid.local_steps=[1, 2]", "federation.local_epochs=1.0"])
+    with pytest.raises(ConfigError, match=r"evaluation.grid.*run_seeds"):
+        run_job(tiny_config_dict(), overrides=["evaluation.grid.lr=[0.1]"], name="x", runs_dir="/nonexistent", progress=quiet)
+
+
+def test_protocol_adds_a_2x2_grid_around_the_config_and_every_core():
+    grid = [o for o in protocol_overrides(None, ["federation.lr=0.004", "federation.local_steps=6"]) if o.startswith("evaluation.grid")]
+    cfg = load_config(None, ["federation.lr=0.004", "federation.local_steps=6", *grid])
+    assert cfg.evaluation.grid.lr == [0.004, 0.008] and cfg.evaluation.grid.local_steps == [3, 6]
+    own = protocol_overrides(None, ["evaluation.grid.lr=[0.1]"])
+    assert not any(o.startswith("evaluation.grid") for o in own)  # a config's own grid wins
+    assert build_parser().parse_args(["run", "--workers", "2"]).workers == 2
+
+
+def test_a_centralized_step_is_one_step_on_a_batch_mixing_institutions():
+    d = tiny_config_dict(n=16, optimizer="sgd", lr=0.5)
+    fed = build_federation(load_config(d))
+    pooled = PooledTrainer(fed)
+    names = [i.name for i in pooled.insts]
+    a, b = names.index("high_school"), names.index("math_academy")  # math_academy keeps task.symbol personal
+    assert pooled.personal[b] == ["task.symbol"] and pooled.personal[a] == []
+    assert pooled.insts[a].config.modalities != pooled.insts[b].config.modalities
+    gen = torch.Generator().manual_seed(0)
+    parts = [(a, next(iterate_batches(pooled.insts[a].data.train, 6, gen))), (b, next(iterate_batches(pooled.insts[b].data.train, 3, gen)))]
+    model = pooled.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # expected: the gradient of the mixed batch's mean loss (parts weighted by their samples)
+    ref = copy.deepcopy(model)
+    ref.zero_grad()
+    for k, batch in parts:
+        loss = sum(ref.loss(model_inputs(batch), t, batch["targets"][t])[0] for t in pooled.insts[k].config.tasks)
+        (loss * len(next(iter(batch["targets"].values()))) / 9).backward()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    pooled.step(parts)
+    moved = 0
+    for n, p in model.named_parameters():
+        if component_of(n) == "task.symbol":  # personal at b: its own value moved, the shared one did not
+            assert torch.equal(p, before[n]), n
+            continue
+        g = grads[n] if grads[n] is not None else torch.zeros_like(p)
+        assert torch.allclose(p, before[n] - 0.5 * g, atol=1e-6), n
+        moved += bool(g.abs().sum() > 0)
+    assert moved > 10
+    own, shared = pooled.own_state[b]["task.symbol"], model.component_state("task.symbol")
+    assert any(not torch.equal(own[k], shared[k]) for k in own)  # its own head took the step
