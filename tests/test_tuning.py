@@ -40,7 +40,7 @@ def test_workers_give_the_same_tables_as_serial(tmp_path):
 
 def test_every_deep_method_keeps_its_own_grid_point_chosen_on_validation(tmp_path):
     d = tiny_config_dict(rounds=1, n=16, personalize_steps=1)
-    d["evaluation"].update(baselines=["local", "dense_fedavg", "centralized", "classical_pooled"], personalize=True, grid={"lr": [1e-4, 3e-2], "local_steps": [1, 2]})
+    d["evaluation"].update(baselines=["local", "dense_fedavg", "centralized", "classical_pooled"], personalize=True, grid={"lr": [1e-4, 3e-2], "local_steps": [1, 2]}, plots=True)
     out = run_seeds(d, seeds=1, name="g", runs_dir=tmp_path, progress=quiet)
     tuning = out["tuning"]
     assert [(p["lr"], p["local_steps"]) for p in tuning["points"]] == [(1e-4, 1), (1e-4, 2), (3e-2, 1), (3e-2, 2)]
@@ -57,6 +57,8 @@ def test_every_deep_method_keeps_its_own_grid_point_chosen_on_validation(tmp_pat
     seed = json.loads((tmp_path / "g" / "seed_0" / "metrics.json").read_text())
     assert seed["points"] == {m: tuning["chosen"][m] for m in deep}  # each ran at its own point
     assert set(seed["test_reads"]) == {*deep, "classical_pooled"}
+    page = (tmp_path / "g" / "report.html").read_text()
+    assert "val loss at lr 0.0001, 2 steps" in page and "CPU seconds" in page  # the choice and its grid, in the report
 
 
 def test_a_method_point_changes_that_method_only(tmp_path):
