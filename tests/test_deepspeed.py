@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_config_dict
+from m3tfed.data import iterate_batches, model_inputs, take
 from m3tfed.errors import ConfigError
 from m3tfed.federation.config import load_config
-from m3tfed.federation.data import iterate_batches, model_inputs, take
 from m3tfed.federation.job import build_federation
 from m3tfed.federation.zero import ShardedTrainingError, deepspeed_config
 
