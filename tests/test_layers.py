@@ -139,3 +139,26 @@ def test_known_upward_imports_are_still_there():
     found = {(m, i) for m, names in GRAPH.items() for i in names}
     fixed = sorted(set(KNOWN_UPWARD) - found)
     assert not fixed, f"fixed, take them off KNOWN_UPWARD: {fixed}"
+
+
+# Members every UpdateStage has (m3tfed.interfaces.UpdateStage): core calls them, it does
+# not probe for them. Only the adapter for duck-typed stages (interfaces.py) reads them
+# with getattr, once, where a stage is built.
+STAGE_MEMBERS = {"side", "order", "server_order", "begin_round", "secure_aggregation", "provides_secure_aggregation"}
+
+
+def test_core_calls_stage_members_instead_of_probing_for_them():
+    probes = []
+    for path in sorted(CORE.rglob("*.py")):
+        if path.name == "interfaces.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) in ("getattr", "hasattr")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in STAGE_MEMBERS
+            ):
+                probes.append(f"{path.relative_to(CORE)}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
+    assert not probes, f"probing for UpdateStage members: {probes}"
