@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import emit, parse_args  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
+from m3tfed.federation.build import build_federation  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
-from m3tfed.federation.job import build_federation  # noqa: E402
 from m3tfed.federation.server import tensor_bytes  # noqa: E402
 
 

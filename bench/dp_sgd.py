@@ -33,9 +33,9 @@ import warnings
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from common import Timer, emit, parse_args  # noqa: E402
+from m3tfed.data import iterate_batches, model_inputs  # noqa: E402
+from m3tfed.federation.build import build_federation  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
-from m3tfed.federation.data import iterate_batches, model_inputs  # noqa: E402
-from m3tfed.federation.job import build_federation  # noqa: E402
 from m3tfed.privacy.dpsgd import (  # noqa: E402
     batch_loss,
     batched_per_sample_grads,

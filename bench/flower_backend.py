@@ -50,8 +50,8 @@ import tomli_w  # noqa: E402
 import torch  # noqa: E402
 from common import Timer, emit  # noqa: E402
 from flower_toy.apps import job_config_dict  # noqa: E402
+from m3tfed.federation.build import build_federation  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
-from m3tfed.federation.job import build_federation  # noqa: E402
 from m3tfed.plugins.backends.flower.backend import POLL_S  # noqa: E402
 from m3tfed.plugins.backends.flower.deploy import Deployment  # noqa: E402
 
@@ -104,7 +104,7 @@ def cold_message_cost(config: dict, repeats: int = 2) -> dict[str, float]:
     start = min(seconds_of("pass") for _ in range(repeats))
     flower = min(seconds_of("import flwr.supernode.runtime.run_clientapp") for _ in range(repeats))
     app = min(seconds_of("import flwr.supernode.runtime.run_clientapp, m3tfed.plugins.backends.flower.client_app") for _ in range(repeats))
-    from m3tfed.federation.job import build_institution
+    from m3tfed.federation.build import build_institution
 
     cfg = load_config(config)
     name = cfg.institutions[0].name

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import Timer, emit, parse_args, peak_rss_mb, rss_mb  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
+from m3tfed.federation.build import build_federation  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.institution import ModelPool  # noqa: E402
-from m3tfed.federation.job import build_federation  # noqa: E402
 
 
 def small_federation(n: int, students: int = 32, fraction: float = 0.1):

@@ -48,8 +48,8 @@ from flower_toy.apps import (  # noqa: E402
     job_config_dict,
     make_server_app,
 )
+from m3tfed.federation.build import build_federation  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
-from m3tfed.federation.job import build_federation  # noqa: E402
 
 TARGET_RATIO = 0.2
 ISSUE_FLOWER_OVERHEAD_S = 0.27  # Flower's simulation, this job, as measured in the issue

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, emit  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
 from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from m3tfed.federation.job import run_job  # noqa: E402
+from m3tfed.federation.lifecycle import run_job  # noqa: E402
 from m3tfed.federation.unlearning import forget  # noqa: E402
 
 

@@ -17,7 +17,8 @@ Model parts (encoder, expert, task head, router) are ``torch.nn.Module`` base cl
 subclassing is optional, because :mod:`m3tfed.contracts` checks behaviour, not
 ancestry, but a subclass documents what it must do. An :class:`Aggregator` is a base
 class too: its default rule is FedAvg, and a new rule overrides ``combine`` or
-``apply``. The others are :class:`typing.Protocol` classes: any object with those
+``apply``. So is an :class:`UpdateStage`: it carries every member the
+round loop calls, with defaults. The others are :class:`typing.Protocol` classes: any object with those
 attributes conforms, and ``isinstance`` works on them at run time.
 
 Update stages receive a :class:`RoundContext`. Message handlers
@@ -41,8 +42,8 @@ from .messages import ComponentUpdate, Failure, TrainJob, TrainResult
 from .specs import Routing, Tokens
 
 if TYPE_CHECKING:  # annotations only: the federation layer sits above this module
+    from .data import InstitutionData
     from .federation.config import InstitutionConfig
-    from .federation.data import InstitutionData
     from .federation.institution import Institution
 
 Tensor = torch.Tensor
@@ -61,6 +62,7 @@ __all__ = [
     "Router",
     "TaskHead",
     "UpdateStage",
+    "as_update_stage",
 ]
 
 
@@ -261,23 +263,92 @@ class RoundContext:
             return default
 
 
-@runtime_checkable
-class UpdateStage(Protocol):
-    """A stage of the update pipeline (clip, privacy, compress, secure aggregation).
+class UpdateStage:
+    """Base class of a stage of the update pipeline (clip, privacy, compress, secure
+    aggregation): every member the round loop calls, with its default, so core calls
+    them directly instead of probing for attributes.
 
     ``side`` is one of :data:`SIDES`: ``"institution"`` stages run before an update
     leaves the institution, ``"server"`` stages on received updates before aggregation,
-    ``"both"`` on each side (one object; on the server at ``server_order`` if it has
-    one). Stages run lowest ``order`` first; without an ``order`` attribute the spec's
-    ``order`` applies. ``process`` returns the updates to pass on (it may drop, change
-    or replace them) and must not mutate the ones it got.
+    ``"both"`` on each side (one object; on the server at ``server_order``). Stages run
+    lowest ``order`` first; ``order = None`` takes the spec's ``order`` and
+    ``server_order = None`` the ``order`` (:func:`as_update_stage` fills both in).
+    ``process`` returns the updates to pass on (it may drop, change or replace them) and
+    must not mutate the ones it got. ``begin_round`` runs on the server before the
+    sampled institutions train (a setup step such as secure aggregation's key exchange,
+    through ``context.backend.ask``); the default does nothing.
+
+    Capabilities, asked for instead of plugin names: a stage that masks updates so the
+    server only sees their sum sets ``provides_secure_aggregation = True``; the builder
+    then sets ``secure_aggregation = True`` on every stage of that pipeline (the policy
+    stage refuses a policy that needs it when it is False).
+
+    A stage written to the older duck type (``side`` and ``process``, optionally
+    ``order``, ``server_order``, ``begin_round``) still works: the builder wraps it once
+    with :func:`as_update_stage`.
     """
 
-    side: str
+    side: str = "institution"
+    order: int | None = None
+    server_order: int | None = None
+    provides_secure_aggregation: bool = False
+    secure_aggregation: bool = False
+
+    def begin_round(self, context: RoundContext) -> None:
+        """Server side, before the sampled institutions train; nothing by default."""
 
     def process(
         self, updates: list[ComponentUpdate], context: RoundContext
-    ) -> list[ComponentUpdate]: ...
+    ) -> list[ComponentUpdate]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _DuckStage(UpdateStage):
+    """A stage object that does not subclass :class:`UpdateStage`, given the members it
+    lacks; everything else (e.g. a ``ledger`` it keeps) reads through to it."""
+
+    def __init__(self, stage: Any):
+        self.__dict__["stage"] = stage
+        self.__dict__["side"] = getattr(stage, "side", "institution")
+        self.__dict__["order"] = getattr(stage, "order", None)
+        self.__dict__["server_order"] = getattr(stage, "server_order", None)
+        self.__dict__["provides_secure_aggregation"] = bool(getattr(stage, "provides_secure_aggregation", False))
+
+    def begin_round(self, context: RoundContext) -> None:
+        setup = getattr(self.stage, "begin_round", None)
+        if setup is not None:
+            setup(context)
+
+    def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
+        return self.stage.process(updates, context)
+
+    def __getattr__(self, name: str) -> Any:  # only for names this wrapper lacks
+        return getattr(self.__dict__["stage"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__[name] = value
+        if name == "secure_aggregation" and hasattr(self.stage, name):  # it asked to be told
+            setattr(self.stage, name, value)
+
+
+def as_update_stage(stage: Any, default_order: int) -> UpdateStage:
+    """``stage`` (what a stage spec's ``build`` returned) as an :class:`UpdateStage` with
+    ``order`` and ``server_order`` set: itself when it subclasses the base, else wrapped.
+    Raises ``TypeError`` naming what is wrong with it."""
+    if not isinstance(stage, UpdateStage):
+        if not callable(getattr(stage, "process", None)):
+            raise TypeError(f"{type(stage).__name__} is not an update stage: it has no process(updates, context) method")
+        stage = _DuckStage(stage)
+    if stage.side not in SIDES:
+        raise TypeError(f"{type(stage).__name__}.side must be one of {SIDES}, got {stage.side!r}")
+    if stage.order is None:
+        stage.order = default_order
+    if stage.server_order is None:
+        stage.server_order = stage.order
+    for name in ("order", "server_order"):
+        if not isinstance(getattr(stage, name), int):
+            raise TypeError(f"{type(stage).__name__}.{name} must be an int, got {getattr(stage, name)!r}")
+    return stage
 
 
 @runtime_checkable
@@ -298,10 +369,12 @@ class DataSource(Protocol):
     ``load`` receives the config's institutions (:class:`InstitutionConfig`: ``name``,
     ``modalities``, ``tasks``, ``data`` options), the run's seed and the folder files are
     read from (``m3tfed run --data DIR``, None when not given) and returns
-    ``{institution name: InstitutionData(train, test, report)}`` for every institution.
+    ``{institution name: InstitutionData(train, val, test, report)}`` for every institution.
     A split is a dict: modality -> input (leading dimension = samples), ``"present"`` ->
-    ``{modality: [N] bool}`` and ``"targets"`` -> ``{task: [N, ...] tensor}``
-    (:mod:`m3tfed.federation.data`). The same seed must give the same data.
+    ``{modality: [N] bool}`` and ``"targets"`` -> ``{task: [N, ...] tensor}``. The same
+    seed must give the same data. The helpers the built-in sources use (student-level
+    splits, partitioners, caps, the report) are :mod:`m3tfed.data`; docs/data.md, "Write
+    a data source", has a complete one.
     """
 
     def load(

@@ -37,7 +37,7 @@ from torch import nn
 from . import contracts
 from .contracts import count_params
 from .errors import ConfigError, ContractError
-from .interfaces import SIDES, Aggregator, Backend, RoundContext
+from .interfaces import Aggregator, Backend, RoundContext, as_update_stage
 from .messages import ComponentUpdate
 from .plugin_manager import get_catalogue
 from .specs import (
@@ -517,22 +517,20 @@ def check_data_source(
 
 
 def check_update_stage(spec: UpdateStageSpec | str, seed: int = 0, **options: Any) -> Any:
-    """Build with ``options``: ``side`` is one of ``SIDES`` and ``process`` is callable;
+    """Build with ``options`` and adapt as the builder does (:func:`m3tfed.interfaces.as_update_stage`):
+    ``side`` is one of ``SIDES``, ``process`` is callable, ``order`` and ``server_order`` are ints;
     an institution-side stage also processes four updates with a plain
     ``RoundContext`` (round 1, no privacy state): it returns ComponentUpdates for
     components it was given, with the keys and shapes sent, and leaves its input
     untouched. Server-side steps need a running federation; the conformance suite's
     federation tests run them. Returns the stage."""
     spec = resolve_spec("stage", spec)
-    stage = _plain(spec, f"build({options})", spec.build, **options)
-    side = getattr(stage, "side", "institution")
-    if side not in SIDES:
-        raise _fail(spec, f"side must be one of {SIDES}, got {side!r}")
-    if not callable(getattr(stage, "process", None)):
-        raise _fail(spec, "the stage has no process(updates, context) method")
-    if not isinstance(getattr(stage, "order", spec.order), int):
-        raise _fail(spec, f"order must be an int, got {getattr(stage, 'order', None)!r}")
-    if side != "institution":
+    built = _plain(spec, f"build({options})", spec.build, **options)
+    try:  # as the federation builder takes it: side, order and server_order checked
+        stage = as_update_stage(built, spec.order)
+    except TypeError as exc:
+        raise _fail(spec, str(exc)) from None
+    if stage.side != "institution":
         return stage
     gen = torch.Generator().manual_seed(seed)
     state = _example_state(gen)
@@ -561,8 +559,8 @@ def check_backend(spec: BackendSpec | str, **options: Any) -> Any:
     infrastructure raises ``ConfigError`` from ``build``; that is passed through
     unchanged. Returns the backend."""
     from .defaults import default_config_dict
+    from .federation.build import build_federation
     from .federation.config import load_config
-    from .federation.job import build_federation
 
     spec = resolve_spec("backend", spec)
     d = default_config_dict()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 from conftest import tiny_config_dict
-from m3tfed.federation.job import run_job
+from m3tfed.federation.lifecycle import run_job
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default alphas

@@ -368,8 +368,8 @@ def test_a_1e4_update_to_a_two_contributor_expert_is_bounded():
     scaled x10^4. FedAvg moves the expert thousands of times further than an honest
     round; norm_bound keeps the move within its bound (3 x the median honest norm)."""
     from conftest import tiny_config_dict
+    from m3tfed.federation.build import build_federation
     from m3tfed.federation.config import load_config
-    from m3tfed.federation.job import build_federation
 
     def run(aggregator):
         d = tiny_config_dict(rounds=2, local_steps=2)

@@ -13,9 +13,10 @@ import torch
 from conftest import tiny_config_dict
 from m3tfed.errors import CheckpointError
 from m3tfed.federation import checkpoint
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.checkpoint import load_checkpoint, round_checkpoints
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation, resume_job, run_job
+from m3tfed.federation.lifecycle import resume_job, run_job
 
 QUIET = {"progress": lambda m: None}
 

@@ -2,8 +2,8 @@ import pytest
 from m3tfed import ConfigError, get_catalogue
 from m3tfed.config import apply_overrides
 from m3tfed.defaults import default_config_dict
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config, resolve_selection
-from m3tfed.federation.job import build_federation
 
 
 def cfg_with(mutate):

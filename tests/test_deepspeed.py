@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_config_dict
+from m3tfed.data import iterate_batches, model_inputs, take
 from m3tfed.errors import ConfigError
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.data import iterate_batches, model_inputs, take
-from m3tfed.federation.job import build_federation
 from m3tfed.federation.zero import ShardedTrainingError, deepspeed_config
 
 STEPS = 12
@@ -235,7 +235,7 @@ def test_generated_config_merges_the_users():
 
 def test_m3tfed_does_not_import_deepspeed_unless_asked():
     code = (
-        "import sys, m3tfed, m3tfed.federation.job, m3tfed.federation.zero, m3tfed.federation.institution\n"
+        "import sys, m3tfed, m3tfed.federation.lifecycle, m3tfed.federation.zero, m3tfed.federation.institution\n"
         "from m3tfed.federation.config import load_config\n"
         "sys.path.insert(0, 'tests')\n"
         "from test_deepspeed import config_dict\n"

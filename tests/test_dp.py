@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 from m3tfed.plugins.pipeline.privacy import CentralNoise, LocalPrivacy
 from m3tfed.privacy.dp import (
     InstitutionPrivacy,

@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_config_dict
+from m3tfed.data import iterate_batches
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.data import iterate_batches
-from m3tfed.federation.job import build_federation
 from m3tfed.moe import MoELayer
 from m3tfed.privacy.dpsgd import (
     UnsupportedModel,

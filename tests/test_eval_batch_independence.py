@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed import get_catalogue
+from m3tfed.data import model_inputs, take
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.data import model_inputs, take
-from m3tfed.federation.job import build_federation
 
 # Tight capacities, so a router that limits capacity at evaluation would drop tokens.
 TIGHT = {"topk": {"k": 2, "capacity_factor": 0.3}, "expert_choice": {"k": 2, "capacity_factor": 0.3}}

@@ -3,10 +3,10 @@
 import torch
 from conftest import tiny_config_dict
 from m3tfed import AggregatorSpec, BackendSpec, DataSourceSpec, hookimpl
+from m3tfed.data import InstitutionData
 from m3tfed.federation.aggregation import Aggregator
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.data import InstitutionData
-from m3tfed.federation.job import build_federation
 from m3tfed.plugin_manager import catalogue_from
 from m3tfed.plugins.backends.simulation import SimulationBackend
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed import CheckpointError, FederationError
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint, round_checkpoints
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation, resume_job, run_job
+from m3tfed.federation.lifecycle import resume_job, run_job
 
 
 def federation(**kw):
@@ -219,7 +220,7 @@ def test_centralized_baseline_and_comparison_are_reported(tmp_path):
 
 
 def test_relative_advantage_respects_the_metric_direction():
-    from m3tfed.federation.job import relative_advantage
+    from m3tfed.federation.report import relative_advantage
 
     summary = {
         "grade": {"higher_is_better": False, "institutions": {"a": {"fed_moe": 0.9, "local": 1.0}}},
@@ -232,7 +233,7 @@ def test_relative_advantage_respects_the_metric_direction():
 
 
 def test_relative_advantage_stays_finite_when_a_baseline_scores_zero():
-    from m3tfed.federation.job import relative_advantage
+    from m3tfed.federation.report import relative_advantage
 
     summary = {"symbols": {"higher_is_better": True, "institutions": {"a": {"fed_moe": 0.2, "local": 0.0}, "b": {"fed_moe": 0.4, "local": 0.4}}}}
     adv = relative_advantage(summary, "fed_moe", "local")

@@ -26,15 +26,10 @@ import tomli_w
 import torch
 from conftest import tiny_config_dict
 from flwr.app import Message
+from m3tfed.federation.build import build_federation, build_institution, build_stages
 from m3tfed.federation.checkpoint import checkpoint_path, load_checkpoint, write_bytes_atomic
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import (
-    build_federation,
-    build_institution,
-    build_stages,
-    resume_job,
-    run_job,
-)
+from m3tfed.federation.lifecycle import resume_job, run_job
 from m3tfed.federation.server import Failure, Server, screen
 from m3tfed.plugin_manager import get_catalogue
 from m3tfed.plugins.backends.flower import client_app, wire

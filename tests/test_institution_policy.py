@@ -4,8 +4,8 @@ its secure-aggregation client refuses thresholds and groups below its minimum co
 
 import pytest
 from conftest import tiny_config_dict
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 from m3tfed.privacy.dp import InstitutionPrivacy, PrivacyBudgetSpent
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.policy import PolicyConfig, resolve_policy

@@ -17,8 +17,8 @@ from m3tfed import (
     get_catalogue,
     hookimpl,
 )
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 from m3tfed.plugin_manager import catalogue_from
 
 CATALOGUE = get_catalogue()

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed.federation.aggregation import ComponentUpdate, weighted_mean_delta
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.checkpoint import latest_checkpoint, load_checkpoint
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import OPTIMIZER_STATE
-from m3tfed.federation.job import build_federation, resume_job, run_job
+from m3tfed.federation.lifecycle import resume_job, run_job
 
 
 def federation(overrides=(), **kw):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed import ConfigError
-from m3tfed.privacy.attacks import attack_auc, mia_experiment
+from m3tfed.federation.attacks import attack_auc, mia_experiment
 
 
 def test_attack_auc_is_the_rank_statistic():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 from m3tfed import ContractError, EncoderSpec, ModalityEncoder, Tokens, hookimpl
+from m3tfed.data import model_inputs, take
 from m3tfed.defaults import default_config_dict
 from m3tfed.federation.config import load_config
-from m3tfed.federation.data import model_inputs, take
 from m3tfed.model import M3TModel, component_of
 from m3tfed.plugin_manager import catalogue_from
 from m3tfed.plugins.data.synthetic import SyntheticEducation

@@ -6,8 +6,8 @@ import pytest
 from conftest import tiny_config_dict
 from m3tfed import get_catalogue, hookimpl, plugin_manager
 from m3tfed.cli import build_parser, main
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 from m3tfed.plugin_manager import catalogue_from
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from m3tfed.plugins.data import partition as part
+from m3tfed.data import partition as part
 
 NAMES = [f"inst{i}" for i in range(6)]
 

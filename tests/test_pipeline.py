@@ -2,8 +2,8 @@ import torch
 from conftest import tiny_config_dict
 from m3tfed import UpdateStageSpec, hookimpl
 from m3tfed.federation.aggregation import ComponentUpdate
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 from m3tfed.plugin_manager import catalogue_from
 from m3tfed.plugins.pipeline import ClipUpdates, HalfPrecision
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed.errors import ConfigError
+from m3tfed.federation.build import build_federation, privacy_ledger
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation, privacy_ledger, run_job
+from m3tfed.federation.lifecycle import run_job
 from m3tfed.privacy.dp import epsilon_of, noise_multiplier_for
 from m3tfed.privacy.policy import PRESETS, PolicyConfig, resolve_policy
 

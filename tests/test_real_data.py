@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed import get_catalogue
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 from m3tfed.plugins.data.common import DataFileError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -314,7 +314,7 @@ def test_real_edu_example_runs_every_method_end_to_end(tmp_path):
     """examples/real-edu.toml as shipped (MiniLM included), shrunk to one short round:
     the federation, its baselines and the per-institution report all run on the real files."""
     from m3tfed.config import load_toml
-    from m3tfed.federation.job import run_job
+    from m3tfed.federation.lifecycle import run_job
 
     d = load_toml(Path(__file__).resolve().parents[1] / "examples" / "real-edu.toml")
     assert len(d["institutions"]) >= 12 and len(d["model"]["tasks"]) >= 5 and len(d["model"]["encoders"]) >= 4

@@ -42,8 +42,8 @@ def test_plugins_registry_prints_the_generated_file():
 
 def test_memory_filter_uses_the_specs_even_when_the_registry_cannot_be_read(tmp_path, monkeypatch):
     from conftest import tiny_config_dict
+    from m3tfed.federation.build import build_federation
     from m3tfed.federation.config import load_config
-    from m3tfed.federation.job import build_federation
 
     broken = tmp_path / "registry.toml"
     broken.write_text("schema = [")

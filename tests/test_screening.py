@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from conftest import tiny_config_dict
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 from m3tfed.federation.server import Server
 
 

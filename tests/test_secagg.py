@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed.errors import ConfigError
+from m3tfed.federation.build import build_federation, privacy_ledger
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation, privacy_ledger
 from m3tfed.plugins.pipeline.secagg import MASKED_KEY
 from m3tfed.privacy import shamir
 from m3tfed.privacy.encoding import RingCodec

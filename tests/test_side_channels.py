@@ -4,8 +4,8 @@ public (1) or inside the mask, and an update for every component of its job."""
 
 import pytest
 from conftest import tiny_config_dict
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation
 
 
 def replies_of_one_round(policies: dict[int, dict]):

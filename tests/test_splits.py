@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_config_dict
+from m3tfed.data import TEST, TRAIN, VAL, num_samples, split_sides, split_tree
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.data import TEST, TRAIN, VAL, num_samples, split_sides, split_tree
 from m3tfed.federation.evaluation import FinalTest, RepeatedTestRead
-from m3tfed.federation.job import build_federation, run_job
+from m3tfed.federation.lifecycle import run_job
 from m3tfed.plugins.data.common import Pool, RealSource
 
 

@@ -9,10 +9,13 @@ from m3tfed import (
     BackendSpec,
     ComponentUpdate,
     DataSourceSpec,
+    RoundContext,
+    UpdateStage,
     UpdateStageSpec,
     get_catalogue,
 )
-from m3tfed.federation.data import InstitutionData
+from m3tfed.data import InstitutionData
+from m3tfed.interfaces import as_update_stage
 from m3tfed.plugins.backends.simulation import SimulationBackend
 from m3tfed.testing import (
     PluginCheckFailed,
@@ -144,6 +147,39 @@ def test_check_update_stage_runs_institution_stages_and_checks_side():
         check_update_stage(spec(UpdateStageSpec, Truncate))
     with pytest.raises(PluginCheckFailed, match="side must be one of"):
         check_update_stage(spec(UpdateStageSpec, Sideways))
+
+
+class BadOrder:
+    side = "server"
+    order = "first"
+
+    def process(self, updates, context):
+        return updates
+
+
+class Keeper:
+    """A duck-typed server stage (no UpdateStage base) with its own state."""
+
+    side = "both"
+    server_order = 7
+    ledger = "kept"
+
+    def process(self, updates, context):
+        return updates
+
+
+def test_check_update_stage_adapts_stages_as_the_builder_does():
+    clip = check_update_stage("clip")
+    assert isinstance(clip, UpdateStage) and (clip.order, clip.server_order) == (10, 10)  # the spec's
+    with pytest.raises(PluginCheckFailed, match="order must be an int, got 'first'"):
+        check_update_stage(spec(UpdateStageSpec, BadOrder))
+    keeper = check_update_stage(UpdateStageSpec(name="keeper", build=Keeper, version="1", license="MIT", order=30))
+    # wrapped once: every member the round loop calls, the spec's order, its own server_order,
+    # a no-op begin_round, and its own attributes read through
+    assert isinstance(keeper, UpdateStage) and not isinstance(keeper, Keeper)
+    assert (keeper.side, keeper.order, keeper.server_order, keeper.ledger) == ("both", 30, 7, "kept")
+    assert keeper.begin_round(RoundContext(1)) is None and not keeper.provides_secure_aggregation
+    assert as_update_stage(keeper, 99) is keeper  # adapting twice changes nothing
 
 
 class SeedIgnoringBackend(SimulationBackend):

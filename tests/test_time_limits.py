@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_config_dict
 from m3tfed import ExpertSpec, hookimpl
 from m3tfed.errors import FederationError
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import InstitutionTimeout, hard_time_limit
-from m3tfed.federation.job import build_federation
 from m3tfed.plugin_manager import catalogue_from
 from torch import nn
 

@@ -9,6 +9,7 @@ from conftest import tiny_config_dict
 from m3tfed import CheckpointError, ConfigError
 from m3tfed.cli import main
 from m3tfed.config import to_dict
+from m3tfed.federation.build import build_federation
 from m3tfed.federation.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -16,7 +17,7 @@ from m3tfed.federation.checkpoint import (
     write_json_atomic,
 )
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_federation, resume_job, run_job
+from m3tfed.federation.lifecycle import resume_job, run_job
 from m3tfed.federation.unlearning import forget
 
 

@@ -29,10 +29,10 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
+from m3tfed.federation.build import build_federation  # noqa: E402
 from m3tfed.federation.checkpoint import flatten_components, unflatten_components  # noqa: E402
 from m3tfed.federation.config import load_config  # noqa: E402
 from m3tfed.federation.institution import TrainJob, seed_for  # noqa: E402
-from m3tfed.federation.job import build_federation  # noqa: E402
 
 INSTITUTIONS = 10
 STUDENTS = 64

@@ -42,10 +42,10 @@ class PolledGrid:
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
+    from m3tfed.federation.build import build_institution
     from m3tfed.federation.checkpoint import unflatten_components
     from m3tfed.federation.config import load_config
     from m3tfed.federation.institution import TrainJob, seed_for
-    from m3tfed.federation.job import build_institution
 
     cfg = load_config(Path(str(context.node_config["config"])))
     inst = build_institution(cfg, str(context.node_config["institution"]))

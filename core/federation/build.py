@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..interfaces import UpdateStage, as_update_stage
 from ..plugin_manager import get_catalogue
 from ..privacy.dp import attach_privacy, restore_privacy
 from ..privacy.ledger import PrivacyLedger
@@ -75,12 +76,12 @@ def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any]
     plus the privacy stages the institutions' policies ask for (policy checks, DP, secagg).
     A process that holds only one side (a Flower node or coordinator) takes its half."""
     pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
-    stages = [catalogue.get("stage", pc.plugin).build(**pc.options) for pc in pipeline]
-    for stage in stages:
-        if hasattr(stage, "secure_aggregation"):  # the policy stage checks secagg really runs
-            stage.secure_aggregation = any(pc.plugin == "secagg" for pc in pipeline)
-    orders = [getattr(s, "order", catalogue.get("stage", pc.plugin).order) for s, pc in zip(stages, pipeline)]
-    return stages_for("institution", stages, orders), stages_for("server", stages, orders)
+    specs = [catalogue.get("stage", pc.plugin) for pc in pipeline]
+    stages = [as_update_stage(spec.build(**pc.options), spec.order) for spec, pc in zip(specs, pipeline)]
+    masked = any(stage.provides_secure_aggregation for stage in stages)
+    for stage in stages:  # the policy stage refuses a policy that needs it when none runs
+        stage.secure_aggregation = masked
+    return stages_for("institution", stages), stages_for("server", stages)
 
 
 def build_institution(
@@ -115,31 +116,39 @@ def build_institution(
     return institution
 
 
-def privacy_ledger(fed: Federation) -> PrivacyLedger | None:
+def privacy_ledger(fed: Federation | Server) -> PrivacyLedger | None:
     """The run's privacy ledger (kept by the server-side ``policy`` stage), if any."""
-    return next((s.ledger for s in fed.server.server_stages if isinstance(getattr(s, "ledger", None), PrivacyLedger)), None)
+    server = fed.server if isinstance(fed, Federation) else fed
+    return next((s.ledger for s in server.server_stages if isinstance(getattr(s, "ledger", None), PrivacyLedger)), None)
 
 
 def restore_ledger(fed: Federation, ledger: PrivacyLedger | None) -> None:
     """Continue from a ledger read back from a run folder: the server's ``policy`` stage
     keeps filling it, and each institution's accountant resumes from its last row."""
-    if ledger is not None and privacy_ledger(fed) is not None:
-        for stage in fed.server.server_stages:
-            if hasattr(stage, "ledger"):
-                stage.ledger = ledger
+    if adopt_ledger(fed.server, ledger):
         restore_privacy(ledger, fed.institutions)
 
 
-def stages_for(side: str, stages: list[Any], orders: list[int]) -> list[Any]:
-    """The stages that run on ``side``, lowest order first (the stage's ``order``, else its
-    spec's). A stage with ``side = "both"`` (secure aggregation: masking at the institution,
+def adopt_ledger(server: Server, ledger: PrivacyLedger | None) -> bool:
+    """Give the server stage that keeps the run's ledger ``ledger`` to keep filling;
+    False when there is no ledger or no stage keeps one. The accountants are the
+    caller's to restore (in this process, or on a backend's nodes)."""
+    if ledger is None or privacy_ledger(server) is None:
+        return False
+    for stage in server.server_stages:
+        if isinstance(getattr(stage, "ledger", None), PrivacyLedger):
+            stage.ledger = ledger
+    return True
+
+
+def stages_for(side: str, stages: list[UpdateStage]) -> list[UpdateStage]:
+    """The stages that run on ``side``, lowest ``order`` first (ties keep pipeline order).
+    A stage with ``side = "both"`` (secure aggregation: masking at the institution,
     unmasking at the server) runs on both sides, on the server at its ``server_order``."""
     picked = []
-    for stage, order in zip(stages, orders):
-        where = getattr(stage, "side", "institution")
-        if where in (side, "both"):
-            if where == "both" and side == "server":
-                order = getattr(stage, "server_order", order)
+    for stage in stages:
+        if stage.side in (side, "both"):
+            order = stage.server_order if side == "server" else stage.order
             picked.append((order, len(picked), stage))
     return [stage for _, _, stage in sorted(picked, key=lambda p: p[:2])]
 

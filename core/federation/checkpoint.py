@@ -38,6 +38,8 @@ import safetensors.torch
 import torch
 
 from ..errors import CheckpointError
+from ..files import fsync_dir as _fsync_dir
+from ..files import write_bytes_atomic, write_json_atomic  # noqa: F401  (checkpoint's callers write run files with them)
 
 log = logging.getLogger("m3tfed.checkpoint")
 
@@ -103,39 +105,6 @@ def save_checkpoint(
         raise
     _fsync_dir(parent)
     return directory
-
-
-def write_json_atomic(path: Path | str, obj: Any, private: bool = False) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temp file, fsync and ``os.replace``:
-    readers see the old file or the new one, never a torn one. ``private``: the file
-    (mode 0600) and a folder it creates (0700) are readable by this user only, for
-    state that may hold secrets."""
-    text = json.dumps(obj, indent=None if private else 2) + "\n"  # fail before touching the disk
-    write_bytes_atomic(path, text.encode("utf-8"), private)
-
-
-def write_bytes_atomic(path: Path | str, data: bytes, private: bool = False) -> None:
-    """``data`` to ``path`` atomically, as :func:`write_json_atomic` (keys, certificates).
-    The temp file is created 0600 before anything is written to it; only a file that is
-    not ``private`` is opened up (0644) before it is renamed in."""
-    path = Path(path)
-    path.parent.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not private:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -386,14 +355,3 @@ def _write_synced(path: Path, text: str) -> None:
 def _fsync_path(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new entry in ``path`` durable (POSIX; a no-op elsewhere)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

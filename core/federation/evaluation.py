@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from ..data import eval_batches, model_inputs
 from ..errors import M3TError
-from .data import eval_batches, model_inputs
 
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
 

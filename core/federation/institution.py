@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..interfaces import RoundContext
+from ..data import InstitutionData, iterate_batches, model_inputs
+from ..interfaces import RoundContext, UpdateStage
 from ..messages import ComponentUpdate, State, TrainJob, TrainResult
 from ..model import M3TModel, ModelConfig, component_of
 from ..privacy.dp import privacy_report
@@ -26,7 +27,6 @@ from ..seeds import seed_for  # noqa: F401  (where the federation's modules impo
 from ..specs import Catalogue
 from ..threads import apply_threads
 from .config import FederationSettings, InstitutionConfig
-from .data import InstitutionData, iterate_batches, model_inputs
 from .evaluation import evaluate_model
 
 # The key in ``Institution.personal_state`` under which an institution keeps its own
@@ -131,7 +131,7 @@ class Institution:
         experts: list[str],
         settings: FederationSettings,
         pool: ModelPool,
-        stages: list[Any] | None = None,
+        stages: list[UpdateStage] | None = None,
         weight_experts_by: str = "tokens",
     ):
         self.config, self.data, self.experts = config, data, experts
@@ -261,7 +261,7 @@ class Institution:
         reached included: its absence would tell)."""
         policy = getattr(self.privacy, "policy", None)
         private = policy is not None and (policy.noisy or policy.secure_aggregation)
-        return private or any(getattr(s, "side", None) == "both" for s in self.stages)  # a masking stage
+        return private or any(s.side == "both" for s in self.stages)  # a masking stage
 
     def fit(
         self,

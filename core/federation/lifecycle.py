@@ -21,7 +21,7 @@ import queue
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..config import IDENTIFIER, to_dict
+from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import PrivacyLedger
 from ..threads import resolve_threads, usable_cores
@@ -49,9 +50,9 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import TUNED_METHODS, FederationConfig, load_config
-from .data import num_samples, take
 from .evaluation import FinalTest, Metrics, evaluate_model
 from .report import across_seeds, compare, format_seeds_table, format_table, summarize
+from .server import RoundReport, Server
 
 Progress = Callable[[str], None]
 
@@ -98,23 +99,49 @@ def run_job(
 def resume_job(run_dir: Path, stop_after: int | None = None, progress: Progress = print_progress) -> dict[str, Any]:
     """Continue a stopped run from its latest complete checkpoint."""
     run_dir = Path(run_dir)
+    cfg = resumable_config(run_dir)
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
+    restore_ledger(fed, restore_server(fed.server, run_dir))
+    progress(f"resuming {run_dir.name} after round {fed.server.round}")
+    return continue_run(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
+
+
+def resumable_config(run_dir: Path) -> FederationConfig:
+    """The config of a run folder that may be resumed; refuses one that is not a run
+    folder or that an institution was erased from (every backend's resume starts here)."""
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
     if (run_dir / ERASED_FILE).exists():
         raise CheckpointError(f"{run_dir}: an institution was erased from this run on its request ({ERASED_FILE}); continue the run folder forget wrote instead")
-    cfg = load_config(json.loads((run_dir / "config.json").read_text()))
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    return load_config(json.loads((run_dir / "config.json").read_text()))
+
+
+def restore_server(server: Server, run_dir: Path) -> PrivacyLedger | None:
+    """Put ``server`` back at the run folder's newest checkpoint and return the privacy
+    ledger up to that round (None without one); the caller hands the ledger to where the
+    institutions' accountants live (:func:`.build.restore_ledger` in one process, the
+    backend's nodes otherwise)."""
     rounds = round_checkpoints(run_dir)
     if not rounds:
         raise CheckpointError(f"{run_dir}: no checkpoint under checkpoints/ to resume from")
     # The newest checkpoint or nothing: silently falling back to an older round would
     # pair it with institutions' newer personal state.
     tensors, meta = load_checkpoint(rounds[0])
-    fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
-    fed.server.restore(tensors, meta)
-    restore_ledger(fed, PrivacyLedger.read(run_dir, up_to_round=fed.server.round))
-    progress(f"resuming {run_dir.name} after round {fed.server.round}")
-    return continue_run(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
+    server.restore(tensors, meta)
+    return PrivacyLedger.read(run_dir, up_to_round=server.round)
+
+
+def run_rounds(server: Server, run_dir: Path, start_round: int) -> Iterator[RoundReport]:
+    """The round step every lifecycle shares (run, resume, forget, the Flower ServerApp):
+    rounds ``start_round..rounds``, each run and committed by the server (its checkpoint
+    in ``run_dir``) with the privacy ledger written after it; yields each round's report.
+    Stopping early is the caller's: it stops iterating."""
+    for rnd in range(start_round, server.config.rounds + 1):
+        rep = server.run_round(rnd)
+        if (ledger := privacy_ledger(server)) is not None:
+            ledger.write(run_dir)
+        yield rep
 
 
 def continue_run(
@@ -138,8 +165,8 @@ def continue_run(
         progress(f"  {name:<20} experts: {', '.join(sel)}")
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     ev = cfg.evaluation
-    for rnd in range(start_round, cfg.rounds + 1):
-        rep = fed.server.run_round(rnd)
+    for rep in run_rounds(fed.server, run_dir, start_round):
+        rnd = rep.round
         entry: dict[str, Any] = {"round": rnd, "loss": rep.loss}
         if rnd % ev.every == 0 or rnd == cfg.rounds:
             entry["metrics"], _ = validate(fed, ev.val_samples)
@@ -149,8 +176,6 @@ def continue_run(
                 save_kept(fed, run_dir, rnd)
         curves.append(entry)
         write_json_atomic(curves_path, curves)
-        if (ledger := privacy_ledger(fed)) is not None:
-            ledger.write(run_dir)
         dropped = f", dropped {list(rep.dropped)}" if rep.dropped else ""
         val = f", val loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""
         progress(f"round {rnd}/{cfg.rounds}: {len(rep.succeeded)}/{len(rep.sampled)} institutions, train loss {rep.loss:.4f}{val}, {rep.seconds:.1f}s{dropped}")

@@ -23,7 +23,7 @@ import torch
 from ..aggregation import TooFewUpdates, loss_reweighted, mark_expert_rows
 from ..config import to_dict
 from ..errors import ConfigError, FederationError
-from ..interfaces import Aggregator, Backend, RoundContext
+from ..interfaces import Aggregator, Backend, RoundContext, UpdateStage
 from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
 from ..model import M3TModel
 from ..specs import Catalogue
@@ -176,7 +176,7 @@ class Server:
     state: State = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     aggregators: dict[str, Aggregator] = field(default_factory=dict)
-    server_stages: list[Any] = field(default_factory=list)
+    server_stages: list[UpdateStage] = field(default_factory=list)  # from build_stages
     history: list[RoundReport] = field(default_factory=list)
     # (round, institution, component) for every aggregated update: unlearning needs it.
     contributions: list[tuple[int, str, str]] = field(default_factory=list)
@@ -252,13 +252,12 @@ class Server:
             # 0. server stages that need a setup step with the sampled institutions before
             #    training (e.g. secure aggregation's key exchange) do it through backend.ask
             for stage in self.server_stages:
-                if hasattr(stage, "begin_round"):
-                    stage.begin_round(context)
+                stage.begin_round(context)
             # 1. send each sampled institution only its components, 2. train locally
             jobs = [self.make_job(name, rnd, attempt) for name in sampled]
             results = self.backend.train(jobs)
             # a stage on both sides (secure aggregation) encodes updates and checks them itself
-            encoded = any(getattr(s, "side", None) == "both" for s in self.server_stages)
+            encoded = any(s.side == "both" for s in self.server_stages)
             # 3. drop failures (raised, timed out, non-finite) with the reason
             dropped = {}
             ok: list[TrainResult] = []

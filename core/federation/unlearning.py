@@ -52,6 +52,7 @@ from typing import Any, Literal
 
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError, FederationError
+from ..interfaces import RoundContext, UpdateStage
 from ..plugin_manager import get_catalogue
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import resolve_policy
@@ -74,7 +75,7 @@ FORGOTTEN_FILE = "forgotten.json"
 AGGREGATOR_PREFIX = f"aggregator{SEP}"
 
 
-class RetrainOnly:
+class RetrainOnly(UpdateStage):
     """Server stage of a ``touched`` retrain, run after every other server stage (secure
     aggregation has unmasked by then): only updates to the rolled-back components are
     aggregated, so every other component keeps its newest state. The privacy ledger is
@@ -87,7 +88,7 @@ class RetrainOnly:
         self.components = components
         self.ledger = ledger
 
-    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+    def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
         frozen = sorted({u.component for u in updates} - self.components)
         if self.ledger is not None:
             for comp in frozen:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import from_dict
+from ..data import iterate_batches, model_inputs, num_samples, take
 from ..model import M3TModel, ModelConfig
 from ..moe import MoELayer
 from ..plugin_manager import get_catalogue
@@ -42,7 +43,6 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .data import iterate_batches, model_inputs, num_samples, take
 
 START = time.perf_counter()  # after torch and m3tfed are imported
 

@@ -57,8 +57,8 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..data import model_inputs, num_samples, take
 from ..errors import Instrumentation
-from ..federation.data import model_inputs, num_samples, take
 from ..model import Block, EncoderSlot, M3TModel, TaskSlot
 from ..modules import active_mask
 from ..moe import MoELayer

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import write_json_atomic
+
 LEDGER_FILE = "privacy_ledger.json"
 
 
@@ -76,8 +78,6 @@ class PrivacyLedger:
         return cls({n: keep(rows) for n, rows in data.get("institutions", {}).items()}, keep(data.get("components", {})))
 
     def write(self, run_dir: Path) -> Path:
-        from ..federation.checkpoint import write_json_atomic
-
         path = Path(run_dir) / LEDGER_FILE
         write_json_atomic(path, self.to_dict())
         return path

@@ -5,7 +5,7 @@ A real source only *reads*: it turns its files into a :class:`Pool` (every row's
 and targets, the natural group each row belongs to, and optionally the unit that must
 not be split across train, validation and test, e.g. one student). :class:`RealSource.load` then
 does the rest the same way for every source: assign rows to institutions (natural
-groups or a partitioner from :mod:`.partition`), cap sizes, split train / validation / test by unit, rename
+groups or a partitioner from :mod:`m3tfed.data.partition`), cap sizes, split train / validation / test by unit, rename
 modalities and tasks to the config's names, apply modality dropout, and fill the report.
 
 Nothing here is silent: a file that cannot be read, a missing column or a cell that
@@ -23,19 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from m3tfed.errors import ConfigError, M3TError
-from m3tfed.federation.data import (
+from m3tfed.data import (
     TEST,
     TRAIN,
     VAL,
     InstitutionData,
+    cap_rows,
+    count,
     split_by_sides,
     split_sides,
     take,
 )
-from m3tfed.federation.institution import seed_for
+from m3tfed.data import partition as part
+from m3tfed.errors import ConfigError, M3TError
+from m3tfed.seeds import seed_for
 
-from . import partition as part
+__all__ = ["DataFileError", "Pool", "RealSource", "Table", "count", "record_fixes"]
 
 
 class DataFileError(M3TError, ValueError):
@@ -123,12 +126,6 @@ def record_fixes(report: dict[str, Any], table: Table) -> None:
         report[table.path.name].setdefault("fixed_rows", {})[column] = rows
 
 
-def count(report: dict[str, Any], file: str, reason: str, n: int = 1) -> None:
-    """Add ``n`` to ``report[file][reason]``."""
-    bucket = report.setdefault(file, {})
-    bucket[reason] = bucket.get(reason, 0) + n
-
-
 @dataclass
 class Pool:
     """Every usable row of a source, before it is shared out to institutions."""
@@ -155,14 +152,14 @@ class RealSource:
     - ``prefix``: how default institution names start (and what :meth:`serves` checks).
     - ``modalities`` / ``tasks``: ``{natural name: config name}`` renames, so two sources
       with a ``tabular`` modality can feed two differently sized encoders.
-    - ``partition``: how rows are assigned to institutions (:func:`.partition.assign`);
+    - ``partition``: how rows are assigned to institutions (:func:`m3tfed.data.partition.assign`);
       default ``{by = "natural"}``.
     - ``modality_dropout``: ``{institution or "*": {modality (config name): rate}}``.
     - ``max_per_institution``: a random sample cap (by seed) applied before splitting.
     - ``val_fraction`` / ``test_fraction``: shares of the units (students; rows when the
       source has none) held out for validation (model selection, early stopping) and for
       the final test, decided once per unit for the whole pool
-      (:func:`m3tfed.federation.data.split_sides`).
+      (:func:`m3tfed.data.split_sides`).
     """
 
     name = "real"
@@ -293,8 +290,8 @@ class RealSource:
             g = torch.Generator().manual_seed(seed_for(seed, self.name, "data", inst.name))
             idx = rows[inst.name]
             report: dict[str, Any] = {"source": self.name, "read": pool.report, "rows_assigned": len(idx)}
-            if self.max_per_institution is not None and len(idx) > self.max_per_institution:
-                idx = idx[torch.randperm(len(idx), generator=g)[: self.max_per_institution]].sort().values
+            idx = cap_rows(idx, self.max_per_institution, g)
+            if len(idx) < report["rows_assigned"]:
                 report["rows_dropped_by_cap"] = report["rows_assigned"] - len(idx)
             tree = self._tree(pool, idx, inst)
             sides = unit_sides[idx] if unit_sides is not None else split_sides(len(idx), self.val_fraction, self.test_fraction, g)

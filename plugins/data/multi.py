@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from m3tfed import DataSourceSpec
+from m3tfed.data import InstitutionData
 from m3tfed.errors import ConfigError
-from m3tfed.federation.data import InstitutionData
 
 
 class MultiSource:

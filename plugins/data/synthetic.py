@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from m3tfed import DataSourceSpec
-from m3tfed.federation.data import InstitutionData, num_samples, split_tree
-from m3tfed.federation.institution import seed_for
+from m3tfed.data import InstitutionData, num_samples, split_tree
+from m3tfed.seeds import seed_for
 
 NUMERIC = ("prior_grade", "attendance", "study_hours", "absences", "engagement", "age")
 CARDINALITIES = (5, 2, 2)  # parent education, school support, internet at home

@@ -9,11 +9,11 @@ aggregation) plug into the same hook.
 from __future__ import annotations
 
 import torch
-from m3tfed import UpdateStageSpec, hookimpl
+from m3tfed import RoundContext, UpdateStage, UpdateStageSpec, hookimpl
 from m3tfed.federation.aggregation import ComponentUpdate
 
 
-class ClipUpdates:
+class ClipUpdates(UpdateStage):
     """Scale each component update to L2 norm at most ``max_norm`` (per institution)."""
 
     def __init__(self, max_norm: float = 1.0, side: str = "institution"):
@@ -21,7 +21,7 @@ class ClipUpdates:
             raise ValueError(f"clip: max_norm must be > 0, got {max_norm}")
         self.max_norm, self.side = max_norm, side
 
-    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+    def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
         out = []
         for u in updates:
             norm = torch.sqrt(sum(v.double().pow(2).sum() for v in u.delta.values()))
@@ -30,12 +30,12 @@ class ClipUpdates:
         return out
 
 
-class HalfPrecision:
+class HalfPrecision(UpdateStage):
     """Send updates as float16 (halves upload bytes); the server casts back to float32."""
 
     side = "institution"
 
-    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+    def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
         return [ComponentUpdate(u.institution, u.component, {k: v.half() for k, v in u.delta.items()}, u.weight, u.base_version) for u in updates]
 
 

@@ -26,6 +26,7 @@ from collections import defaultdict
 
 from m3tfed.errors import ConfigError
 from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate
+from m3tfed.interfaces import RoundContext, UpdateStage
 from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, l2_norm, noise_generator
 from m3tfed.privacy.ledger import PrivacyLedger
 from m3tfed.privacy.policy import Policy, resolve_policies
@@ -33,7 +34,7 @@ from m3tfed.privacy.policy import Policy, resolve_policies
 log = logging.getLogger("m3tfed.privacy")
 
 
-class LocalPrivacy:
+class LocalPrivacy(UpdateStage):
     """Institution side: clip everything the institution sends this round as one vector
     to the policy's norm and, for ``dp = "local"``, add Gaussian noise before it leaves
     (and before masking). Under any DP mode every update weighs 1: a weight computed
@@ -43,7 +44,7 @@ class LocalPrivacy:
     order = 40
     name = "dp_local"
 
-    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+    def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
         priv = context.get("privacy")
         if priv is None:
             return updates
@@ -52,7 +53,7 @@ class LocalPrivacy:
         return [dataclasses.replace(u, delta=out[u.component], weight=weight(u)) for u in updates]
 
 
-class PolicyEnforcement:
+class PolicyEnforcement(UpdateStage):
     """Server side: aggregate a component only when every contributor's policy is met,
     never with fewer contributors than the strictest ``min_cohort`` among them."""
 
@@ -62,7 +63,6 @@ class PolicyEnforcement:
 
     def __init__(self):
         self.ledger = PrivacyLedger()
-        self.secure_aggregation = False  # set by build_federation: a secagg stage runs
         self._policies: dict[str, Policy] | None = None
 
     def policies(self, config) -> dict[str, Policy]:
@@ -70,7 +70,7 @@ class PolicyEnforcement:
             self._policies = {n: p for n, p in resolve_policies(config).items() if p.active}
         return self._policies
 
-    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+    def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
         rnd, backend = context["round"], context["backend"]
         policies = self.policies(context["server"].config)
         context["privacy_ledger"] = self.ledger
@@ -202,7 +202,7 @@ class PolicyEnforcement:
 
 
 def recheck_cohort(
-    context: dict, component: str, survivors: list[str], dropped: dict[str, str]
+    context: RoundContext, component: str, survivors: list[str], dropped: dict[str, str]
 ) -> str | None:
     """After secure aggregation unmasked ``component``: correct the ledger to the
     ``survivors`` (members it excluded are held, rule ``secure_aggregation``) and check the
@@ -225,7 +225,7 @@ def recheck_cohort(
 
 
 def hold_unmasked(
-    context: dict, component: str, survivors: list[str], dropped: dict[str, str], reason: str
+    context: RoundContext, component: str, survivors: list[str], dropped: dict[str, str], reason: str
 ) -> None:
     """Secure aggregation could not unmask ``component`` (``reason``: too many dropouts
     for its threshold, ...): record it held at its current state, rule
@@ -264,7 +264,7 @@ def _hold(
     )
 
 
-class CentralNoise:
+class CentralNoise(UpdateStage):
     """Server side, after unmasking: the DP-FedAvg estimator with a fixed denominator
     (McMahan et al. 2018): each component becomes ``sum_i d_i / D + N(0, (sigma C / D)^2)``
     where the ``d_i`` are updates clipped to ``C`` (each institution clipped its whole
@@ -309,7 +309,7 @@ class CentralNoise:
             reproducible_noise,
         )
 
-    def process(self, updates: list[ComponentUpdate], context: dict) -> list[ComponentUpdate]:
+    def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
         rnd, info, server = context["round"], context.get("privacy"), context["server"]
         ledger = context.get("privacy_ledger")
         if info is None and self.noise_multiplier:
@@ -394,7 +394,7 @@ class CentralNoise:
         return out
 
 
-def holders_sampled(component: str, context: dict) -> int:
+def holders_sampled(component: str, context: RoundContext) -> int:
     """How many of the round's sampled institutions hold ``component`` as a shared one:
     fixed before anyone trains, so it does not depend on who replied."""
     backend = context["backend"]

@@ -34,6 +34,7 @@ import torch
 from m3tfed.errors import ConfigError
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
 from m3tfed.federation.institution import Institution, seed_for
+from m3tfed.interfaces import RoundContext, UpdateStage
 from m3tfed.messages import AggregatedUpdate
 from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
@@ -52,12 +53,13 @@ log = logging.getLogger("m3tfed.secagg")
 MASKED_KEY = "secagg.masked"  # the only key of a masked update's delta
 
 
-class SecureAggregation:
+class SecureAggregation(UpdateStage):
     """Pairwise-masked aggregation per component (SecAgg / SecAgg+)."""
 
     side = "both"
     order = 80  # institution side: the last stage before an update leaves
     server_order = 50  # server side: after policy checks, before central noise
+    provides_secure_aggregation = True  # the server sees only sums of masked updates
     name = "secagg"
 
     def __init__(
@@ -81,7 +83,7 @@ class SecureAggregation:
         ] = []  # per round: survivors, dropped and why, total weight
 
     # -- server side -------------------------------------------------------------
-    def begin_round(self, context: dict[str, Any]) -> None:
+    def begin_round(self, context: RoundContext) -> None:
         server, backend, rnd = context["server"], context["backend"], context["round"]
         codec = self.settings.codec
         codec.check_capacity(len(server.config.institutions), "the federation's ")
@@ -145,14 +147,14 @@ class SecureAggregation:
             )
 
     def process(
-        self, updates: list[ComponentUpdate], context: dict[str, Any]
+        self, updates: list[ComponentUpdate], context: RoundContext
     ) -> list[ComponentUpdate]:
         if "server" not in context:
             return self.mask(updates, context["institution"], context["round"])
         return self.unmask(updates, context)
 
     def unmask(
-        self, updates: list[ComponentUpdate], context: dict[str, Any]
+        self, updates: list[ComponentUpdate], context: RoundContext
     ) -> list[ComponentUpdate]:
         server, backend = context["server"], context["backend"]
         report = (

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
+from ...data import iterate_batches, model_inputs
 from ...model import M3TModel, component_of
 from ..build import Federation
-from ..data import iterate_batches, model_inputs
 from ..institution import seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results

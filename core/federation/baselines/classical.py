@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from ...data import num_samples
 from ..build import Federation
-from ..data import num_samples
 from ..evaluation import Metrics
 from .base import BaselineContext, Results
 

@@ -48,6 +48,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from m3tfed.config import to_dict
 from m3tfed.errors import CheckpointError
+from m3tfed.federation.build import build_institution
 from m3tfed.federation.checkpoint import (
     checkpoint_path,
     flatten_components,
@@ -59,7 +60,6 @@ from m3tfed.federation.checkpoint import (
 )
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import Institution
-from m3tfed.federation.job import build_institution
 from m3tfed.privacy.dp import RoundRecord
 
 from .backend import LOAD_PERSONAL, RESTORE_PRIVACY

@@ -18,6 +18,14 @@ holds the run's id, which every message names: nodes keep their per-run state (p
 accountant, secure-aggregation secrets) under it, so a resumed run finds it again.
 Evaluation runs where the data is, on the nodes, and is not part of this app.
 
+One lifecycle: resume (:func:`~m3tfed.federation.lifecycle.resumable_config`, which also
+refuses a run an institution was erased from, and
+:func:`~m3tfed.federation.lifecycle.restore_server`) and the round step with its
+privacy ledger (:func:`~m3tfed.federation.lifecycle.run_rounds`) are the ones ``m3tfed
+run`` / ``resume`` / ``forget`` use. What this app does not do, because the coordinator
+has no data: validation every ``evaluation.every`` rounds, the kept (best-validation)
+state, the final test and the baselines (``continue_run`` / ``finish``).
+
 Each institution's policy and budget are its own (discovered, ``capabilities``), but
 the server's ``policy`` stage enforces the coordinator's config: a node whose policy or
 budget differs from the config's is kept out of the federation, with the difference in
@@ -39,13 +47,13 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from m3tfed.config import to_dict
-from m3tfed.errors import CheckpointError, ConfigError, FederationError
-from m3tfed.federation.checkpoint import load_checkpoint, round_checkpoints, write_json_atomic
+from m3tfed.errors import ConfigError, FederationError
+from m3tfed.federation.build import adopt_ledger, build_stages
 from m3tfed.federation.config import load_config
-from m3tfed.federation.job import build_stages
+from m3tfed.federation.lifecycle import restore_server, resumable_config, run_rounds
 from m3tfed.federation.server import Server
+from m3tfed.files import write_json_atomic
 from m3tfed.plugin_manager import get_catalogue
-from m3tfed.privacy.ledger import PrivacyLedger
 from m3tfed.privacy.policy import PolicyConfig, resolve_policy
 
 from .backend import FlowerBackend
@@ -88,9 +96,7 @@ def run_federation(
     registered key has (``nodes.json``): each node is then that institution and no other."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        if not (run_dir / "config.json").exists():
-            raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
-        cfg = load_config(json.loads((run_dir / "config.json").read_text()))
+        cfg = resumable_config(run_dir)
     else:
         cfg = load_config(config)
         write_json_atomic(run_dir / "config.json", to_dict(cfg))
@@ -106,18 +112,10 @@ def run_federation(
     write_json_atomic(run_dir / "capabilities.json", {**capabilities, "excluded": backend.excluded} if backend.excluded else capabilities)
     _, server_stages = build_stages(cfg, catalogue)
     server = Server(cfg, catalogue, backend, server_stages=server_stages, run_dir=run_dir)
-    ledger_stages = [s for s in server_stages if isinstance(getattr(s, "ledger", None), PrivacyLedger)]
-    if resume:
-        rounds = round_checkpoints(run_dir)
-        if not rounds:
-            raise CheckpointError(f"{run_dir}: no checkpoint under checkpoints/ to resume from")
-        tensors, meta = load_checkpoint(rounds[0])
-        server.restore(tensors, meta)
-        ledger = PrivacyLedger.read(run_dir, up_to_round=server.round)
-        if ledger is not None and ledger_stages:  # as job.resume_job: the ledger, and the accountants
-            for stage in ledger_stages:
-                stage.ledger = ledger
-            try:
+    if resume:  # the checkpoint and ledger as `m3tfed resume` reads them
+        ledger = restore_server(server, run_dir)
+        if adopt_ledger(server, ledger):
+            try:  # the accountants live on the nodes
                 backend.restore_privacy(ledger, server.round)
             except FederationError as exc:  # a node that is not there now fails its rounds on its own
                 log.warning("resume: not every node took its privacy accounts: %s", exc)
@@ -127,10 +125,8 @@ def run_federation(
         out["excluded"] = backend.excluded
     if backend.refused:
         out["refused"] = {str(node): why for node, why in backend.refused.items()}
-    for rnd in range(server.round + 1, cfg.rounds + 1):
-        rep = server.run_round(rnd)
-        if ledger_stages:  # after every round, as `m3tfed run` does
-            ledger_stages[0].ledger.write(run_dir)
+    for rep in run_rounds(server, run_dir, server.round + 1):  # the round step `m3tfed run` takes
+        rnd = rep.round
         dropped = f", dropped {rep.dropped}" if rep.dropped else ""
         log.info("round %d/%d: %d/%d institutions, train loss %.4f, %.2fs%s", rnd, cfg.rounds, len(rep.succeeded), len(rep.sampled), rep.loss, rep.seconds, dropped)
         out.update(last_round=rnd, history=[to_dict(r) for r in server.history])

@@ -110,7 +110,9 @@ def quantity_skew(n: int, names: Sequence[str], alpha: float, generator: torch.G
 
 
 def assign(pool: Any, groups: Mapping[str, Sequence[str]], spec: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Row indices per institution of a :class:`~.common.Pool` under ``spec``."""
+    """Row indices per institution under ``spec`` (a source's ``partition`` option) for
+``pool``: anything with ``len()``, ``groups`` (each row's natural group) and
+``targets`` (``{task: [N, ...]}``), e.g. :class:`m3tfed.plugins.data.common.Pool`."""
     by = spec.get("by", "natural")
     names = list(groups)
     g = torch.Generator().manual_seed(seed)

@@ -11,6 +11,9 @@ better than ``e^epsilon`` allows.
 - :func:`mia_experiment`: one institution of a real federation attacked after the run
   was trained without DP and with sample-level DP-SGD (``dpsgd.py``) at given epsilons.
 
+It lives in the federation layer because the experiment builds and runs whole
+federations; the privacy layer below it holds the defences it measures.
+
 Not here: stronger attacks (shadow models, LiRA); the loss threshold is the baseline
 every defence must at least beat.
 """
@@ -23,10 +26,10 @@ from typing import Any
 import torch
 
 from ..config import to_dict
+from ..data import eval_batches, model_inputs
 from ..errors import ConfigError
-from ..federation.config import load_config
-from ..federation.data import eval_batches, model_inputs
-from ..federation.job import build_federation
+from .build import build_federation
+from .config import load_config
 
 
 def attack_auc(member_losses: torch.Tensor, non_member_losses: torch.Tensor) -> float:

@@ -1,5 +1,5 @@
 """Institution datasets as plain tensor trees, the train / validation / test split every
-data source uses, and the helpers to batch them.
+data source uses, the per-institution cap, and the helpers to batch them.
 
 A split is a dict: modality name -> input (a tensor, a dict of tensors, or a list such
 as raw texts; leading dimension = samples), ``"present"`` -> {modality: [N] bool} for
@@ -100,6 +100,16 @@ def split_tree(
     sides, order = unit_order(units if units is not None else num_samples(tree), val_fraction, test_fraction, generator)
     ordered = sides[order]
     return take(tree, order[ordered == TRAIN]), take(tree, order[ordered == VAL]), take(tree, order[ordered == TEST])
+
+
+def cap_rows(index: torch.Tensor, limit: int | None, generator: torch.Generator) -> torch.Tensor:
+    """At most ``limit`` of the row indices ``index``, a random sample under ``generator``
+    kept in row order (``None`` or a short enough ``index``: unchanged, and the
+    generator is not drawn from). Caps an institution before it is split, so a
+    federation stays CPU-sized."""
+    if limit is None or len(index) <= limit:
+        return index
+    return index[torch.randperm(len(index), generator=generator)[:limit]].sort().values
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
