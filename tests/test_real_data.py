@@ -11,13 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_config_dict
+from conftest import DATA, tiny_config_dict
 from m3tfed import get_catalogue
 from m3tfed.federation.config import load_config
 from m3tfed.federation.job import build_federation
 from m3tfed.plugins.data.common import DataFileError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 UCI_CARDS = [2, 2, 2, 2, 2, 5, 5, 4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2]
 OULAD_CARDS = [7, 2, 2, 13, 5, 10, 3, 2]
 MODULES = ["AAA", "BBB", "CCC", "DDD", "EEE", "FFF", "GGG"]
