@@ -28,7 +28,7 @@ from .contracts import build_module, check_module, check_tokens
 from .errors import ConfigError, ContractError, Instrumentation
 from .moe import MoELayer
 from .plugin_manager import get_catalogue
-from .specs import Catalogue, ExpertSpec, Spec
+from .specs import Catalogue, ExpertSpec, Spec, check_options
 
 
 @dataclass
@@ -95,6 +95,7 @@ def _build(spec: Spec, path: str, d_model: int, options: dict[str, Any], num_exp
     """A plugin's module with its contract checked (shapes, dtypes, finite values, a
     router's gates), so a broken plugin fails at build naming itself and its package,
     not deep inside a round. Options the plugin rejects are a config error at ``<path>.options``."""
+    check_options(spec, options, f"{path}.options", positional=2 if spec.kind == "router" else 1)
     try:
         module = build_module(spec, d_model, num_experts, **options)
     except ContractError as exc:

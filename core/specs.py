@@ -10,11 +10,16 @@ spec does not know where it was found (the plugin manager fills ``package``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+import inspect
+import reprlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+
+from .errors import ConfigError, M3TError
 
 # Parameter counts in metadata are declared for a module built at this width, so that
 # one number in registry.toml can be checked against the real module.
@@ -214,3 +219,68 @@ class Catalogue:
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.specs[kind])
+
+    def build(
+        self, kind: str, name: str, path: str, options: Mapping[str, Any], **supplied: Any
+    ) -> Any:
+        """``build(**supplied, **options)`` of the ``kind`` plugin ``name`` whose options
+        are the config table at ``path`` (``data.options``); ``supplied`` are what m3tfed
+        passes itself (a backend's ``institutions``). An option it does not take fails
+        before its code runs, at ``<path>.<option>``; anything its build raises (a value it
+        rejects) becomes one ConfigError at ``path`` naming the plugin and its package.
+        m3tfed's own errors (a ConfigError a plugin raises with its own path) pass as
+        they are."""
+        spec = self.get(kind, name)
+        check_options(spec, options, path, taken=tuple(supplied))
+        try:
+            return spec.build(**supplied, **options)
+        except M3TError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                path,
+                f"{plugin_label(spec)}: build({show_options(options)}) raised {type(exc).__name__}: {exc}",
+            ) from exc
+
+
+def plugin_label(spec: Spec) -> str:
+    """``router plugin 'topk' (from m3tfed)``: how errors name a plugin."""
+    return f"{spec.kind} plugin {spec.name!r} (from {spec.package or 'unknown package'})"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel = 2
+
+
+def show_options(options: Mapping[str, Any]) -> str:
+    """``k=2, profiles={'a': {...}, ...}``: options as an error shows them (long values cut)."""
+    return ", ".join(f"{k}={_SHORT.repr(v)}" for k, v in options.items())
+
+
+def check_options(
+    spec: Spec,
+    options: Mapping[str, Any],
+    path: str,
+    positional: int = 0,
+    taken: tuple[str, ...] = (),
+) -> None:
+    """Every key of ``options`` must be a parameter of ``spec.build``, read from its
+    signature: the first ``positional`` parameters and the ``taken`` names are what
+    m3tfed passes, not options. A build that takes ``**options`` checks its own."""
+    try:
+        params = list(inspect.signature(spec.build).parameters.values())
+    except (TypeError, ValueError):  # a callable without a readable signature
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = [p.name for p in params[positional:] if p.kind in named and p.name not in taken]
+    for key in options:
+        if key not in takes:
+            close = difflib.get_close_matches(key, takes, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{path}.{key}",
+                f"{plugin_label(spec)} takes no option {key!r}{hint}; its options: {', '.join(takes) or 'none'}",
+            )

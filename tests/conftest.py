@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # No hub downloads, no telemetry: what CI has.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +10,12 @@ import torch  # noqa: E402
 # One thread: tiny models gain nothing from two, and two threads spin badly when the
 # machine's cores are shared with anything else.
 torch.set_num_threads(1)
+
+# The published data sets (tests may read them; each folder has SOURCE.md): beside the
+# checkout by default, elsewhere with M3TFED_DATA (e.g. from a git worktree).
+DATA = Path(
+    os.environ.get("M3TFED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 
 
 def tiny_config_dict(rounds: int = 2, n: int = 24, **federation):

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two benches' smoke runs are checked, with their fields, beside their features:
 # flower_backend in test_flower.py, threads in test_learning.py.
 BENCHES = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name not in ("common.py", "flower_backend.py", "threads.py"))
 # The one bench that reads a real data set (ELLIPSE essays, outside the repository).
-ESSAYS = ROOT.parent / "shared" / "data" / "ellipse" / "ELLIPSE_Final_github_test.csv"
+ESSAYS = DATA / "ellipse" / "ELLIPSE_Final_github_test.csv"
 
 
 @pytest.mark.parametrize("bench", BENCHES, ids=[p.stem for p in BENCHES])

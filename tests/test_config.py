@@ -1,4 +1,5 @@
 import pytest
+from conftest import DATA
 from m3tfed import ConfigError, get_catalogue
 from m3tfed.config import apply_overrides
 from m3tfed.defaults import default_config_dict
@@ -84,7 +85,7 @@ def test_example_configs_load_and_build():
     root = Path(__file__).resolve().parents[1]
     for path in sorted((root / "examples").glob("*.toml")):
         cfg = load_config(path)
-        fed = build_federation(cfg, data_root=root.parent / "shared" / "data")  # real-edu reads it
+        fed = build_federation(cfg, data_root=DATA)  # real-edu reads it
         assert set(fed.institutions) == {i.name for i in cfg.institutions}, path
 
 

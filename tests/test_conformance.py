@@ -5,10 +5,9 @@ seed determinism and the state-dict round trip; for aggregators, data sources, u
 stages and backends their own checks. A new plugin is covered by installing it."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
+from conftest import DATA
 from m3tfed import ConfigError, get_catalogue
 from m3tfed.testing import (
     check_aggregator,
@@ -23,7 +22,6 @@ from m3tfed.testing import (
 
 CATALOGUE = get_catalogue()
 # The published files beside the checkout, as tests/test_real_data.py reads them.
-DATA = Path(os.environ.get("M3TFED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 # Build options for plugins that have no usable defaults (timm keeps such per-model
 # test settings beside its suite too).
 OPTIONS = {("data", "multi"): {"sources": {"uci": {"plugin": "uci_student"}, "crohme": {"plugin": "crohme"}}}}

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +124,8 @@ def test_registry_toml_parses_as_toml():
 
 
 def test_plugins_check_runs_every_kinds_check():
-    data = Path(os.environ.get("M3TFED_DATA", ROOT.parent / "shared" / "data"))
+    from conftest import DATA as data
+
     out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--check", "--data", str(data)], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)["plugins"]
     checked = {(r["kind"], r["name"]): r["check"] for r in rows if "check" in r}

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, M3TError
 from ..interfaces import UpdateStage, as_update_stage
 from ..plugin_manager import get_catalogue
 from ..privacy.dp import attach_privacy, restore_privacy
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import privacy_stages
 from ..registry import Registry, load_registry
-from ..specs import Catalogue
+from ..specs import Catalogue, plugin_label
 from .config import FederationConfig, resolve_selection
 from .institution import Institution, ModelPool, default_accelerator
 from .server import Server
@@ -52,8 +52,7 @@ def build_federation(
             registry = None
     check_plugins(cfg, catalogue)
     if data is None:
-        source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
-        data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+        data = load_data(cfg, catalogue, data_root)
     pool = ModelPool(cfg.model, catalogue, default_accelerator())
     # In-process, a stage on both sides (secagg) is one object serving institutions and server.
     inst_stages, server_stages = build_stages(cfg, catalogue)
@@ -66,7 +65,8 @@ def build_federation(
             inst, data[inst.name], selections[inst.name], cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by
         )
     attach_privacy(cfg, institutions)  # each institution enforces its own policy too
-    backend = catalogue.get("backend", cfg.federation.backend.plugin).build(institutions=institutions, **cfg.federation.backend.options)
+    backend_cfg = cfg.federation.backend
+    backend = catalogue.build("backend", backend_cfg.plugin, "federation.backend.options", backend_cfg.options, institutions=institutions)
     server = Server(cfg, catalogue, backend, server_stages=server_stages, run_dir=run_dir)
     return Federation(cfg, server, institutions, selections)
 
@@ -75,9 +75,13 @@ def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any]
     """The update pipeline's (institution-side, server-side) stages: the configured ones
     plus the privacy stages the institutions' policies ask for (policy checks, DP, secagg).
     A process that holds only one side (a Flower node or coordinator) takes its half."""
-    pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
+    added = privacy_stages(cfg, catalogue)
+    pipeline = [*cfg.federation.pipeline, *added]
+    # where each stage's options come from: the pipeline, or the institutions' policies
+    paths = [f"federation.pipeline[{i}].options" for i in range(len(cfg.federation.pipeline))]
+    paths += [f"institutions[*].policy (the {pc.plugin!r} stage it adds)" for pc in added]
     specs = [catalogue.get("stage", pc.plugin) for pc in pipeline]
-    stages = [as_update_stage(spec.build(**pc.options), spec.order) for spec, pc in zip(specs, pipeline)]
+    stages = [as_update_stage(catalogue.build("stage", pc.plugin, path, pc.options), spec.order) for spec, pc, path in zip(specs, pipeline, paths)]
     masked = any(stage.provides_secure_aggregation for stage in stages)
     for stage in stages:  # the policy stage refuses a policy that needs it when none runs
         stage.secure_aggregation = masked
@@ -104,8 +108,7 @@ def build_institution(
     if inst is None:
         raise ConfigError("institutions", f"no institution named {name!r}; the config has {', '.join(i.name for i in cfg.institutions)}")
     check_plugins(cfg, catalogue)
-    source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
-    data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    data = load_data(cfg, catalogue, data_root)
     if name not in data:
         raise ConfigError("data", f"the data source produced no data for institution {name!r}")
     inst_stages, _ = build_stages(cfg, catalogue)
@@ -114,6 +117,21 @@ def build_institution(
     institution = Institution(inst, data[name], selection, cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by)
     attach_privacy(cfg, {name: institution})  # it enforces its own policy
     return institution
+
+
+def load_data(cfg: FederationConfig, catalogue: Catalogue, data_root: str | Path | None = None) -> dict[str, Any]:
+    """Every institution's data from the configured source. What the source raises comes
+    out once as a ConfigError at ``data.options`` naming the plugin (an option it does not
+    take already names ``data.options.<option>``)."""
+    source = catalogue.build("data", cfg.data.plugin, "data.options", cfg.data.options)
+    try:
+        return source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    except M3TError:
+        raise
+    except Exception as exc:
+        spec = catalogue.get("data", cfg.data.plugin)
+        names = ", ".join(i.name for i in cfg.institutions)
+        raise ConfigError("data.options", f"{plugin_label(spec)}: loading the data of {names} raised {type(exc).__name__}: {exc}") from exc
 
 
 def privacy_ledger(fed: Federation | Server) -> PrivacyLedger | None:

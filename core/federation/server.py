@@ -22,7 +22,7 @@ import torch
 
 from ..aggregation import TooFewUpdates, loss_reweighted, mark_expert_rows
 from ..config import to_dict
-from ..errors import ConfigError, FederationError
+from ..errors import FederationError
 from ..interfaces import Aggregator, Backend, RoundContext, UpdateStage
 from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
 from ..model import M3TModel
@@ -194,11 +194,8 @@ class Server:
                 group = comp.split(".")[0]
                 if group not in self.aggregators:
                     pc = self.config.aggregator_for(comp)
-                    try:
-                        self.aggregators[group] = self.catalogue.get("aggregator", pc.plugin).build(**pc.options)
-                    except (TypeError, ValueError) as exc:  # options the aggregator rejects
-                        key = group if group in self.config.aggregation else "default"
-                        raise ConfigError(f"aggregation.{key}.options", f"aggregator plugin {pc.plugin!r}: {exc}") from None
+                    key = group if group in self.config.aggregation else "default"
+                    self.aggregators[group] = self.catalogue.build("aggregator", pc.plugin, f"aggregation.{key}.options", pc.options)
 
     def aggregator(self, component: str) -> Aggregator:
         return self.aggregators[component.split(".")[0]]

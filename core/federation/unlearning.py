@@ -57,7 +57,7 @@ from ..plugin_manager import get_catalogue
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import resolve_policy
 from .aggregation import ComponentUpdate
-from .build import build_federation, privacy_ledger, restore_ledger
+from .build import build_federation, load_data, privacy_ledger, restore_ledger
 from .checkpoint import (
     ERASED_FILE,
     SEP,
@@ -160,9 +160,7 @@ def forget(
     # partitioner splits by the full list of institutions).
     catalogue = get_catalogue()
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    source = catalogue.get("data", cfg.data.plugin).build(**cfg.data.options)
-    data_root = run_info.get("data_root")
-    data = source.load(cfg.institutions, cfg.seed, Path(data_root) if data_root else None)
+    data = load_data(cfg, catalogue, run_info.get("data_root"))
     data.pop(institution, None)
     new_config = {**config, "institutions": remaining}
     fed = build_federation(load_config(new_config), catalogue, data=data)
