@@ -353,8 +353,10 @@ def as_update_stage(stage: Any, default_order: int) -> UpdateStage:
 
 @runtime_checkable
 class RoundSetup(Protocol):
-    """A server-side stage capability: a setup step with the sampled institutions before
-    they train (e.g. secure aggregation's key exchange, through ``backend.ask``)."""
+    """The shape of :meth:`UpdateStage.begin_round`, for a duck-typed stage that has a
+    setup step with the sampled institutions before they train (e.g. secure
+    aggregation's key exchange, through ``backend.ask``). Every :class:`UpdateStage`
+    has one (a no-op by default), so the round loop calls it on every server stage."""
 
     def begin_round(self, context: RoundContext) -> None: ...
 
