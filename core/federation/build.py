@@ -19,7 +19,7 @@ from ..privacy.dp import attach_privacy, restore_privacy
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import privacy_stages
 from ..registry import Registry, load_registry
-from ..specs import Catalogue
+from ..specs import SECURE_AGGREGATION, Catalogue
 from .config import FederationConfig, resolve_selection
 from .institution import Institution, ModelPool, default_accelerator
 from .server import Server
@@ -78,7 +78,7 @@ def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any]
     pipeline = [*cfg.federation.pipeline, *privacy_stages(cfg, catalogue)]
     specs = [catalogue.get("stage", pc.plugin) for pc in pipeline]
     stages = [as_update_stage(spec.build(**pc.options), spec.order) for spec, pc in zip(specs, pipeline)]
-    masked = any(stage.provides_secure_aggregation for stage in stages)
+    masked = any(SECURE_AGGREGATION in spec.provides for spec in specs)
     for stage in stages:  # the policy stage refuses a policy that needs it when none runs
         stage.secure_aggregation = masked
     return stages_for("institution", stages), stages_for("server", stages)
