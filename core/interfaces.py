@@ -278,10 +278,10 @@ class UpdateStage:
     sampled institutions train (a setup step such as secure aggregation's key exchange,
     through ``context.backend.ask``); the default does nothing.
 
-    Capabilities, asked for instead of plugin names: a stage that masks updates so the
-    server only sees their sum sets ``provides_secure_aggregation = True``; the builder
-    then sets ``secure_aggregation = True`` on every stage of that pipeline (the policy
-    stage refuses a policy that needs it when it is False).
+    Capabilities are asked for instead of plugin names: a stage's spec lists what it
+    provides (``UpdateStageSpec.provides``, e.g. ``"secure_aggregation"``), and the
+    builder sets ``secure_aggregation = True`` on every stage of a pipeline in which a
+    stage provides it (the policy stage refuses a policy that needs it when it is False).
 
     A stage written to the older duck type (``side`` and ``process``, optionally
     ``order``, ``server_order``, ``begin_round``) still works: the builder wraps it once
@@ -291,7 +291,6 @@ class UpdateStage:
     side: str = "institution"
     order: int | None = None
     server_order: int | None = None
-    provides_secure_aggregation: bool = False
     secure_aggregation: bool = False
 
     def begin_round(self, context: RoundContext) -> None:
@@ -312,7 +311,6 @@ class _DuckStage(UpdateStage):
         self.__dict__["side"] = getattr(stage, "side", "institution")
         self.__dict__["order"] = getattr(stage, "order", None)
         self.__dict__["server_order"] = getattr(stage, "server_order", None)
-        self.__dict__["provides_secure_aggregation"] = bool(getattr(stage, "provides_secure_aggregation", False))
 
     def begin_round(self, context: RoundContext) -> None:
         setup = getattr(self.stage, "begin_round", None)
@@ -353,8 +351,10 @@ def as_update_stage(stage: Any, default_order: int) -> UpdateStage:
 
 @runtime_checkable
 class RoundSetup(Protocol):
-    """A server-side stage capability: a setup step with the sampled institutions before
-    they train (e.g. secure aggregation's key exchange, through ``backend.ask``)."""
+    """The shape of :meth:`UpdateStage.begin_round`, for a duck-typed stage that has a
+    setup step with the sampled institutions before they train (e.g. secure
+    aggregation's key exchange, through ``backend.ask``). Every :class:`UpdateStage`
+    has one (a no-op by default), so the round loop calls it on every server stage."""
 
     def begin_round(self, context: RoundContext) -> None: ...
 

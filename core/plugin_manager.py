@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .specs import SPEC_TYPES, Catalogue, Command, PluginError
+from .specs import SPEC_TYPES, STAGE_CAPABILITIES, Catalogue, Command, PluginError
 
 log = logging.getLogger("m3tfed.plugins")
 
@@ -212,6 +212,8 @@ class PluginManager:
                 problem = f"name {spec.name!r} must start with a letter and use letters, digits, _ . -"
             elif not callable(spec.build):
                 problem = "build is not callable"
+            elif kind == "stage" and not (isinstance(spec.provides, tuple) and set(spec.provides) <= set(STAGE_CAPABILITIES)):
+                problem = f"provides {spec.provides!r}: a tuple of capabilities among {list(STAGE_CAPABILITIES)}"
             elif spec.name in cat.specs[kind]:
                 other = cat.specs[kind][spec.name].package
                 problem = f"duplicate {kind} name {spec.name!r}: already registered by {other!r}"

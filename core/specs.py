@@ -126,10 +126,21 @@ class BackendSpec(Spec):
 class UpdateStageSpec(Spec):
     """A stage of the update pipeline (clip, privacy, compress): ``build(**options)``
     returns a :class:`m3tfed.UpdateStage` (``side`` and ``process(updates, context) ->
-    updates``). ``order`` sorts stages, lower first, unless the stage has its own."""
+    updates``). ``order`` sorts stages, lower first, unless the stage has its own.
+    ``provides`` names the capabilities (:data:`STAGE_CAPABILITIES`) the stage offers:
+    the privacy layer adds the stage that provides what a policy needs, by capability,
+    never by plugin name."""
 
     kind: ClassVar[str] = "stage"
     order: int = 100
+    provides: tuple[str, ...] = ()
+
+
+# What an update stage can provide, asked for instead of a plugin name: the server's
+# per-component policy and cohort checks (it keeps the privacy ledger), clipping and noise
+# at the institution, noise after aggregation, and masking so the server sees only sums.
+POLICY_CHECKS, LOCAL_DP, CENTRAL_DP, SECURE_AGGREGATION = "policy_checks", "local_dp", "central_dp", "secure_aggregation"
+STAGE_CAPABILITIES = (POLICY_CHECKS, LOCAL_DP, CENTRAL_DP, SECURE_AGGREGATION)
 
 
 SPEC_TYPES: dict[str, type[Spec]] = {

@@ -202,7 +202,7 @@ def test_secagg_and_dp_state_survive_a_new_clientapp_process_per_message(tmp_pat
     assert_same_run(run_dir, in_process_run(config, tmp_path / "runs", stop_after=1), rounds=2)
     # secrets and accounts were on disk between messages, readable by the node's user only;
     # a finished session's secrets are not left behind
-    run_id = json.loads((run_dir / "run.json").read_text())["id"]
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert grid.kept[f"university/runs/{run_id}/stages/secagg.json"] == 0o600
     assert grid.kept[f"university/runs/{run_id}/privacy.json"] == 0o600
     assert not (tmp_path / "nodes" / "university" / "runs" / run_id / "stages" / "secagg.json").exists()

@@ -144,7 +144,7 @@ def test_known_upward_imports_are_still_there():
 # Members every UpdateStage has (m3tfed.interfaces.UpdateStage): core calls them, it does
 # not probe for them. Only the adapter for duck-typed stages (interfaces.py) reads them
 # with getattr, once, where a stage is built.
-STAGE_MEMBERS = {"side", "order", "server_order", "begin_round", "secure_aggregation", "provides_secure_aggregation"}
+STAGE_MEMBERS = {"side", "order", "server_order", "begin_round", "secure_aggregation"}
 
 
 def test_core_calls_stage_members_instead_of_probing_for_them():

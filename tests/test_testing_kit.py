@@ -178,7 +178,7 @@ def test_check_update_stage_adapts_stages_as_the_builder_does():
     # a no-op begin_round, and its own attributes read through
     assert isinstance(keeper, UpdateStage) and not isinstance(keeper, Keeper)
     assert (keeper.side, keeper.order, keeper.server_order, keeper.ledger) == ("both", 30, 7, "kept")
-    assert keeper.begin_round(RoundContext(1)) is None and not keeper.provides_secure_aggregation
+    assert keeper.begin_round(RoundContext(1)) is None
     assert as_update_stage(keeper, 99) is keeper  # adapting twice changes nothing
 
 

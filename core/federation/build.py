@@ -19,7 +19,7 @@ from ..privacy.dp import attach_privacy, restore_privacy
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import privacy_stages
 from ..registry import Registry, load_registry
-from ..specs import Catalogue, plugin_label
+from ..specs import SECURE_AGGREGATION, Catalogue, plugin_label
 from .config import FederationConfig, resolve_selection
 from .institution import Institution, ModelPool, default_accelerator
 from .server import Server
@@ -82,7 +82,7 @@ def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any]
     paths += [f"institutions[*].policy (the {pc.plugin!r} stage it adds)" for pc in added]
     specs = [catalogue.get("stage", pc.plugin) for pc in pipeline]
     stages = [as_update_stage(catalogue.build("stage", pc.plugin, path, pc.options), spec.order) for spec, pc, path in zip(specs, pipeline, paths)]
-    masked = any(stage.provides_secure_aggregation for stage in stages)
+    masked = any(SECURE_AGGREGATION in spec.provides for spec in specs)
     for stage in stages:  # the policy stage refuses a policy that needs it when none runs
         stage.secure_aggregation = masked
     return stages_for("institution", stages), stages_for("server", stages)

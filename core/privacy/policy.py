@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
+from ..specs import CENTRAL_DP, LOCAL_DP, POLICY_CHECKS, SECURE_AGGREGATION
 
 DPMode = Literal["none", "central", "local", "sample"]
 PROFILES = ("none", "ferpa", "gdpr", "coppa")
@@ -181,30 +182,44 @@ def resolve_policies(cfg) -> dict[str, Policy]:
 
 
 def privacy_stages(cfg, catalogue) -> list:
-    """The ``PluginConfig`` stages policies need that ``federation.pipeline`` lacks:
-    ``policy`` (server checks), ``dp_local`` (institution clipping/noise and its report),
-    ``dp_central``, and ``secagg`` when a policy requires secure aggregation. Never runs
-    without secure aggregation that a policy requires: raises if it is not installed."""
+    """The ``PluginConfig`` stages policies need that ``federation.pipeline`` lacks, each
+    the installed stage that provides the capability (``UpdateStageSpec.provides``):
+    policy checks on the server, local DP (institution clipping/noise and its report)
+    for noisy policies, central DP, and secure aggregation when a policy requires it.
+    Never runs without secure aggregation that a policy requires: raises if no stage
+    provides it; two providers of one capability must be chosen between in the config."""
     from ..model import PluginConfig
 
     policies = {n: p for n, p in resolve_policies(cfg).items() if p.active}
     if not policies:
         return []
     listed = {pc.plugin for pc in cfg.federation.pipeline}
-    want = ["policy"]
+    want = [POLICY_CHECKS]
     if any(p.noisy for p in policies.values()):
-        want.append("dp_local")
+        want.append(LOCAL_DP)
     if any(p.dp == "central" for p in policies.values()):
-        want.append("dp_central")
+        want.append(CENTRAL_DP)
     needers = [n for n, p in policies.items() if p.secure_aggregation]
     if needers:
-        if "secagg" not in catalogue.specs["stage"]:
+        want.append(SECURE_AGGREGATION)
+    out = []
+    for capability in want:
+        providers = sorted(n for n, spec in catalogue.specs["stage"].items() if capability in spec.provides)
+        if listed & set(providers):  # the config chose one
+            continue
+        if not providers and capability == SECURE_AGGREGATION:
             i = next(k for k, inst in enumerate(cfg.institutions) if inst.name == needers[0])
             raise ConfigError(
                 f"institutions[{i}].policy.secure_aggregation",
                 f"secure aggregation is required by institution {needers[0]!r}"
                 + (f" (and {', '.join(map(repr, needers[1:]))})" if len(needers) > 1 else "")
-                + " but no 'secagg' stage plugin is installed; install one or set secure_aggregation = false in that policy",
+                + " but no installed stage plugin provides it (the built-in is 'secagg'); install one or set secure_aggregation = false in that policy",
             )
-        want.append("secagg")
-    return [PluginConfig(name) for name in want if name not in listed]
+        if len(providers) != 1:
+            raise ConfigError(
+                "federation.pipeline",
+                f"the institutions' policies need a stage that provides {capability!r}; "
+                + (f"several do ({', '.join(providers)}): list the one to use in federation.pipeline" if providers else "no installed stage plugin does"),
+            )
+        out.append(PluginConfig(providers[0]))
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from m3tfed import RoundContext, UpdateStage, UpdateStageSpec, hookimpl
 from m3tfed.federation.aggregation import ComponentUpdate
+from m3tfed.specs import CENTRAL_DP, LOCAL_DP, POLICY_CHECKS, SECURE_AGGREGATION
 
 
 class ClipUpdates(UpdateStage):
@@ -46,16 +47,16 @@ def register_update_stages(register):
     # Privacy (privacy.py): added automatically when an institution's policy asks for them.
     from .privacy import CentralNoise, LocalPrivacy, PolicyEnforcement
 
-    for cls, desc in (
-        (PolicyEnforcement, "per-component privacy policy and minimum-cohort enforcement (server)"),
-        (LocalPrivacy, "policy-driven update clipping and local DP noise (institution)"),
-        (CentralNoise, "central client-level DP noise after aggregation (server)"),
+    for cls, desc, capability in (
+        (PolicyEnforcement, "per-component privacy policy and minimum-cohort enforcement (server)", POLICY_CHECKS),
+        (LocalPrivacy, "policy-driven update clipping and local DP noise (institution)", LOCAL_DP),
+        (CentralNoise, "central client-level DP noise after aggregation (server)", CENTRAL_DP),
     ):
-        register(UpdateStageSpec(name=cls.name, build=cls, version="0.1.0", license="Apache-2.0", order=cls.order, description=desc))
+        register(UpdateStageSpec(name=cls.name, build=cls, version="0.1.0", license="Apache-2.0", order=cls.order, description=desc, provides=(capability,)))
     # Secure aggregation (secagg.py): one entry masks at institutions and unmasks at the server.
     from .secagg import SecureAggregation
 
-    register(UpdateStageSpec(name="secagg", build=SecureAggregation, version="0.1.0", license="Apache-2.0", order=SecureAggregation.order, description="secure aggregation: pairwise-masked sums per component, SecAgg / SecAgg+ (institution and server)"))
+    register(UpdateStageSpec(name="secagg", build=SecureAggregation, version="0.1.0", license="Apache-2.0", order=SecureAggregation.order, description="secure aggregation: pairwise-masked sums per component, SecAgg / SecAgg+ (institution and server)", provides=(SECURE_AGGREGATION,)))
 
 
 @hookimpl

@@ -59,7 +59,6 @@ class SecureAggregation(UpdateStage):
     side = "both"
     order = 80  # institution side: the last stage before an update leaves
     server_order = 50  # server side: after policy checks, before central noise
-    provides_secure_aggregation = True  # the server sees only sums of masked updates
     name = "secagg"
 
     def __init__(

@@ -18,7 +18,8 @@ holds the run's id, which every message names: nodes keep their per-run state (p
 accountant, secure-aggregation secrets) under it, so a resumed run finds it again.
 Evaluation runs where the data is, on the nodes, and is not part of this app.
 
-One lifecycle: resume (:func:`~m3tfed.federation.lifecycle.resumable_config`, which also
+One lifecycle: the run folder's identity (``claim_run_dir``: a folder that holds a run is
+refused, and checkpoints record the run id), resume (:func:`~m3tfed.federation.lifecycle.resumable_config`, which also
 refuses a run an institution was erased from, and
 :func:`~m3tfed.federation.lifecycle.restore_server`) and the round step with its
 privacy ledger (:func:`~m3tfed.federation.lifecycle.run_rounds`) are the ones ``m3tfed
@@ -39,7 +40,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,9 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from m3tfed.config import to_dict
-from m3tfed.errors import ConfigError, FederationError
+from m3tfed.errors import CheckpointError, ConfigError, FederationError
 from m3tfed.federation.build import adopt_ledger, build_stages
+from m3tfed.federation.checkpoint import RUN_FILE, claim_run_dir, run_id_of
 from m3tfed.federation.config import load_config
 from m3tfed.federation.lifecycle import restore_server, resumable_config, run_rounds
 from m3tfed.federation.server import Server
@@ -99,9 +100,11 @@ def run_federation(
         cfg = resumable_config(run_dir)
     else:
         cfg = load_config(config)
+    run = run_id(run_dir, resume)  # before config.json: a folder that holds a run is refused
+    if not resume:
         write_json_atomic(run_dir / "config.json", to_dict(cfg))
     catalogue = get_catalogue()
-    backend = FlowerBackend(grid, reply_grace_s=reply_grace_s, ask_timeout_s=ask_timeout_s, run_id=run_id(run_dir, resume), identities=identities)
+    backend = FlowerBackend(grid, reply_grace_s=reply_grace_s, ask_timeout_s=ask_timeout_s, run_id=run, identities=identities)
     t0 = time.perf_counter()
     capabilities = backend.discover([i.name for i in cfg.institutions], wait_s=wait_nodes_s)
     discover_s = time.perf_counter() - t0
@@ -158,13 +161,17 @@ def inside(value: Any, roots: list[Path], key: str) -> Path:
 
 
 def run_id(run_dir: Path, resume: bool) -> str:
-    """The run's id (``run.json``): made for a new run, read back on resume."""
-    path = run_dir / "run.json"
-    info = json.loads(path.read_text()) if resume and path.exists() else {}
-    if not info.get("id"):
-        info.update(id=uuid.uuid4().hex, created=datetime.now().isoformat(), backend="flower")
-        write_json_atomic(path, info)
-    return str(info["id"])
+    """The run's id (``run.json``), as ``m3tfed run`` keeps it: claimed for a new run (a
+    folder that already holds a run is refused, and every checkpoint records the id, so
+    a resume never mixes two runs), read back on resume. ``id`` is where folders written
+    before the id was shared with ``m3tfed run`` kept it."""
+    if not resume:
+        return claim_run_dir(run_dir, {"backend": "flower", "created": datetime.now().isoformat()})
+    path = run_dir / RUN_FILE
+    found = run_id_of(run_dir) or (json.loads(path.read_text()).get("id") if path.is_file() else None)
+    if not found:
+        raise CheckpointError(f"{run_dir}: {RUN_FILE} names no run id; not a run folder to resume")
+    return str(found)
 
 
 def differs_from_config(inst: Any, capabilities: dict[str, Any]) -> str | None:
