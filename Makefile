@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/m3tfed run
 
+# Two workers (pytest-xdist), one per core: most tests run on one thread. Each test file
+# stays on one worker (--dist loadfile), so a module's shared fixture (the Flower
+# deployment, DeepSpeed's trained ranks) is built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check core plugins experts tests bench examples

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +7,15 @@ from m3tfed import RegistryError, get_catalogue
 from m3tfed.registry import compare, generate, load_registry, parse_registry
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(capsys, *argv: str) -> str:
+    """``m3tfed ARGV``'s standard output, run in this process (the catalogue is loaded
+    once; the console script itself: test_install)."""
+    from m3tfed.cli import main
+
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
 
 
 def entry(**kw):
@@ -34,9 +41,8 @@ def test_registry_toml_is_exactly_what_the_specs_generate():
     assert swiglu["registry"]["min_memory_mb"] == swiglu["installed"]["min_memory_mb"] == 8
 
 
-def test_plugins_registry_prints_the_generated_file():
-    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--registry"], capture_output=True, text=True, check=True)
-    assert out.stdout == generate(get_catalogue())
+def test_plugins_registry_prints_the_generated_file(capsys):
+    assert cli(capsys, "plugins", "--registry") == generate(get_catalogue())
 
 
 def test_memory_filter_uses_the_specs_even_when_the_registry_cannot_be_read(tmp_path, monkeypatch):
@@ -105,16 +111,15 @@ def test_compare_flags_both_directions():
     assert rows[("expert", "swiglu")] == "not in registry"
 
 
-def test_plugins_cli_json_lists_side_by_side(tmp_path):
+def test_plugins_cli_json_lists_side_by_side(tmp_path, capsys):
     reg = tmp_path / "registry.toml"
     reg.write_text('schema = 1\n[[component]]\nkind = "expert"\nname = "ghost"\npackage = "ghost-pkg"\nversion = "1"\nlicense = "MIT"\n')
-    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--registry", str(reg)], capture_output=True, text=True, check=True)
-    data = json.loads(out.stdout)
+    data = json.loads(cli(capsys, "plugins", "--json", "--registry", str(reg)))
     status = {(r["kind"], r["name"]): r["status"] for r in data["plugins"]}
     assert status[("expert", "ghost")] == "not installed"
     assert status[("expert", "swiglu")] == "not in registry"
     assert status[("router", "topk")] == "not in registry"
-    text = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--registry", str(ROOT / "registry.toml")], capture_output=True, text=True, check=True).stdout
+    text = cli(capsys, "plugins", "--registry", str(ROOT / "registry.toml"))
     swiglu_line = next(line for line in text.splitlines() if line.startswith("expert") and " swiglu " in line)
     assert " ok " in swiglu_line and "m3tfed" in swiglu_line
 
@@ -123,11 +128,10 @@ def test_registry_toml_parses_as_toml():
     tomllib.loads((ROOT / "registry.toml").read_text())
 
 
-def test_plugins_check_runs_every_kinds_check():
-    from conftest import DATA as data
+def test_plugins_check_runs_every_kinds_check(capsys):
+    from conftest import DATA
 
-    out = subprocess.run([sys.executable, "-m", "m3tfed.cli", "plugins", "--json", "--check", "--data", str(data)], capture_output=True, text=True, check=True)
-    rows = json.loads(out.stdout)["plugins"]
+    rows = json.loads(cli(capsys, "plugins", "--json", "--check", "--data", str(DATA)))["plugins"]
     checked = {(r["kind"], r["name"]): r["check"] for r in rows if "check" in r}
     assert checked[("expert", "swiglu")] == "passed" and checked[("router", "expert_choice")] == "passed"
     assert checked[("data", "uci_student")] == "passed" and checked[("aggregator", "fedadam")] == "passed"
