@@ -51,7 +51,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +68,6 @@ from ..modules import active_mask
 from ..moe import MoELayer
 from ..specs import Routing
 from ..training import PlainTrainer, make_optimizer, timeout, tokens_by_expert
-
-if TYPE_CHECKING:  # annotations only: the federation layer sits above this module
-    from ..federation.institution import Institution
 
 PerSample = Literal["auto", "batched", "loop"]
 
@@ -694,7 +691,8 @@ class DPSGDTrainer:
     name = "dp_sgd"
     keeps_optimizer_state = False
 
-    def fit(self, institution: Institution, model: M3TModel, run: LocalRun) -> LocalFit:
+    def fit(self, institution: Any, model: M3TModel, run: LocalRun) -> LocalFit:
+        # institution: an m3tfed.federation.institution.Institution (the layer above)
         if run.only is not None:
             return PlainTrainer().fit(institution, model, run)
         priv = institution.privacy
