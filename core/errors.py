@@ -52,3 +52,7 @@ class FederationError(M3TError):
 class Instrumentation(Exception):
     """Raised by m3tfed's own hooks while a plugin's code runs (e.g. DP-SGD's per-sample
     gradient check): not the plugin's fault, so contract wrappers let it through as is."""
+
+
+class InstitutionTimeout(RuntimeError):
+    """An institution's local training ran past its job's time limit and was stopped."""

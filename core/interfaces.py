@@ -21,7 +21,9 @@ class too: its default rule is FedAvg, and a new rule overrides ``combine`` or
 round loop calls, with defaults. The others are :class:`typing.Protocol` classes: any object with those
 attributes conforms, and ``isinstance`` works on them at run time.
 
-Update stages receive a :class:`RoundContext`. Message handlers
+Update stages receive a :class:`RoundContext`. An institution's local training is one
+:class:`LocalTrainer` (not a plugin kind: core has three, plain, DP-SGD and DeepSpeed
+ZeRO, and ``Institution`` picks one from its config and policy). Message handlers
 (``register_message_handlers``) are :data:`MessageHandler` callables. The records that
 cross the wire are in :mod:`m3tfed.messages`; the checks that a built module honours
 its contract are in :mod:`m3tfed.contracts`.
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # annotations only: the federation layer sits above this modu
     from .data import InstitutionData
     from .federation.config import InstitutionConfig
     from .federation.institution import Institution
+    from .model import M3TModel
 
 Tensor = torch.Tensor
 State = dict[str, Tensor]
@@ -55,6 +58,9 @@ __all__ = [
     "Backend",
     "DataSource",
     "Expert",
+    "LocalFit",
+    "LocalRun",
+    "LocalTrainer",
     "MessageHandler",
     "ModalityEncoder",
     "RoundContext",
@@ -357,6 +363,57 @@ class RoundSetup(Protocol):
     has one (a no-op by default), so the round loop calls it on every server stage."""
 
     def begin_round(self, context: RoundContext) -> None: ...
+
+
+# -- local training ---------------------------------------------------------------------------
+
+
+@dataclass
+class LocalRun:
+    """What one call of local training is asked to do: ``steps`` optimizer steps at
+    ``lr`` from ``seed``; FedProx's (mu/2)||w - w_anchor||^2 for every component of
+    ``proximal_mu`` found in ``anchor``; stop with ``InstitutionTimeout`` once
+    ``time.perf_counter()`` passes ``deadline``; train only the components ``only``
+    accepts (personalization; None = every trainable one); carry the optimizer's moments
+    in ``optimizer_state`` (a flat dict updated in place; None = a fresh optimizer).
+    A trainer that cannot honour a field says so in its docstring."""
+
+    steps: int
+    lr: float
+    seed: int
+    anchor: State | None = None
+    proximal_mu: dict[str, float] = field(default_factory=dict)
+    deadline: float | None = None
+    only: Callable[[str], bool] | None = None
+    optimizer_state: State | None = None
+
+
+@dataclass
+class LocalFit:
+    """What local training reports: the mean loss over its steps, the tokens routed to
+    each expert (experts no token reached left out), and trainer-specific details for
+    ``TrainResult.details`` (e.g. ``{"deepspeed": ...}``)."""
+
+    loss: float
+    tokens: dict[str, int]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class LocalTrainer(Protocol):
+    """An institution's local training: trains ``model`` (which holds the job's
+    components, ``Institution.load``) in place on ``institution.data.train``.
+
+    Implementations: ``m3tfed.training.PlainTrainer`` (mini-batches in this process),
+    ``m3tfed.privacy.dpsgd.DPSGDTrainer`` (sample-level DP-SGD through Opacus, charging
+    the institution's accountant) and ``m3tfed.federation.zero.ShardedTrainer``
+    (DeepSpeed ZeRO ranks). ``keeps_optimizer_state`` says whether it honours
+    ``LocalRun.optimizer_state`` (the others start a fresh optimizer every call)."""
+
+    name: str
+    keeps_optimizer_state: bool
+
+    def fit(self, institution: Institution, model: M3TModel, run: LocalRun) -> LocalFit: ...
 
 
 # -- data and where institutions run ---------------------------------------------------------

@@ -8,6 +8,7 @@ from conftest import tiny_config_dict
 from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
+from m3tfed.interfaces import RoundContext
 from m3tfed.plugins.pipeline.privacy import CentralNoise, LocalPrivacy
 from m3tfed.privacy.dp import (
     InstitutionPrivacy,
@@ -40,7 +41,7 @@ def test_local_noise_has_the_policy_scale():
     priv.begin_round(1)
     delta = {"w": torch.zeros(200_000)}
     out = LocalPrivacy().process(
-        [ComponentUpdate("a", "trunk", delta, 1.0)], {"round": 1, "privacy": priv}
+        [ComponentUpdate("a", "trunk", delta, 1.0)], RoundContext(1, privacy=priv)
     )[0]
     assert out.delta["w"].std().item() == pytest.approx(0.7 * 0.5, rel=0.01)
     assert abs(out.delta["w"].mean().item()) < 0.01
@@ -52,7 +53,7 @@ def test_local_noise_has_the_policy_scale():
     cpriv = InstitutionPrivacy(cpol, rounds=5, seed=1)
     big = {"w": torch.ones(100)}
     got = LocalPrivacy().process(
-        [ComponentUpdate("a", "trunk", big, 1.0)], {"round": 1, "privacy": cpriv}
+        [ComponentUpdate("a", "trunk", big, 1.0)], RoundContext(1, privacy=cpriv)
     )[0]
     assert l2_norm(got.delta) == pytest.approx(0.5, rel=1e-6)
 
@@ -79,13 +80,7 @@ def fake_server(seed: int = 0):
 
 def central_context(sampled, info=None, **holds):
     backend = FakeBackend({n: holds.get(n, ["trunk"]) for n in sampled})
-    return {
-        "round": 1,
-        "server": fake_server(),
-        "backend": backend,
-        "sampled": sampled,
-        "privacy": info,
-    }
+    return RoundContext(1, server=fake_server(), backend=backend, sampled=sampled, privacy=info)
 
 
 def test_central_noise_has_a_fixed_denominator_so_one_institution_moves_the_estimate_by_at_most_c_over_d():
@@ -189,13 +184,13 @@ def test_one_clip_over_all_components_so_m_components_are_one_release():
         seed=0,
     )
     cpriv.begin_round(1)
-    out = LocalPrivacy().process(ups, {"round": 1, "privacy": cpriv})
+    out = LocalPrivacy().process(ups, RoundContext(1, privacy=cpriv))
     joint = l2_norm({u.component + "/w": u.delta["w"] for u in out})
     assert joint == pytest.approx(1.0, rel=1e-6)  # not sqrt(8)
     # every component shrinks by the same factor: the direction of the release is kept
     assert all(torch.allclose(u.delta["w"], torch.full((100,), 1.0 / math.sqrt(800))) for u in out)
     # local: noise std sigma*C per coordinate on every component; one release charged
-    out = LocalPrivacy().process(ups, {"round": 1, "privacy": priv})
+    out = LocalPrivacy().process(ups, RoundContext(1, privacy=priv))
     assert all(u.weight == 1.0 for u in out)
     assert priv.accountant.history == [(1.0, 1.0, 1)]
     assert [u.component for u in out] == list(comps)

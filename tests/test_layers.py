@@ -36,6 +36,7 @@ LAYERS = {
     # the model
     "model": 2,
     "moe": 2,
+    "training": 2,  # local training: the plain trainer, the optimizer and its saved moments
     "privacy": 3,
     "federation": 4,
     # tools on top: the command line and the author's kit (check_backend runs a federation)

@@ -18,7 +18,6 @@ from ..plugin_manager import get_catalogue
 from ..privacy.dp import attach_privacy, restore_privacy
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import privacy_stages
-from ..registry import Registry, load_registry
 from ..specs import SECURE_AGGREGATION, Catalogue, plugin_label
 from .config import FederationConfig, resolve_selection
 from .institution import Institution, ModelPool, default_accelerator
@@ -38,18 +37,15 @@ class Federation:
 def build_federation(
     cfg: FederationConfig,
     catalogue: Catalogue | None = None,
-    registry: Registry | None = None,
     data_root: str | Path | None = None,
     run_dir: Path | None = None,
     data: dict[str, Any] | None = None,
 ) -> Federation:
-    """Everything a run needs: data, institutions with their selections, backend, server."""
+    """Everything a run needs: data, institutions with their selections, backend, server.
+
+    Selection (and its memory filter) reads the installed specs, the one source of
+    plugin metadata: registry.toml is generated from them and not read here."""
     catalogue = catalogue or get_catalogue()
-    if registry is None:
-        try:
-            registry = load_registry()
-        except Exception:  # the registry only refines selection; a federation runs without it
-            registry = None
     check_plugins(cfg, catalogue)
     if data is None:
         data = load_data(cfg, catalogue, data_root)
@@ -60,7 +56,7 @@ def build_federation(
     for inst in cfg.institutions:
         if inst.name not in data:
             raise ConfigError("data", f"the data source produced no data for institution {inst.name!r}")
-        selections[inst.name] = resolve_selection(cfg, inst, catalogue, registry)
+        selections[inst.name] = resolve_selection(cfg, inst, catalogue)
         institutions[inst.name] = Institution(
             inst, data[inst.name], selections[inst.name], cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by
         )
@@ -92,18 +88,12 @@ def build_institution(
     cfg: FederationConfig,
     name: str,
     catalogue: Catalogue | None = None,
-    registry: Registry | None = None,
     data_root: str | Path | None = None,
 ) -> Institution:
     """One institution alone, as its own machine builds it (a Flower SuperNode): its
     data, its selection, its model and its side of the update pipeline. The data source
     sees every institution's config, so partitioners split exactly as in a full run."""
     catalogue = catalogue or get_catalogue()
-    if registry is None:
-        try:
-            registry = load_registry()
-        except Exception:  # the registry only refines selection
-            registry = None
     inst = next((i for i in cfg.institutions if i.name == name), None)
     if inst is None:
         raise ConfigError("institutions", f"no institution named {name!r}; the config has {', '.join(i.name for i in cfg.institutions)}")
@@ -113,7 +103,7 @@ def build_institution(
         raise ConfigError("data", f"the data source produced no data for institution {name!r}")
     inst_stages, _ = build_stages(cfg, catalogue)
     pool = ModelPool(cfg.model, catalogue, default_accelerator())
-    selection = resolve_selection(cfg, inst, catalogue, registry)
+    selection = resolve_selection(cfg, inst, catalogue)
     institution = Institution(inst, data[name], selection, cfg.federation, pool, inst_stages, cfg.federation.weight_experts_by)
     attach_privacy(cfg, {name: institution})  # it enforces its own policy
     return institution

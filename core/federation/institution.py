@@ -18,25 +18,25 @@ from typing import Any
 
 import torch
 
-from ..data import InstitutionData, iterate_batches, model_inputs
-from ..interfaces import RoundContext, UpdateStage
+from ..data import InstitutionData
+from ..errors import InstitutionTimeout
+from ..interfaces import LocalRun, LocalTrainer, RoundContext, UpdateStage
 from ..messages import ComponentUpdate, State, TrainJob, TrainResult
-from ..model import M3TModel, ModelConfig, component_of
+from ..model import M3TModel, ModelConfig
 from ..privacy.dp import privacy_report
+from ..privacy.dpsgd import DPSGDTrainer
 from ..seeds import seed_for  # noqa: F401  (where the federation's modules import it from)
 from ..specs import Catalogue
 from ..threads import apply_threads
+from ..training import PlainTrainer
 from .config import FederationSettings, InstitutionConfig
 from .evaluation import evaluate_model
+from .zero import ShardedTrainer
 
 # The key in ``Institution.personal_state`` under which an institution keeps its own
 # optimizer state between rounds (``federation.optimizer_state = "persist"``). It is not a
 # model component, so it is never sent, and it is checkpointed with the personal state.
 OPTIMIZER_STATE = "optimizer"
-
-
-class InstitutionTimeout(RuntimeError):
-    pass
 
 
 @contextlib.contextmanager
@@ -67,6 +67,16 @@ def hard_time_limit(seconds: float | None, error: Callable[[], BaseException]) -
             signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - start), 1e-3), outer_interval)
 
 
+
+
+def pick_trainers(config: InstitutionConfig, privacy: Any) -> tuple[LocalTrainer, LocalTrainer]:
+    """An institution's local trainers: (a round's job, training in this process outside
+    one). DeepSpeed ranks for a round's job when it has ``[institutions.deepspeed]``
+    (which refuse a sample-level policy: Opacus does not run under ZeRO); DP-SGD when
+    its privacy state's policy says ``dp = "sample"``; plain otherwise. Baselines and
+    personalization train in this process even for a DeepSpeed institution."""
+    in_process = DPSGDTrainer() if privacy is not None and privacy.policy.dp == "sample" else PlainTrainer()
+    return (ShardedTrainer() if config.deepspeed is not None else in_process), in_process
 
 
 class ModelPool:
@@ -140,9 +150,10 @@ class Institution:
         self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
         self.weight_experts_by = weight_experts_by
         self.personal_state: State = {}
-        # Its own privacy state (policy, accountant), set by build_federation when its
-        # policy asks for anything: it refuses to train once its budget is spent.
-        self.privacy: Any = None
+        # Its privacy state is set by build_federation when its policy asks for anything:
+        # it refuses to train once its budget is spent. Until then, no policy; and the
+        # local trainers (pick_trainers) follow from the config and that state.
+        self.privacy = None
 
     @property
     def name(self) -> str:
@@ -211,6 +222,17 @@ class Institution:
         return model
 
     # -- training ----------------------------------------------------------------
+    @property
+    def privacy(self) -> Any:
+        """Its own privacy state (policy, accountant), set by build_federation when its
+        policy asks for anything; None otherwise. Setting it picks the trainer again."""
+        return self._privacy
+
+    @privacy.setter
+    def privacy(self, state: Any) -> None:
+        self._privacy = state
+        self.trainer, self.in_process_trainer = pick_trainers(self.config, state)
+
     def train(self, job: TrainJob) -> TrainResult:
         """Local training for one job, stopped at ``job.timeout_s`` even inside a plugin
         that blocks (:func:`hard_time_limit`); DeepSpeed ranks are killed by zero.py."""
@@ -224,16 +246,12 @@ class Institution:
             self.privacy.begin_round(job.round, job.steps)  # raises PrivacyBudgetSpent: nothing is trained or sent
         model = self.load(job.components)
         sent = {c: s for c, s in job.components.items() if not self.is_personal(c)}
-        details: dict[str, Any] = {}
-        if self.config.deepspeed is not None:  # sharded over DeepSpeed ranks (zero.py); imported only then
-            from .zero import fit_sharded
-
-            run = fit_sharded(self, model, job, deadline=start + job.timeout_s)
-            loss, tokens, details["deepspeed"] = run.loss, run.tokens, run.report()
-        else:
-            keep = self.settings.optimizer_state == "persist"
-            moments = self.personal_state.setdefault(OPTIMIZER_STATE, {}) if keep else None
-            loss, tokens = self.fit(model, job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s, optimizer_state=moments)
+        moments = None
+        if self.settings.optimizer_state == "persist" and self.trainer.keeps_optimizer_state:
+            moments = self.personal_state.setdefault(OPTIMIZER_STATE, {})
+        run = LocalRun(job.steps, job.lr, job.seed, sent, job.proximal_mu, deadline=start + job.timeout_s, optimizer_state=moments)
+        done = self.trainer.fit(self, model, run)
+        loss, tokens = done.loss, done.tokens
         withhold = self.withholds_statistics()
         updates = []
         for comp, received in sent.items():
@@ -251,8 +269,8 @@ class Institution:
         for stage in self.stages:
             updates = stage.process(updates, RoundContext(job.round, institution=self.name, privacy=self.privacy))
         if withhold:  # loss, sample count and routing are statistics of the students' data
-            return TrainResult(self.name, job.round, updates, 0, None, {}, time.perf_counter() - start, details=details)
-        return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=details)
+            return TrainResult(self.name, job.round, updates, 0, None, {}, time.perf_counter() - start, details=done.details)
+        return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=done.details)
 
     def withholds_statistics(self) -> bool:
         """Under differential privacy or secure aggregation nothing computed from this
@@ -275,74 +293,13 @@ class Institution:
         only: Callable[[str], bool] | None = None,
         optimizer_state: dict[str, torch.Tensor] | None = None,
     ) -> tuple[float, dict[str, int]]:
-        """Local training for ``steps`` mini-batches over all of this institution's tasks.
-
-        ``only(component)`` restricts which components train (personalization);
-        ``anchor``/``proximal_mu`` add FedProx's (mu/2)||w - w_global||^2 per component.
-        ``optimizer_state`` (a flat dict, updated in place) carries the optimizer's
-        moments from the previous call into this one; None starts a fresh optimizer.
-        Returns the mean loss and the tokens routed to each expert.
-        """
-        accelerator = self.pool.accelerator
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or only(component_of(n)))]
-        params = [p for _, p in trainable]
-        s = self.settings
-        opt = (
-            torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
-            if s.optimizer == "adamw"
-            else torch.optim.SGD(params, lr=lr, weight_decay=s.weight_decay)
-        )
-        if self.privacy is not None and self.privacy.policy.dp == "sample" and only is None:
-            # Sample-level DP-SGD (Opacus): per-sample clipping and noise, Poisson batches.
-            # Both from the institution's own (secret) generator, never the server's job seed.
-            from ..privacy.dpsgd import batch_loss, dp_sgd_fit
-
-            priv = self.privacy
-            loss, counts = dp_sgd_fit(
-                model, params, self.data.train, batch_loss(self.config.tasks), opt, steps, priv.noise_multiplier, priv.policy.clip_norm,
-                priv.sample_rate, priv.accountant, priv.generator("dp_sgd", seed), deadline,
-                lambda: InstitutionTimeout(f"{self.name} ran past its time limit of {self.settings.timeout_s}s"),
-            )
-            priv.end_round()
-            counts = counts if counts is not None else torch.zeros(len(model.expert_names), dtype=torch.long)
-            return loss, {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
-        if optimizer_state is not None:  # (DP-SGD and DeepSpeed ranks start fresh each round)
-            load_optimizer_state(opt, trainable, optimizer_state)
-        prox = []
-        if anchor and proximal_mu:
-            named = dict(model.named_parameters())
-            for comp, mu in proximal_mu.items():
-                if mu > 0 and comp in anchor:
-                    prox += [(named[n], w0, mu) for n, w0 in anchor[comp].items()]
-        model.train()
-        batches = iterate_batches(self.data.train, s.batch_size, gen)
-        counts = torch.zeros(len(model.expert_names), dtype=torch.long)
-        total = 0.0
-        for _ in range(steps):
-            if deadline is not None and time.perf_counter() > deadline:
-                raise InstitutionTimeout(f"{self.name} ran past its time limit of {self.settings.timeout_s}s")
-            batch = next(batches)
-            inputs = model_inputs(batch)
-            loss = torch.zeros(())
-            for task in self.config.tasks:
-                task_loss, out = model.loss(inputs, task, batch["targets"][task])
-                loss = loss + task_loss
-                counts += out.tokens_per_expert
-            for p, w0, mu in prox:
-                loss = loss + 0.5 * mu * (p - w0).pow(2).sum()
-            opt.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
-            opt.step()
-            total += float(loss.detach())
-        if optimizer_state is not None:
-            optimizer_state.update(save_optimizer_state(opt, trainable))
-        tokens = {name: int(c) for name, c in zip(model.expert_names, counts.tolist()) if c}
-        return total / max(steps, 1), tokens
+        """Local training in this process outside a round's job (baselines,
+        personalization), by :attr:`in_process_trainer`: DP-SGD under a sample-level
+        policy, plain otherwise (:class:`~m3tfed.interfaces.LocalRun` says what each
+        argument does). Returns the mean loss and the tokens routed to each expert."""
+        run = LocalRun(steps, lr, seed, anchor, proximal_mu or {}, deadline, only, optimizer_state)
+        done = self.in_process_trainer.fit(self, model, run)
+        return done.loss, done.tokens
 
     # -- evaluation --------------------------------------------------------------
     def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
@@ -351,25 +308,6 @@ class Institution:
         if split not in ("train", "val"):
             raise ValueError(f"{self.name}: evaluate reads 'train' or 'val', not {split!r}; the test split is read once at the end (m3tfed.federation.evaluation.FinalTest)")
         return evaluate_model(model, self.config.tasks, getattr(self.data, split), batch_size)
-
-
-def save_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as ``"<parameter name>/<state key>" -> tensor``
-    (AdamW: step, exp_avg, exp_avg_sq): keyed by name, because the model object is shared
-    by every institution with the same selection and outlives no optimizer."""
-    return {f"{n}/{k}": v.detach().clone() for n, p in named for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], saved: dict[str, torch.Tensor]) -> None:
-    """Give ``opt`` the state :func:`save_optimizer_state` kept for each parameter
-    (parameters without saved state start fresh)."""
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in saved.items():
-        name, _, k = key.rpartition("/")
-        by_param.setdefault(name, {})[k] = v.clone()
-    for n, p in named:
-        if n in by_param:
-            opt.state[p] = by_param[n]
 
 
 MESSAGE_HANDLERS["capabilities"] = Institution.capabilities

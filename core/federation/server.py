@@ -281,7 +281,7 @@ class Server:
         self.initialized.update(r.institution for r in ok)
         # 4. server-side update stages (e.g. central privacy), then 5. aggregate per component
         updates = [u for r in ok for u in r.updates]
-        context["succeeded"] = [r.institution for r in ok]
+        context.succeeded = [r.institution for r in ok]
         for stage in self.server_stages:
             updates = stage.process(updates, context)
         updates = loss_reweighted(updates, {r.institution: r.loss for r in ok}, f.fairness_q)

@@ -92,8 +92,8 @@ class RetrainOnly(UpdateStage):
         frozen = sorted({u.component for u in updates} - self.components)
         if self.ledger is not None:
             for comp in frozen:
-                self.ledger.withdraw(context["round"], comp)
-                self.ledger.component(context["round"], comp).update(rule="forget", reason="not rolled back: keeps its newest state while a forgotten institution's components are retrained")
+                self.ledger.withdraw(context.round, comp)
+                self.ledger.component(context.round, comp).update(rule="forget", reason="not rolled back: keeps its newest state while a forgotten institution's components are retrained")
         return [u for u in updates if u.component in self.components]
 
 

@@ -2,7 +2,8 @@
 
 For an institution whose model (usually a frozen pretrained backbone) is too large for
 one device: ``[institutions.deepspeed]`` in its config (:class:`DeepSpeedSettings`) makes
-:meth:`Institution.train` call :func:`fit_sharded` instead of ``Institution.fit``. It
+:class:`ShardedTrainer` its :class:`~m3tfed.interfaces.LocalTrainer` for a round's job
+(:meth:`Institution.train`). :func:`fit_sharded`
 
 1. writes a work folder: the model's current parameters (received components, personal
    ones and the frozen backbone) as a checkpoint, the training split, and ``spec.json``
@@ -40,12 +41,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import to_dict
+from ..errors import InstitutionTimeout
+from ..interfaces import LocalFit, LocalRun
 from ..model import M3TModel
 from .checkpoint import load_checkpoint, save_checkpoint, unflatten_components
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: institution.py imports this module
     from .config import DeepSpeedSettings
-    from .institution import Institution, TrainJob
+    from .institution import Institution
 
 LOG_TAIL_CHARS = 3000
 
@@ -108,9 +111,24 @@ def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fit_sharded(
-    institution: Institution, model: M3TModel, job: TrainJob, deadline: float | None = None
-) -> ShardedFit:
+class ShardedTrainer:
+    """Local training over DeepSpeed ZeRO ranks (:func:`fit_sharded`). A fresh optimizer
+    every call; ``LocalRun.only`` is not supported (the ranks train every trainable
+    parameter); FedProx anchors at ``LocalRun.anchor``."""
+
+    name = "deepspeed"
+    keeps_optimizer_state = False
+
+    def fit(self, institution: Institution, model: M3TModel, run: LocalRun) -> LocalFit:
+        if run.only is not None:
+            raise ValueError(
+                f"institution {institution.name!r}: DeepSpeed ranks train every trainable component; they cannot restrict training to some"
+            )
+        done = fit_sharded(institution, model, run)
+        return LocalFit(done.loss, done.tokens, {"deepspeed": done.report()})
+
+
+def fit_sharded(institution: Institution, model: M3TModel, run: LocalRun) -> ShardedFit:
     """Train ``model``'s trainable parameters in DeepSpeed ranks and load the result into it.
 
     ``model`` must already hold the job's components (``Institution.load``)."""
@@ -129,9 +147,9 @@ def fit_sharded(
         )
     start = time.perf_counter()
     anchored = {}
-    for comp, mu in job.proximal_mu.items():  # FedProx: anchor at the received values
-        if mu > 0 and comp in job.components and not institution.is_personal(comp):
-            anchored.update({name: mu for name in job.components[comp]})
+    for comp, mu in run.proximal_mu.items():  # FedProx: anchor at the received values
+        if mu > 0 and run.anchor and comp in run.anchor:
+            anchored.update({name: mu for name in run.anchor[comp]})
     fed = institution.settings
     spec = {
         "institution": institution.name,
@@ -142,9 +160,9 @@ def fit_sharded(
         "plugins": plugins_of(institution),
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "anchored": anchored,
-        "steps": job.steps,
-        "lr": job.lr,
-        "seed": job.seed % (1 << 63),
+        "steps": run.steps,
+        "lr": run.lr,
+        "seed": run.seed % (1 << 63),
         "settings": {
             "batch_size": fed.batch_size,
             "optimizer": fed.optimizer,
@@ -160,9 +178,9 @@ def fit_sharded(
         save_checkpoint(
             folder / "model",
             dict(model.named_parameters()),
-            {"institution": institution.name, "round": job.round},
+            {"institution": institution.name},
         )
-        launch(institution.name, folder, settings.processes, deadline)
+        launch(institution.name, folder, settings.processes, run.deadline)
         tensors, meta = load_checkpoint(folder / "result")
     states = unflatten_components(tensors)
     expected = set(model.component_names())
@@ -213,8 +231,6 @@ def free_port() -> int:
 
 def launch(name: str, folder: Path, processes: int, deadline: float | None) -> None:
     """Run the ranks with torchrun; raise naming the failed rank, kill all on timeout."""
-    from .institution import InstitutionTimeout
-
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes=1", f"--nproc_per_node={processes}", "--max_restarts=0",

@@ -39,6 +39,9 @@ to compute it (``per_sample=``):
 (other routers, noisy routing, batch-coupled layers such as BatchNorm, experts that mix
 rows).
 
+:class:`DPSGDTrainer` is the :class:`~m3tfed.interfaces.LocalTrainer` ``Institution``
+picks when its policy says ``dp = "sample"``.
+
 Not here: client-level DP (``dp.py``), the accountant itself (Opacus's).
 """
 
@@ -59,10 +62,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..data import model_inputs, num_samples, take
 from ..errors import Instrumentation
+from ..interfaces import LocalFit, LocalRun
 from ..model import Block, EncoderSlot, M3TModel, TaskSlot
 from ..modules import active_mask
 from ..moe import MoELayer
 from ..specs import Routing
+from ..training import PlainTrainer, make_optimizer, timeout, tokens_by_expert
 
 PerSample = Literal["auto", "batched", "loop"]
 
@@ -671,3 +676,35 @@ def batch_loss(tasks: list[str]) -> Callable[[torch.nn.Module, dict[str, Any]], 
         return loss, tokens
 
     return loss_of
+
+
+class DPSGDTrainer:
+    """Local training under a sample-level policy: :func:`dp_sgd_fit` with the
+    institution's noise multiplier, clip norm, sample rate and accountant, and Poisson
+    sampling and noise from its own (secret) generator, never the server's job seed.
+    Each call charges the accountant one step per optimizer step and closes the round
+    (``InstitutionPrivacy.end_round``). A fresh optimizer every call, no FedProx term.
+
+    ``LocalRun.only`` (personalizing a few components for this institution's own
+    evaluation, nothing of which is sent) trains plainly and charges nothing."""
+
+    name = "dp_sgd"
+    keeps_optimizer_state = False
+
+    def fit(self, institution: Any, model: M3TModel, run: LocalRun) -> LocalFit:
+        # institution: an m3tfed.federation.institution.Institution (the layer above)
+        if run.only is not None:
+            return PlainTrainer().fit(institution, model, run)
+        priv = institution.privacy
+        if priv is None:
+            raise ValueError(f"{institution.name}: DP-SGD needs the institution's privacy state (build_federation attaches it)")
+        torch.manual_seed(run.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, run.lr, institution.settings)
+        loss, counts = dp_sgd_fit(
+            model, params, institution.data.train, batch_loss(institution.config.tasks), opt, run.steps,
+            priv.noise_multiplier, priv.policy.clip_norm, priv.sample_rate, priv.accountant,
+            priv.generator("dp_sgd", run.seed), run.deadline, lambda: timeout(institution),
+        )  # fmt: skip
+        priv.end_round()
+        return LocalFit(loss, tokens_by_expert(model, counts))

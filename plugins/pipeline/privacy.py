@@ -45,10 +45,10 @@ class LocalPrivacy(UpdateStage):
     name = "dp_local"
 
     def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
-        priv = context.get("privacy")
+        priv = context.privacy
         if priv is None:
             return updates
-        out = priv.privatize(context["round"], {u.component: u.delta for u in updates})
+        out = priv.privatize(context.round, {u.component: u.delta for u in updates})
         weight = (lambda u: 1.0) if priv.policy.noisy else (lambda u: u.weight)  # noqa: E731
         return [dataclasses.replace(u, delta=out[u.component], weight=weight(u)) for u in updates]
 
@@ -71,11 +71,11 @@ class PolicyEnforcement(UpdateStage):
         return self._policies
 
     def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
-        rnd, backend = context["round"], context["backend"]
-        policies = self.policies(context["server"].config)
-        context["privacy_ledger"] = self.ledger
+        rnd, backend = context.round, context.backend
+        policies = self.policies(context.server.config)
+        context.privacy_ledger = self.ledger
         reports = {}
-        for name in context["sampled"]:
+        for name in context.sampled:
             if name not in policies:
                 continue
             try:
@@ -154,7 +154,7 @@ class PolicyEnforcement(UpdateStage):
                 "reproducible": bool(central) and all(p.reproducible_noise for p in central),
             }
             kept += ok
-        context["privacy"] = info
+        context.privacy = info
         return kept
 
     def unmet(
@@ -208,11 +208,11 @@ def recheck_cohort(
     ``survivors`` (members it excluded are held, rule ``secure_aggregation``) and check the
     ``policy`` stage's minimum cohort again. Returns why the component must be held at
     its current state, or None (also when no ``policy`` stage ran)."""
-    entry = (context.get("privacy") or {}).get(component)
-    ledger: PrivacyLedger | None = context.get("privacy_ledger")
+    entry = (context.privacy or {}).get(component)
+    ledger: PrivacyLedger | None = context.privacy_ledger
     if entry is None or ledger is None:
         return None
-    rnd = context["round"]
+    rnd = context.round
     _withdraw_excluded(ledger, rnd, component, survivors, dropped)
     need, strictest = entry["cohort"]
     if len(survivors) >= need:
@@ -231,10 +231,10 @@ def hold_unmasked(
     for its threshold, ...): record it held at its current state, rule
     ``secure_aggregation``, in the ledger as :func:`recheck_cohort` records a cohort
     that fell short (nothing to record when no ``policy`` stage ran)."""
-    ledger: PrivacyLedger | None = context.get("privacy_ledger")
-    if (context.get("privacy") or {}).get(component) is None or ledger is None:
+    ledger: PrivacyLedger | None = context.privacy_ledger
+    if (context.privacy or {}).get(component) is None or ledger is None:
         return
-    rnd = context["round"]
+    rnd = context.round
     _withdraw_excluded(ledger, rnd, component, survivors, dropped)
     _hold(ledger, rnd, component, survivors, "secure_aggregation", reason)
 
@@ -310,8 +310,8 @@ class CentralNoise(UpdateStage):
         )
 
     def process(self, updates: list[ComponentUpdate], context: RoundContext) -> list[ComponentUpdate]:
-        rnd, info, server = context["round"], context.get("privacy"), context["server"]
-        ledger = context.get("privacy_ledger")
+        rnd, info, server = context.round, context.privacy, context.server
+        ledger = context.privacy_ledger
         if info is None and self.noise_multiplier:
             updates = self._clip_per_institution(updates)
         by_comp: dict[str, list[ComponentUpdate]] = defaultdict(list)
@@ -397,10 +397,10 @@ class CentralNoise(UpdateStage):
 def holders_sampled(component: str, context: RoundContext) -> int:
     """How many of the round's sampled institutions hold ``component`` as a shared one:
     fixed before anyone trains, so it does not depend on who replied."""
-    backend = context["backend"]
+    backend = context.backend
     return sum(
         1
-        for name in context["sampled"]
+        for name in context.sampled
         if component in backend.components_of(name)
         and component not in set(backend.personal_of(name))
     )

@@ -83,11 +83,11 @@ class SecureAggregation(UpdateStage):
 
     # -- server side -------------------------------------------------------------
     def begin_round(self, context: RoundContext) -> None:
-        server, backend, rnd = context["server"], context["backend"], context["round"]
+        server, backend, rnd = context.server, context.backend, context.round
         codec = self.settings.codec
         codec.check_capacity(len(server.config.institutions), "the federation's ")
         groups: dict[str, list[str]] = defaultdict(list)
-        for name in context["sampled"]:
+        for name in context.sampled:
             personal = set(backend.personal_of(name))
             for comp in backend.components_of(name):
                 if comp not in personal and comp in server.state:
@@ -148,25 +148,25 @@ class SecureAggregation(UpdateStage):
     def process(
         self, updates: list[ComponentUpdate], context: RoundContext
     ) -> list[ComponentUpdate]:
-        if "server" not in context:
-            return self.mask(updates, context["institution"], context["round"])
+        if context.server is None:  # an institution's side
+            return self.mask(updates, context.institution, context.round)
         return self.unmask(updates, context)
 
     def unmask(
         self, updates: list[ComponentUpdate], context: RoundContext
     ) -> list[ComponentUpdate]:
-        server, backend = context["server"], context["backend"]
+        server, backend = context.server, context.backend
         report = (
             self.reports[-1]
-            if self.reports and self.reports[-1]["round"] == context["round"]
+            if self.reports and self.reports[-1]["round"] == context.round
             else {"components": {}}
         )
-        ledger = context.get("privacy_ledger")
+        ledger = context.privacy_ledger
         if ledger is not None:  # members that did not join at setup (a refusal, a dropout) are held
             for comp, why in report.get("excluded_at_setup", {}).items():
                 for name, reason in why.items():
                     ledger.hold(
-                        context["round"],
+                        context.round,
                         name,
                         comp,
                         "secure_aggregation",
@@ -189,7 +189,7 @@ class SecureAggregation(UpdateStage):
                 refused[u.component][u.institution] = str(exc)
                 log.warning(
                     "round %d: %s's update to %s excluded: %s",
-                    context["round"],
+                    context.round,
                     u.institution,
                     u.component,
                     exc,
@@ -210,7 +210,7 @@ class SecureAggregation(UpdateStage):
                 reason = f"{res.held}; component held at its current state"
                 entry["aggregated"], entry["held"] = False, reason
                 hold_unmasked(context, comp, list(res.survivors), res.dropped, reason)
-                log.warning("round %d: %s", context["round"], reason)
+                log.warning("round %d: %s", context.round, reason)
                 continue
             if res.total_weight <= 0:
                 entry["aggregated"] = False  # every survivor sent a masked zero: nobody trained it
