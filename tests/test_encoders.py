@@ -55,8 +55,12 @@ def test_tabular_nan_is_embedded_with_finite_gradients():
 
 
 def test_tabular_only_numeric_or_only_categorical():
-    assert TabularEncoder(D, n_numeric=0, cardinalities=[5])({"categorical": torch.tensor([[4]])}).tokens.shape == (1, 1, D)
-    assert TabularEncoder(D, n_numeric=2, cardinalities=[])({"numeric": torch.zeros(3, 2)}).tokens.shape == (3, 2, D)
+    assert TabularEncoder(D, n_numeric=0, cardinalities=[5])(
+        {"categorical": torch.tensor([[4]])}
+    ).tokens.shape == (1, 1, D)
+    assert TabularEncoder(D, n_numeric=2, cardinalities=[])(
+        {"numeric": torch.zeros(3, 2)}
+    ).tokens.shape == (3, 2, D)
 
 
 def test_tabular_errors_name_the_column():
@@ -154,7 +158,10 @@ def test_image_token_count(h, w, p):
 
 def test_image_rejects_bad_shapes_with_expected_layout():
     enc = ImageEncoder(D, image_size=16, patch_size=4, channels=1)
-    with pytest.raises(ValueError, match=r"\[B, 1, H, W\] with H, W multiples of 4 and at most 16; got \[1, 1, 10, 16\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"\[B, 1, H, W\] with H, W multiples of 4 and at most 16; got \[1, 1, 10, 16\]",
+    ):
         enc(torch.rand(1, 1, 10, 16))
     with pytest.raises(ValueError, match="got \\[1, 3, 16, 16\\]"):
         enc(torch.rand(1, 3, 16, 16))
@@ -204,12 +211,20 @@ def test_sequence_padding_left_or_right_gives_same_tokens():
     torch.manual_seed(0)
     enc = InteractionEncoder(D, num_skills=10, max_len=8).eval()
     skill, correct = torch.tensor([[3, 4, 5]]), torch.tensor([[1, 0, 1]])
-    right = enc({"skill": torch.cat([skill, torch.zeros(1, 2, dtype=torch.long)], 1),
-                 "correct": torch.cat([correct, torch.zeros(1, 2, dtype=torch.long)], 1),
-                 "mask": torch.tensor([[True, True, True, False, False]])})
-    left = enc({"skill": torch.cat([torch.full((1, 2), 7), skill], 1),
-                "correct": torch.cat([torch.ones(1, 2, dtype=torch.long), correct], 1),
-                "mask": torch.tensor([[False, False, True, True, True]])})
+    right = enc(
+        {
+            "skill": torch.cat([skill, torch.zeros(1, 2, dtype=torch.long)], 1),
+            "correct": torch.cat([correct, torch.zeros(1, 2, dtype=torch.long)], 1),
+            "mask": torch.tensor([[True, True, True, False, False]]),
+        }
+    )
+    left = enc(
+        {
+            "skill": torch.cat([torch.full((1, 2), 7), skill], 1),
+            "correct": torch.cat([torch.ones(1, 2, dtype=torch.long), correct], 1),
+            "mask": torch.tensor([[False, False, True, True, True]]),
+        }
+    )
     torch.testing.assert_close(right.tokens[0, :3], left.tokens[0, 2:], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(left.tokens).all()  # padded queries have a non-empty softmax row
 
@@ -221,7 +236,11 @@ def test_sequence_query_token_sees_history_and_is_appended():
     x["mask"][1, 2:] = False
     x["query_skill"] = torch.tensor([1, 2])
     tokens, mask = enc(x)
-    assert tokens.shape == (2, 5, D) and mask[:, -1].all() and mask[1].tolist() == [True, True, False, False, True]
+    assert (
+        tokens.shape == (2, 5, D)
+        and mask[:, -1].all()
+        and mask[1].tolist() == [True, True, False, False, True]
+    )
     y = {k: v.clone() for k, v in x.items()}
     y["correct"][:, 0] = 1 - y["correct"][:, 0]
     assert not torch.allclose(enc(y).tokens[:, -1], tokens[:, -1])  # query depends on history
@@ -245,8 +264,15 @@ def test_sequence_errors():
 
 def test_builtin_encoders_are_registered_by_modality():
     cat = get_catalogue()
-    modality = {name: cat.get("encoder", name).modality for name in ("tabular", "text", "image", "sequence")}
-    assert modality == {"tabular": "tabular", "text": "text", "image": "image", "sequence": "interactions"}
+    modality = {
+        name: cat.get("encoder", name).modality for name in ("tabular", "text", "image", "sequence")
+    }
+    assert modality == {
+        "tabular": "tabular",
+        "text": "text",
+        "image": "image",
+        "sequence": "interactions",
+    }
     assert all(cat.get("encoder", n).package == "m3tfed" for n in modality)
 
 
@@ -259,32 +285,55 @@ def _question_log(n, g, difficulty, concept_of):
     correctness across many different questions."""
     ability = torch.randn(n, generator=g)
     q = torch.randint(0, 1000, (n, 13), generator=g)
-    y = (torch.rand(n, 13, generator=g) < torch.sigmoid(1.5 * ability[:, None] - difficulty[q])).long()
+    y = (
+        torch.rand(n, 13, generator=g) < torch.sigmoid(1.5 * ability[:, None] - difficulty[q])
+    ).long()
     return q, concept_of[q], y
 
 
-def _train_next_response(tokens, steps=100, seed=0):
+def _train_next_response(tokens, steps=100, seed=0, query_bias=True, lr=1e-2):
     from sklearn.metrics import roc_auc_score
 
     g = torch.Generator().manual_seed(seed)
-    difficulty, concept_of = torch.randn(1000, generator=g), torch.randint(0, 10, (1000,), generator=g)
-    train, val = _question_log(800, g, difficulty, concept_of), _question_log(400, g, difficulty, concept_of)
+    difficulty, concept_of = (
+        torch.randn(1000, generator=g),
+        torch.randint(0, 10, (1000,), generator=g),
+    )
+    train, val = (
+        _question_log(800, g, difficulty, concept_of),
+        _question_log(400, g, difficulty, concept_of),
+    )
 
     def inputs(log, idx):
         q, c, y = (t[idx] for t in log)
         if tokens == "pair":  # what a source without concepts did: question ids as skills
             return {"skill": q[:, :12], "correct": y[:, :12], "query_skill": q[:, 12]}
-        return {"skill": c[:, :12], "question": q[:, :12], "correct": y[:, :12], "query_skill": c[:, 12], "query_question": q[:, 12]}
+        return {
+            "skill": c[:, :12],
+            "question": q[:, :12],
+            "correct": y[:, :12],
+            "query_skill": c[:, 12],
+            "query_question": q[:, 12],
+        }
 
     torch.manual_seed(seed)
     factored = tokens == "factored"
-    enc = InteractionEncoder(16, num_skills=10 if factored else 1000, max_len=12, tokens=tokens, num_questions=1000 if factored else 0)
+    enc = InteractionEncoder(
+        16,
+        num_skills=10 if factored else 1000,
+        max_len=12,
+        tokens=tokens,
+        num_questions=1000 if factored else 0,
+        query_bias=query_bias,
+    )
     head = torch.nn.Linear(16, 1)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-2)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=lr)
     for _ in range(steps):
         idx = torch.randint(0, 800, (64,), generator=g)
         logit = head(enc(inputs(train, idx)).tokens[:, -1]).squeeze(-1)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, train[2][idx, 12].float())
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logit, train[2][idx, 12].float()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -296,13 +345,58 @@ def _train_next_response(tokens, steps=100, seed=0):
 def test_factored_sequence_learns_from_1000_question_ids():
     # Same data, same steps: the pair embedding (one vector per question x response) has
     # nothing shared to learn "this student answers correctly" from; factored tokens do.
-    pair, factored = _train_next_response("pair"), _train_next_response("factored")
+    pair, factored = (
+        _train_next_response("pair", query_bias=False),
+        _train_next_response("factored", query_bias=False),
+    )
     assert factored > 0.6 and factored > pair + 0.04, (pair, factored)
+
+
+def test_query_bias_learns_what_the_next_question_id_says():
+    # Question ids as skills (a source without concepts), at the federation's default
+    # learning rate: within 100 steps the per-item bias on the query token learns what
+    # each question's difficulty says; without it the model stays near chance
+    # (measured 0.496 -> 0.542).
+    without = _train_next_response("pair", query_bias=False, lr=3e-3)
+    with_bias = _train_next_response("pair", lr=3e-3)
+    assert with_bias > 0.52 and with_bias > without + 0.03, (without, with_bias)
+
+
+def test_query_bias_starts_at_zero_and_reads_the_question_id_when_given():
+    torch.manual_seed(0)
+    enc = InteractionEncoder(
+        D, num_skills=10, max_len=8, tokens="factored", num_questions=1000
+    ).eval()
+    assert enc.query_bias.shape == (1000, 1) and not enc.query_bias.any()
+    x = _log(length=4)
+    x["question"] = torch.tensor([[0, 999, 5, 7], [1, 2, 3, 998]])
+    x["query_skill"], x["query_question"] = torch.tensor([1, 1]), torch.tensor([999, 0])
+    before = enc(x).tokens
+    with torch.no_grad():
+        enc.query_bias[999] = 0.5  # the first sample's next question, not a skill id
+    after = enc(x).tokens
+    assert not torch.allclose(after[0], before[0]) and torch.allclose(after[1], before[1])
+    assert InteractionEncoder(D, num_skills=10, query_bias=False).query_bias is None
+
+
+def test_query_bias_leaves_other_initial_weights_and_logs_without_a_query_alone():
+    # The default federation's logs have no query: the option must not change its run.
+    def build(query_bias):
+        torch.manual_seed(0)
+        enc = InteractionEncoder(D, num_skills=10, max_len=8, query_bias=query_bias).eval()
+        return enc, torch.rand(3)  # the next draw of the global generator
+
+    (on, after_on), (off, after_off) = build(True), build(False)
+    torch.testing.assert_close(after_on, after_off)
+    x = _log(length=4)
+    torch.testing.assert_close(on(x).tokens, off(x).tokens)
 
 
 def test_factored_sequence_question_ids_checked_and_start_at_their_concept():
     torch.manual_seed(0)
-    enc = InteractionEncoder(D, num_skills=10, max_len=8, tokens="factored", num_questions=1000).eval()
+    enc = InteractionEncoder(
+        D, num_skills=10, max_len=8, tokens="factored", num_questions=1000
+    ).eval()
     x = _log(length=4)
     x["question"] = torch.tensor([[0, 999, 5, 7], [1, 2, 3, 998]])
     x["query_skill"], x["query_question"] = torch.tensor([1, 2]), torch.tensor([999, 0])

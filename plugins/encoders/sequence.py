@@ -29,6 +29,15 @@ skill embedding, placed after the last real interaction; it sees the whole histo
 is what a "will the next response be correct" head should read (pooling reaches it).
 Without it a head only knows the history, not which question comes next.
 
+``query_bias`` (default on) adds the wide part of a wide-and-deep model to the query
+token: one learned scalar per next-question id (``query_question`` when given, else
+``query_skill``) along one shared direction, the per-item difficulty a logistic model
+learns from a one-hot. Why it is needed: an id's own vectors move only when that id is
+asked, a few times in a short federated schedule, and Adam moves a parameter by about
+the learning rate per step; measured, 1000 question ids as skills left the neural
+models at the AUC of a logistic model that ignores the question. The scalar's step is
+therefore scaled by ``QUERY_BIAS_SCALE`` (chosen on validation, docs/results.md).
+
 Logs longer than ``max_len`` are rejected rather than silently cut: which window to keep
 (the most recent interactions, usually) is the data source's decision.
 """
@@ -41,6 +50,10 @@ from einops import rearrange
 from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
 
+# Multiplies the per-id query bias, i.e. its Adam step: an id seen k times moves about
+# k * QUERY_BIAS_SCALE * lr. Chosen on validation of a question-level federation.
+QUERY_BIAS_SCALE = 100.0
+
 
 class CausalBlock(nn.Module):
     """Pre-norm self-attention + MLP; ``allowed [B, L, L]`` says which keys a query sees."""
@@ -51,11 +64,17 @@ class CausalBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model)
+        )
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(self.norm1(x)), "b l (three h e) -> three b h l e", three=3, h=self.heads)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=rearrange(allowed, "b q k -> b 1 q k"))
+        q, k, v = rearrange(
+            self.qkv(self.norm1(x)), "b l (three h e) -> three b h l e", three=3, h=self.heads
+        )
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=rearrange(allowed, "b q k -> b 1 q k")
+        )
         x = x + self.out(rearrange(attn, "b h l e -> b l (h e)"))
         return x + self.mlp(self.norm2(x))
 
@@ -71,13 +90,21 @@ class InteractionEncoder(ModalityEncoder):
         heads: int | None = None,
         tokens: str = "pair",
         num_questions: int = 0,
+        query_bias: bool = True,
     ):
         super().__init__()
         if tokens not in ("pair", "factored"):
             raise ValueError(f"tokens must be 'pair' or 'factored', got {tokens!r}")
         if num_questions and tokens != "factored":
-            raise ValueError("num_questions needs tokens = 'factored' (question ids are embedded as Rasch difficulties)")
-        self.num_skills, self.max_len, self.tokens, self.num_questions = num_skills, max_len, tokens, num_questions
+            raise ValueError(
+                "num_questions needs tokens = 'factored' (question ids are embedded as Rasch difficulties)"
+            )
+        self.num_skills, self.max_len, self.tokens, self.num_questions = (
+            num_skills,
+            max_len,
+            tokens,
+            num_questions,
+        )
         heads = heads or next(h for h in (4, 2, 1) if d_model % h == 0)
         if tokens == "pair":
             self.interaction = nn.Embedding(2 * num_skills, d_model)
@@ -91,6 +118,15 @@ class InteractionEncoder(ModalityEncoder):
                 self.concept_variation = nn.Embedding(num_skills, d_model)
                 self.response_variation = nn.Embedding(2, d_model)
         self.query = nn.Embedding(num_skills, d_model)
+        self.query_bias: nn.Parameter | None = None
+        if query_bias:
+            # Zero: every id starts unbiased. Neither draws from torch's global generator,
+            # so the option changes no other module's initial weights.
+            self.query_bias = nn.Parameter(torch.zeros(num_questions or num_skills, 1))
+            fixed = torch.Generator().manual_seed(0)
+            self.query_bias_direction = nn.Parameter(
+                torch.randn(d_model, generator=fixed) / d_model**0.5
+            )
         self.position = nn.Embedding(max_len + 1, d_model)  # +1: the query token's slot
         self.block = CausalBlock(d_model, heads)
         self.norm = nn.LayerNorm(d_model)
@@ -101,10 +137,14 @@ class InteractionEncoder(ModalityEncoder):
         mask = torch.ones_like(skill, dtype=torch.bool) if mask is None else mask.bool()
         b, length = skill.shape
         if length > self.max_len:
-            raise ValueError(f"interaction log has {length} steps, max_len is {self.max_len}; window it in the data source")
+            raise ValueError(
+                f"interaction log has {length} steps, max_len is {self.max_len}; window it in the data source"
+            )
         real = skill[mask]
         if real.numel() and (real.min() < 0 or real.max() >= self.num_skills):
-            raise ValueError(f"skill ids must be in 0..{self.num_skills - 1}, got {int(real.min())}..{int(real.max())}")
+            raise ValueError(
+                f"skill ids must be in 0..{self.num_skills - 1}, got {int(real.min())}..{int(real.max())}"
+            )
         skill = torch.where(mask, skill, 0)  # padding: any valid id
         response = torch.where(mask, correct.clamp(0, 1), 0)
         question = self._questions(inputs.get("question"), mask)
@@ -122,9 +162,21 @@ class InteractionEncoder(ModalityEncoder):
         if query is not None:
             q_pos = mask.long().sum(1)  # right after the real interactions
             q_tok = self.query(query.long()) + self.position(q_pos)
-            next_question = self._questions(inputs.get("query_question"), torch.ones_like(query, dtype=torch.bool))
+            next_question = self._questions(
+                inputs.get("query_question"), torch.ones_like(query, dtype=torch.bool)
+            )
             if next_question is not None:
-                q_tok = q_tok + self.difficulty(next_question) * self.concept_variation(query.long())
+                q_tok = q_tok + self.difficulty(next_question) * self.concept_variation(
+                    query.long()
+                )
+            if self.query_bias is not None:
+                item = query.long() if next_question is None else next_question
+                q_tok = (
+                    q_tok
+                    + QUERY_BIAS_SCALE
+                    * F.embedding(item, self.query_bias)
+                    * self.query_bias_direction
+                )
             x = torch.cat([x, q_tok[:, None]], dim=1)
             see = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)], dim=1)
             allowed = torch.cat([F.pad(allowed, (0, 1), value=False), see[:, None, :]], dim=1)
@@ -133,26 +185,36 @@ class InteractionEncoder(ModalityEncoder):
         x = self.norm(self.block(x, allowed))
         return Tokens(x, mask)
 
-    def embed(self, skill: torch.Tensor, response: torch.Tensor, question: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, skill: torch.Tensor, response: torch.Tensor, question: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.tokens == "pair":
             return self.interaction(skill * 2 + response)
         x = self.concept(skill) + self.response(response)
         if question is not None:
-            x = x + self.difficulty(question) * (self.concept_variation(skill) + self.response_variation(response))
+            x = x + self.difficulty(question) * (
+                self.concept_variation(skill) + self.response_variation(response)
+            )
         return x
 
     def _questions(self, question: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
         if question is None:
             return None
         if not self.num_questions:
-            raise ValueError("the log has question ids but the encoder has num_questions = 0; set num_questions (and tokens = 'factored')")
+            raise ValueError(
+                "the log has question ids but the encoder has num_questions = 0; set num_questions (and tokens = 'factored')"
+            )
         question = question.long()
         real = question[mask]
         if real.numel() and (real.min() < 0 or real.max() >= self.num_questions):
-            raise ValueError(f"question ids must be in 0..{self.num_questions - 1}, got {int(real.min())}..{int(real.max())}")
+            raise ValueError(
+                f"question ids must be in 0..{self.num_questions - 1}, got {int(real.min())}..{int(real.max())}"
+            )
         return torch.where(mask, question, 0)
 
-    def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def example_input(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         length = min(self.max_len, 8)
         skill = torch.randint(0, self.num_skills, (batch_size, length), generator=generator)
         correct = torch.randint(0, 2, (batch_size, length), generator=generator)
@@ -162,8 +224,12 @@ class InteractionEncoder(ModalityEncoder):
         query = torch.randint(0, self.num_skills, (batch_size,), generator=generator)
         out = {"skill": skill, "correct": correct, "mask": mask, "query_skill": query}
         if self.num_questions:
-            out["question"] = torch.randint(0, self.num_questions, (batch_size, length), generator=generator)
-            out["query_question"] = torch.randint(0, self.num_questions, (batch_size,), generator=generator)
+            out["question"] = torch.randint(
+                0, self.num_questions, (batch_size, length), generator=generator
+            )
+            out["query_question"] = torch.randint(
+                0, self.num_questions, (batch_size,), generator=generator
+            )
         return out
 
 
@@ -173,9 +239,9 @@ SPEC = EncoderSpec(
     name="sequence",
     modality="interactions",
     build=InteractionEncoder,
-    version="0.1.0",
+    version="0.2.0",
     license="Apache-2.0",
-    params=582_656,
+    params=582_962,
     min_memory_mb=9,  # fp32 weights, gradients and AdamW moments
-    description="Knowledge-tracing log encoder: DKT interaction embedding, or factored concept + response (+ Rasch question difficulty: tokens=factored, num_questions), + causal transformer layer",
+    description="Knowledge-tracing log encoder: DKT interaction embedding, or factored concept + response (+ Rasch question difficulty: tokens=factored, num_questions), + causal transformer layer; a per-item bias on the next-question query (query_bias)",
 )
