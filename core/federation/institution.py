@@ -1,4 +1,6 @@
-"""An institution: its data, its selection, its personal parts, and local training.
+"""An institution: its data, its selection, its personal parts, and which local trainer
+runs its jobs (:func:`pick_trainers`: plain, DP-SGD or DeepSpeed ZeRO, each behind
+:class:`~m3tfed.interfaces.LocalTrainer`; the training itself is in those modules).
 
 This module is the one place that decides what leaves an institution (FL4Health's
 "parameter exchanger"): :meth:`Institution.train` returns deltas only for the shared

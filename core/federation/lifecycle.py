@@ -176,9 +176,7 @@ def continue_run(
                 save_kept(fed, run_dir, rnd)
         curves.append(entry)
         write_json_atomic(curves_path, curves)
-        dropped = f", dropped {list(rep.dropped)}" if rep.dropped else ""
-        val = f", val loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""
-        progress(f"round {rnd}/{cfg.rounds}: {len(rep.succeeded)}/{len(rep.sampled)} institutions, train loss {rep.loss:.4f}{val}, {rep.seconds:.1f}s{dropped}")
+        progress(rep.summary(cfg.rounds, f", val loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""))
         if stop_after is not None and rnd >= stop_after:
             return {"stopped_after": rnd, "run_dir": str(run_dir)}
     return finish(fed, run_dir, curves, (time.perf_counter() - t0, cpu_seconds() - cpu0), progress, echo, tuning)

@@ -55,6 +55,12 @@ class RoundReport:
     attempts: int = 1
     held: dict[str, str] = field(default_factory=dict)  # component -> why it was not aggregated
 
+    def summary(self, rounds: int, validation: str = "") -> str:
+        """The round's progress line, as every lifecycle shows it (``m3tfed run``, the
+        Flower ServerApp); ``validation`` is inserted after the train loss."""
+        dropped = f", dropped {list(self.dropped)}" if self.dropped else ""
+        return f"round {self.round}/{rounds}: {len(self.succeeded)}/{len(self.sampled)} institutions, train loss {self.loss:.4f}{validation}, {self.seconds:.1f}s{dropped}"
+
 
 def initial_state(config: FederationConfig, catalogue: Catalogue) -> State:
     """Every component of the full model (all modalities, tasks and experts), seeded."""

@@ -129,12 +129,10 @@ def run_federation(
     if backend.refused:
         out["refused"] = {str(node): why for node, why in backend.refused.items()}
     for rep in run_rounds(server, run_dir, server.round + 1):  # the round step `m3tfed run` takes
-        rnd = rep.round
-        dropped = f", dropped {rep.dropped}" if rep.dropped else ""
-        log.info("round %d/%d: %d/%d institutions, train loss %.4f, %.2fs%s", rnd, cfg.rounds, len(rep.succeeded), len(rep.sampled), rep.loss, rep.seconds, dropped)
-        out.update(last_round=rnd, history=[to_dict(r) for r in server.history])
+        log.info("%s", rep.summary(cfg.rounds))  # the line `m3tfed run` prints
+        out.update(last_round=rep.round, history=[to_dict(r) for r in server.history])
         write_json_atomic(run_dir / "flower.json", out)  # progress a watcher can read
-        if stop_after is not None and rnd >= stop_after:
+        if stop_after is not None and rep.round >= stop_after:
             break
     out.update(last_round=server.round, history=[to_dict(r) for r in server.history], done=server.round >= cfg.rounds)
     write_json_atomic(run_dir / "flower.json", out)
