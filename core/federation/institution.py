@@ -130,11 +130,6 @@ def default_accelerator():
 _ACCELERATOR = None
 
 
-# Core's own messages: kind -> handler(institution, payload) -> reply. Plugins add theirs
-# with the register_message_handlers hook (the catalogue's message_handlers).
-MESSAGE_HANDLERS: dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]] = {}
-
-
 class Institution:
     def __init__(
         self,
@@ -312,5 +307,10 @@ class Institution:
         return evaluate_model(model, self.config.tasks, getattr(self.data, split), batch_size)
 
 
-MESSAGE_HANDLERS["capabilities"] = Institution.capabilities
-MESSAGE_HANDLERS["privacy_report"] = privacy_report  # every backend answers the policy stage
+# Core's own messages, fixed: kind -> handler(institution, payload) -> reply. Plugins add
+# theirs with the register_message_handlers hook (the catalogue's message_handlers); every
+# backend answers privacy_report, which the policy stage asks for.
+MESSAGE_HANDLERS: dict[str, Callable[[Institution, dict[str, Any]], dict[str, Any]]] = {
+    "capabilities": Institution.capabilities,
+    "privacy_report": privacy_report,
+}
