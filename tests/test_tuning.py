@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed.cli import build_parser, protocol_overrides
+from m3tfed.data import iterate_batches, model_inputs
 from m3tfed.errors import ConfigError
 from m3tfed.federation.baselines.centralized import PooledTrainer
 from m3tfed.federation.baselines.common import config_at
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.data import iterate_batches, model_inputs
 from m3tfed.federation.lifecycle import run_job, run_seeds, validation_score
 from m3tfed.model import component_of
 
