@@ -238,6 +238,11 @@ def test_relative_advantage_stays_finite_when_a_baseline_scores_zero():
     summary = {"symbols": {"higher_is_better": True, "institutions": {"a": {"fed_moe": 0.2, "local": 0.0}, "b": {"fed_moe": 0.4, "local": 0.4}}}}
     adv = relative_advantage(summary, "fed_moe", "local")
     assert adv == {"a": pytest.approx(0.2 / 0.2), "b": 0.0}
+    # a baseline at 0 everywhere (a degenerate AUC): scaled by both methods' mean, not 1e-8
+    summary = {"next": {"higher_is_better": True, "institutions": {"a": {"fed_moe": 0.6, "local": 0.0}, "b": {"fed_moe": 0.0, "local": 0.0}}}}
+    assert relative_advantage(summary, "fed_moe", "local") == {"a": pytest.approx(0.6 / 0.15), "b": 0.0}
+    none = {"next": {"higher_is_better": True, "institutions": {"a": {"fed_moe": 0.0, "local": 0.0}}}}
+    assert relative_advantage(none, "fed_moe", "local") == {"a": 0.0}
 
 
 def test_centralized_baseline_keeps_what_institutions_keep_personal():

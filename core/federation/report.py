@@ -45,16 +45,20 @@ def relative_advantage(summary: dict[str, Any], method: str, baseline: str) -> d
     tasks' primary metrics (positive = better, 0.05 = 5% better), so tasks with different
     metrics and scales can be averaged. The difference is taken relative to the
     baseline's mean on that task over institutions, not to the institution's own value:
-    a baseline at 0 (an F1 of 0 at one institution) would otherwise explode the ratio."""
+    a baseline at 0 (an F1 of 0 at one institution) would otherwise explode the ratio. A
+    baseline at 0 on every institution is measured against both methods' mean instead."""
     per_inst: dict[str, list[float]] = {}
     for s in summary.values():
         sign = 1.0 if s["higher_is_better"] else -1.0
         rows = {n: r for n, r in s["institutions"].items() if method in r and baseline in r}
         if not rows:
             continue
-        scale = max(sum(abs(r[baseline]) for r in rows.values()) / len(rows), 1e-8)
+        scale = sum(abs(r[baseline]) for r in rows.values()) / len(rows)
+        if scale < 1e-8:  # the baseline scores 0 everywhere: both methods' mean sets the scale
+            scale = sum(abs(r[method]) + abs(r[baseline]) for r in rows.values()) / (2 * len(rows))
         for name, row in rows.items():
-            per_inst.setdefault(name, []).append(sign * (row[method] - row[baseline]) / scale)
+            diff = row[method] - row[baseline]
+            per_inst.setdefault(name, []).append(sign * diff / scale if scale >= 1e-8 else 0.0)
     return {name: sum(v) / len(v) for name, v in per_inst.items()}
 
 
