@@ -198,7 +198,7 @@ class Block(nn.Module):
         h = self.norm2(x)[mask]  # route real tokens only: [N, d]
         # The router sees the token plus the task, so routing can differ per task.
         router_input = h + task_embed
-        out = self.moe(h, router_input=router_input, expert_mask=expert_mask)
+        out = self.moe(h, router_input=router_input, expert_mask=expert_mask, task=task_embed)
         x = x.clone()
         x[mask] = x[mask] + out.y
         return x, out

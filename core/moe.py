@@ -124,9 +124,10 @@ class MoELayer(nn.Module):
         slot_of_expert[torch.tensor(expert_of_slot, dtype=torch.long)] = torch.arange(len(expert_names))
         self.register_buffer("slot_of_expert", slot_of_expert, persistent=False)
 
-    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None) -> MoEOutput:
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None, task: torch.Tensor | None = None) -> MoEOutput:
         """``x [N, d]`` (valid tokens only); ``router_input [N, d]`` defaults to ``x``;
-        ``expert_mask [E]`` bool further restricts the experts built here."""
+        ``expert_mask [E]`` bool further restricts the experts built here; ``task [d]``
+        (the task embedding) goes to a router that declares ``takes_task``."""
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"MoELayer expects x [N, {self.d_model}], got {list(x.shape)}")
         mask = self.local_mask
@@ -134,7 +135,11 @@ class MoELayer(nn.Module):
             mask = mask & expert_mask.to(device=mask.device, dtype=torch.bool)
         if not bool(mask.any()):
             raise ValueError(f"no expert is both selected and built here; built: {list(self.experts)}")
-        routing = self.router(x if router_input is None else router_input, mask)
+        inp = x if router_input is None else router_input
+        if task is not None and getattr(self.router, "takes_task", False):
+            routing = self.router(inp, mask, task=task)
+        else:
+            routing = self.router(inp, mask)
         y, counts, modes = self._dispatch(x, routing, mask)
         stats = dict(routing.stats or {})
         stats["tokens_per_expert"] = torch.tensor(counts, dtype=torch.long)

@@ -2,6 +2,7 @@
 every plot decoded, its tables present and no console error. Chromium is a system
 package the setup step installs (`make install`); this test does not skip without it."""
 
+import json
 import re
 import shutil
 import struct
@@ -33,6 +34,11 @@ def test_report_html_renders_its_plots_and_tables_without_console_errors(tmp_pat
     assert not re.search(r'(src|href)="(?!data:)', page)
     for heading in ("Learning curves (validation)", "Per-institution test results", "Worst institution per task", "Expert usage per institution", "Where the time goes", "Privacy ledger"):
         assert heading in page, heading
+    # routing specialization and the gain against institution size, also in metrics.json
+    assert "I(task; expert | institution)" in page and "Gain against institution size" in page
+    mi = json.loads((tmp_path / "r" / "metrics.json").read_text())["routing_mutual_information"]
+    assert set(mi) == {"task", "institution", "task_within_institution"}
+    assert all(v["bits"] >= 0 and 0 <= v["normalized"] <= 1 + 1e-9 for v in mi.values()), mi
 
     dom = chromium("--dump-dom", report.as_uri(), profile=tmp_path / "p1")
     assert dom.returncode == 0, dom.stderr[-2000:]

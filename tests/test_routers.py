@@ -5,10 +5,21 @@ import math
 
 import pytest
 import torch
-from m3tfed.plugins.routers import ExpertChoiceRouter, SoftRouter, TopKRouter, register_routers
+from m3tfed.plugins.routers import (
+    ExpertChoiceRouter,
+    SoftRouter,
+    TaskTopKRouter,
+    TopKRouter,
+    register_routers,
+)
 from m3tfed.testing import check_router
 
-ROUTERS = {"topk": TopKRouter, "expert_choice": ExpertChoiceRouter, "soft": SoftRouter}
+ROUTERS = {
+    "topk": TopKRouter,
+    "task_topk": TaskTopKRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "soft": SoftRouter,
+}
 
 
 def specs():
@@ -40,7 +51,9 @@ def test_plugin_kit_accepts_builtin_router(name):
 
 
 def test_load_balance_loss_top1_hand_computed():
-    p = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1]])
+    p = torch.tensor(
+        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1]]
+    )
     router = logit_router(TopKRouter, 4, k=1, capacity_factor=None)
     r = router(p.log())
     # f = (2, 1, 1, 0)/4 tokens; P = column means (0.4, 0.25, 0.25, 0.1)
@@ -58,12 +71,19 @@ def test_load_balance_loss_top2_over_active_experts_only():
     # assignments e0, e1 | e1, e2 -> f = (1, 2, 1)/4; P = (0.35, 0.4, 0.25); E_active = 3
     expected = 3 * (0.25 * 0.35 + 0.5 * 0.4 + 0.25 * 0.25)  # = 1.05
     assert r.aux_losses["load_balance"].item() == pytest.approx(expected, abs=1e-6)
-    assert sorted(zip(r.token_index.tolist(), r.expert_index.tolist())) == [(0, 0), (0, 1), (1, 1), (1, 2)]
+    assert sorted(zip(r.token_index.tolist(), r.expert_index.tolist())) == [
+        (0, 0),
+        (0, 1),
+        (1, 1),
+        (1, 2),
+    ]
 
 
 def test_load_balance_loss_is_one_when_perfectly_balanced():
     router = logit_router(TopKRouter, 4, k=2, capacity_factor=None)
-    x = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 1.0], [1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0]])
+    x = torch.tensor(
+        [[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 1.0], [1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0]]
+    )
     assert router(x).aux_losses["load_balance"].item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -99,7 +119,9 @@ def test_masked_gating_never_picks_an_unselected_expert(name, seed):
 
 
 def test_topk_with_fewer_active_experts_than_k():
-    r = TopKRouter(8, 4, k=3, capacity_factor=None)(torch.randn(5, 8), torch.tensor([False, True, False, True]))
+    r = TopKRouter(8, 4, k=3, capacity_factor=None)(
+        torch.randn(5, 8), torch.tensor([False, True, False, True])
+    )
     assert set(r.expert_index.tolist()) <= {1, 3}
     assert len(r.token_index) == 5 * 2  # k clamped to the 2 active experts
     per_token = torch.zeros(5).index_add_(0, r.token_index, r.weight)
@@ -117,7 +139,9 @@ def test_capacity_overflow_drops_and_counts():
     assert r.stats["tokens_unrouted"] == 6
     assert r.stats["tokens_per_expert"].tolist() == [2, 0]
     # balance loss still sees what the router wanted (f before capacity): 2 * (1 * P_0)
-    assert r.aux_losses["load_balance"].item() == pytest.approx(2 * torch.tensor([1.0, 0.0]).softmax(0)[0].item(), rel=1e-6)
+    assert r.aux_losses["load_balance"].item() == pytest.approx(
+        2 * torch.tensor([1.0, 0.0]).softmax(0)[0].item(), rel=1e-6
+    )
 
 
 def test_capacity_keeps_first_choices_before_second_choices():
@@ -132,7 +156,10 @@ def test_capacity_keeps_first_choices_before_second_choices():
     assert r.stats["dropped"] == 2 and r.stats["tokens_unrouted"] == 0
     # kept weights are unchanged softmax probabilities (no renormalisation after drops)
     p = x.softmax(-1)
-    w = {(e, t): v for e, t, v in zip(r.expert_index.tolist(), r.token_index.tolist(), r.weight.tolist())}
+    w = {
+        (e, t): v
+        for e, t, v in zip(r.expert_index.tolist(), r.token_index.tolist(), r.weight.tolist())
+    }
     assert w[(0, 0)] == pytest.approx(p[0, 0].item()) and w[(0, 1)] == pytest.approx(p[1, 0].item())
 
 
@@ -144,7 +171,9 @@ def test_no_capacity_limit_drops_nothing():
 
 def test_renormalize_makes_topk_weights_sum_to_one():
     r = TopKRouter(8, 6, k=2, capacity_factor=None, renormalize=True)(torch.randn(10, 8))
-    torch.testing.assert_close(torch.zeros(10).index_add_(0, r.token_index, r.weight), torch.ones(10))
+    torch.testing.assert_close(
+        torch.zeros(10).index_add_(0, r.token_index, r.weight), torch.ones(10)
+    )
 
 
 def test_noise_only_in_training():
@@ -224,3 +253,42 @@ def test_gradients_reach_the_gate():
         r = router(torch.randn(6, 8))
         (r.weight.sum() + sum(r.aux_losses.values())).backward()
         assert router.gate.weight.grad is not None and router.gate.weight.grad.abs().sum() > 0
+
+
+def test_task_topk_starts_as_topk_and_routes_by_its_per_task_bias():
+    torch.manual_seed(0)
+    plain, tasked = (
+        TopKRouter(8, 4, k=1, capacity_factor=None),
+        TaskTopKRouter(8, 4, k=1, capacity_factor=None),
+    )
+    tasked.gate.weight.data.copy_(plain.gate.weight.data)
+    x = torch.randn(6, 8)
+    task_a, task_b = (
+        torch.eye(8)[0] * 0.02,
+        torch.eye(8)[1] * 0.02,
+    )  # small, like the task embeddings
+    for task in (None, task_a, task_b):  # zero bias: the same routing as topk, task or not
+        assert torch.equal(tasked(x, task=task).expert_index, plain(x).expert_index)
+    with torch.no_grad():  # task a favours expert 2, task b expert 3 (t is scaled to norm sqrt(8))
+        tasked.task_gate[2, 0] = tasked.task_gate[3, 1] = 10.0
+    assert tasked(x, task=task_a).expert_index.tolist() == [2] * 6
+    assert tasked(x, task=task_b).expert_index.tolist() == [3] * 6
+
+
+def test_the_moe_layer_passes_the_task_only_to_a_router_that_takes_it():
+    from m3tfed.experts.swiglu import SwiGLUExpert
+    from m3tfed.moe import MoELayer
+
+    torch.manual_seed(0)
+    names = ["e0", "e1", "e2"]
+
+    def layer(router):
+        return MoELayer(8, names, {n: SwiGLUExpert(8, hidden=8) for n in names}, router).eval()
+
+    tasked = TaskTopKRouter(8, 3, k=1)
+    with torch.no_grad():
+        tasked.task_gate[1, 0] = 10.0  # this task sends every token to e1
+    x, task = torch.randn(5, 8), torch.eye(8)[0]
+    assert layer(tasked)(x, task=task).stats["tokens_per_expert"].tolist() == [0, 5, 0]
+    # a router without takes_task is called as before (no task keyword)
+    assert layer(TopKRouter(8, 3, k=1))(x, task=task).stats["tokens_per_expert"].sum() == 5

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..privacy.ledger import PrivacyLedger
 from .report import across_seeds, fmt_interval
+from .routing_stats import routing_mutual_information
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
@@ -133,11 +134,23 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tun
     parts.append(_table(["baseline", "mean relative advantage", "share better (beyond interval)", "institutions better", "institutions worse"], comp_rows))
     parts.append("<p class=note>An institution counts as better (worse) only when the 95% interval of its paired relative difference over seeds lies above (below) zero; the share carries a Wilson interval.</p>")
 
+    # Does the smallest institution gain most? The gain over local-only against training size.
+    sizes = {i: r.get("train") for i, r in (_read(run_dirs[0], "data_report.json") or {}).items()}
+    local = combined["comparison"].get("local")
+    if local and all(isinstance(sizes.get(i), int) for i in local["institutions"]):
+        by_size = sorted(local["institutions"].items(), key=lambda kv: sizes[kv[0]])
+        parts.append("<h2>Gain against institution size</h2>")
+        parts.append(_table(["institution", "training samples", "fed_moe vs local (relative advantage)"], [[html.escape(i), str(sizes[i]), fmt_interval(c, pct=True)] for i, c in by_size]))
+
     # Expert usage per institution x task (first seed's test routing).
     routing = _read(run_dirs[0], "routing.json")
     if routing:
         parts.append("<h2>Expert usage per institution × task</h2>")
         parts.append(_png(lambda b: plots.expert_usage(b, routing["tokens"], routing["experts"])))
+        mi = routing_mutual_information(routing["tokens"])
+        labels = {"task": "I(task; expert)", "institution": "I(institution; expert)", "task_within_institution": "I(task; expert | institution)"}
+        parts.append(_table(["mutual information", "bits", "normalized"], [[labels[k], f"{v['bits']:.4f}", f"{v['normalized']:.4f}"] for k, v in mi.items()]))
+        parts.append("<p class=note>Routing specializes by task when I(task; expert | institution) is well above 0; I(institution; expert) also reflects which experts each institution holds.</p>")
 
     # Each deep method's learning rate and local steps, and the grid they were chosen on.
     points = metrics[0].get("points") or {}

@@ -52,6 +52,7 @@ from .checkpoint import (
 from .config import TUNED_METHODS, FederationConfig, load_config
 from .evaluation import FinalTest, Metrics, evaluate_model
 from .report import across_seeds, compare, format_seeds_table, format_table, summarize
+from .routing_stats import routing_mutual_information
 from .server import RoundReport, Server
 
 Progress = Callable[[str], None]
@@ -229,6 +230,7 @@ def finish(
         "communication": {"bytes_down": sum(r.bytes_down for r in fed.server.history), "bytes_up": sum(r.bytes_up for r in fed.server.history)},
         "history": history,
         "kept_round": kept_round,
+        "routing_mutual_information": routing_mutual_information(routing),  # does routing specialize by task?
         "split": final.split,  # "val" in a tuning run: every table above is on validation
         "test_reads": final.reads if not tuning else {},
         "method_curves": ctx.curves,  # validation curves of the baselines that have rounds

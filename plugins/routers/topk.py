@@ -77,16 +77,19 @@ class TopKRouter(Router):
             return None
         return math.ceil(self.capacity_factor * n_tokens * k / n_active)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate logits ``[N, E]``, in float32 also under bf16 autocast: rounding them flips
+        top-k choices and destabilises training (ST-MoE, "selective precision")."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.gate.weight.float())
+
     def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> Routing:
         N, E = x.shape[0], self.num_experts
         mask = active_mask(expert_mask, E, x.device)
         n_active = int(mask.sum())
         k = min(self.k, n_active)
 
-        # Route in float32, also under bf16 autocast: rounding the logits flips top-k
-        # choices and destabilises training (ST-MoE, "selective precision").
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())
+        logits = self.logits(x)
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         logits = logits.masked_fill(~mask, float("-inf"))  # masked gating: prob exactly 0
@@ -135,7 +138,52 @@ class TopKRouter(Router):
             "capacity": capacity,
             "gate_entropy": float(torch.special.entr(probs.detach()).sum(-1).mean()) if N else 0.0,
         }
-        return Routing(token_index, expert_index, weight, {"load_balance": load_balance, "router_z": router_z}, stats)
+        return Routing(
+            token_index,
+            expert_index,
+            weight,
+            {"load_balance": load_balance, "router_z": router_z},
+            stats,
+        )
+
+
+class TaskTopKRouter(TopKRouter):
+    """Top-k gating plus a learned bias per task on the gate logits: ``W @ t`` with ``t``
+    the task's embedding scaled to norm ``sqrt(d)``, ``W`` zero-initialised (so it starts
+    as ``topk``). The token-wise gate sees the task only added to every token, and
+    measured within an institution its tasks routed identically (docs/results.md).
+
+    Its own class, so DP-SGD (which checks ``per_sample_rule`` on the class) does not
+    take it for ``topk``'s batched rule, which lacks the task bias: it falls back to one
+    backward per sample."""
+
+    takes_task = True  # the MoE layer passes the task embedding (``task=``)
+
+    def __init__(self, d_model: int, num_experts: int, **options):
+        super().__init__(d_model, num_experts, **options)
+        self.task_gate = nn.Parameter(torch.zeros(num_experts, d_model))
+        self._task: torch.Tensor | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_mask: torch.Tensor | None = None,
+        task: torch.Tensor | None = None,
+    ) -> Routing:
+        self._task = task
+        try:
+            return super().forward(x, expert_mask)
+        finally:
+            self._task = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().logits(x)
+        if self._task is None:  # no task: exactly topk (a zero bias, still in the graph)
+            t = self.task_gate.new_zeros(self.task_gate.shape[1])
+        else:
+            t = self._task.float()
+            t = t * (t.shape[-1] ** 0.5 / t.norm().clamp_min(1e-8))
+        return logits + self.task_gate.float() @ t
 
 
 # Registered by the package (``register_routers``).
@@ -145,4 +193,12 @@ SPEC = RouterSpec(
     version="0.1.0",
     license="Apache-2.0",
     description="Softmax top-k gating (k=2) with capacity factor 1.25, Switch load-balancing loss and ST-MoE z-loss",
+)
+
+TASK_SPEC = RouterSpec(
+    name="task_topk",
+    build=TaskTopKRouter,
+    version="0.1.0",
+    license="Apache-2.0",
+    description="topk plus a learned per-task bias on the gate logits (task-conditioned routing)",
 )
