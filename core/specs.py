@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from .errors import ConfigError, M3TError
+from .errors import ConfigError, M3TError, UnknownPluginError
 
 # Parameter counts in metadata are declared for a module built at this width, so that
 # one number in registry.toml can be checked against the real module.
@@ -221,8 +221,6 @@ class Catalogue:
     commands: dict[str, Command] = field(default_factory=dict)
 
     def get(self, kind: str, name: str) -> Spec:
-        from .errors import UnknownPluginError
-
         try:
             return self.specs[kind][name]
         except KeyError:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
+from ..model import PluginConfig
 from ..specs import CENTRAL_DP, LOCAL_DP, POLICY_CHECKS, SECURE_AGGREGATION
 
 DPMode = Literal["none", "central", "local", "sample"]
@@ -188,8 +189,6 @@ def privacy_stages(cfg, catalogue) -> list:
     for noisy policies, central DP, and secure aggregation when a policy requires it.
     Never runs without secure aggregation that a policy requires: raises if no stage
     provides it; two providers of one capability must be chosen between in the config."""
-    from ..model import PluginConfig
-
     policies = {n: p for n, p in resolve_policies(cfg).items() if p.active}
     if not policies:
         return []
