@@ -5,6 +5,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # One thread: tiny models gain nothing from two, and two threads spin badly when the
@@ -29,3 +30,14 @@ def tiny_config_dict(rounds: int = 2, n: int = 24, **federation):
         profile["n"] = n
     d["evaluation"] = {"baselines": [], "personalize": False, "plots": False}
     return d
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """``make test`` runs ``pytest -n 2 --dist loadgroup``: every test file is one group,
+    so it stays on one worker and its module fixtures (the Flower deployment, DeepSpeed's
+    trained ranks) are built once, unless its tests name their own ``xdist_group``
+    (tests/test_bench_smoke.py: one per bench, so the benches spread over both workers)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

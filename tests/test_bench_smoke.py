@@ -15,12 +15,21 @@ from conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
 # Two benches' smoke runs are checked, with their fields, beside their features:
 # flower_backend in test_flower.py, threads in test_learning.py.
-BENCHES = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name not in ("common.py", "flower_backend.py", "threads.py"))
+BENCHES = sorted(
+    p
+    for p in (ROOT / "bench").glob("*.py")
+    if p.name not in ("common.py", "flower_backend.py", "threads.py")
+)
 # The one bench that reads a real data set (ELLIPSE essays, outside the repository).
 ESSAYS = DATA / "ellipse" / "ELLIPSE_Final_github_test.csv"
 
 
-@pytest.mark.parametrize("bench", BENCHES, ids=[p.stem for p in BENCHES])
+# Each bench is its own xdist group (tests/conftest.py), so `make test` spreads them over
+# both workers instead of running the whole file on one.
+@pytest.mark.parametrize(
+    "bench",
+    [pytest.param(p, id=p.stem, marks=pytest.mark.xdist_group(f"bench-{p.stem}")) for p in BENCHES],
+)
 def test_bench_runs_in_smoke_mode(bench, tmp_path):
     args = [sys.executable, str(bench), "--smoke"]
     if bench.stem == "text_encoder":
