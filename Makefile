@@ -27,11 +27,11 @@ run: $(STAMP)
 	$(BIN)/m3tfed run
 
 # Two workers (pytest-xdist), one per core: most tests run on one thread. Each test file
-# is one xdist group (tests/conftest.py) and stays on one worker, so a module's shared
-# fixture (the Flower deployment, DeepSpeed's trained ranks) is built once; the bench
-# smoke runs are a group each, spread over both workers.
+# stays on one worker (--dist loadfile), so a module's shared fixture (the Flower
+# deployment, DeepSpeed's trained ranks) is built once; the bench smoke runs are spread
+# over both (tests/conftest.py: SPLIT_FILES).
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check core plugins experts tests bench examples
