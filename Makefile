@@ -28,7 +28,8 @@ run: $(STAMP)
 
 # Two workers (pytest-xdist), one per core: most tests run on one thread. Each test file
 # stays on one worker (--dist loadfile), so a module's shared fixture (the Flower
-# deployment, DeepSpeed's trained ranks) is built once.
+# deployment, DeepSpeed's trained ranks) is built once; the bench smoke runs are spread
+# over both (tests/conftest.py: SPLIT_FILES).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 

@@ -46,6 +46,7 @@ import scipy.stats  # noqa: E402
 import torch  # noqa: E402
 from common import Timer, emit  # noqa: E402
 from m3tfed.federation.aggregation import Aggregator, ComponentUpdate  # noqa: E402
+from m3tfed.interfaces import RoundContext  # noqa: E402
 from m3tfed.plugins.pipeline.privacy import CentralNoise, LocalPrivacy  # noqa: E402
 from m3tfed.privacy.dp import InstitutionPrivacy  # noqa: E402
 from m3tfed.privacy.dpsgd import make_dp_optimizer  # noqa: E402
@@ -183,22 +184,18 @@ def audit_central(
                     ComponentUpdate(names[i], c, delta, 1.0)
                     for c, delta in spike(i, d, 5.0).items()
                 ]
-                updates += LocalPrivacy().process(ups, {"round": rnd, "privacy": priv})
+                updates += LocalPrivacy().process(ups, RoundContext(round=rnd, privacy=priv))
         for j, priv in enumerate(others):
             priv.begin_round(rnd)
             ups = [
                 ComponentUpdate(f"real{j}", c, {"w": torch.randn(d, generator=gen)}, 1.0)
                 for c in COMPONENTS
             ]
-            updates += LocalPrivacy().process(ups, {"round": rnd, "privacy": priv})
+            updates += LocalPrivacy().process(ups, RoundContext(round=rnd, privacy=priv))
         info = {c: {"central": (sigma / broken, 1.0), "reproducible": False} for c in COMPONENTS}
-        context = {
-            "round": rnd,
-            "server": server,
-            "backend": server,
-            "sampled": names,
-            "privacy": info,
-        }
+        context = RoundContext(
+            round=rnd, server=server, backend=server, sampled=names, privacy=info
+        )
         for u in CentralNoise().process(updates, context):
             score += u.delta["w"]
     return Audit(
@@ -230,7 +227,7 @@ def audit_local(
             priv.noise_multiplier = (
                 claimed / broken
             )  # the broken accountant: less noise, same charge
-            for u in LocalPrivacy().process(ups, {"round": rnd, "privacy": priv}):
+            for u in LocalPrivacy().process(ups, RoundContext(round=rnd, privacy=priv)):
                 score[i] += u.delta["w"][0]
             priv.noise_multiplier = claimed
         used = claimed / broken

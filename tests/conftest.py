@@ -29,3 +29,25 @@ def tiny_config_dict(rounds: int = 2, n: int = 24, **federation):
         profile["n"] = n
     d["evaluation"] = {"baselines": [], "personalize": False, "plots": False}
     return d
+
+
+# Test files whose tests are independent runs, each in a subprocess of its own: under
+# `make test` (pytest -n 2 --dist loadfile) each of their tests may go to either worker.
+SPLIT_FILES = ("tests/test_bench_smoke.py",)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` keeps every test file on one worker, so its module fixtures (the
+    Flower deployment, DeepSpeed's trained ranks) are built once; the tests of
+    ``SPLIT_FILES`` (every bench's smoke run) are spread over both workers instead of
+    running as one block. (``--dist loadgroup`` cannot do this: pytest-xdist 3.8 marks a
+    group in ``item._nodeid``, which pytest 9 no longer reads, so it ignores the groups.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if nodeid.startswith(SPLIT_FILES) else super()._split_scope(nodeid)
+
+    return Scheduling(config, log)

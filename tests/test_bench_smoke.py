@@ -15,11 +15,16 @@ from conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
 # Two benches' smoke runs are checked, with their fields, beside their features:
 # flower_backend in test_flower.py, threads in test_learning.py.
-BENCHES = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name not in ("common.py", "flower_backend.py", "threads.py"))
+BENCHES = sorted(
+    p
+    for p in (ROOT / "bench").glob("*.py")
+    if p.name not in ("common.py", "flower_backend.py", "threads.py")
+)
 # The one bench that reads a real data set (ELLIPSE essays, outside the repository).
 ESSAYS = DATA / "ellipse" / "ELLIPSE_Final_github_test.csv"
 
 
+# Each bench's run may go to either xdist worker (tests/conftest.py: SPLIT_FILES).
 @pytest.mark.parametrize("bench", BENCHES, ids=[p.stem for p in BENCHES])
 def test_bench_runs_in_smoke_mode(bench, tmp_path):
     args = [sys.executable, str(bench), "--smoke"]

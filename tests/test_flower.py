@@ -522,9 +522,9 @@ def deployment(tmp_path_factory):
         for name in INSTITUTIONS:
             dep.start_supernode(name, config)
         dep.start_supernode("university", config, private_key=key_folder(certs, "guest") / "node.key", name="supernode-impostor")
-        dep.start_supernode("math_academy", config, private_key=stranger_key, name="supernode-stranger")
+        _start_refused_node(dep, "math_academy", config, private_key=stranger_key, name="supernode-stranger")
         _wait_online(dep, [dep.node_ids[n] for n in [*INSTITUTIONS, "guest"]])
-        dep.start_supernode("rural_school", config, name="supernode-duplicate")
+        _start_refused_node(dep, "rural_school", config, name="supernode-duplicate")
         started = [p.pid for p in dep.processes.values()]
         yield dep, config
     finally:
@@ -533,6 +533,16 @@ def deployment(tmp_path_factory):
         # also the helpers of the node the kill test crashed (orphans, in its process group)
         alive = _still_running({*started, *spawned, *_members_of_groups(started)})
         assert not alive, f"processes left running: {alive}"
+
+
+def _start_refused_node(dep: Deployment, *args, **kwargs) -> None:
+    """A SuperNode the SuperLink refuses never gets a message: no warm worker for it (a
+    process that imports torch for nothing), Flower's own executor instead."""
+    dep.warm = False
+    try:
+        dep.start_supernode(*args, **kwargs)
+    finally:
+        dep.warm = True
 
 
 def _ssh_private_key() -> bytes:
@@ -670,7 +680,7 @@ def test_a_revoked_institution_cannot_reconnect(deployment):
     # the institution restarts its SuperNode with the key it still has: refused
     log = dep.folder / "logs" / "supernode-rural_school.log"
     seen = len(log.read_text(errors="replace"))
-    dep.start_supernode("rural_school", config, private_key=kept)
+    _start_refused_node(dep, "rural_school", config, private_key=kept)
     deadline = time.monotonic() + 300  # a guard against a hang: it returns once refused
     while "activat" not in log.read_text(errors="replace")[seen:].lower() and time.monotonic() < deadline:
         time.sleep(0.5)
