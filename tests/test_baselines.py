@@ -16,10 +16,14 @@ def test_every_baseline_runs_under_the_protocol(tmp_path):
     out = run_job(d, name="all", runs_dir=tmp_path, progress=lambda m: None, echo=False)
     names = {i["name"] for i in d["institutions"]}
     assert set(out["results"]) == {"fed_moe", *BASELINES}
-    assert out["test_reads"] == {m: dict.fromkeys(names, 1) for m in out["results"]}  # test once per method
+    assert out["test_reads"] == {
+        m: dict.fromkeys(names, 1) for m in out["results"]
+    }  # test once per method
     for method in ("local", "dense_fedavg", "fedprox", "ditto", "centralized"):
         curve = out["method_curves"][method]
-        assert [p["round"] for p in curve] == [1, 2] and all(p["val_loss"] > 0 for p in curve), method
+        assert [p["round"] for p in curve] == [1, 2] and all(p["val_loss"] > 0 for p in curve), (
+            method
+        )
     for s in out["summary"].values():
         for row in s["institutions"].values():
             assert all(v == v for v in row.values()), row  # a finite metric for every method
@@ -29,7 +33,10 @@ def test_dense_baselines_keep_the_personal_parts_the_dense_model_has():
     d = tiny_config_dict()
     d["institutions"][5]["personal"] = ["task.symbol", "router", "expert.vision_1"]
     dense = dense_config(load_config(d))
-    assert dense.institutions[5].personal == ["task.symbol", "router"]  # no expert.vision_1 in a dense model
+    assert dense.institutions[5].personal == [
+        "task.symbol",
+        "router",
+    ]  # no expert.vision_1 in a dense model
     assert [e.name for e in dense.model.experts] == ["dense"]
 
 
@@ -48,7 +55,10 @@ def test_ridge_recovers_a_linear_map_and_logistic_separates_classes():
 def test_featurizer_handles_any_split_without_knowing_the_dataset():
     n = 6
     split = {
-        "tab": {"numeric": torch.tensor([[1.0, float("nan")]] * 3 + [[2.0, 1.0]] * 3), "categorical": torch.tensor([[0], [1], [2], [-1], [1], [0]])},
+        "tab": {
+            "numeric": torch.tensor([[1.0, float("nan")]] * 3 + [[2.0, 1.0]] * 3),
+            "categorical": torch.tensor([[0], [1], [2], [-1], [1], [0]]),
+        },
         "text": ["a b", "a b c", "long words here", "x", "y y", "z"],
         "present": {"text": torch.tensor([True, True, True, False, True, True])},
         "targets": {"t": torch.zeros(n)},
@@ -57,7 +67,11 @@ def test_featurizer_handles_any_split_without_knowing_the_dataset():
     x = f(split)
     # tab: 2 numeric + 1 missing indicator + 3 one-hot + present; text: 4 statistics + present
     assert x.shape == (n, 2 + 1 + 3 + 1 + 4 + 1) and torch.isfinite(x).all()
-    other = {"tab": split["tab"], "present": {}, "targets": split["targets"]}  # an institution without text
+    other = {
+        "tab": split["tab"],
+        "present": {},
+        "targets": split["targets"],
+    }  # an institution without text
     assert f(other).shape == x.shape
 
 
@@ -65,3 +79,43 @@ def test_featurizer_handles_any_split_without_knowing_the_dataset():
 def test_baselines_share_one_interface(name):
     b = BASELINES[name]
     assert b.name == name and callable(b.run)
+
+
+def test_centralized_gives_a_shared_head_the_gradient_of_institutions_that_share_it():
+    """math_academy keeps task.symbol personal, online_tutor shares it: in one mixed step
+    online_tutor's gradient belongs to the shared head whichever part comes first, and
+    math_academy's own head gets its own gradient only."""
+    from m3tfed.data import iterate_batches
+    from m3tfed.federation.baselines.centralized import PooledTrainer
+    from m3tfed.federation.build import build_federation
+
+    fed = build_federation(load_config(tiny_config_dict()))
+    names = [i.name for i in fed.institutions.values()]
+    tutor, academy = names.index("online_tutor"), names.index("math_academy")
+    batch = {
+        k: next(
+            iterate_batches(
+                fed.institutions[names[k]].data.train, 4, torch.Generator().manual_seed(0)
+            )
+        )
+        for k in (tutor, academy)
+    }
+
+    def grads_of(order):
+        pooled = PooledTrainer(fed)
+        head = [p for c, p in pooled.params if c == "task.symbol"]
+        seen = {}
+        pooled.shared_opt.step = lambda: seen.__setitem__(
+            "shared", [None if p.grad is None else p.grad.clone() for p in head]
+        )
+        pooled.own_opt[academy].step = lambda: seen.__setitem__(
+            "own", [p.grad.clone() for p in head]
+        )
+        pooled.step([(k, batch[k]) for k in order])
+        return seen
+
+    a, b = grads_of([tutor, academy]), grads_of([academy, tutor])
+    assert all(g is not None and g.abs().sum() > 0 for g in a["shared"] + b["shared"])
+    for part in ("shared", "own"):
+        for x, y in zip(a[part], b[part]):
+            torch.testing.assert_close(x, y)
