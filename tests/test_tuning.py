@@ -128,3 +128,17 @@ def test_a_centralized_step_is_one_step_on_a_batch_mixing_institutions():
     assert moved > 10
     own, shared = pooled.own_state[b]["task.symbol"], model.component_state("task.symbol")
     assert any(not torch.equal(own[k], shared[k]) for k in own)  # its own head took the step
+
+
+def test_a_grid_point_whose_validation_loss_is_nan_is_never_chosen(tmp_path, monkeypatch):
+    """A point where a method diverged (NaN validation loss) loses to any finite one,
+    wherever it sits in the grid."""
+    from m3tfed.federation import lifecycle
+
+    losses = [float("nan"), 2.0, 1.0]
+    outs = [{"results": {"fed_moe": {"a": {"grade": {"loss": v}}}}} for v in losses]
+    monkeypatch.setattr(lifecycle, "run_all", lambda jobs, *args: outs)
+    base = lifecycle.to_dict(load_config(tiny_config_dict()))
+    points = [{"lr": lr, "local_steps": 1} for lr in (1.0, 0.1, 0.01)]
+    tuning = lifecycle.tune(base, points, tmp_path, None, 1, None)
+    assert tuning["chosen"]["fed_moe"] == points[2]

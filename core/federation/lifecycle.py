@@ -357,7 +357,8 @@ def tune(base: dict, points: list[dict], root: Path, data_root: Any, workers: in
         jobs.append(RunSpec(d, root, f"tune_{k}", tracker_index=k, tuning=True))
     outs = run_all(jobs, data_root, workers, tracker)
     scores = {m: [validation_score(o["results"][m]) for o in outs] for m in outs[0]["results"]}
-    chosen = {m: points[min(range(len(points)), key=v.__getitem__)] for m, v in scores.items()}
+    # a diverged point (NaN: every comparison with it is False) must lose, not win by position
+    chosen = {m: points[min(range(len(points)), key=lambda k, v=v: v[k] if v[k] == v[k] else float("inf"))] for m, v in scores.items()}
     return {"points": points, "val_loss": scores, "chosen": chosen, "seed": base["seed"]}
 
 
