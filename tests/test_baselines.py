@@ -16,14 +16,10 @@ def test_every_baseline_runs_under_the_protocol(tmp_path):
     out = run_job(d, name="all", runs_dir=tmp_path, progress=lambda m: None, echo=False)
     names = {i["name"] for i in d["institutions"]}
     assert set(out["results"]) == {"fed_moe", *BASELINES}
-    assert out["test_reads"] == {
-        m: dict.fromkeys(names, 1) for m in out["results"]
-    }  # test once per method
+    assert out["test_reads"] == {m: dict.fromkeys(names, 1) for m in out["results"]}  # test once per method
     for method in ("local", "dense_fedavg", "fedprox", "ditto", "centralized"):
         curve = out["method_curves"][method]
-        assert [p["round"] for p in curve] == [1, 2] and all(p["val_loss"] > 0 for p in curve), (
-            method
-        )
+        assert [p["round"] for p in curve] == [1, 2] and all(p["val_loss"] > 0 for p in curve), method
     for s in out["summary"].values():
         for row in s["institutions"].values():
             assert all(v == v for v in row.values()), row  # a finite metric for every method
@@ -33,10 +29,7 @@ def test_dense_baselines_keep_the_personal_parts_the_dense_model_has():
     d = tiny_config_dict()
     d["institutions"][5]["personal"] = ["task.symbol", "router", "expert.vision_1"]
     dense = dense_config(load_config(d))
-    assert dense.institutions[5].personal == [
-        "task.symbol",
-        "router",
-    ]  # no expert.vision_1 in a dense model
+    assert dense.institutions[5].personal == ["task.symbol", "router"]  # no expert.vision_1 in a dense model
     assert [e.name for e in dense.model.experts] == ["dense"]
 
 
@@ -55,10 +48,7 @@ def test_ridge_recovers_a_linear_map_and_logistic_separates_classes():
 def test_featurizer_handles_any_split_without_knowing_the_dataset():
     n = 6
     split = {
-        "tab": {
-            "numeric": torch.tensor([[1.0, float("nan")]] * 3 + [[2.0, 1.0]] * 3),
-            "categorical": torch.tensor([[0], [1], [2], [-1], [1], [0]]),
-        },
+        "tab": {"numeric": torch.tensor([[1.0, float("nan")]] * 3 + [[2.0, 1.0]] * 3), "categorical": torch.tensor([[0], [1], [2], [-1], [1], [0]])},
         "text": ["a b", "a b c", "long words here", "x", "y y", "z"],
         "present": {"text": torch.tensor([True, True, True, False, True, True])},
         "targets": {"t": torch.zeros(n)},
@@ -67,11 +57,7 @@ def test_featurizer_handles_any_split_without_knowing_the_dataset():
     x = f(split)
     # tab: 2 numeric + 1 missing indicator + 3 one-hot + present; text: 4 statistics + present
     assert x.shape == (n, 2 + 1 + 3 + 1 + 4 + 1) and torch.isfinite(x).all()
-    other = {
-        "tab": split["tab"],
-        "present": {},
-        "targets": split["targets"],
-    }  # an institution without text
+    other = {"tab": split["tab"], "present": {}, "targets": split["targets"]}  # an institution without text
     assert f(other).shape == x.shape
 
 
