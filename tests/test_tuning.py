@@ -59,6 +59,8 @@ def test_every_deep_method_keeps_its_own_grid_point_chosen_on_validation(tmp_pat
     assert set(seed["test_reads"]) == {*deep, "classical_pooled"}
     page = (tmp_path / "g" / "report.html").read_text()
     assert "val loss at lr 0.0001, 2 steps" in page and "CPU seconds" in page  # the choice and its grid, in the report
+    seed_page = (tmp_path / "g" / "seed_0" / "report.html").read_text()  # a seed's own report: no grid record, yet tuned points
+    assert "No tuning grid" not in seed_page and "evaluation.tuned" in seed_page
 
 
 def test_a_method_point_changes_that_method_only(tmp_path):
