@@ -144,3 +144,27 @@ def test_a_grid_point_whose_validation_loss_is_nan_is_never_chosen(tmp_path, mon
     points = [{"lr": lr, "local_steps": 1} for lr in (1.0, 0.1, 0.01)]
     tuning = lifecycle.tune(base, points, tmp_path, None, 1, None)
     assert tuning["chosen"]["fed_moe"] == points[2]
+
+
+@pytest.mark.parametrize("module", ["centralized", "local"])
+def test_a_method_whose_validation_loss_is_always_nan_still_keeps_a_state(module, monkeypatch):
+    """A grid point where a method diverges at once must give it a (bad) result, not crash
+    the whole tuning: early stopping keeps the first evaluated state when nothing is better."""
+    import importlib
+
+    from m3tfed.federation.baselines import BASELINES, BaselineContext
+    from m3tfed.federation.evaluation import FinalTest
+
+    mod = importlib.import_module(f"m3tfed.federation.baselines.{module}")
+    monkeypatch.setattr(mod, "val_loss", lambda inst, model: float("nan"))
+    fed = build_federation(load_config(tiny_config_dict(rounds=2, n=16)))
+    out = BASELINES[module].run(fed, BaselineContext(final=FinalTest("val"), progress=quiet))
+    assert set(out) == set(fed.institutions)
+
+
+def test_fed_moe_whose_validation_loss_is_always_nan_keeps_its_first_evaluated_round(tmp_path, monkeypatch):
+    from m3tfed.federation import lifecycle
+
+    monkeypatch.setattr(lifecycle, "validation_score", lambda metrics: float("nan"))
+    out = run_job(tiny_config_dict(rounds=2, n=16), name="nan", runs_dir=tmp_path, progress=quiet, echo=False)
+    assert out["kept_round"] == 1

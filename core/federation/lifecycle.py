@@ -172,8 +172,9 @@ def continue_run(
         if rnd % ev.every == 0 or rnd == cfg.rounds:
             entry["metrics"], _ = validate(fed, ev.val_samples)
             entry["val_loss"] = validation_score(entry["metrics"])
-            best = min((c["val_loss"] for c in curves if "val_loss" in c), default=float("inf"))
-            if ev.keep == "last" or entry["val_loss"] < best:
+            seen = [c["val_loss"] for c in curves if "val_loss" in c]
+            best = min((v for v in seen if v == v), default=float("inf"))  # NaN (diverged) never best
+            if ev.keep == "last" or not seen or entry["val_loss"] < best:  # the first evaluated round is always kept
                 save_kept(fed, run_dir, rnd)
         curves.append(entry)
         write_json_atomic(curves_path, curves)

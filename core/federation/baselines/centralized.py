@@ -158,7 +158,7 @@ class Centralized:
             ) / len(insts)
             curve.append({"round": rnd, "val_loss": score})
             ctx.progress(f"  centralized: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
-            if score < best:
+            if kept is None or score < best:  # a NaN score (diverged) keeps the first state
                 best = score
                 kept = (
                     {c: pooled.model.component_state(c) for c in pooled.model.component_names()},
