@@ -331,7 +331,7 @@ class _DuckStage(UpdateStage):
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.__dict__[name] = value
-        if name == "secure_aggregation" and hasattr(self.stage, name):  # it asked to be told
+        if hasattr(self.stage, name):  # its own state (secure_aggregation, a ledger): the stage reads it
             setattr(self.stage, name, value)
 
 

@@ -65,3 +65,43 @@ def test_featurizer_handles_any_split_without_knowing_the_dataset():
 def test_baselines_share_one_interface(name):
     b = BASELINES[name]
     assert b.name == name and callable(b.run)
+
+
+def test_centralized_gives_a_shared_head_the_gradient_of_institutions_that_share_it():
+    """math_academy keeps task.symbol personal, online_tutor shares it: in one mixed step
+    online_tutor's gradient belongs to the shared head whichever part comes first, and
+    math_academy's own head gets its own gradient only."""
+    from m3tfed.data import iterate_batches
+    from m3tfed.federation.baselines.centralized import PooledTrainer
+    from m3tfed.federation.build import build_federation
+
+    fed = build_federation(load_config(tiny_config_dict()))
+    names = [i.name for i in fed.institutions.values()]
+    tutor, academy = names.index("online_tutor"), names.index("math_academy")
+    batch = {
+        k: next(
+            iterate_batches(
+                fed.institutions[names[k]].data.train, 4, torch.Generator().manual_seed(0)
+            )
+        )
+        for k in (tutor, academy)
+    }
+
+    def grads_of(order):
+        pooled = PooledTrainer(fed)
+        head = [p for c, p in pooled.params if c == "task.symbol"]
+        seen = {}
+        pooled.shared_opt.step = lambda: seen.__setitem__(
+            "shared", [None if p.grad is None else p.grad.clone() for p in head]
+        )
+        pooled.own_opt[academy].step = lambda: seen.__setitem__(
+            "own", [p.grad.clone() for p in head]
+        )
+        pooled.step([(k, batch[k]) for k in order])
+        return seen
+
+    a, b = grads_of([tutor, academy]), grads_of([academy, tutor])
+    assert all(g is not None and g.abs().sum() > 0 for g in a["shared"] + b["shared"])
+    for part in ("shared", "own"):
+        for x, y in zip(a[part], b[part]):
+            torch.testing.assert_close(x, y)

@@ -182,6 +182,14 @@ def test_check_update_stage_adapts_stages_as_the_builder_does():
     assert as_update_stage(keeper, 99) is keeper  # adapting twice changes nothing
 
 
+def test_setting_an_attribute_of_a_wrapped_stage_reaches_the_stage():
+    """restore_ledger/adopt_ledger set ``stage.ledger`` on the server's stages; a duck-typed
+    stage's process() writes its own ledger, so the wrapper must not keep a copy apart."""
+    wrapped = as_update_stage(Keeper(), 50)
+    wrapped.ledger = "restored"
+    assert wrapped.stage.ledger == "restored" and wrapped.ledger == "restored"
+
+
 class SeedIgnoringBackend(SimulationBackend):
     """Trains every job with seed 0: results no longer match where-independent jobs."""
 

@@ -59,6 +59,8 @@ def test_every_deep_method_keeps_its_own_grid_point_chosen_on_validation(tmp_pat
     assert set(seed["test_reads"]) == {*deep, "classical_pooled"}
     page = (tmp_path / "g" / "report.html").read_text()
     assert "val loss at lr 0.0001, 2 steps" in page and "CPU seconds" in page  # the choice and its grid, in the report
+    seed_page = (tmp_path / "g" / "seed_0" / "report.html").read_text()  # a seed's own report: no grid record, yet tuned points
+    assert "No tuning grid" not in seed_page and "evaluation.tuned" in seed_page
 
 
 def test_a_method_point_changes_that_method_only(tmp_path):
@@ -128,3 +130,41 @@ def test_a_centralized_step_is_one_step_on_a_batch_mixing_institutions():
     assert moved > 10
     own, shared = pooled.own_state[b]["task.symbol"], model.component_state("task.symbol")
     assert any(not torch.equal(own[k], shared[k]) for k in own)  # its own head took the step
+
+
+def test_a_grid_point_whose_validation_loss_is_nan_is_never_chosen(tmp_path, monkeypatch):
+    """A point where a method diverged (NaN validation loss) loses to any finite one,
+    wherever it sits in the grid."""
+    from m3tfed.federation import lifecycle
+
+    losses = [float("nan"), 2.0, 1.0]
+    outs = [{"results": {"fed_moe": {"a": {"grade": {"loss": v}}}}} for v in losses]
+    monkeypatch.setattr(lifecycle, "run_all", lambda jobs, *args: outs)
+    base = lifecycle.to_dict(load_config(tiny_config_dict()))
+    points = [{"lr": lr, "local_steps": 1} for lr in (1.0, 0.1, 0.01)]
+    tuning = lifecycle.tune(base, points, tmp_path, None, 1, None)
+    assert tuning["chosen"]["fed_moe"] == points[2]
+
+
+@pytest.mark.parametrize("module", ["centralized", "local"])
+def test_a_method_whose_validation_loss_is_always_nan_still_keeps_a_state(module, monkeypatch):
+    """A grid point where a method diverges at once must give it a (bad) result, not crash
+    the whole tuning: early stopping keeps the first evaluated state when nothing is better."""
+    import importlib
+
+    from m3tfed.federation.baselines import BASELINES, BaselineContext
+    from m3tfed.federation.evaluation import FinalTest
+
+    mod = importlib.import_module(f"m3tfed.federation.baselines.{module}")
+    monkeypatch.setattr(mod, "val_loss", lambda inst, model: float("nan"))
+    fed = build_federation(load_config(tiny_config_dict(rounds=2, n=16)))
+    out = BASELINES[module].run(fed, BaselineContext(final=FinalTest("val"), progress=quiet))
+    assert set(out) == set(fed.institutions)
+
+
+def test_fed_moe_whose_validation_loss_is_always_nan_keeps_its_first_evaluated_round(tmp_path, monkeypatch):
+    from m3tfed.federation import lifecycle
+
+    monkeypatch.setattr(lifecycle, "validation_score", lambda metrics: float("nan"))
+    out = run_job(tiny_config_dict(rounds=2, n=16), name="nan", runs_dir=tmp_path, progress=quiet, echo=False)
+    assert out["kept_round"] == 1

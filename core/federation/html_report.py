@@ -166,7 +166,10 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tun
         parts.append(_table(header, rows))
         note = (
             f"Chosen per method on the tuning grid, by the lowest mean validation loss (seed {tuning['seed']}); test was not read for it."
-            if tuning else "No tuning grid: every method ran at the config's learning rate and local steps."
+            if tuning
+            else "No tuning grid: every method ran at the config's learning rate and local steps."
+            if len({(p["lr"], p["local_steps"]) for p in points.values()}) == 1
+            else "Each method ran at its own point (evaluation.tuned; in a multi-seed run, the tuning grid's choice: its report shows the grid)."
         )  # fmt: skip
         parts.append(f"<p class=note>{html.escape(note)}</p>")
 

@@ -172,8 +172,9 @@ def continue_run(
         if rnd % ev.every == 0 or rnd == cfg.rounds:
             entry["metrics"], _ = validate(fed, ev.val_samples)
             entry["val_loss"] = validation_score(entry["metrics"])
-            best = min((c["val_loss"] for c in curves if "val_loss" in c), default=float("inf"))
-            if ev.keep == "last" or entry["val_loss"] < best:
+            seen = [c["val_loss"] for c in curves if "val_loss" in c]
+            best = min((v for v in seen if v == v), default=float("inf"))  # NaN (diverged) never best
+            if ev.keep == "last" or not seen or entry["val_loss"] < best:  # the first evaluated round is always kept
                 save_kept(fed, run_dir, rnd)
         curves.append(entry)
         write_json_atomic(curves_path, curves)
@@ -357,7 +358,8 @@ def tune(base: dict, points: list[dict], root: Path, data_root: Any, workers: in
         jobs.append(RunSpec(d, root, f"tune_{k}", tracker_index=k, tuning=True))
     outs = run_all(jobs, data_root, workers, tracker)
     scores = {m: [validation_score(o["results"][m]) for o in outs] for m in outs[0]["results"]}
-    chosen = {m: points[min(range(len(points)), key=v.__getitem__)] for m, v in scores.items()}
+    # a diverged point (NaN: every comparison with it is False) must lose, not win by position
+    chosen = {m: points[min(range(len(points)), key=lambda k, v=v: v[k] if v[k] == v[k] else float("inf"))] for m, v in scores.items()}
     return {"points": points, "val_loss": scores, "chosen": chosen, "seed": base["seed"]}
 
 

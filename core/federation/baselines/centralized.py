@@ -76,19 +76,23 @@ class PooledTrainer:
         self.shared_opt.zero_grad(set_to_none=True)
         own_grads: dict[int, dict[torch.Tensor, torch.Tensor]] = {}
         for k, batch in parts:
+            # A personal part's gradient is its institution's alone; what other parts
+            # accumulated there so far is the shared values' gradient and stays theirs.
+            mine = [p for c, p in self.params if c in self.personal[k]]
+            shared_grads = {p: p.grad for p in mine}
+            for p in mine:
+                p.grad = None
             with self.own_values(k):
                 loss = sum(
                     model.loss(model_inputs(batch), t, batch["targets"][t])[0]
                     for t in self.insts[k].config.tasks
                 )
                 (loss * (num_rows(batch) / total)).backward()
-            grads = own_grads.setdefault(
-                k, {}
-            )  # a personal part's gradient is its institution's alone
-            for c, p in self.params:
-                if c in self.personal[k] and p.grad is not None:
+            grads = own_grads.setdefault(k, {})
+            for p in mine:
+                if p.grad is not None:
                     grads[p] = grads[p] + p.grad if p in grads else p.grad
-                    p.grad = None
+                p.grad = shared_grads[p]
         self.shared_opt.step()  # a parameter without gradient (personal to every part) stays
         for k, grads in own_grads.items():
             if self.own_opt[k] is None:
@@ -154,7 +158,7 @@ class Centralized:
             ) / len(insts)
             curve.append({"round": rnd, "val_loss": score})
             ctx.progress(f"  centralized: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
-            if score < best:
+            if kept is None or score < best:  # a NaN score (diverged) keeps the first state
                 best = score
                 kept = (
                     {c: pooled.model.component_state(c) for c in pooled.model.component_names()},

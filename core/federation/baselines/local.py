@@ -32,7 +32,7 @@ class Local:
                     continue
                 score = val_loss(alone, model)
                 curves.setdefault(rnd, []).append(score)
-                if score < best:
+                if kept is None or score < best:  # a NaN score (diverged) keeps the first state
                     best, kept = score, {c: model.component_state(c) for c in model.component_names()}
             for c, s in kept.items():
                 model.load_component_state(c, s)
