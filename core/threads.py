@@ -8,8 +8,8 @@ default run measured ~5x slower beside one CPU-bound process with two threads th
 one. So the setting defaults to 1; 0 takes every core this process may use (for a large
 model on a machine of its own). bench/threads.py measures both, idle and busy.
 
-Not here: processes that m3tfed starts (DeepSpeed ranks, Flower nodes) set their own
-threads from OMP_NUM_THREADS.
+Processes that m3tfed starts (DeepSpeed ranks, Flower nodes) set their threads from
+OMP_NUM_THREADS, read through :func:`env_threads`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def env_threads(env: dict[str, str] | None = None, default: int = 1) -> int:
+    """The thread count OMP_NUM_THREADS asks for; ``default`` when it is unset, empty or
+    not a positive integer (``OMP_NUM_THREADS=`` is common in shells and CI files)."""
+    value = (os.environ if env is None else env).get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
 
 
 def resolve_threads(setting: int) -> int:

@@ -159,6 +159,18 @@ def test_threads_setting_is_applied_and_checked():
         torch.set_num_threads(before)
 
 
+def test_processes_m3tfed_starts_read_an_empty_omp_num_threads_as_unset():
+    from m3tfed.federation.zero import child_env
+    from m3tfed.threads import env_threads
+
+    assert env_threads({}) == 1 and env_threads({"OMP_NUM_THREADS": ""}) == 1
+    assert env_threads({"OMP_NUM_THREADS": " 3 "}) == 3 and env_threads({"OMP_NUM_THREADS": "0"}) == 1
+    assert env_threads({"OMP_NUM_THREADS": "two"}, default=2) == 2
+    with pytest.MonkeyPatch.context() as mp:  # `OMP_NUM_THREADS= make test` broke the DeepSpeed ranks
+        mp.setenv("OMP_NUM_THREADS", "")
+        assert child_env()["OMP_NUM_THREADS"] == "1"
+
+
 def test_threads_bench_smoke(tmp_path):
     bench = Path(__file__).parents[1] / "bench" / "threads.py"
     out = subprocess.run(

@@ -44,6 +44,7 @@ from ..config import to_dict
 from ..errors import InstitutionTimeout
 from ..interfaces import LocalFit, LocalRun
 from ..model import M3TModel
+from ..threads import env_threads
 from .checkpoint import load_checkpoint, save_checkpoint, unflatten_components
 
 if TYPE_CHECKING:  # annotations only: institution.py imports this module
@@ -219,7 +220,7 @@ def child_env() -> dict[str, str]:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / ".cache" / "torch_extensions"))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_NUM_THREADS"] = str(env_threads(env))
     return env
 
 

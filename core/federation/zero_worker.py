@@ -36,6 +36,7 @@ from ..data import iterate_batches, model_inputs, num_samples, take
 from ..model import M3TModel, ModelConfig
 from ..moe import MoELayer
 from ..plugin_manager import get_catalogue
+from ..threads import env_threads
 from .checkpoint import (
     TENSORS_FILE,
     flatten_components,
@@ -122,7 +123,7 @@ def run(folder: Path, rank: int, world: int) -> None:
     from deepspeed.utils import set_z3_leaf_modules
 
     clock.lap("import_deepspeed_s")
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(env_threads())
     # DeepSpeed's CPU backend builds a shared-memory all-reduce op (a minute of C++
     # compiling on first use) that only its inference all-reduce calls: training never
     # does, so mark it unavailable (DeepSpeed keeps and honours this dict).

@@ -61,6 +61,7 @@ from m3tfed.federation.checkpoint import (
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import Institution
 from m3tfed.privacy.dp import RoundRecord
+from m3tfed.threads import env_threads
 
 from .backend import LOAD_PERSONAL, RESTORE_PRIVACY
 from .wire import pack, pack_result, run_of, unpack, unpack_job
@@ -87,7 +88,7 @@ def institution(context: Context, run_id: str | None = None) -> tuple[Institutio
     stamp = Path(config).stat().st_mtime_ns if Path(config).exists() else 0
     key = (config, stamp, _setting(context, "institution"), context.node_config.get("data-root", ""), run_id)
     if _NODE.get("key") != key:
-        torch.set_num_threads(int(context.node_config.get("threads", os.environ.get("OMP_NUM_THREADS", 1))))
+        torch.set_num_threads(int(context.node_config.get("threads", env_threads())))
         cfg = load_config(Path(key[0]))
         inst = build_institution(cfg, key[2], data_root=key[3] or None)
         state_dir = Path(_setting(context, "state-dir", str(Path.home() / ".m3tfed" / "nodes" / key[2])))

@@ -91,7 +91,7 @@ def flower_env(home: Path) -> dict[str, str]:
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or "1",  # set but empty counts as unset
             # A SuperExec looks for work to launch (a ClientApp per message) every second
             # by default: up to 1 s more per message, and secure aggregation sends several
             # messages in a row per round. A local poll every 0.1 s costs nothing.
