@@ -70,12 +70,7 @@ class PlainTrainer:
         opt = make_optimizer([p for _, p in trainable], run.lr, s)
         if run.optimizer_state is not None:
             load_optimizer_state(opt, trainable, run.optimizer_state)
-        prox = []
-        if run.anchor and run.proximal_mu:
-            named = dict(model.named_parameters())
-            for comp, mu in run.proximal_mu.items():
-                if mu > 0 and comp in run.anchor:
-                    prox += [(named[n], w0, mu) for n, w0 in run.anchor[comp].items()]
+        prox = proximal_terms(model, run)
         model.train()
         batches = iterate_batches(institution.data.train, s.batch_size, gen)
         counts = torch.zeros(len(model.expert_names), dtype=torch.long)
@@ -102,6 +97,20 @@ class PlainTrainer:
         if run.optimizer_state is not None:
             run.optimizer_state.update(save_optimizer_state(opt, trainable))
         return LocalFit(total / max(run.steps, 1), tokens_by_expert(model, counts))
+
+
+def proximal_terms(model: M3TModel, run: LocalRun) -> list[tuple[torch.nn.Parameter, torch.Tensor, float]]:
+    """(parameter, anchor value, mu) for each parameter of a component ``run`` pulls
+    toward its anchor (FedProx's mu/2 ||w - w0||^2; Ditto's pull to the global model)."""
+    if not (run.anchor and run.proximal_mu):
+        return []
+    named = dict(model.named_parameters())
+    return [
+        (named[n], w0, mu)
+        for comp, mu in run.proximal_mu.items()
+        if mu > 0 and comp in run.anchor
+        for n, w0 in run.anchor[comp].items()
+    ]
 
 
 def save_optimizer_state(

@@ -133,3 +133,27 @@ def test_dp_sgd_fit_trains_with_batched_per_sample_grads():
     assert loss > 0 and int(counts.sum()) > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
     assert all(p.grad_sample is None and p.grad is None for p in params)
+
+
+def test_a_proximal_pull_is_added_to_the_noisy_gradient_unclipped():
+    """FedProx and Ditto under DP-SGD: mu (w - w0) joins the step after clipping and
+    noise (it reads no data), so with the same noise the two runs differ by lr mu (w - w0)."""
+    inst, net, params, loss_of, _ = setup()
+    start = [p.detach().clone() for p in params]
+    anchor = [w - 1.0 for w in start]  # w - w0 = 1 everywhere
+    lr, mu = 0.1, 0.5
+
+    def step(proximal):
+        with torch.no_grad():
+            for p, w in zip(params, start):
+                p.copy_(w)
+        dp_sgd_fit(
+            net, params, inst.data.train, loss_of, torch.optim.SGD(params, lr=lr), 1, 1.0, 1e-3, 0.5,
+            RDPAccountant(), torch.Generator().manual_seed(0), proximal=proximal,
+        )  # fmt: skip
+        return [p.detach().clone() for p in params]
+
+    plain = step(())
+    pulled = step([(p, w0, mu) for p, w0 in zip(params, anchor)])
+    for a, b in zip(plain, pulled):
+        assert torch.allclose(a - b, torch.full_like(a, lr * mu), atol=1e-6)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -67,7 +67,7 @@ from ..model import Block, EncoderSlot, M3TModel, TaskSlot
 from ..modules import active_mask
 from ..moe import MoELayer
 from ..specs import Routing
-from ..training import PlainTrainer, make_optimizer, timeout, tokens_by_expert
+from ..training import PlainTrainer, make_optimizer, proximal_terms, timeout, tokens_by_expert
 
 PerSample = Literal["auto", "batched", "loop"]
 
@@ -609,8 +609,13 @@ def dp_sgd_fit(
     deadline: float | None = None,
     on_timeout: Callable[[], Exception] | None = None,
     per_sample: PerSample = "auto",
+    proximal: Sequence[tuple[torch.nn.Parameter, torch.Tensor, float]] = (),
 ) -> tuple[float, torch.Tensor]:
     """``steps`` DP-SGD steps on Poisson-sampled batches of ``split``.
+
+    ``proximal``: (parameter, anchor, mu) terms (FedProx, Ditto) whose gradient
+    ``mu (w - w0)`` is added after clipping and noise: it reads no data, so it costs no
+    privacy and must not be clipped with the data's gradient.
 
     ``loss_of(model, batch) -> (loss, tokens_per_expert)``. ``per_sample`` picks how
     per-sample gradients are computed (module docstring); ``"auto"`` checks the batched
@@ -654,7 +659,11 @@ def dp_sgd_fit(
             grads = [p.new_zeros((0, *p.shape)) for p in params]
         for p, g in zip(params, grads):
             p.grad_sample = g
-        dp.step()
+        if dp.pre_step():  # clip, noise, charge (Opacus's DPOptimizer.step, split in two)
+            with torch.no_grad():
+                for p, w0, mu in proximal:
+                    p.grad.add_(p - w0, alpha=mu)
+            dp.original_optimizer.step()
     for p in params:  # leave no Opacus state on the shared model
         p.grad_sample = None
         p.grad = None
@@ -683,7 +692,8 @@ class DPSGDTrainer:
     institution's noise multiplier, clip norm, sample rate and accountant, and Poisson
     sampling and noise from its own (secret) generator, never the server's job seed.
     Each call charges the accountant one step per optimizer step and closes the round
-    (``InstitutionPrivacy.end_round``). A fresh optimizer every call, no FedProx term.
+    (``InstitutionPrivacy.end_round``). A fresh optimizer every call; a FedProx or Ditto
+    pull (``LocalRun.anchor``) is added to the noisy gradient.
 
     ``LocalRun.only`` (personalizing a few components for this institution's own
     evaluation, nothing of which is sent) trains plainly and charges nothing."""
@@ -705,6 +715,7 @@ class DPSGDTrainer:
             model, params, institution.data.train, batch_loss(institution.config.tasks), opt, run.steps,
             priv.noise_multiplier, priv.policy.clip_norm, priv.sample_rate, priv.accountant,
             priv.generator("dp_sgd", run.seed), run.deadline, lambda: timeout(institution),
+            proximal=proximal_terms(model, run),
         )  # fmt: skip
         priv.end_round()
         return LocalFit(loss, tokens_by_expert(model, counts))
