@@ -377,6 +377,14 @@ def test_query_bias_starts_at_zero_and_reads_the_question_id_when_given():
     after = enc(x).tokens
     assert not torch.allclose(after[0], before[0]) and torch.allclose(after[1], before[1])
     assert InteractionEncoder(D, num_skills=10, query_bias=False).query_bias is None
+    # no next question id: no row is read (skill 1 would have read question 1's row)
+    with torch.no_grad():
+        enc.query_bias[1] = 0.5
+    no_question = {k: v for k, v in x.items() if k != "query_question"}
+    unbiased = enc(no_question).tokens
+    with torch.no_grad():
+        enc.query_bias.zero_()
+    torch.testing.assert_close(enc(no_question).tokens, unbiased)
 
 
 def test_query_bias_leaves_other_initial_weights_and_logs_without_a_query_alone():

@@ -171,7 +171,9 @@ class InteractionEncoder(ModalityEncoder):
                 q_tok = q_tok + self.difficulty(next_question) * self.concept_variation(
                     query.long()
                 )
-            if self.query_bias is not None:
+            # With num_questions the bias table is indexed by question id: without the next
+            # question's id there is no row to read (a skill id would pick a wrong one).
+            if self.query_bias is not None and (next_question is not None or not self.num_questions):
                 item = query.long() if next_question is None else next_question
                 q_tok = (
                     q_tok
