@@ -285,7 +285,10 @@ def run_seeds(
     each keeps the point of its lowest mean validation loss (:func:`tune`); the seeds
     then run with each method at its point. ``workers`` (default
     ``evaluation.workers``; 0 = every usable core) runs that many runs at once, each in a
-    process of its own with its share of the cores; results are the same as serial."""
+    process of its own with its share of the cores; results are the same as serial when
+    each run has the same thread count either way (the default, ``federation.threads =
+    1``): a config asking for more threads than a worker's share gets the share, and CPU
+    reductions over a different thread count round differently."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     cfg = load_config(config, overrides)
