@@ -50,6 +50,10 @@ def test_a_dp_reply_carries_no_statistics_and_every_component(policy):
     assert rep.loss == pytest.approx(
         sum(r.loss for n, (_, r) in seen.items() if r.loss is not None) / 5
     )
+    # nor does the capabilities answer carry the DP institution's sample count
+    ask = fed.server.backend.ask
+    assert "num_train" not in ask("high_school", "capabilities", {})
+    assert ask("university", "capabilities", {})["num_train"] > 0
 
 
 def test_a_secure_aggregation_reply_carries_no_statistics_and_masks_every_component():

@@ -193,7 +193,8 @@ class Institution:
             "components": self.component_names(),
             "personal": list(c.personal),
             "local_steps": self.local_steps(),
-            "num_train": self.data.num_train,
+            # the sample count is computed from the data: withheld like a reply's counts
+            **({} if self.withholds_statistics() else {"num_train": self.data.num_train}),
         }
 
     def local_steps(self) -> int:

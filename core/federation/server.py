@@ -222,7 +222,8 @@ class Server:
         if name not in self.declared_examples:
             ask = getattr(self.backend, "ask", None)
             try:
-                self.declared_examples[name] = float(ask(name, "capabilities", {})["num_train"]) if ask else math.inf
+                # an institution under DP or secure aggregation declares none (weights are 1 or masked)
+                self.declared_examples[name] = float(ask(name, "capabilities", {}).get("num_train", math.inf)) if ask else math.inf
             except Exception as exc:  # no declaration: no bound this time (asked again next round)
                 log.warning("%s declared no training examples (%s); its weights are not bounded", name, exc)
                 return {}
