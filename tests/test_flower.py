@@ -473,7 +473,12 @@ def test_stop_ends_the_helpers_of_a_process_that_already_died(tmp_path):
     script = "(exec -a flwr-clientapp sleep 300) & (exec -a flower-superexec sleep 300) & setsid bash -c 'exec -a flwr-serverapp sleep 300' & wait"
     proc = dep._start("supernode-x", ["bash", "-c", script], tmp_path)
     deadline = time.monotonic() + 60  # a guard: three shells start in milliseconds when idle
-    while len(descendants(proc.pid)) < 3 and time.monotonic() < deadline:
+
+    def started() -> bool:  # all three exec'd: the third has called setsid (its own group) by then
+        pids = descendants(proc.pid)
+        return len(pids) == 3 and all(_comm(pid) == "sleep" for pid in pids)
+
+    while not started() and time.monotonic() < deadline:
         time.sleep(0.05)
     helpers = descendants(proc.pid)
     assert len(helpers) == 3
@@ -481,6 +486,13 @@ def test_stop_ends_the_helpers_of_a_process_that_already_died(tmp_path):
     assert all(_running(pid) for pid in helpers)
     dep.stop()
     assert not _still_running(helpers)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _running(pid: int) -> bool:
