@@ -26,12 +26,15 @@ def quiet(_msg):
 
 def test_workers_give_the_same_tables_as_serial(tmp_path):
     d = tiny_config_dict(rounds=1, n=16)
+    d["evaluation"]["grid"] = {"lr": [1e-3, 1e-2]}
     lines = []
     run_seeds(d, seeds=2, name="serial", runs_dir=tmp_path, progress=quiet, workers=1)
     run_seeds(d, seeds=2, name="parallel", runs_dir=tmp_path, progress=lines.append, workers=2)
     serial, parallel = (json.loads((tmp_path / n / "seeds.json").read_text()) for n in ("serial", "parallel"))
     assert parallel["time"]["workers"] == 2 and serial["time"]["workers"] == 1
-    for key in ("tasks", "comparison", "points", "seeds_used"):
+    # two grid points, then two seeds: the same two worker processes run all four
+    assert parallel["time"]["worker_processes"] == 2 and serial["time"]["worker_processes"] == 0
+    for key in ("tasks", "comparison", "points", "seeds_used", "tuning"):
         assert json.dumps(serial[key]) == json.dumps(parallel[key]), key  # NaN-safe equality
     # the workers' progress reaches the parent: which run, its round, the time left
     assert any(line.startswith("[seed 1 (2/2) |") and "left]" in line and "round 1/1" in line for line in lines)
@@ -132,17 +135,16 @@ def test_a_centralized_step_is_one_step_on_a_batch_mixing_institutions():
     assert any(not torch.equal(own[k], shared[k]) for k in own)  # its own head took the step
 
 
-def test_a_grid_point_whose_validation_loss_is_nan_is_never_chosen(tmp_path, monkeypatch):
+def test_a_grid_point_whose_validation_loss_is_nan_is_never_chosen(tmp_path):
     """A point where a method diverged (NaN validation loss) loses to any finite one,
     wherever it sits in the grid."""
     from m3tfed.federation import lifecycle
 
     losses = [float("nan"), 2.0, 1.0]
     outs = [{"results": {"fed_moe": {"a": {"grade": {"loss": v}}}}} for v in losses]
-    monkeypatch.setattr(lifecycle, "run_all", lambda jobs, *args: outs)
     base = lifecycle.to_dict(load_config(tiny_config_dict()))
     points = [{"lr": lr, "local_steps": 1} for lr in (1.0, 0.1, 0.01)]
-    tuning = lifecycle.tune(base, points, tmp_path, None, 1, None)
+    tuning = lifecycle.tune(base, points, tmp_path, lambda jobs: outs)
     assert tuning["chosen"]["fed_moe"] == points[2]
 
 

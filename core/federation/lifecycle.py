@@ -295,7 +295,9 @@ def run_seeds(
     workers = cfg.evaluation.workers if workers is None else workers
     if workers < 0:
         raise ConfigError("--workers", f"must be >= 0 (0 = every usable core), got {workers}")
-    workers = workers or usable_cores()
+    seed_list = [cfg.seed + i for i in range(seeds)]
+    points = [resolved(cfg, p) for p in cfg.evaluation.grid.points()] if has_grid(cfg) else []
+    workers = min(workers or usable_cores(), max(len(points), seeds))  # never more than runs at once
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if not IDENTIFIER.fullmatch(name):
         raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
@@ -306,23 +308,23 @@ def run_seeds(
     base["evaluation"]["grid"] = {}  # tuned here, once: the runs get each method's point
     if workers > 1:  # workers x threads stays within the cores
         base["federation"]["threads"] = min(resolve_threads(cfg.federation.threads), max(1, usable_cores() // workers))
-    seed_list = [cfg.seed + i for i in range(seeds)]
-    points = [resolved(cfg, p) for p in cfg.evaluation.grid.points()] if has_grid(cfg) else []
     labels = [f"grid point {k + 1}/{len(points)} (lr {p['lr']:g}, {p['local_steps']} steps)" for k, p in enumerate(points)]
     labels += [f"seed {s} ({i + 1}/{seeds})" for i, s in enumerate(seed_list)]
     tracker = RunsProgress(labels, workers, progress)
     t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _load()
-    tuning = tune(base, points, root, data_root, workers, tracker) if points else None
-    if tuning is not None:
-        base = at_points(base, tuning["chosen"])
-    jobs = [RunSpec({**base, "seed": s}, root, f"seed_{s}", tracker_index=len(points) + i) for i, s in enumerate(seed_list)]
-    outs = run_all(jobs, data_root, workers, tracker)
+    with Runs(data_root, workers, tracker) as run_all:
+        tuning = tune(base, points, root, run_all) if points else None
+        if tuning is not None:
+            base = at_points(base, tuning["chosen"])
+        jobs = [RunSpec({**base, "seed": s}, root, f"seed_{s}", tracker_index=len(points) + i) for i, s in enumerate(seed_list)]
+        outs = run_all(jobs)
     combined = {"name": cfg.name, "seeds_used": seed_list, **across_seeds([o["summary"] for o in outs])}
     combined["points"] = outs[0]["points"]  # each deep method's learning rate and local steps
     if tuning is not None:
         combined["tuning"] = tuning
     combined["time"] = {
         "workers": workers,
+        "worker_processes": len(run_all.processes),  # spawned for tuning and seeds alike (0: serial)
         "wall_seconds": time.perf_counter() - t0,
         "cpu_seconds": cpu_seconds() - cpu0,  # every run's processes, tuning included
         "load_average": {"start": load0, "end": _load()},  # the machine's, other work included
@@ -346,7 +348,7 @@ def resolved(cfg: FederationConfig, point: Any) -> dict[str, Any]:
     return {"lr": point.lr or cfg.federation.lr, "local_steps": point.local_steps or cfg.federation.local_steps}
 
 
-def tune(base: dict, points: list[dict], root: Path, data_root: Any, workers: int, tracker: RunsProgress) -> dict[str, Any]:
+def tune(base: dict, points: list[dict], root: Path, run_all: Callable[[list[RunSpec]], list[dict[str, Any]]]) -> dict[str, Any]:
     """Run every deep method of ``base`` at every grid point on its seed (validation
     only: no test split is read) and choose, per method, the point with the lowest mean
     validation loss over institutions (summed task losses, the quantity early stopping
@@ -359,7 +361,7 @@ def tune(base: dict, points: list[dict], root: Path, data_root: Any, workers: in
         ev = d["evaluation"]
         ev.update(plots=False, tuned={}, baselines=[b for b in ev["baselines"] if b in TUNED_METHODS])
         jobs.append(RunSpec(d, root, f"tune_{k}", tracker_index=k, tuning=True))
-    outs = run_all(jobs, data_root, workers, tracker)
+    outs = run_all(jobs)
     scores = {m: [validation_score(o["results"][m]) for o in outs] for m in outs[0]["results"]}
     # a diverged point (NaN: every comparison with it is False) must lose, not win by position
     chosen = {m: points[min(range(len(points)), key=lambda k, v=v: v[k] if v[k] == v[k] else float("inf"))] for m, v in scores.items()}
@@ -385,7 +387,7 @@ def _load() -> list[float] | None:
 # -- several runs, in this process or in worker processes ----------------------------------
 @dataclass
 class RunSpec:
-    """One run of :func:`run_all`: a config (as a dict), where and under which name."""
+    """One run of :class:`Runs`: a config (as a dict), where and under which name."""
 
     config: dict
     runs_dir: Path
@@ -394,33 +396,53 @@ class RunSpec:
     tuning: bool = False
 
 
-def run_all(jobs: list[RunSpec], data_root: Any, workers: int, tracker: RunsProgress) -> list[dict[str, Any]]:
-    """Run ``jobs`` (independent runs: seeds, grid points), ``workers`` at a time, each
-    worker a spawned process; returns their ``metrics.json`` contents in ``jobs`` order.
-    A run's results depend on its config only, so the order they finish in changes
-    nothing. The first failure stops the runs not yet started and is raised."""
-    if workers <= 1 or len(jobs) == 1:
-        outs = []
-        for job in jobs:
-            tracker.begin(job.tracker_index)
-            outs.append(_run_spec(job, data_root, tracker.reporter(job.tracker_index)))
-            tracker.end(job.tracker_index)
-        return outs
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    messages = ctx.Queue()
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(messages,)) as pool:
-        futures = [pool.submit(_run_in_worker, job, data_root) for job in jobs]
+class Runs:
+    """Runs :class:`RunSpec` s, ``workers`` at a time, for one :func:`run_seeds` call:
+    in this process when ``workers <= 1``, else in spawned worker processes kept for the
+    whole call (tuning and seeds), so each worker imports torch, loads the data and fills
+    a frozen backbone's embedding cache once, not once per run. Calling it with jobs
+    returns their ``metrics.json`` contents in ``jobs`` order; a run's results depend on
+    its config only, so the order they finish in changes nothing. The first failure stops
+    the runs not yet started and is raised."""
+
+    def __init__(self, data_root: Any, workers: int, tracker: RunsProgress):
+        self.data_root, self.workers, self.tracker = data_root, workers, tracker
+        self.pool: ProcessPoolExecutor | None = None
+        self.messages: Any = None
+        self.processes: set[int] = set()  # the worker processes that ran something
+
+    def __enter__(self) -> Runs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def __call__(self, jobs: list[RunSpec]) -> list[dict[str, Any]]:
+        if self.workers <= 1:
+            outs = []
+            for job in jobs:
+                self.tracker.begin(job.tracker_index)
+                outs.append(_run_spec(job, self.data_root, self.tracker.reporter(job.tracker_index)))
+                self.tracker.end(job.tracker_index)
+            return outs
+        if self.pool is None:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+            self.messages = ctx.Queue()
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.messages,))
+        futures = [self.pool.submit(_run_in_worker, job, self.data_root) for job in jobs]
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-            _relay(messages, tracker)
+            _relay(self.messages, self.tracker)
             failed = [f for f in done if f.exception() is not None]
             if failed:
                 for f in pending:
                     f.cancel()
                 raise failed[0].exception()
-        _relay(messages, tracker)
-    return [f.result() for f in futures]
+        _relay(self.messages, self.tracker)
+        self.processes.update(pid for pid, _ in (f.result() for f in futures))
+        return [out for _, out in (f.result() for f in futures)]
 
 
 _MESSAGES: Any = None  # a worker's queue of (tracker index, message) to the parent
@@ -431,10 +453,10 @@ def _init_worker(messages: Any) -> None:
     _MESSAGES = messages
 
 
-def _run_in_worker(job: RunSpec, data_root: Any) -> dict[str, Any]:
+def _run_in_worker(job: RunSpec, data_root: Any) -> tuple[int, dict[str, Any]]:
     _MESSAGES.put((job.tracker_index, None))  # None: the run starts
     try:
-        return _run_spec(job, data_root, lambda msg: _MESSAGES.put((job.tracker_index, msg)))
+        return os.getpid(), _run_spec(job, data_root, lambda msg: _MESSAGES.put((job.tracker_index, msg)))
     finally:
         _MESSAGES.put((job.tracker_index, False))  # False: the run ended
 
