@@ -203,7 +203,21 @@ class FederationConfig:
                         f"institutions[{i}].policy.min_cohort.{key}",
                         f"{key!r} names no component of the model{_close(key, everything)}; components: {', '.join(sorted(everything))}",
                     )
-        resolve_policies(self)  # profiles, budgets, cohorts vs federation size
+        policies = resolve_policies(self)  # profiles, budgets, cohorts vs federation size
+        for i, inst in enumerate(self.institutions):
+            policy = policies.get(inst.name)
+            if inst.deepspeed is not None and policy is not None and policy.dp == "sample":
+                source = (
+                    "policy.dp"
+                    if inst.policy.dp is not None
+                    else f"policy.profile ({inst.policy.profile!r})"
+                )
+                raise ConfigError(
+                    f"institutions[{i}].deepspeed",
+                    f"{inst.name!r} asks for sample-level DP-SGD (institutions[{i}].{source} gives dp = 'sample'), which clips each "
+                    "sample's gradient in this process, while DeepSpeed ZeRO shards gradients over its ranks; remove "
+                    "[institutions.deepspeed] or use update-level DP (dp = 'local' or 'central')",
+                )
 
     def components(self, inst: InstitutionConfig | None = None) -> set[str]:
         """Every component name of the model, or those ``inst`` can hold (its modalities,
