@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,15 +187,31 @@ def test_ranks_past_the_time_limit_are_killed():
     assert not leftovers
 
 
-def test_sample_level_dp_sgd_is_refused_not_skipped():
-    fed = build_federation(load_config(config_dict("private_school")))
-    inst = fed.institutions["private_school"]
-    # What build_federation attaches when the institution's policy asks for DP-SGD.
-    inst.privacy = SimpleNamespace(
-        policy=SimpleNamespace(dp="sample"), begin_round=lambda rnd, steps=None: None
+@pytest.mark.parametrize(
+    "policy, source",
+    [
+        ({"dp": "sample", "epsilon": 2.0}, "institutions[0].policy.dp"),
+        # the profile alone asks for DP-SGD (its cohort of 5 lowered to fit one institution)
+        ({"profile": "coppa", "min_cohort": 1}, "institutions[0].policy.profile ('coppa')"),
+    ],
+)
+def test_sample_level_dp_sgd_with_deepspeed_is_refused_at_load(policy, source):
+    d = config_dict("private_school")
+    d["institutions"][0]["policy"] = policy
+    with pytest.raises(ConfigError) as err:
+        load_config(d)
+    assert err.value.path == "institutions[0].deepspeed"
+    assert source in err.value.problem and "private_school" in err.value.problem
+    assert (
+        "clips each sample's gradient" in err.value.problem
+        and "shards gradients" in err.value.problem
     )
-    with pytest.raises(ShardedTrainingError, match="private_school.*DP-SGD"):
-        inst.train(fed.server.make_job("private_school", 1, 0))
+
+
+def test_update_level_dp_with_deepspeed_loads():
+    d = config_dict()
+    d["institutions"][0]["policy"] = {"dp": "local", "epsilon": 8.0}
+    assert load_config(d).institutions[0].deepspeed.processes == 2
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ The deployment tests share one deployment (module fixture): a SuperLink with TLS
 SuperNode authentication, the three institutions' SuperNodes (each with its warm
 worker), and three intruders: a node with a registered key of an institution outside
 the config that claims to be university, a node with a key nobody registered, and a
-second node with rural_school's own key. Every process runs with its own free ports and
-FLWR_HOME under tmp, telemetry off, and is stopped (by process group) at the end of the
-module, also when a test fails. Secure aggregation on the wire is tested with the
+second node with rural_school's own key (the revocation test adds an institution and a
+node of its own, so it needs no other test before it). Every process runs with its own
+free ports and FLWR_HOME under tmp, telemetry off, and is stopped (by process group) at
+the end of the module, also when a test fails. Secure aggregation on the wire is tested with the
 ClientApp's own handlers and a fresh process state per message
 (``RestartingGrid``), which is what a node does, at a fraction of the time.
 """
@@ -534,9 +535,9 @@ def deployment(tmp_path_factory):
         for name in INSTITUTIONS:
             dep.start_supernode(name, config)
         dep.start_supernode("university", config, private_key=key_folder(certs, "guest") / "node.key", name="supernode-impostor")
-        _start_refused_node(dep, "math_academy", config, private_key=stranger_key, name="supernode-stranger")
+        _start_node_without_worker(dep, "math_academy", config, private_key=stranger_key, name="supernode-stranger")
         _wait_online(dep, [dep.node_ids[n] for n in [*INSTITUTIONS, "guest"]])
-        _start_refused_node(dep, "rural_school", config, name="supernode-duplicate")
+        _start_node_without_worker(dep, "rural_school", config, name="supernode-duplicate")
         started = [p.pid for p in dep.processes.values()]
         yield dep, config
     finally:
@@ -547,9 +548,10 @@ def deployment(tmp_path_factory):
         assert not alive, f"processes left running: {alive}"
 
 
-def _start_refused_node(dep: Deployment, *args, **kwargs) -> None:
-    """A SuperNode the SuperLink refuses never gets a message: no warm worker for it (a
-    process that imports torch for nothing), Flower's own executor instead."""
+def _start_node_without_worker(dep: Deployment, *args, **kwargs) -> None:
+    """A SuperNode that never gets a message (the SuperLink refuses it, or no run starts
+    while it is up): no warm worker for it (a process that imports torch for nothing),
+    Flower's own executor instead."""
     dep.warm = False
     try:
         dep.start_supernode(*args, **kwargs)
@@ -681,23 +683,31 @@ def test_a_supernode_killed_mid_round_is_dropped_after_its_timeout_and_the_run_g
 
 
 def test_a_revoked_institution_cannot_reconnect(deployment):
+    # Its own institution, so it depends on no other test's nodes and leaves them as they
+    # are: "transfer_school" gets a key, its node joins, and its node goes down.
     dep, config = deployment
-    node = dep.node_ids["rural_school"]  # killed by the test above: offline now
-    kept = Path(shutil.copy(key_folder(dep.identities, "rural_school") / "node.key", dep.folder / "rural_school.key"))
-    dep.revoke("rural_school")
+    add_institution(dep.identities, "transfer_school")
+    node = dep.register_nodes()["transfer_school"]
+    _start_node_without_worker(dep, "transfer_school", config)
+    _wait_online(dep, [node])
+    dep.stop_process("supernode-transfer_school")
+    key = key_folder(dep.identities, "transfer_school") / "node.key"
+    kept = Path(shutil.copy(key, dep.folder / "transfer_school.key"))
+    dep.revoke("transfer_school")
     assert _node_status(dep).get(node) not in ("online", "offline", "registered")
-    assert load_register(dep.identities)["rural_school"]["revoked"]
-    assert not (key_folder(dep.identities, "rural_school") / "node.key").exists()
-    assert "rural_school" not in json.loads(dep.nodes_file.read_text())
+    assert load_register(dep.identities)["transfer_school"]["revoked"]
+    assert not (key_folder(dep.identities, "transfer_school") / "node.key").exists()
+    assert "transfer_school" not in json.loads(dep.nodes_file.read_text())
     # the institution restarts its SuperNode with the key it still has: refused
-    log = dep.folder / "logs" / "supernode-rural_school.log"
+    log = dep.folder / "logs" / "supernode-transfer_school.log"
     seen = len(log.read_text(errors="replace"))
-    _start_refused_node(dep, "rural_school", config, private_key=kept)
+    _start_node_without_worker(dep, "transfer_school", config, private_key=kept)
     deadline = time.monotonic() + 300  # a guard against a hang: it returns once refused
     while "activat" not in log.read_text(errors="replace")[seen:].lower() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert "activat" in log.read_text(errors="replace")[seen:].lower()
-    assert sorted(n for n, s in _node_status(dep).items() if s == "online") == sorted(dep.node_ids.values())
+    online = {n for n, s in _node_status(dep).items() if s == "online"}
+    assert node not in online and online <= set(dep.node_ids.values())
 
 
 def test_flower_bench_smoke_prints_where_a_message_goes(tmp_path):

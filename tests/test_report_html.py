@@ -56,3 +56,29 @@ def test_report_html_renders_its_plots_and_tables_without_console_errors(tmp_pat
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (1280, 2400) and len(data) > 50_000  # plots drawn, not a blank page
+
+
+def test_one_plot_draws_per_institution_results_of_one_seed_and_of_several():
+    # One function serves the run folder's institutions.png (one seed: a number per cell)
+    # and the report's plot (several seeds: mean and 95% interval per cell).
+    import io
+
+    from m3tfed.federation import plots
+
+    def tasks(cell):
+        rows = {
+            "a": {"fed_moe": cell(0.7), "local": cell(0.6)},
+            "b": {"fed_moe": cell(0.5), "local": cell(0.55)},
+        }
+        summary = {"fed_moe": {}, "local": {}}
+        task = {"metric": "accuracy", "higher_is_better": True, "summary": summary}
+        return {"grade": {**task, "institutions": rows}}
+
+    def png(t):
+        return plots.per_institution(io.BytesIO(), t).getvalue()
+
+    one_seed = png(tasks(lambda v: v))
+    no_interval = png(tasks(lambda v: {"mean": v, "lo": None, "hi": None, "n": 1}))
+    with_interval = png(tasks(lambda v: {"mean": v, "lo": v - 0.05, "hi": v + 0.05, "n": 3}))
+    assert one_seed.startswith(b"\x89PNG") and one_seed == no_interval
+    assert with_interval != one_seed  # the error bars are drawn

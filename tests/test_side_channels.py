@@ -4,6 +4,7 @@ public (1) or inside the mask, and an update for every component of its job."""
 
 import pytest
 from conftest import tiny_config_dict
+from m3tfed.errors import ConfigError
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
 from m3tfed.training import PlainTrainer
@@ -93,3 +94,77 @@ def test_an_expert_nobody_routed_to_is_still_sent_under_dp():
     res = inst.train(fed.server.make_job("high_school", 1, 1))
     assert fed.config.federation.weight_experts_by == "tokens"
     assert f"expert.{inst.experts[0]}" not in {u.component for u in res.updates}
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"dp": "local", "epsilon": 50.0, "noise_multiplier": 1.0},
+        {"dp": "central", "epsilon": 50.0, "noise_multiplier": 1.0},
+        {"dp": "sample", "epsilon": 50.0, "noise_multiplier": 1.0},
+        {"secure_aggregation": True},
+    ],
+)
+def test_local_epochs_is_refused_when_an_institution_withholds_statistics(policy):
+    # Hole: local_epochs made the step count local_epochs * num_train / batch_size; the
+    # capabilities answer, the job the server sends and the ledger carried it, so the
+    # sample count that the reply withholds could be read back from the steps.
+    d = tiny_config_dict(rounds=1, local_epochs=1.0)
+    d["institutions"][0]["policy"] = policy
+    with pytest.raises(ConfigError) as err:
+        load_config(d)
+    assert err.value.path == "federation.local_epochs"
+    assert "'high_school'" in err.value.problem and "federation.local_steps" in err.value.problem
+    # without a policy the steps follow the data, as documented
+    load_config(tiny_config_dict(rounds=1, local_epochs=1.0))
+
+
+def test_local_epochs_is_refused_under_a_masking_stage_of_the_pipeline():
+    cfg = load_config(tiny_config_dict(rounds=1, local_epochs=1.0, pipeline=[{"plugin": "secagg"}]))
+    with pytest.raises(ConfigError) as err:
+        build_federation(cfg)
+    assert err.value.path == "federation.local_epochs" and "'university'" in err.value.problem
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"dp": "local", "epsilon": 50.0, "noise_multiplier": 1.0},
+        {"dp": "central", "epsilon": 50.0, "noise_multiplier": 1.0},
+    ],
+)
+def test_nothing_that_leaves_a_dp_institution_depends_on_its_sample_count(policy):
+    # Two federations whose institutions differ only in their number of students: what
+    # leaves the DP institution (its capabilities, the job asked of it, its reply, its
+    # privacy report) is the same.
+    seen = []
+    for n in (24, 48):
+        d = tiny_config_dict(rounds=1, n=n)
+        d["institutions"][0]["policy"] = policy
+        fed = build_federation(load_config(d))
+        assert fed.institutions["high_school"].data.num_train > 0
+        ask = fed.server.backend.ask
+        caps = ask("high_school", "capabilities", {})
+        job = fed.server.make_job("high_school", 1, 0)
+        res = fed.institutions["high_school"].train(job)
+        report = ask("high_school", "privacy_report", {"round": 1})
+        seen.append(
+            {
+                "num_train": fed.institutions["high_school"].data.num_train,
+                "capabilities": caps,
+                "steps": job.steps,
+                "reply": (
+                    res.num_samples,
+                    res.loss,
+                    res.tokens_per_expert,
+                    [u.weight for u in res.updates],
+                ),
+                "releases": report["releases"],
+                "accountant": report["accountant_history"],
+                "epsilon": report["epsilon_total"],
+            }
+        )
+    small, large = seen
+    assert small.pop("num_train") < large.pop("num_train")
+    assert small == large
+    assert small["steps"] == 2 and small["reply"][0] == 0 and small["releases"]

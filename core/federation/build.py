@@ -19,7 +19,7 @@ from ..privacy.dp import attach_privacy, restore_privacy
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import privacy_stages
 from ..specs import SECURE_AGGREGATION, Catalogue, plugin_label
-from .config import FederationConfig, resolve_selection
+from .config import FederationConfig, local_epochs_leak, resolve_selection
 from .institution import Institution, ModelPool, default_accelerator
 from .server import Server
 
@@ -79,6 +79,10 @@ def build_stages(cfg: FederationConfig, catalogue: Catalogue) -> tuple[list[Any]
     specs = [catalogue.get("stage", pc.plugin) for pc in pipeline]
     stages = [as_update_stage(catalogue.build("stage", pc.plugin, path, pc.options), spec.order) for spec, pc, path in zip(specs, pipeline, paths)]
     masked = any(SECURE_AGGREGATION in spec.provides for spec in specs)
+    if masked and cfg.federation.local_epochs is not None:  # a masking stage of federation.pipeline
+        raise ConfigError(
+            "federation.local_epochs", local_epochs_leak([i.name for i in cfg.institutions])
+        )
     for stage in stages:  # the policy stage refuses a policy that needs it when none runs
         stage.secure_aggregation = masked
     return stages_for("institution", stages), stages_for("server", stages)

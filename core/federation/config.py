@@ -67,7 +67,7 @@ class FederationSettings:
     min_institutions: int = setting(2, ge=1, doc="a round needs at least this many successful institutions")
     max_retries: int = setting(1, ge=0, doc="a round with too few successes is retried this often")
     local_steps: int = setting(10, ge=1, doc="mini-batches per institution per round")
-    local_epochs: float | None = setting(None, gt=0, doc="if set, overrides local_steps per institution")
+    local_epochs: float | None = setting(None, gt=0, doc="if set, overrides local_steps per institution (local_epochs · num_train / batch_size); refused when an institution is under DP or secure aggregation: the step count would reveal its num_train")
     batch_size: int = setting(32, ge=1)
     lr: float = setting(3e-3, gt=0, doc="local learning rate")
     weight_decay: float = setting(0.0, ge=0)
@@ -203,7 +203,24 @@ class FederationConfig:
                         f"institutions[{i}].policy.min_cohort.{key}",
                         f"{key!r} names no component of the model{_close(key, everything)}; components: {', '.join(sorted(everything))}",
                     )
-        resolve_policies(self)  # profiles, budgets, cohorts vs federation size
+        policies = resolve_policies(self)  # profiles, budgets, cohorts vs federation size
+        for i, inst in enumerate(self.institutions):
+            policy = policies.get(inst.name)
+            if inst.deepspeed is not None and policy is not None and policy.dp == "sample":
+                source = (
+                    "policy.dp"
+                    if inst.policy.dp is not None
+                    else f"policy.profile ({inst.policy.profile!r})"
+                )
+                raise ConfigError(
+                    f"institutions[{i}].deepspeed",
+                    f"{inst.name!r} asks for sample-level DP-SGD (institutions[{i}].{source} gives dp = 'sample'), which clips each "
+                    "sample's gradient in this process, while DeepSpeed ZeRO shards gradients over its ranks; remove "
+                    "[institutions.deepspeed] or use update-level DP (dp = 'local' or 'central')",
+                )
+        private = [n for n, p in policies.items() if p.noisy or p.secure_aggregation]
+        if self.federation.local_epochs is not None and private:
+            raise ConfigError("federation.local_epochs", local_epochs_leak(private))
 
     def components(self, inst: InstitutionConfig | None = None) -> set[str]:
         """Every component name of the model, or those ``inst`` can hold (its modalities,
@@ -216,6 +233,17 @@ class FederationConfig:
     def aggregator_for(self, component: str) -> PluginConfig:
         group = component.split(".")[0]
         return self.aggregation.get(group, self.aggregation.get("default", PluginConfig("fedavg")))
+
+
+def local_epochs_leak(names: list[str]) -> str:
+    """Why ``federation.local_epochs`` is refused for institutions that withhold
+    statistics (differential privacy or secure aggregation)."""
+    return (
+        f"{', '.join(map(repr, names))} withhold every statistic of their data (differential privacy or "
+        "secure aggregation), but local_epochs makes each one's step count local_epochs * num_train / "
+        "batch_size, and that count leaves in the clear (the steps the server asks for, the privacy "
+        "ledger, the round's duration); set federation.local_steps instead"
+    )
 
 
 def _close(name: str, known: set[str]) -> str:

@@ -108,7 +108,7 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tun
 
     # Per-institution test results with intervals; worst institution per task.
     parts.append("<h2>Per-institution test results</h2>")
-    parts.append(_png(lambda b: plots.institutions_with_intervals(b, combined["tasks"])))
+    parts.append(_png(lambda b: plots.per_institution(b, combined["tasks"])))
     worst_rows = []
     for task, t in combined["tasks"].items():
         methods = list(t["summary"])

@@ -74,7 +74,8 @@ def hard_time_limit(seconds: float | None, error: Callable[[], BaseException]) -
 def pick_trainers(config: InstitutionConfig, privacy: Any) -> tuple[LocalTrainer, LocalTrainer]:
     """An institution's local trainers: (a round's job, training in this process outside
     one). DeepSpeed ranks for a round's job when it has ``[institutions.deepspeed]``
-    (which refuse a sample-level policy: Opacus does not run under ZeRO); DP-SGD when
+    (a sample-level policy with DeepSpeed is refused when the config loads:
+    ``FederationConfig.validate``); DP-SGD when
     its privacy state's policy says ``dp = "sample"``; plain otherwise. Baselines and
     personalization train in this process even for a DeepSpeed institution."""
     in_process = DPSGDTrainer() if privacy is not None and privacy.policy.dp == "sample" else PlainTrainer()

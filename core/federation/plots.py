@@ -44,21 +44,6 @@ def learning_curves(path: Path | IO[bytes], curves: list[dict], summary: dict[st
     return save(fig, path)
 
 
-def per_institution(path: Path | IO[bytes], summary: dict[str, Any]) -> Path | IO[bytes]:
-    tasks = list(summary)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = summary[task]["institutions"]
-        methods = list(summary[task]["summary"])
-        width = 0.8 / len(methods)
-        for j, m in enumerate(methods):
-            ax.bar([i + j * width for i in range(len(rows))], [r[m] for r in rows.values()], width, label=m)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], list(rows), rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{task}: {summary[task]['metric']}")
-    axes[0][0].legend(fontsize=6)
-    return save(fig, path)
-
-
 def expert_usage(path: Path | IO[bytes], routing: dict, experts: list[str]) -> Path | IO[bytes]:
     """Rows: institution/task; columns: experts; cells: share of routed tokens."""
     labels, rows = [], []
@@ -93,9 +78,10 @@ def validation_loss_curves(path: Path | IO[bytes], curves: dict[str, list[list[t
     return save(fig, path)
 
 
-def institutions_with_intervals(path: Path | IO[bytes], tasks: dict[str, Any]) -> Path | IO[bytes]:
-    """Per task, each institution's primary metric per method: the mean over seeds with
-    its 95% interval as an error bar (``tasks`` from ``report.across_seeds``)."""
+def per_institution(path: Path | IO[bytes], tasks: dict[str, Any]) -> Path | IO[bytes]:
+    """Per task, each institution's primary metric per method, with its 95% interval over
+    seeds as an error bar where there is one. ``tasks``: one seed's ``report.summarize``
+    (a number per cell) or ``report.across_seeds``'s ``tasks`` (mean, lo, hi per cell)."""
     names = list(tasks)
     fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.4), squeeze=False)
     for ax, task in zip(axes[0], names):
@@ -103,7 +89,7 @@ def institutions_with_intervals(path: Path | IO[bytes], tasks: dict[str, Any]) -
         methods = list(tasks[task]["summary"])
         width = 0.8 / len(methods)
         for j, m in enumerate(methods):
-            cells = [r[m] for r in rows.values()]
+            cells = [r[m] if isinstance(r[m], dict) else {"mean": r[m], "lo": None} for r in rows.values()]
             err = [[c["mean"] - c["lo"] for c in cells], [c["hi"] - c["mean"] for c in cells]] if cells[0]["lo"] is not None else None
             ax.bar([i + j * width for i in range(len(rows))], [c["mean"] for c in cells], width, yerr=err, capsize=2, label=m)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], list(rows), rotation=30, ha="right", fontsize=7)

@@ -20,7 +20,7 @@ the institution and the failing rank's log tail; the whole process group is kill
 
 DeepSpeed is imported by the ranks only: importing this module does not import it.
 Not here: multi-node launches (one institution = one machine) or DP-SGD (Opacus does not
-run under ZeRO).
+run under ZeRO; ``FederationConfig.validate`` refuses the combination).
 """
 
 from __future__ import annotations
@@ -137,14 +137,6 @@ def fit_sharded(institution: Institution, model: M3TModel, run: LocalRun) -> Sha
     if settings is None:
         raise ValueError(
             f"institution {institution.name!r} has no [institutions.deepspeed] settings"
-        )
-    policy = getattr(getattr(institution, "privacy", None), "policy", None)
-    if getattr(policy, "dp", None) == "sample":
-        # Opacus' per-sample gradients do not run under ZeRO; training without them
-        # would silently break the institution's privacy policy.
-        raise ShardedTrainingError(
-            f"institution {institution.name!r}: sample-level DP-SGD (privacy dp = 'sample') does not run "
-            "under DeepSpeed; remove [institutions.deepspeed] or use update-level DP"
         )
     start = time.perf_counter()
     anchored = {}
