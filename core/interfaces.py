@@ -58,6 +58,7 @@ __all__ = [
     "Backend",
     "DataSource",
     "Expert",
+    "LearningRateMultipliers",
     "LocalFit",
     "LocalRun",
     "LocalTrainer",
@@ -137,6 +138,23 @@ class TaskHead(nn.Module):
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+@runtime_checkable
+class LearningRateMultipliers(Protocol):
+    """Any model part (encoder, expert, head, router, or a module inside one) some of
+    whose own parameters train at a multiple of the local learning rate.
+
+    ``lr_multipliers()`` maps names as the part's own ``named_parameters()`` gives them
+    to a positive factor; unnamed parameters train at 1. Every local trainer's optimizer
+    (:func:`m3tfed.training.make_optimizer`) puts them in a parameter group at
+    ``lr * m``, with the same weight decay per step as the others. The place for a
+    parameter that must move faster than the rest (a per-id scalar seen a few times per
+    round), instead of scaling it in the forward pass: a forward scale ``s`` also scales
+    its gradient by ``s``, which SGD turns into an ``s**2`` step and per-sample clipping
+    (DP-SGD) into most of each sample's gradient norm."""
+
+    def lr_multipliers(self) -> Mapping[str, float]: ...
 
 
 # -- the server's update rule ----------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Plain local training, and what every local trainer shares: the optimizer an
-institution trains with and its moments kept between rounds.
+institution trains with (with the learning-rate multipliers its model's parts declare)
+and its moments kept between rounds.
 
 :class:`PlainTrainer` is the :class:`~m3tfed.interfaces.LocalTrainer` of an institution
 without sample-level DP and without DeepSpeed: mini-batches of its training split, the
@@ -12,28 +13,72 @@ which trainer an institution uses (``Institution``).
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .data import iterate_batches, model_inputs
 from .errors import InstitutionTimeout
-from .interfaces import LocalFit, LocalRun
+from .interfaces import LearningRateMultipliers, LocalFit, LocalRun
 from .model import M3TModel, component_of
 
 if TYPE_CHECKING:  # annotations only: the federation layer sits above this module
-    from .federation.config import FederationSettings
     from .federation.institution import Institution
 
 
+def lr_multipliers(model: nn.Module) -> dict[str, float]:
+    """``{parameter name in model: multiplier}`` for every parameter a part of ``model``
+    declares (:class:`~m3tfed.interfaces.LearningRateMultipliers`); others train at 1."""
+    out: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, LearningRateMultipliers):
+            continue
+        own = dict(module.named_parameters())
+        for name, m in module.lr_multipliers().items():
+            where = f"{type(module).__name__}.lr_multipliers()"
+            if name not in own:
+                raise ValueError(f"{where} names {name!r}, which is not one of its parameters")
+            if not (isinstance(m, int | float) and math.isfinite(m) and m > 0):
+                raise ValueError(f"{where}[{name!r}] must be a finite number > 0, got {m!r}")
+            full = f"{prefix}.{name}" if prefix else name
+            if out.get(full, m) != m:
+                raise ValueError(f"{where}[{name!r}]: {full!r} already has multiplier {out[full]}")
+            out[full] = float(m)
+    return out
+
+
 def make_optimizer(
-    params: list[torch.nn.Parameter], lr: float, settings: FederationSettings
+    model: nn.Module,
+    params: Iterable[nn.Parameter],
+    lr: float,
+    optimizer: str,
+    weight_decay: float,
 ) -> torch.optim.Optimizer:
-    """The optimizer ``federation.optimizer`` names, over ``params``."""
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(params, lr=lr, weight_decay=settings.weight_decay)
+    """The optimizer ``federation.optimizer`` names (``"adamw"`` or ``"sgd"``) over
+    ``params`` (parameters of ``model``), at ``lr``. A parameter with a learning-rate
+    multiplier ``m`` (:func:`lr_multipliers`) is in a parameter group at ``lr * m`` and
+    ``weight_decay / m``: torch multiplies the decay by the group's learning rate, so its
+    decay per step stays ``lr * weight_decay`` like every other parameter's. Each group
+    records its ``lr_multiplier``."""
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"federation.optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    scaled = lr_multipliers(model)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    for p in params:
+        groups.setdefault(scaled.get(name_of.get(id(p), ""), 1.0), []).append(p)
+    param_groups = [
+        {"params": ps, "lr": lr * m, "weight_decay": weight_decay / m, "lr_multiplier": m}
+        for m, ps in groups.items()
+        if ps
+    ]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay)
 
 
 def timeout(institution: Institution) -> InstitutionTimeout:
@@ -67,7 +112,7 @@ class PlainTrainer:
             for n, p in model.named_parameters()
             if p.requires_grad and (only is None or only(component_of(n)))
         ]
-        opt = make_optimizer([p for _, p in trainable], run.lr, s)
+        opt = make_optimizer(model, [p for _, p in trainable], run.lr, s.optimizer, s.weight_decay)
         if run.optimizer_state is not None:
             load_optimizer_state(opt, trainable, run.optimizer_state)
         prox = proximal_terms(model, run)

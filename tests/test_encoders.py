@@ -13,6 +13,7 @@ from m3tfed.plugins.encoders import (
     build_text_encoder,
 )
 from m3tfed.plugins.encoders.text import ByteTokenizer, chunk_mean
+from m3tfed.training import make_optimizer
 
 D = 16
 
@@ -327,7 +328,8 @@ def _train_next_response(tokens, steps=100, seed=0, query_bias=True, lr=1e-2):
         query_bias=query_bias,
     )
     head = torch.nn.Linear(16, 1)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=lr)
+    both = torch.nn.ModuleList([enc, head])  # the query bias's lr multiplier, as trainers do
+    opt = make_optimizer(both, both.parameters(), lr, "adamw", 0.0)
     for _ in range(steps):
         idx = torch.randint(0, 800, (64,), generator=g)
         logit = head(enc(inputs(train, idx)).tokens[:, -1]).squeeze(-1)

@@ -37,6 +37,7 @@ from ..model import M3TModel, ModelConfig
 from ..moe import MoELayer
 from ..plugin_manager import get_catalogue
 from ..threads import env_threads
+from ..training import make_optimizer
 from .checkpoint import (
     TENSORS_FILE,
     flatten_components,
@@ -174,10 +175,7 @@ def run(folder: Path, rank: int, world: int) -> None:
             deepspeed.zero.register_external_parameter(objective, p)
     params = [p for p in model.parameters() if p.requires_grad]
     s = spec["settings"]
-    if s["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=s["weight_decay"])
-    else:
-        optimizer = torch.optim.SGD(params, lr=spec["lr"], weight_decay=s["weight_decay"])
+    optimizer = make_optimizer(model, params, spec["lr"], s["optimizer"], s["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(
         model=objective,
         optimizer=optimizer,

@@ -710,7 +710,8 @@ class DPSGDTrainer:
             raise ValueError(f"{institution.name}: DP-SGD needs the institution's privacy state (build_federation attaches it)")
         torch.manual_seed(run.seed)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, run.lr, institution.settings)
+        s = institution.settings
+        opt = make_optimizer(model, params, run.lr, s.optimizer, s.weight_decay)
         loss, counts = dp_sgd_fit(
             model, params, institution.data.train, batch_loss(institution.config.tasks), opt, run.steps,
             priv.noise_multiplier, priv.policy.clip_norm, priv.sample_rate, priv.accountant,

@@ -37,8 +37,16 @@ token: one learned scalar per next-question id (``query_question`` when given, e
 learns from a one-hot. Why it is needed: an id's own vectors move only when that id is
 asked, a few times in a short federated schedule, and Adam moves a parameter by about
 the learning rate per step; measured, 1000 question ids as skills left the neural
-models at the AUC of a logistic model that ignores the question. The scalar's step is
-therefore scaled by ``QUERY_BIAS_SCALE`` (chosen on validation, docs/results.md).
+models at the AUC of a logistic model that ignores the question. The scalar therefore
+trains at ``QUERY_BIAS_LR_MULTIPLIER`` times the local learning rate (declared by
+:meth:`InteractionEncoder.lr_multipliers`, read by every trainer's optimizer; value
+chosen on validation with AdamW, docs/results.md, "Learning quality" 6). Until December
+2026 it was multiplied by 300 in the forward pass instead: the same AdamW steps
+(validation AUC equal to 0.0005 per institution, 3 seeds), but SGD then stepped 300**2
+times the learning rate, and under DP-SGD its 300x gradient took most of each sample's
+clipped norm. 300 is an AdamW value: Adam normalises a rarely-seen row's gradient, SGD
+does not, and with SGD the bias barely moves at 300x (measured: the same AUC as without
+it).
 
 Logs longer than ``max_len`` are rejected rather than silently cut: which window to keep
 (the most recent interactions, usually) is the data source's decision.
@@ -52,9 +60,10 @@ from einops import rearrange
 from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
 
-# Multiplies the per-id query bias, i.e. its Adam step: an id seen k times moves about
-# k * QUERY_BIAS_SCALE * lr. Chosen on validation of a question-level federation.
-QUERY_BIAS_SCALE = 300.0
+# The per-id query bias trains at this multiple of the local learning rate: under AdamW
+# an id seen k times moves about k * QUERY_BIAS_LR_MULTIPLIER * lr (a logit per few
+# sightings at lr 3e-3). Chosen on validation of a question-level federation.
+QUERY_BIAS_LR_MULTIPLIER = 300.0
 
 
 class CausalBlock(nn.Module):
@@ -175,12 +184,7 @@ class InteractionEncoder(ModalityEncoder):
             # question's id there is no row to read (a skill id would pick a wrong one).
             if self.query_bias is not None and (next_question is not None or not self.num_questions):
                 item = query.long() if next_question is None else next_question
-                q_tok = (
-                    q_tok
-                    + QUERY_BIAS_SCALE
-                    * F.embedding(item, self.query_bias)
-                    * self.query_bias_direction
-                )
+                q_tok = q_tok + F.embedding(item, self.query_bias) * self.query_bias_direction
             x = torch.cat([x, q_tok[:, None]], dim=1)
             see = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)], dim=1)
             allowed = torch.cat([F.pad(allowed, (0, 1), value=False), see[:, None, :]], dim=1)
@@ -188,6 +192,10 @@ class InteractionEncoder(ModalityEncoder):
 
         x = self.norm(self.block(x, allowed))
         return Tokens(x, mask)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """The query bias trains faster than the rest (m3tfed.LearningRateMultipliers)."""
+        return {"query_bias": QUERY_BIAS_LR_MULTIPLIER} if self.query_bias is not None else {}
 
     def embed(
         self, skill: torch.Tensor, response: torch.Tensor, question: torch.Tensor | None
@@ -243,7 +251,7 @@ SPEC = EncoderSpec(
     name="sequence",
     modality="interactions",
     build=InteractionEncoder,
-    version="0.2.0",
+    version="0.3.0",  # 0.3: the query bias is unscaled in the forward pass (lr multiplier)
     license="Apache-2.0",
     params=570_674,
     min_memory_mb=9,  # fp32 weights, gradients and AdamW moments

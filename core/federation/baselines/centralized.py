@@ -25,6 +25,7 @@ import torch
 
 from ...data import iterate_batches, model_inputs
 from ...model import M3TModel, component_of
+from ...training import make_optimizer
 from ..build import Federation
 from ..institution import seed_for
 from ..server import initial_state
@@ -48,9 +49,7 @@ class PooledTrainer:
         f = cfg.federation
 
         def optimizer(tensors):
-            if f.optimizer == "adamw":
-                return torch.optim.AdamW(tensors, lr=f.lr, weight_decay=f.weight_decay)
-            return torch.optim.SGD(tensors, lr=f.lr, weight_decay=f.weight_decay)
+            return make_optimizer(model, tensors, f.lr, f.optimizer, f.weight_decay)
 
         self.shared_opt = optimizer([p for p in model.parameters() if p.requires_grad])
         self.personal = [
