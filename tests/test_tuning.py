@@ -25,19 +25,27 @@ def quiet(_msg):
 
 
 def test_workers_give_the_same_tables_as_serial(tmp_path):
-    d = tiny_config_dict(rounds=1, n=16)
-    d["evaluation"]["grid"] = {"lr": [1e-3, 1e-2]}
+    d = tiny_config_dict(rounds=1, n=16, personalize_steps=1)
+    d["evaluation"].update(grid={"lr": [1e-3, 1e-2]}, baselines=["local", "dense_fedavg", "fedavg_ft", "classical_pooled"], personalize=True, plots=True)
     lines = []
     run_seeds(d, seeds=2, name="serial", runs_dir=tmp_path, progress=quiet, workers=1)
     run_seeds(d, seeds=2, name="parallel", runs_dir=tmp_path, progress=lines.append, workers=2)
     serial, parallel = (json.loads((tmp_path / n / "seeds.json").read_text()) for n in ("serial", "parallel"))
     assert parallel["time"]["workers"] == 2 and serial["time"]["workers"] == 1
-    # two grid points, then two seeds: the same two worker processes run all four
+    # two grid points, then each seed as two halves: the same two worker processes run all six
     assert parallel["time"]["worker_processes"] == 2 and serial["time"]["worker_processes"] == 0
     for key in ("tasks", "comparison", "points", "seeds_used", "tuning"):
         assert json.dumps(serial[key]) == json.dumps(parallel[key]), key  # NaN-safe equality
+    for s in (0, 1):  # a split seed's folder holds every method, as a serial run's does
+        one, two = (json.loads((tmp_path / n / f"seed_{s}" / "metrics.json").read_text()) for n in ("serial", "parallel"))
+        for key in ("summary", "comparison", "test_reads", "points", "method_curves"):
+            assert json.dumps(one[key]) == json.dumps(two[key]), (s, key)
+        assert list(two["results"]) == ["fed_moe", "personalized", "local", "dense_fedavg", "fedavg_ft", "classical_pooled"]
+        second = json.loads((tmp_path / "parallel" / "parts" / f"seed_{s}" / "metrics.json").read_text())
+        assert "fed_moe" not in second["results"] and second["history"] == []  # no rounds ran there
+        assert (tmp_path / "parallel" / f"seed_{s}" / "report.html").exists()
     # the workers' progress reaches the parent: which run, its round, the time left
-    assert any(line.startswith("[seed 1 (2/2) |") and "left]" in line and "round 1/1" in line for line in lines)
+    assert any(line.startswith("[seed 1 (2/2) part 1/2 |") and "left]" in line and "round 1/1" in line for line in lines)
     assert serial["time"]["cpu_seconds"] > 0 and parallel["time"]["cpu_seconds"] > 0  # the workers' CPU is counted
 
 
@@ -170,3 +178,19 @@ def test_fed_moe_whose_validation_loss_is_always_nan_keeps_its_first_evaluated_r
     monkeypatch.setattr(lifecycle, "validation_score", lambda metrics: float("nan"))
     out = run_job(tiny_config_dict(rounds=2, n=16), name="nan", runs_dir=tmp_path, progress=quiet, echo=False)
     assert out["kept_round"] == 1
+
+
+def test_a_seed_splits_into_two_halves_of_about_equal_work():
+    """Parallel seeds run as two processes each: the federated MoE's half keeps what starts
+    from its state (personalized), FedAvg + fine-tuning stays with dense FedAvg, and the
+    halves' costs differ by less than the largest method's."""
+    from m3tfed.federation.baselines import BASELINES, FULL, split_work
+    from m3tfed.federation.config import EvaluationSettings
+
+    first, second = split_work(EvaluationSettings(baselines=list(FULL), personalize=True))
+    assert sorted(first + second) == sorted(BASELINES) and not set(first) & set(second)
+    assert "personalized" in first
+    assert ("dense_fedavg" in first) == ("fedavg_ft" in first)
+    cost = [1.0 + sum(BASELINES[m].cost for m in first), sum(BASELINES[m].cost for m in second)]
+    assert abs(cost[0] - cost[1]) < max(b.cost for b in BASELINES.values())
+    assert split_work(EvaluationSettings(baselines=[], personalize=True)) == (["personalized"], [])  # nothing to split

@@ -35,7 +35,7 @@ from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import PrivacyLedger
 from ..threads import resolve_threads, usable_cores
-from .baselines import BaselineContext, configured
+from .baselines import BASELINES, BaselineContext, configured, split_work
 from .baselines.common import config_at
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
@@ -51,7 +51,7 @@ from .checkpoint import (
 )
 from .config import TUNED_METHODS, FederationConfig, load_config
 from .evaluation import FinalTest, Metrics, evaluate_model
-from .report import across_seeds, compare, format_seeds_table, format_table, summarize
+from .report import across_seeds, compare, format_seeds_table, format_table, merge_halves, summarize
 from .routing_stats import routing_mutual_information
 from .server import RoundReport, Server
 
@@ -72,11 +72,14 @@ def run_job(
     progress: Progress = print_progress,
     echo: bool = True,
     tuning: bool = False,
+    baselines_only: bool = False,
 ) -> dict[str, Any]:
     """Run a federation end to end. ``stop_after`` stops after that round (tests of resume);
     ``echo=False`` leaves the tables out of stdout (a multi-seed run prints its own);
     ``tuning=True`` is a run of the tuning grid: every method is scored on validation
-    and the test split is not read."""
+    and the test split is not read. ``baselines_only=True`` runs no federated rounds,
+    only the configured baselines (the second half of a seed split over two processes,
+    :func:`run_seeds`)."""
     cfg = load_config(config, overrides)
     if has_grid(cfg):
         raise ConfigError("evaluation.grid", "a tuning grid is run by run_seeds (`m3tfed run --seeds N` or --protocol), which tunes on the first seed")
@@ -90,6 +93,8 @@ def run_job(
         fed = build_federation(cfg, data_root=data_root, run_dir=run_dir)
         # What each data source read, dropped or fixed, per institution: nothing is dropped unseen.
         write_json_atomic(run_dir / "data_report.json", {n: i.data.report for n, i in fed.institutions.items()})
+        if baselines_only:
+            return finish(fed, run_dir, [], None, progress, echo, tuning)
         return continue_run(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress, echo=echo, tuning=tuning)
     except BaseException:
         if not round_checkpoints(run_dir):  # nothing to resume: leave no folder behind
@@ -184,6 +189,15 @@ def continue_run(
     return finish(fed, run_dir, curves, (time.perf_counter() - t0, cpu_seconds() - cpu0), progress, echo, tuning)
 
 
+def write_figures(run_dir: Path, cfg: FederationConfig, curves: list[dict], summary: dict, routing: dict) -> None:
+    """A run folder's PNGs and report.html (matplotlib is imported only when asked for)."""
+    from .html_report import write_report
+    from .plots import write_plots
+
+    write_plots(run_dir, curves, summary, routing, cfg.model.expert_names)
+    write_report(run_dir / "report.html", [run_dir])
+
+
 def cpu_seconds() -> float:
     """CPU seconds (user + system) of this process and of its children that ended: on a
     shared machine the honest measure of the work, where wall time depends on the load."""
@@ -196,34 +210,39 @@ def cpu_seconds() -> float:
 
 
 def finish(
-    fed: Federation, run_dir: Path, curves: list[dict], fed_time: tuple[float, float], progress: Progress, echo: bool = True, tuning: bool = False
+    fed: Federation, run_dir: Path, curves: list[dict], fed_time: tuple[float, float] | None, progress: Progress, echo: bool = True, tuning: bool = False
 ) -> dict[str, Any]:
     """Test the kept state and every configured baseline once; write the run folder.
-    ``fed_time`` is the federated rounds' (wall, CPU) seconds. A tuning run reads
-    validation where a run reads test, writes no plots and prints nothing."""
+    ``fed_time`` is the federated rounds' (wall, CPU) seconds; None when no rounds ran
+    (the baselines alone). A tuning run reads validation where a run reads test, writes
+    no plots and prints nothing."""
     cfg = fed.config
-    fed_seconds, fed_cpu = fed_time
     baselines = configured(cfg.evaluation)
-    progress(f"evaluating: federated MoE and {', '.join(b.name for b in baselines)}")
-    history = [to_dict(r) for r in fed.server.history]
-    kept_round = load_kept(fed, run_dir)
-    progress(f"  testing the state after round {kept_round}" + (" (lowest validation loss)" if cfg.evaluation.keep == "best" else ""))
     final = FinalTest("val" if tuning else "test")
     results: dict[str, dict] = {}
-    results["fed_moe"], routing = read_test_once(fed, final)
+    seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    routing: dict[str, dict] = {}
+    kept_round = None
+    if fed_time is not None:
+        progress(f"evaluating: federated MoE and {', '.join(b.name for b in baselines)}")
+        kept_round = load_kept(fed, run_dir)
+        progress(f"  testing the state after round {kept_round}" + (" (lowest validation loss)" if cfg.evaluation.keep == "best" else ""))
+        results["fed_moe"], routing = read_test_once(fed, final)
+        seconds["fed_moe"], cpu["fed_moe"] = fed_time
+    history = [to_dict(r) for r in fed.server.history]
     ctx = BaselineContext(final=final, progress=progress)
-    seconds, cpu = {"fed_moe": fed_seconds}, {"fed_moe": fed_cpu}
     for k, baseline in enumerate(baselines, 1):
         progress(f"  method {baseline.name} ({k}/{len(baselines)})")
         t, c = time.perf_counter(), cpu_seconds()
         results[baseline.name] = baseline.run(fed, ctx)
         seconds[baseline.name], cpu[baseline.name] = time.perf_counter() - t, cpu_seconds() - c
     summary = summarize(fed, results)
-    comparison = compare(summary)
+    comparison = compare(summary) if "fed_moe" in results else {}
     out = {
         "name": cfg.name,
         "rounds": cfg.rounds,
-        "federated_seconds": fed_seconds,
+        "federated_seconds": seconds.get("fed_moe"),
         "selections": fed.selections,
         "summary": summary,
         "comparison": comparison,
@@ -243,14 +262,9 @@ def finish(
     write_json_atomic(run_dir / "metrics.json", out)
     if tuning:
         return out
-    expert_names = cfg.model.expert_names
-    write_json_atomic(run_dir / "routing.json", {"experts": expert_names, "tokens": routing})
-    if cfg.evaluation.plots:  # the PNGs and report.html (matplotlib only when asked for)
-        from .html_report import write_report
-        from .plots import write_plots
-
-        write_plots(run_dir, curves, summary, routing, expert_names)
-        write_report(run_dir / "report.html", [run_dir])
+    write_json_atomic(run_dir / "routing.json", {"experts": cfg.model.expert_names, "tokens": routing})
+    if cfg.evaluation.plots:
+        write_figures(run_dir, cfg, curves, summary, routing)
     if echo:
         print(format_table(summary))
         print("\nfed_moe against each method (one seed: mean relative advantage over institutions, share of institutions where the point estimate is better; no interval):")
@@ -297,7 +311,11 @@ def run_seeds(
         raise ConfigError("--workers", f"must be >= 0 (0 = every usable core), got {workers}")
     seed_list = [cfg.seed + i for i in range(seeds)]
     points = [resolved(cfg, p) for p in cfg.evaluation.grid.points()] if has_grid(cfg) else []
-    workers = min(workers or usable_cores(), max(len(points), seeds))  # never more than runs at once
+    # In parallel, a seed's methods run in two processes of about equal work (the federated
+    # MoE's half, the other baselines): 3 seeds on 2 cores take 3 half-runs' time, not 2 runs'.
+    halves = split_work(cfg.evaluation)
+    split = (workers or usable_cores()) > 1 and bool(halves[1])
+    workers = min(workers or usable_cores(), max(len(points), seeds * (1 + split)))  # never more than runs at once
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if not IDENTIFIER.fullmatch(name):
         raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
@@ -309,15 +327,28 @@ def run_seeds(
     if workers > 1:  # workers x threads stays within the cores
         base["federation"]["threads"] = min(resolve_threads(cfg.federation.threads), max(1, usable_cores() // workers))
     labels = [f"grid point {k + 1}/{len(points)} (lr {p['lr']:g}, {p['local_steps']} steps)" for k, p in enumerate(points)]
-    labels += [f"seed {s} ({i + 1}/{seeds})" for i, s in enumerate(seed_list)]
+    for i, s in enumerate(seed_list):
+        labels += [f"seed {s} ({i + 1}/{seeds}) part {k}/2" for k in (1, 2)] if split else [f"seed {s} ({i + 1}/{seeds})"]
     tracker = RunsProgress(labels, workers, progress)
     t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _load()
     with Runs(data_root, workers, tracker) as run_all:
         tuning = tune(base, points, root, run_all) if points else None
         if tuning is not None:
             base = at_points(base, tuning["chosen"])
-        jobs = [RunSpec({**base, "seed": s}, root, f"seed_{s}", tracker_index=len(points) + i) for i, s in enumerate(seed_list)]
+        jobs = []
+        for s in seed_list:
+            d = {**base, "seed": s}
+            if split:
+                first, second = copy.deepcopy(d), copy.deepcopy(d)
+                first["evaluation"].update(baselines=[m for m in halves[0] if m != "personalized"], plots=False)
+                second["evaluation"].update(baselines=halves[1], personalize=False, plots=False)
+                jobs.append(RunSpec(first, root, f"seed_{s}", tracker_index=len(points) + len(jobs)))
+                jobs.append(RunSpec(second, root / "parts", f"seed_{s}", tracker_index=len(points) + len(jobs), baselines_only=True))
+            else:
+                jobs.append(RunSpec(d, root, f"seed_{s}", tracker_index=len(points) + len(jobs)))
         outs = run_all(jobs)
+    if split:  # each seed's folder gets the metrics.json (and figures) of all its methods
+        outs = [join_halves(root / f"seed_{s}", cfg, outs[2 * i], outs[2 * i + 1]) for i, s in enumerate(seed_list)]
     combined = {"name": cfg.name, "seeds_used": seed_list, **across_seeds([o["summary"] for o in outs])}
     combined["points"] = outs[0]["points"]  # each deep method's learning rate and local steps
     if tuning is not None:
@@ -337,6 +368,19 @@ def run_seeds(
     print(format_seeds_table(combined))
     print(f"\nrun folders: {root}/seed_*" + (f"; report: {root / 'report.html'}" if cfg.evaluation.plots else ""))
     return combined
+
+
+def join_halves(run_dir: Path, cfg: FederationConfig, first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Write ``run_dir``'s metrics.json (and figures) for a seed run as two halves:
+    ``first`` in ``run_dir`` (the federated MoE and its half of the baselines), ``second``
+    in ``parts/`` beside it (the other baselines, no rounds)."""
+    out = merge_halves(first, second, ["fed_moe", *BASELINES])
+    write_json_atomic(run_dir / "metrics.json", out)
+    if cfg.evaluation.plots:
+        curves = json.loads((run_dir / "curves.json").read_text())
+        routing = json.loads((run_dir / "routing.json").read_text())["tokens"]
+        write_figures(run_dir, cfg, curves, out["summary"], routing)
+    return out
 
 
 def has_grid(cfg: FederationConfig) -> bool:
@@ -394,6 +438,7 @@ class RunSpec:
     name: str
     tracker_index: int
     tuning: bool = False
+    baselines_only: bool = False  # the second half of a split seed (:func:`run_seeds`)
 
 
 class Runs:
@@ -476,7 +521,7 @@ def _relay(messages: Any, tracker: RunsProgress) -> None:
 
 
 def _run_spec(job: RunSpec, data_root: Any, progress: Progress) -> dict[str, Any]:
-    return run_job(job.config, name=job.name, runs_dir=job.runs_dir, data_root=data_root, progress=progress, echo=False, tuning=job.tuning)
+    return run_job(job.config, name=job.name, runs_dir=job.runs_dir, data_root=data_root, progress=progress, echo=False, tuning=job.tuning, baselines_only=job.baselines_only)
 
 
 class RunsProgress:

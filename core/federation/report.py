@@ -29,15 +29,41 @@ def summarize(fed: Federation, results: dict[str, dict]) -> dict[str, Any]:
         for name, inst in fed.institutions.items():
             if task in inst.config.tasks:
                 rows[name] = {m: results[m][name][task][metric] for m in results}
-        agg = {}
-        for m in results:
-            vals = [r[m] for r in rows.values()]
-            # min/max skip a NaN: a non-finite metric is the worst, and named
-            bad = sorted(n for n, r in rows.items() if not math.isfinite(r[m]))
-            worst = math.nan if bad else (min if higher else max)(vals)
-            agg[m] = {"mean": sum(vals) / len(vals), "worst": worst, **({"non_finite": bad} if bad else {})}
-        summary[task] = {"metric": metric, "higher_is_better": higher, "institutions": rows, "summary": agg}
+        summary[task] = task_summary(metric, higher, rows)
     return summary
+
+
+def task_summary(metric: str, higher: bool, rows: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """One task's table: ``rows`` (institution -> method -> primary metric) with each
+    method's mean and worst over institutions."""
+    agg = {}
+    for m in next(iter(rows.values()), {}):
+        vals = [r[m] for r in rows.values()]
+        # min/max skip a NaN: a non-finite metric is the worst, and named
+        bad = sorted(n for n, r in rows.items() if not math.isfinite(r[m]))
+        worst = math.nan if bad else (min if higher else max)(vals)
+        agg[m] = {"mean": sum(vals) / len(vals), "worst": worst, **({"non_finite": bad} if bad else {})}
+    return {"metric": metric, "higher_is_better": higher, "institutions": rows, "summary": agg}
+
+
+def merge_halves(first: dict[str, Any], second: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """One run's ``metrics.json`` from the two halves its methods ran in (the federated
+    MoE's, and the baselines alone), as one process would have written it: every
+    per-method entry in ``order``, the tables and the comparison over all methods."""
+
+    def ordered(a: dict, b: dict) -> dict:
+        both = {**a, **b}
+        return {m: both[m] for m in sorted(both, key=lambda m: order.index(m) if m in order else len(order))}
+
+    out = dict(first)
+    for key in ("results", "seconds", "cpu_seconds", "method_curves", "test_reads", "points"):
+        out[key] = ordered(first[key], second[key])
+    out["summary"] = {
+        task: task_summary(s["metric"], s["higher_is_better"], {n: ordered(r, second["summary"][task]["institutions"][n]) for n, r in s["institutions"].items()})
+        for task, s in first["summary"].items()
+    }
+    out["comparison"] = compare(out["summary"])
+    return out
 
 
 def relative_advantage(summary: dict[str, Any], method: str, baseline: str) -> dict[str, float]:

@@ -31,4 +31,23 @@ def configured(evaluation) -> list[Baseline]:
     return [b for name, b in BASELINES.items() if name in wanted]
 
 
-__all__ = ["BASELINES", "CORE", "FULL", "Baseline", "BaselineContext", "Centralized", "ClassicalLocal", "ClassicalPooled", "DenseFedAvg", "Ditto", "FedAvgFineTune", "FedProx", "Local", "Personalized", "Results", "configured", "dense_config"]
+def split_work(evaluation) -> tuple[list[str], list[str]]:
+    """The methods an ``EvaluationSettings`` asks for, in two halves of about equal cost
+    (:attr:`Baseline.cost`) to run in two processes: the first holds the federated MoE
+    and what starts from it, and a method stays with the one whose state it reuses."""
+    wanted = [b.name for b in configured(evaluation)]
+    units: dict[str, list[str]] = {}  # the method whose state a chain starts from -> the chain
+    for name in wanted:
+        after = BASELINES[name].after
+        units.setdefault(after if after == "fed_moe" or after in wanted else name, []).append(name)
+    halves: tuple[list[str], list[str]] = (units.pop("fed_moe", []), [])
+    cost = [1.0 + sum(BASELINES[n].cost for n in halves[0]), 0.0]
+    for unit in sorted(units.values(), key=lambda u: -sum(BASELINES[n].cost for n in u)):
+        k = cost.index(min(cost))  # greedy: the next largest unit to the lighter half
+        halves[k].extend(unit)
+        cost[k] += sum(BASELINES[n].cost for n in unit)
+    order = list(BASELINES)
+    return sorted(halves[0], key=order.index), sorted(halves[1], key=order.index)
+
+
+__all__ = ["BASELINES", "CORE", "FULL", "Baseline", "BaselineContext", "Centralized", "ClassicalLocal", "ClassicalPooled", "DenseFedAvg", "Ditto", "FedAvgFineTune", "FedProx", "Local", "Personalized", "Results", "configured", "dense_config", "split_work"]

@@ -32,5 +32,11 @@ class BaselineContext:
 
 class Baseline(Protocol):
     name: str  # the method's name in tables, metrics.json and evaluation.baselines
+    # About how much work it is, in federated MoE trainings (``fed_moe`` is 1): parallel
+    # runs split a seed's methods into halves of equal cost (:func:`split_work`).
+    cost: float
+    # The method whose trained state it starts from ("fed_moe" or a baseline's name), so
+    # it runs in the same process; None when it trains from scratch.
+    after: str | None = None
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results: ...

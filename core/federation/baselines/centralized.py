@@ -130,6 +130,8 @@ def num_rows(batch: dict) -> int:
 
 class Centralized:
     name = "centralized"
+    cost = 2.2  # micro-batches of MIX institutions: more, smaller forward passes
+    after = None
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         ctx.progress("  centralized baseline: pooled data, mixed-institution batches, same compute")

@@ -158,6 +158,8 @@ class _Classical:
     """One linear learner per task; ``pooled`` over institutions or one per institution."""
 
     name = ""
+    cost = 0.1
+    after = None
     pooled = True
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:

@@ -48,6 +48,8 @@ def trained_dense(fed: Federation, ctx: BaselineContext, method: str = "dense_fe
 
 class DenseFedAvg:
     name = "dense_fedavg"
+    cost = 1.0
+    after = None
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         dense = trained_dense(fed, ctx, self.name)

@@ -18,6 +18,8 @@ LAMBDA = 0.1
 
 class Ditto:
     name = "ditto"
+    cost = 2.0  # a global and a personal model
+    after = None
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         cfg = dense_config(config_at(fed.config, self.name))

@@ -13,6 +13,8 @@ from .dense_fedavg import trained_dense
 
 class FedAvgFineTune:
     name = "fedavg_ft"
+    cost = 0.15
+    after = "dense_fedavg"  # fine-tunes its trained federation (shared in ctx)
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         dense = trained_dense(fed, ctx, self.name)

@@ -15,6 +15,8 @@ MU = 0.01
 
 class FedProx:
     name = "fedprox"
+    cost = 1.0
+    after = None
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         cfg = dense_config(config_at(fed.config, self.name), PluginConfig("fedprox", {"mu": MU}))

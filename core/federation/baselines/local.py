@@ -15,6 +15,8 @@ from .common import federation_at, val_loss
 
 class Local:
     name = "local"
+    cost = 1.0
+    after = None
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         fed = federation_at(fed, self.name)  # at the method's learning rate and local steps

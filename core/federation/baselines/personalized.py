@@ -13,6 +13,8 @@ from .common import config_at, train_variant
 
 class Personalized:
     name = "personalized"
+    cost = 0.15
+    after = "fed_moe"  # fine-tunes the federated MoE's kept state
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         cfg = config_at(fed.config, self.name)
