@@ -320,6 +320,7 @@ def test_real_edu_example_runs_every_method_end_to_end(tmp_path):
     d["rounds"] = 1
     d["federation"].update(local_steps=1, batch_size=8, personalize_steps=1)
     d["evaluation"]["plots"] = False
+    assert d["evaluation"].pop("grid")["lr"]  # it ships a tuning grid; tuning is run_seeds' (test_tuning.py)
     d["model"]["encoders"]["text"]["options"]["max_length"] = 32
     for key, cap in {"oulad": 30, "ellipse": 12, "crohme": 20}.items():
         d["data"]["options"]["sources"][key]["options"]["max_per_institution"] = cap
