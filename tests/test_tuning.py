@@ -194,3 +194,17 @@ def test_a_seed_splits_into_two_halves_of_about_equal_work():
     cost = [1.0 + sum(BASELINES[m].cost for m in first), sum(BASELINES[m].cost for m in second)]
     assert abs(cost[0] - cost[1]) < max(b.cost for b in BASELINES.values())
     assert split_work(EvaluationSettings(baselines=[], personalize=True)) == (["personalized"], [])  # nothing to split
+
+
+def test_time_left_weighs_each_run_by_its_expected_work(monkeypatch):
+    """A half-run is expected to take half a run's time: after a whole run of 100 s, a
+    half not started is 50 s left, not another 100 s."""
+    from m3tfed.federation import lifecycle
+
+    clock = iter([0.0, 0.0, 100.0, 100.0, 100.0])  # t0, begin(0), end(0), left(), report
+    monkeypatch.setattr(lifecycle.time, "perf_counter", lambda: next(clock))
+    lines = []
+    tracker = lifecycle.RunsProgress(["whole", "half"], 1, lines.append, weights=[2.0, 1.0])
+    tracker.begin(0)
+    tracker.end(0)
+    assert tracker.left(1, "method local (1/2)") == "~0:50"

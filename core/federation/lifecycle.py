@@ -35,7 +35,7 @@ from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import PrivacyLedger
 from ..threads import resolve_threads, usable_cores
-from .baselines import BASELINES, BaselineContext, configured, split_work
+from .baselines import BASELINES, BaselineContext, configured, split_work, work_of
 from .baselines.common import config_at
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
@@ -313,9 +313,10 @@ def run_seeds(
     points = [resolved(cfg, p) for p in cfg.evaluation.grid.points()] if has_grid(cfg) else []
     # In parallel, a seed's methods run in two processes of about equal work (the federated
     # MoE's half, the other baselines): 3 seeds on 2 cores take 3 half-runs' time, not 2 runs'.
+    workers = workers or usable_cores()
     halves = split_work(cfg.evaluation)
-    split = (workers or usable_cores()) > 1 and bool(halves[1])
-    workers = min(workers or usable_cores(), max(len(points), seeds * (1 + split)))  # never more than runs at once
+    split = workers > 1 and bool(halves[1])
+    workers = min(workers, max(len(points), seeds * (1 + split)))  # never more than runs at once
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if not IDENTIFIER.fullmatch(name):
         raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
@@ -327,9 +328,12 @@ def run_seeds(
     if workers > 1:  # workers x threads stays within the cores
         base["federation"]["threads"] = min(resolve_threads(cfg.federation.threads), max(1, usable_cores() // workers))
     labels = [f"grid point {k + 1}/{len(points)} (lr {p['lr']:g}, {p['local_steps']} steps)" for k, p in enumerate(points)]
+    tuned = [b.name for b in configured(cfg.evaluation) if b.name in TUNED_METHODS]
+    weights = [work_of(tuned)] * len(points)  # each run's expected work, for the time left
     for i, s in enumerate(seed_list):
         labels += [f"seed {s} ({i + 1}/{seeds}) part {k}/2" for k in (1, 2)] if split else [f"seed {s} ({i + 1}/{seeds})"]
-    tracker = RunsProgress(labels, workers, progress)
+        weights += [work_of(halves[0]), work_of(halves[1], federated=False)] if split else [work_of([*halves[0], *halves[1]])]
+    tracker = RunsProgress(labels, workers, progress, weights)
     t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _load()
     with Runs(data_root, workers, tracker) as run_all:
         tuning = tune(base, points, root, run_all) if points else None
@@ -486,8 +490,9 @@ class Runs:
                     f.cancel()
                 raise failed[0].exception()
         _relay(self.messages, self.tracker)
-        self.processes.update(pid for pid, _ in (f.result() for f in futures))
-        return [out for _, out in (f.result() for f in futures)]
+        done = [f.result() for f in futures]  # (worker pid, metrics.json content)
+        self.processes.update(pid for pid, _ in done)
+        return [out for _, out in done]
 
 
 _MESSAGES: Any = None  # a worker's queue of (tracker index, message) to the parent
@@ -528,13 +533,15 @@ class RunsProgress:
     """Progress lines of several runs (grid points, seeds), serial or at once: which run,
     what it is doing (its own line: round, method) and an estimate of the time left.
 
-    The estimate is the mean duration of the runs done so far, for every run not done
-    (less what a running one has run), spread over the workers. Before any run is done
-    it is the rounds' pace alone, a lower bound (shown ``> ``): the baselines after the
-    rounds are not in it."""
+    The estimate is the time per unit of work of the runs done so far (``weights``: each
+    run's expected work, e.g. :func:`.baselines.work_of`; 1 each by default) times every
+    run's work not done (less what a running one has run), spread over the workers.
+    Before any run is done the unit is the federated rounds' time, projected from their
+    pace (the federated MoE's training is 1 unit)."""
 
-    def __init__(self, labels: list[str], workers: int, out: Progress):
+    def __init__(self, labels: list[str], workers: int, out: Progress, weights: list[float] | None = None):
         self.labels, self.workers, self.out = labels, max(1, workers), out
+        self.weights = weights or [1.0] * len(labels)
         self.t0 = time.perf_counter()
         self.started: dict[int, float] = {}
         self.took: dict[int, float] = {}  # run -> its wall seconds, once done
@@ -552,13 +559,13 @@ class RunsProgress:
             r, total = (int(x) for x in msg.split(":")[0].removeprefix("round ").split("/"))
             self.rounds_guess[index] = (now - self.started.get(index, self.t0)) / r * total
         if self.took:
-            per_run, prefix = sum(self.took.values()) / len(self.took), "~"
+            per_unit, prefix = sum(self.took.values()) / sum(self.weights[j] for j in self.took), "~"
         elif self.rounds_guess:
-            per_run, prefix = max(self.rounds_guess.values()), "> "
+            per_unit, prefix = max(self.rounds_guess.values()), "~"  # the rounds are 1 unit of work
         else:
             return "?"
         todo = [j for j in range(len(self.labels)) if j not in self.took]
-        work = sum(max(0.0, per_run - (now - self.started[j])) if j in self.started else per_run for j in todo)
+        work = sum(max(0.0, per_unit * self.weights[j] - (now - self.started.get(j, now))) for j in todo)
         return prefix + _clock(work / max(1, min(self.workers, len(todo))))
 
     def reporter(self, index: int) -> Progress:

@@ -31,6 +31,12 @@ def configured(evaluation) -> list[Baseline]:
     return [b for name, b in BASELINES.items() if name in wanted]
 
 
+def work_of(names: list[str], federated: bool = True) -> float:
+    """About how much work the methods ``names`` are, in federated MoE trainings (the
+    federated MoE itself is 1 when ``federated``): :attr:`Baseline.cost` summed."""
+    return float(federated) + sum(BASELINES[n].cost for n in names)
+
+
 def split_work(evaluation) -> tuple[list[str], list[str]]:
     """The methods an ``EvaluationSettings`` asks for, in two halves of about equal cost
     (:attr:`Baseline.cost`) to run in two processes: the first holds the federated MoE
@@ -41,13 +47,13 @@ def split_work(evaluation) -> tuple[list[str], list[str]]:
         after = BASELINES[name].after
         units.setdefault(after if after == "fed_moe" or after in wanted else name, []).append(name)
     halves: tuple[list[str], list[str]] = (units.pop("fed_moe", []), [])
-    cost = [1.0 + sum(BASELINES[n].cost for n in halves[0]), 0.0]
-    for unit in sorted(units.values(), key=lambda u: -sum(BASELINES[n].cost for n in u)):
+    cost = [work_of(halves[0]), 0.0]
+    for unit in sorted(units.values(), key=lambda u: -work_of(u, federated=False)):
         k = cost.index(min(cost))  # greedy: the next largest unit to the lighter half
         halves[k].extend(unit)
-        cost[k] += sum(BASELINES[n].cost for n in unit)
+        cost[k] += work_of(unit, federated=False)
     order = list(BASELINES)
     return sorted(halves[0], key=order.index), sorted(halves[1], key=order.index)
 
 
-__all__ = ["BASELINES", "CORE", "FULL", "Baseline", "BaselineContext", "Centralized", "ClassicalLocal", "ClassicalPooled", "DenseFedAvg", "Ditto", "FedAvgFineTune", "FedProx", "Local", "Personalized", "Results", "configured", "dense_config", "split_work"]
+__all__ = ["BASELINES", "CORE", "FULL", "Baseline", "BaselineContext", "Centralized", "ClassicalLocal", "ClassicalPooled", "DenseFedAvg", "Ditto", "FedAvgFineTune", "FedProx", "Local", "Personalized", "Results", "configured", "dense_config", "split_work", "work_of"]
