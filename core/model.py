@@ -238,6 +238,9 @@ class M3TModel(nn.Module):
             if unknown:
                 raise ConfigError(f"model.{kind}", f"{unknown[0]!r} is not in the model config; known: {', '.join(known)}")
 
+        # What was built: with the config, enough to build this model again (a tuning
+        # run's tested states are read back by it: federation/tested.py).
+        self.selection = {"modalities": list(modalities), "tasks": list(tasks), "experts": list(experts)}
         self.encoders = nn.ModuleDict()
         for m in modalities:
             pc = config.encoders[m]

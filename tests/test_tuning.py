@@ -36,17 +36,48 @@ def test_workers_give_the_same_tables_as_serial(tmp_path):
     assert parallel["time"]["worker_processes"] == 2 and serial["time"]["worker_processes"] == 0
     for key in ("tasks", "comparison", "points", "seeds_used", "tuning"):
         assert json.dumps(serial[key]) == json.dumps(parallel[key]), key  # NaN-safe equality
-    for s in (0, 1):  # a split seed's folder holds every method, as a serial run's does
+    for s in (0, 1):  # a seed's folder holds every method, as a serial run's does
         one, two = (json.loads((tmp_path / n / f"seed_{s}" / "metrics.json").read_text()) for n in ("serial", "parallel"))
         for key in ("summary", "comparison", "test_reads", "points", "method_curves"):
             assert json.dumps(one[key]) == json.dumps(two[key]), (s, key)
         assert list(two["results"]) == ["fed_moe", "personalized", "local", "dense_fedavg", "fedavg_ft", "classical_pooled"]
-        second = json.loads((tmp_path / "parallel" / "parts" / f"seed_{s}" / "metrics.json").read_text())
-        assert "fed_moe" not in second["results"] and second["history"] == []  # no rounds ran there
         assert (tmp_path / "parallel" / f"seed_{s}" / "report.html").exists()
+    # seed 0 was tested from the tuning runs; seed 1 ran as two halves
+    assert not (tmp_path / "parallel" / "parts" / "seed_0").exists()
+    second = json.loads((tmp_path / "parallel" / "parts" / "seed_1" / "metrics.json").read_text())
+    assert "fed_moe" not in second["results"] and second["history"] == []  # no rounds ran there
     # the workers' progress reaches the parent: which run, its round, the time left
     assert any(line.startswith("[seed 1 (2/2) part 1/2 |") and "left]" in line and "round 1/1" in line for line in lines)
     assert serial["time"]["cpu_seconds"] > 0 and parallel["time"]["cpu_seconds"] > 0  # the workers' CPU is counted
+
+
+def test_the_first_seed_is_read_from_the_tuning_runs_with_a_fresh_runs_numbers(tmp_path):
+    """The first seed's deep methods read test from the states their tuning run scored
+    at the chosen point: the same numbers as training them again at those points, no
+    training, and test read once per method and institution."""
+    from m3tfed.config import to_dict
+    from m3tfed.federation.lifecycle import at_points
+
+    d = tiny_config_dict(rounds=2, n=16, personalize_steps=1)
+    d["evaluation"].update(grid={"lr": [1e-4, 3e-2], "local_steps": [1, 2]}, baselines=["local", "dense_fedavg", "fedavg_ft", "fedprox", "ditto", "centralized", "classical_pooled"], personalize=True)
+    out = run_seeds(d, seeds=1, name="t", runs_dir=tmp_path, progress=quiet, workers=1)
+    tuning = out["tuning"]
+    assert len({json.dumps(p) for p in tuning["chosen"].values()}) > 1  # methods chose different points
+    seed = json.loads((tmp_path / "t" / "seed_0" / "metrics.json").read_text())
+    base = to_dict(load_config(d))
+    base["evaluation"]["grid"] = {}
+    fresh = run_job(at_points(base, tuning["chosen"]), name="fresh", runs_dir=tmp_path, progress=quiet, echo=False)
+    assert list(seed["results"]) == list(fresh["results"])
+    for method in fresh["results"]:
+        assert json.dumps(seed["results"][method]) == json.dumps(fresh["results"][method]), method
+    for key in ("kept_round", "method_curves", "points", "test_reads", "communication"):
+        assert json.dumps(seed[key]) == json.dumps(fresh[key]), key
+    untimed = [[{k: v for k, v in r.items() if "seconds" not in k} for r in m["history"]] for m in (seed, fresh)]
+    assert json.dumps(untimed[0]) == json.dumps(untimed[1])
+    f = tuning["runs"]["fed_moe"]
+    assert json.loads((tmp_path / "t" / "seed_0" / "curves.json").read_text()) == json.loads((tmp_path / "t" / f / "curves.json").read_text())
+    assert not (tmp_path / "t" / "seed_0" / "checkpoints").exists()  # no rounds ran for it
+    assert not list((tmp_path / "t").glob("tune_*/tested"))  # read once, then removed
 
 
 def test_every_deep_method_keeps_its_own_grid_point_chosen_on_validation(tmp_path):
@@ -141,6 +172,28 @@ def test_a_centralized_step_is_one_step_on_a_batch_mixing_institutions():
     assert moved > 10
     own, shared = pooled.own_state[b]["task.symbol"], model.component_state("task.symbol")
     assert any(not torch.equal(own[k], shared[k]) for k in own)  # its own head took the step
+
+
+def test_a_centralized_round_sees_the_federations_samples_in_mixed_steps(monkeypatch):
+    """Per round, the pooled model takes the federation's batches (federation.batch_size
+    samples each, as many as the institutions' local steps together), MIX of them to a
+    step: the same samples and forward passes as the federation."""
+    from m3tfed.federation.baselines import centralized
+    from m3tfed.federation.baselines.base import BaselineContext
+    from m3tfed.federation.evaluation import FinalTest
+
+    fed = build_federation(load_config(tiny_config_dict(rounds=1, n=40)))
+    steps: list[list[tuple[int, int]]] = []
+    monkeypatch.setattr(PooledTrainer, "step", lambda self, parts: steps.append([(k, len(next(iter(b["targets"].values())))) for k, b in parts]))
+    centralized.Centralized().run(fed, BaselineContext(final=FinalTest("val"), progress=quiet))
+    insts = list(fed.institutions.values())
+    mix = min(centralized.MIX, len(insts))
+    assert len(steps) == round(sum(i.local_steps() for i in insts) / mix)
+    batch = fed.config.federation.batch_size
+    for parts in steps:
+        assert len({k for k, _ in parts}) == mix  # distinct institutions in every step
+    sizes = [rows for parts in steps for _, rows in parts]
+    assert max(sizes) == batch and sizes.count(batch) > len(sizes) / 2  # federation batches (an epoch's last may be short)
 
 
 def test_a_grid_point_whose_validation_loss_is_nan_is_never_chosen(tmp_path):

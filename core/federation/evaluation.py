@@ -57,14 +57,22 @@ class FinalTest:
     ``split="val"`` makes it read validation instead: a tuning run (the grid of
     ``evaluation.grid``) scores every method on validation by the same code path."""
 
-    def __init__(self, split: str = "test") -> None:
+    def __init__(self, split: str = "test", keep_scored: bool = False) -> None:
         if split not in ("test", "val"):
             raise ValueError(f"FinalTest reads 'test' (or 'val' for tuning), not {split!r}")
         self.split = split
         self.reads: dict[str, dict[str, int]] = {}  # method -> institution -> reads
+        # keep_scored: every model evaluated, with a copy of its trainable state as it was
+        # scored (method -> institution -> (model, state)): a tuning run writes them for
+        # the first seed's test read (federation/tested.py).
+        self.scored: dict[str, dict[str, tuple[Any, dict]]] | None = {} if keep_scored else None
 
     def evaluate(self, method: str, institution: Any, model: Any) -> tuple[Metrics, dict[str, list[int]]]:
-        return self.evaluate_with(method, institution, lambda split: evaluate_model(model, institution.config.tasks, split))
+        out = self.evaluate_with(method, institution, lambda split: evaluate_model(model, institution.config.tasks, split))
+        if self.scored is not None:
+            state = {c: model.component_state(c) for c in model.component_names()}
+            self.scored.setdefault(method, {})[institution.name] = (model, state)
+        return out
 
     def evaluate_with(self, method: str, institution: Any, read: Callable[[dict[str, Any]], Any]) -> Any:
         """``read(test split)`` once for ``method`` (a learner that is not an ``M3TModel``,

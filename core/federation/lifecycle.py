@@ -54,6 +54,7 @@ from .evaluation import FinalTest, Metrics, evaluate_model
 from .report import across_seeds, compare, format_seeds_table, format_table, merge_halves, summarize
 from .routing_stats import routing_mutual_information
 from .server import RoundReport, Server
+from .tested import TESTED, read_test_from, save_scored
 
 Progress = Callable[[str], None]
 
@@ -73,13 +74,17 @@ def run_job(
     echo: bool = True,
     tuning: bool = False,
     baselines_only: bool = False,
+    tested_from: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run a federation end to end. ``stop_after`` stops after that round (tests of resume);
     ``echo=False`` leaves the tables out of stdout (a multi-seed run prints its own);
     ``tuning=True`` is a run of the tuning grid: every method is scored on validation
     and the test split is not read. ``baselines_only=True`` runs no federated rounds,
     only the configured baselines (the second half of a seed split over two processes,
-    :func:`run_seeds`)."""
+    :func:`run_seeds`). ``tested_from`` (method -> tuning run folder; with
+    ``baselines_only``) reads those methods' test from the states their tuning run
+    scored (:mod:`.tested`) instead of training them again: the first seed of a tuned
+    protocol."""
     cfg = load_config(config, overrides)
     if has_grid(cfg):
         raise ConfigError("evaluation.grid", "a tuning grid is run by run_seeds (`m3tfed run --seeds N` or --protocol), which tunes on the first seed")
@@ -94,7 +99,7 @@ def run_job(
         # What each data source read, dropped or fixed, per institution: nothing is dropped unseen.
         write_json_atomic(run_dir / "data_report.json", {n: i.data.report for n, i in fed.institutions.items()})
         if baselines_only:
-            return finish(fed, run_dir, [], None, progress, echo, tuning)
+            return finish(fed, run_dir, [], None, progress, echo, tuning, tested_from)
         return continue_run(fed, run_dir, start_round=1, stop_after=stop_after, progress=progress, echo=echo, tuning=tuning)
     except BaseException:
         if not round_checkpoints(run_dir):  # nothing to resume: leave no folder behind
@@ -210,33 +215,56 @@ def cpu_seconds() -> float:
 
 
 def finish(
-    fed: Federation, run_dir: Path, curves: list[dict], fed_time: tuple[float, float] | None, progress: Progress, echo: bool = True, tuning: bool = False
+    fed: Federation,
+    run_dir: Path,
+    curves: list[dict],
+    fed_time: tuple[float, float] | None,
+    progress: Progress,
+    echo: bool = True,
+    tuning: bool = False,
+    tested_from: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Test the kept state and every configured baseline once; write the run folder.
     ``fed_time`` is the federated rounds' (wall, CPU) seconds; None when no rounds ran
     (the baselines alone). A tuning run reads validation where a run reads test, writes
-    no plots and prints nothing."""
+    no plots and prints nothing, and keeps every model it scored (:mod:`.tested`).
+    ``tested_from`` (method -> tuning run folder) tests those methods from what their
+    tuning run scored, with its times, curves and (fed_moe) rounds."""
     cfg = fed.config
-    baselines = configured(cfg.evaluation)
-    final = FinalTest("val" if tuning else "test")
+    final = FinalTest("val" if tuning else "test", keep_scored=tuning)
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
     routing: dict[str, dict] = {}
     kept_round = None
+    history = [to_dict(r) for r in fed.server.history]
+    communication = {"bytes_down": sum(r.bytes_down for r in fed.server.history), "bytes_up": sum(r.bytes_up for r in fed.server.history)}
+    ctx = BaselineContext(final=final, progress=progress)
     if fed_time is not None:
-        progress(f"evaluating: federated MoE and {', '.join(b.name for b in baselines)}")
+        progress(f"evaluating: federated MoE and {', '.join(b.name for b in configured(cfg.evaluation))}")
         kept_round = load_kept(fed, run_dir)
         progress(f"  testing the state after round {kept_round}" + (" (lowest validation loss)" if cfg.evaluation.keep == "best" else ""))
         results["fed_moe"], routing = read_test_once(fed, final)
         seconds["fed_moe"], cpu["fed_moe"] = fed_time
-    history = [to_dict(r) for r in fed.server.history]
-    ctx = BaselineContext(final=final, progress=progress)
+    for method, tuning_run in (tested_from or {}).items():
+        progress(f"  method {method}: testing the state its tuning run kept ({Path(tuning_run).name})")
+        results[method], method_routing = read_test_from(fed, Path(tuning_run), method, final)
+        done = json.loads((Path(tuning_run) / "metrics.json").read_text())
+        seconds[method], cpu[method] = done["seconds"][method], done["cpu_seconds"][method]
+        if (curve := method_curve(method, tested_from, done)) is not None:
+            ctx.curves[method] = curve
+        if method == "fed_moe":  # its rounds are the tuning run's
+            routing, kept_round, history, communication = method_routing, done["kept_round"], done["history"], done["communication"]
+            curves = json.loads((Path(tuning_run) / "curves.json").read_text())
+            write_json_atomic(run_dir / "curves.json", curves)
+    baselines = [b for b in configured(cfg.evaluation) if b.name not in (tested_from or {})]
     for k, baseline in enumerate(baselines, 1):
         progress(f"  method {baseline.name} ({k}/{len(baselines)})")
         t, c = time.perf_counter(), cpu_seconds()
         results[baseline.name] = baseline.run(fed, ctx)
         seconds[baseline.name], cpu[baseline.name] = time.perf_counter() - t, cpu_seconds() - c
+    order = ["fed_moe", *BASELINES]  # tables list methods in one order however they ran
+    results = {m: results[m] for m in sorted(results, key=order.index)}
     summary = summarize(fed, results)
     comparison = compare(summary) if "fed_moe" in results else {}
     out = {
@@ -247,7 +275,7 @@ def finish(
         "summary": summary,
         "comparison": comparison,
         "results": results,
-        "communication": {"bytes_down": sum(r.bytes_down for r in fed.server.history), "bytes_up": sum(r.bytes_up for r in fed.server.history)},
+        "communication": communication,
         "history": history,
         "kept_round": kept_round,
         "routing_mutual_information": routing_mutual_information(routing),  # does routing specialize by task?
@@ -259,6 +287,8 @@ def finish(
         # the learning rate and local steps each deep method ran with (evaluation.tuned)
         "points": {m: point_of(cfg, m) for m in results if m in TUNED_METHODS},
     }
+    if tuning:  # before metrics.json, which marks the run done
+        save_scored(final.scored, run_dir)
     write_json_atomic(run_dir / "metrics.json", out)
     if tuning:
         return out
@@ -272,6 +302,22 @@ def finish(
             print(f"  vs {base:<17} {c['mean_relative_advantage']:+.1%}   better at {c['share_of_institutions_better']:.0%}")
         print(f"\nrun folder: {run_dir}" + (f"; report: {run_dir / 'report.html'}" if cfg.evaluation.plots else ""))
     return out
+
+
+def method_curve(method: str, tested_from: dict[str, str], done: dict[str, Any]) -> list[dict] | None:
+    """The validation curve of the training ``method``'s state came from in its tuning
+    run (``done``: that run's metrics.json), as a run at the chosen points records it: a
+    method that starts from another's state (personalized, FedAvg + fine-tuning) gets a
+    curve of its own when its point is not that method's, its base trained at its point."""
+    if method in done["method_curves"]:
+        return done["method_curves"][method]
+    after = BASELINES[method].after if method in BASELINES else None
+    if after is None or tested_from.get(after) == tested_from[method]:
+        return None
+    if after == "fed_moe":
+        curves = json.loads((Path(tested_from[method]) / "curves.json").read_text())
+        return [{"round": c["round"], "val_loss": c["val_loss"]} for c in curves if "val_loss" in c]
+    return done["method_curves"].get(after)
 
 
 def point_of(cfg: FederationConfig, method: str) -> dict[str, Any]:
@@ -297,7 +343,9 @@ def run_seeds(
     With a tuning grid (``evaluation.grid``), every deep method first runs at every grid
     point on the first seed (folders ``tune_<k>``, validation only, no test read) and
     each keeps the point of its lowest mean validation loss (:func:`tune`); the seeds
-    then run with each method at its point. ``workers`` (default
+    then run with each method at its point. The first seed's run at those points is
+    the tuning runs' at them: its deep methods read test from the states those runs
+    scored (:mod:`.tested`), with no second training. ``workers`` (default
     ``evaluation.workers``; 0 = every usable core) runs that many runs at once, each in a
     process of its own with its share of the cores; results are the same as serial when
     each run has the same thread count either way (the default, ``federation.threads =
@@ -329,8 +377,13 @@ def run_seeds(
         base["federation"]["threads"] = min(resolve_threads(cfg.federation.threads), max(1, usable_cores() // workers))
     labels = [f"grid point {k + 1}/{len(points)} (lr {p['lr']:g}, {p['local_steps']} steps)" for k, p in enumerate(points)]
     tuned = [b.name for b in configured(cfg.evaluation) if b.name in TUNED_METHODS]
+    untuned = [b.name for b in configured(cfg.evaluation) if b.name not in TUNED_METHODS]
     weights = [work_of(tuned)] * len(points)  # each run's expected work, for the time left
     for i, s in enumerate(seed_list):
+        if points and i == 0:  # tested from the tuning runs; the untuned methods train
+            labels.append(f"seed {s} (1/{seeds}): test of the tuned states")
+            weights.append(work_of(untuned, federated=False) + 0.05)
+            continue
         labels += [f"seed {s} ({i + 1}/{seeds}) part {k}/2" for k in (1, 2)] if split else [f"seed {s} ({i + 1}/{seeds})"]
         weights += [work_of(halves[0]), work_of(halves[1], federated=False)] if split else [work_of([*halves[0], *halves[1]])]
     tracker = RunsProgress(labels, workers, progress, weights)
@@ -342,7 +395,11 @@ def run_seeds(
         jobs = []
         for s in seed_list:
             d = {**base, "seed": s}
-            if split:
+            if tuning is not None and s == tuning["seed"]:
+                # The tuning runs trained every deep method on this seed at every point:
+                # test is read from the chosen point's states, the others train here.
+                jobs.append(RunSpec(d, root, f"seed_{s}", tracker_index=len(points) + len(jobs), baselines_only=True, tested_from={m: str(root / r) for m, r in tuning["runs"].items()}))
+            elif split:
                 first, second = copy.deepcopy(d), copy.deepcopy(d)
                 first["evaluation"].update(baselines=[m for m in halves[0] if m != "personalized"], plots=False)
                 second["evaluation"].update(baselines=halves[1], personalize=False, plots=False)
@@ -351,8 +408,12 @@ def run_seeds(
             else:
                 jobs.append(RunSpec(d, root, f"seed_{s}", tracker_index=len(points) + len(jobs)))
         outs = run_all(jobs)
+    if tuning is not None:  # the first seed read their test: the scored states served their purpose
+        for k in range(len(points)):
+            shutil.rmtree(root / f"tune_{k}" / TESTED, ignore_errors=True)
     if split:  # each seed's folder gets the metrics.json (and figures) of all its methods
-        outs = [join_halves(root / f"seed_{s}", cfg, outs[2 * i], outs[2 * i + 1]) for i, s in enumerate(seed_list)]
+        parts = iter(outs)
+        outs = [next(parts) if tuning is not None and s == tuning["seed"] else join_halves(root / f"seed_{s}", cfg, next(parts), next(parts)) for s in seed_list]
     combined = {"name": cfg.name, "seeds_used": seed_list, **across_seeds([o["summary"] for o in outs])}
     combined["points"] = outs[0]["points"]  # each deep method's learning rate and local steps
     if tuning is not None:
@@ -412,8 +473,11 @@ def tune(base: dict, points: list[dict], root: Path, run_all: Callable[[list[Run
     outs = run_all(jobs)
     scores = {m: [validation_score(o["results"][m]) for o in outs] for m in outs[0]["results"]}
     # a diverged point (NaN: every comparison with it is False) must lose, not win by position
-    chosen = {m: points[min(range(len(points)), key=lambda k, v=v: v[k] if v[k] == v[k] else float("inf"))] for m, v in scores.items()}
-    return {"points": points, "val_loss": scores, "chosen": chosen, "seed": base["seed"]}
+    index = {m: min(range(len(points)), key=lambda k, v=v: v[k] if v[k] == v[k] else float("inf")) for m, v in scores.items()}
+    chosen = {m: points[k] for m, k in index.items()}
+    # the tuning run at each method's chosen point: the first seed reads test from it
+    runs = {m: f"tune_{k}" for m, k in index.items()}
+    return {"points": points, "val_loss": scores, "chosen": chosen, "runs": runs, "seed": base["seed"]}
 
 
 def at_points(base: dict, chosen: dict[str, dict]) -> dict:
@@ -443,6 +507,7 @@ class RunSpec:
     tracker_index: int
     tuning: bool = False
     baselines_only: bool = False  # the second half of a split seed (:func:`run_seeds`)
+    tested_from: dict[str, str] | None = None  # the first seed of a tuned protocol (:func:`run_seeds`)
 
 
 class Runs:
@@ -526,7 +591,7 @@ def _relay(messages: Any, tracker: RunsProgress) -> None:
 
 
 def _run_spec(job: RunSpec, data_root: Any, progress: Progress) -> dict[str, Any]:
-    return run_job(job.config, name=job.name, runs_dir=job.runs_dir, data_root=data_root, progress=progress, echo=False, tuning=job.tuning, baselines_only=job.baselines_only)
+    return run_job(job.config, name=job.name, runs_dir=job.runs_dir, data_root=data_root, progress=progress, echo=False, tuning=job.tuning, baselines_only=job.baselines_only, tested_from=job.tested_from)
 
 
 class RunsProgress:

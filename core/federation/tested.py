@@ -1,0 +1,94 @@
+"""The models a tuning run scored, kept so the first seed reads test from them.
+
+A tuning run (``run_seeds`` with ``evaluation.grid``) trains every deep method at one
+grid point on the first seed and scores the state each keeps on validation. The first
+seed's run at each method's chosen point would train exactly that again, so instead the
+tuning run writes what it scored (``tested/<method>``: each institution's model, as its
+build selection and trainable tensors) and, once every method has chosen its point on
+validation, the first seed reads test from the chosen point's states: the same numbers,
+one training fewer per method. Test is still read once, after the choice.
+
+Frozen tensors (a pretrained backbone) are not written: the model is built again from
+its config, which loads them, and their SHA-256 recorded at save time must match, so a
+state is never read into a model whose frozen part differs.
+
+Not for: resuming a run (:mod:`.checkpoint` round checkpoints) or the kept round of the
+federated MoE (``run_dir/kept``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import from_dict, to_dict
+from ..errors import CheckpointError
+from ..model import M3TModel, ModelConfig
+from .build import Federation
+from .checkpoint import SEP, flatten_components, load_checkpoint, save_checkpoint, unflatten_components
+from .evaluation import FinalTest, Metrics
+from .institution import ModelPool
+
+TESTED = "tested"  # run_dir/tested/<method>: the states a tuning run scored
+
+Scored = dict[str, dict[str, tuple[M3TModel, dict[str, dict[str, torch.Tensor]]]]]  # method -> institution -> (model, state)
+
+
+def frozen_sha256(model: M3TModel) -> str:
+    """One hash of every frozen (not trained) tensor of ``model``, by name."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if not p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_scored(scored: Scored, run_dir: Path) -> None:
+    """Write each method's scored models under ``run_dir/tested/<method>``."""
+    for method, by_inst in scored.items():
+        models: list[dict[str, Any]] = []
+        index: dict[int, int] = {}  # id(model) -> its entry in models
+        tensors: dict[str, torch.Tensor] = {}
+        institutions: dict[str, int] = {}
+        for name, (model, state) in by_inst.items():
+            if id(model) not in index:
+                index[id(model)] = len(models)
+                models.append({"config": to_dict(model.config), "selection": model.selection, "frozen_sha256": frozen_sha256(model)})
+            institutions[name] = index[id(model)]
+            tensors.update({f"{name}{SEP}{k}": v for k, v in flatten_components(state).items()})
+        save_checkpoint(Path(run_dir) / TESTED / method, tensors, {"method": method, "models": models, "institutions": institutions})
+
+
+def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalTest) -> tuple[dict[str, Metrics], dict[str, dict]]:
+    """Every institution's test metrics (and routing) for ``method``, read through
+    ``final`` from the models the tuning run ``tuning_run`` scored."""
+    where = Path(tuning_run) / TESTED / method
+    tensors, meta = load_checkpoint(where)
+    owners: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        owner, _, rest = key.partition(SEP)
+        owners.setdefault(owner, {})[rest] = v
+    missing = sorted(set(fed.institutions) - set(meta["institutions"]))
+    if missing:
+        raise CheckpointError(f"{where}: no state for institution(s) {', '.join(missing)}")
+    pool = ModelPool(fed.config.model, fed.server.catalogue)  # for its one copy of frozen tensors
+    models: dict[int, M3TModel] = {}  # entry of meta["models"] -> the model built for it
+    metrics, routing = {}, {}
+    for name, inst in fed.institutions.items():
+        k = meta["institutions"][name]
+        if k not in models:
+            spec = meta["models"][k]
+            # in the scored model's own module order (a pool's would sort it): the same sums
+            models[k] = model = M3TModel(from_dict(ModelConfig, spec["config"]), **spec["selection"], catalogue=fed.server.catalogue)
+            pool.share_frozen(model)
+            if frozen_sha256(model) != spec["frozen_sha256"]:
+                raise CheckpointError(f"{where}: {name}'s model has other frozen weights than the one the tuning run scored")
+        model = models[k]
+        for comp, state in unflatten_components(owners.get(name, {})).items():
+            model.load_component_state(comp, state)
+        metrics[name], routing[name] = final.evaluate(method, inst, model)
+    return metrics, routing
