@@ -28,7 +28,13 @@ from ..config import from_dict, to_dict
 from ..errors import CheckpointError
 from ..model import M3TModel, ModelConfig
 from .build import Federation
-from .checkpoint import SEP, flatten_components, load_checkpoint, save_checkpoint, unflatten_components
+from .checkpoint import (
+    SEP,
+    flatten_components,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_components,
+)
 from .evaluation import FinalTest, Metrics
 from .institution import ModelPool
 
