@@ -80,6 +80,56 @@ def test_the_first_seed_is_read_from_the_tuning_runs_with_a_fresh_runs_numbers(t
     assert not list((tmp_path / "t").glob("tune_*/tested"))  # read once, then removed
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_a_method_tested_from_a_base_at_another_point_matches_a_fresh_run(tmp_path, monkeypatch, keep):
+    """When personalized (or FedAvg + fine-tuning) chose another point than the method it
+    starts from, a run at the chosen points trains that base again for it; the first
+    seed reads it from the tuning run at its point instead: the same numbers, curve and
+    (base included) time, under either early-stopping rule."""
+    from m3tfed.config import to_dict
+    from m3tfed.federation import lifecycle
+
+    def tune_apart(base, points, root, run_all):  # force each onto the other base's point
+        out = real_tune(base, points, root, run_all)
+        for method, after in (("personalized", "fed_moe"), ("fedavg_ft", "dense_fedavg")):
+            k = 1 - int(out["runs"][after].removeprefix("tune_"))
+            out["chosen"][method], out["runs"][method] = points[k], f"tune_{k}"
+        return out
+
+    real_tune = lifecycle.tune
+    monkeypatch.setattr(lifecycle, "tune", tune_apart)
+    d = tiny_config_dict(rounds=2, n=16, personalize_steps=1)
+    d["evaluation"].update(grid={"lr": [3e-3, 3e-2]}, baselines=["dense_fedavg", "fedavg_ft"], personalize=True, keep=keep, plots=False)
+    out = run_seeds(d, seeds=1, name="t", runs_dir=tmp_path, progress=quiet, workers=1)
+    seed = json.loads((tmp_path / "t" / "seed_0" / "metrics.json").read_text())
+    base = to_dict(load_config(d))
+    base["evaluation"]["grid"] = {}
+    fresh = run_job(lifecycle.at_points(base, out["tuning"]["chosen"]), name="fresh", runs_dir=tmp_path, progress=quiet, echo=False)
+    for key in ("results", "method_curves", "points", "test_reads"):
+        assert json.dumps(seed[key]) == json.dumps(fresh[key]), key
+    assert seed["tested_from"]["personalized"] != seed["tested_from"]["fed_moe"]
+    tune_runs = {k: json.loads((tmp_path / "t" / f"tune_{k}" / "metrics.json").read_text()) for k in (0, 1)}
+    k = int(seed["tested_from"]["personalized"].removeprefix("tune_"))
+    assert seed["seconds"]["personalized"] == tune_runs[k]["seconds"]["personalized"] + tune_runs[k]["seconds"]["fed_moe"]
+
+
+def test_a_scored_state_is_not_read_into_a_model_with_other_frozen_weights(tmp_path, monkeypatch):
+    from m3tfed.errors import CheckpointError
+    from m3tfed.federation import tested
+    from m3tfed.federation.evaluation import FinalTest
+
+    fed = build_federation(load_config(tiny_config_dict(rounds=1, n=16)))
+    final = FinalTest("val", keep_scored=True)
+    for inst in fed.institutions.values():
+        final.evaluate("fed_moe", inst, inst.load(fed.server.state))
+    tested.save_scored(final.scored, tmp_path)
+    metrics, _ = tested.read_test_from(fed, tmp_path, "fed_moe", FinalTest("val"))
+    assert json.dumps(metrics) == json.dumps({n: m for n, (m, _) in ((n, FinalTest("val").evaluate("fed_moe", i, i.load(fed.server.state))) for n, i in fed.institutions.items())})
+    monkeypatch.setattr(tested, "frozen_sha256", lambda model: "another backbone")
+    with pytest.raises(CheckpointError, match="other frozen weights"):
+        tested.read_test_from(fed, tmp_path, "fed_moe", FinalTest("val"))
+
+
 def test_every_deep_method_keeps_its_own_grid_point_chosen_on_validation(tmp_path):
     d = tiny_config_dict(rounds=1, n=16, personalize_steps=1)
     d["evaluation"].update(baselines=["local", "dense_fedavg", "centralized", "classical_pooled"], personalize=True, grid={"lr": [1e-4, 3e-2], "local_steps": [1, 2]}, plots=True)

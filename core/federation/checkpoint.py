@@ -325,6 +325,17 @@ def flatten_components(
     return flat
 
 
+def split_owners(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"owner::component::param": t}`` -> ``{"owner": {"component::param": t}}`` (the
+    files that hold several owners' components: a run's kept state, a tuning run's
+    scored models)."""
+    owners: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        owner, _, rest = key.partition(SEP)
+        owners.setdefault(owner, {})[rest] = v
+    return owners
+
+
 def unflatten_components(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Inverse of :func:`flatten_components` (splits each key at its first ``::``)."""
     components: dict[str, dict[str, torch.Tensor]] = {}

@@ -97,12 +97,13 @@ class ModelPool:
         # Order does not change a model (modules are keyed by name): normalise the key.
         key = (tuple(sorted(modalities)), tuple(sorted(tasks)), tuple(sorted(experts)))
         if key not in self.models:
-            model = M3TModel(self.config, *map(list, key), catalogue=self.catalogue)
-            self.share_frozen(model)
-            if self.accelerator is not None:
-                model = self.accelerator.prepare_model(model)
-            self.models[key] = model
+            self.models[key] = self.prepare(M3TModel(self.config, *map(list, key), catalogue=self.catalogue))
         return self.models[key]
+
+    def prepare(self, model: M3TModel) -> M3TModel:
+        """``model`` with the pool's frozen tensors and on its accelerator, as the pool's own."""
+        self.share_frozen(model)
+        return model if self.accelerator is None else self.accelerator.prepare_model(model)
 
     def share_frozen(self, model: M3TModel) -> None:
         """Point the model's frozen parameters (backbones) at the pool's single copy.

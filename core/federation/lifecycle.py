@@ -33,7 +33,7 @@ import torch
 from ..config import IDENTIFIER, to_dict
 from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
-from ..privacy.ledger import PrivacyLedger
+from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..threads import resolve_threads, usable_cores
 from .baselines import BASELINES, BaselineContext, configured, split_work, work_of
 from .baselines.common import config_at
@@ -46,6 +46,7 @@ from .checkpoint import (
     load_checkpoint,
     round_checkpoints,
     save_checkpoint,
+    split_owners,
     unflatten_components,
     write_json_atomic,
 )
@@ -86,6 +87,8 @@ def run_job(
     scored (:mod:`.tested`) instead of training them again: the first seed of a tuned
     protocol."""
     cfg = load_config(config, overrides)
+    if tested_from and not baselines_only:
+        raise ValueError("tested_from reads the federated MoE's test from a tuning run: it needs baselines_only=True (no rounds here)")
     if has_grid(cfg):
         raise ConfigError("evaluation.grid", "a tuning grid is run by run_seeds (`m3tfed run --seeds N` or --protocol), which tunes on the first seed")
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -251,12 +254,19 @@ def finish(
         results[method], method_routing = read_test_from(fed, Path(tuning_run), method, final)
         done = json.loads((Path(tuning_run) / "metrics.json").read_text())
         seconds[method], cpu[method] = done["seconds"][method], done["cpu_seconds"][method]
-        if (curve := method_curve(method, tested_from, done)) is not None:
+        curve = done["method_curves"].get(method)
+        if (base := borrowed_base(method, tested_from)) is not None:
+            # a run at the chosen points trains this base for it: its time and curve count
+            seconds[method], cpu[method] = seconds[method] + done["seconds"][base], cpu[method] + done["cpu_seconds"][base]
+            curve = validation_curve(Path(tuning_run)) if base == "fed_moe" else done["method_curves"].get(base)
+        if curve is not None:
             ctx.curves[method] = curve
-        if method == "fed_moe":  # its rounds are the tuning run's
+        if method == "fed_moe":  # its rounds are the tuning run's (and its privacy ledger)
             routing, kept_round, history, communication = method_routing, done["kept_round"], done["history"], done["communication"]
             curves = json.loads((Path(tuning_run) / "curves.json").read_text())
             write_json_atomic(run_dir / "curves.json", curves)
+            if (Path(tuning_run) / LEDGER_FILE).exists():
+                shutil.copy2(Path(tuning_run) / LEDGER_FILE, run_dir / LEDGER_FILE)
     baselines = [b for b in configured(cfg.evaluation) if b.name not in (tested_from or {})]
     for k, baseline in enumerate(baselines, 1):
         progress(f"  method {baseline.name} ({k}/{len(baselines)})")
@@ -280,6 +290,8 @@ def finish(
         "kept_round": kept_round,
         "routing_mutual_information": routing_mutual_information(routing),  # does routing specialize by task?
         "split": final.split,  # "val" in a tuning run: every table above is on validation
+        # method -> the tuning run its test was read from (the first seed of a tuned protocol)
+        "tested_from": {m: Path(d).name for m, d in (tested_from or {}).items()},
         "test_reads": final.reads if not tuning else {},
         "method_curves": ctx.curves,  # validation curves of the baselines that have rounds
         "seconds": seconds,  # where the time goes, per method: wall seconds
@@ -304,20 +316,19 @@ def finish(
     return out
 
 
-def method_curve(method: str, tested_from: dict[str, str], done: dict[str, Any]) -> list[dict] | None:
-    """The validation curve of the training ``method``'s state came from in its tuning
-    run (``done``: that run's metrics.json), as a run at the chosen points records it: a
-    method that starts from another's state (personalized, FedAvg + fine-tuning) gets a
-    curve of its own when its point is not that method's, its base trained at its point."""
-    if method in done["method_curves"]:
-        return done["method_curves"][method]
+def borrowed_base(method: str, tested_from: dict[str, str]) -> str | None:
+    """The method whose state ``method`` started from in its tuning run (personalized:
+    fed_moe, FedAvg + fine-tuning: dense FedAvg) when their chosen points differ: a run
+    at the chosen points then trains that base again at ``method``'s point, for it alone,
+    with its own curve and time. None otherwise."""
     after = BASELINES[method].after if method in BASELINES else None
-    if after is None or tested_from.get(after) == tested_from[method]:
-        return None
-    if after == "fed_moe":
-        curves = json.loads((Path(tested_from[method]) / "curves.json").read_text())
-        return [{"round": c["round"], "val_loss": c["val_loss"]} for c in curves if "val_loss" in c]
-    return done["method_curves"].get(after)
+    return after if after is not None and tested_from.get(after) != tested_from[method] else None
+
+
+def validation_curve(run_dir: Path) -> list[dict[str, float]]:
+    """A run's federated validation curve in the baselines' form ({round, val_loss})."""
+    curves = json.loads((run_dir / "curves.json").read_text())
+    return [{"round": c["round"], "val_loss": c["val_loss"]} for c in curves if "val_loss" in c]
 
 
 def point_of(cfg: FederationConfig, method: str) -> dict[str, Any]:
@@ -379,8 +390,10 @@ def run_seeds(
     tuned = [b.name for b in configured(cfg.evaluation) if b.name in TUNED_METHODS]
     untuned = [b.name for b in configured(cfg.evaluation) if b.name not in TUNED_METHODS]
     weights = [work_of(tuned)] * len(points)  # each run's expected work, for the time left
+    # The grid runs on the first seed, whose run is then read from the tuning runs.
+    tested_seed = seed_list[0] if points else None
     for i, s in enumerate(seed_list):
-        if points and i == 0:  # tested from the tuning runs; the untuned methods train
+        if s == tested_seed:  # tested from the tuning runs; the untuned methods train
             labels.append(f"seed {s} (1/{seeds}): test of the tuned states")
             weights.append(work_of(untuned, federated=False) + 0.05)
             continue
@@ -389,13 +402,16 @@ def run_seeds(
     tracker = RunsProgress(labels, workers, progress, weights)
     t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _load()
     with Runs(data_root, workers, tracker) as run_all:
-        tuning = tune(base, points, root, run_all) if points else None
+        tuning = tune({**base, "seed": seed_list[0]}, points, root, run_all) if points else None
         if tuning is not None:
             base = at_points(base, tuning["chosen"])
+            for k in range(len(points)):  # a state no method chose is never read: drop it now
+                for method in {m for m, r in tuning["runs"].items() if r != f"tune_{k}"}:
+                    shutil.rmtree(root / f"tune_{k}" / TESTED / method, ignore_errors=True)
         jobs = []
         for s in seed_list:
             d = {**base, "seed": s}
-            if tuning is not None and s == tuning["seed"]:
+            if s == tested_seed:
                 # The tuning runs trained every deep method on this seed at every point:
                 # test is read from the chosen point's states, the others train here.
                 jobs.append(RunSpec(d, root, f"seed_{s}", tracker_index=len(points) + len(jobs), baselines_only=True, tested_from={m: str(root / r) for m, r in tuning["runs"].items()}))
@@ -407,13 +423,14 @@ def run_seeds(
                 jobs.append(RunSpec(second, root / "parts", f"seed_{s}", tracker_index=len(points) + len(jobs), baselines_only=True))
             else:
                 jobs.append(RunSpec(d, root, f"seed_{s}", tracker_index=len(points) + len(jobs)))
-        outs = run_all(jobs)
-    if tuning is not None:  # the first seed read their test: the scored states served their purpose
-        for k in range(len(points)):
-            shutil.rmtree(root / f"tune_{k}" / TESTED, ignore_errors=True)
+        try:
+            outs = run_all(jobs)
+        finally:  # read once (or the run failed): the scored states served their purpose
+            for k in range(len(points)):
+                shutil.rmtree(root / f"tune_{k}" / TESTED, ignore_errors=True)
     if split:  # each seed's folder gets the metrics.json (and figures) of all its methods
         parts = iter(outs)
-        outs = [next(parts) if tuning is not None and s == tuning["seed"] else join_halves(root / f"seed_{s}", cfg, next(parts), next(parts)) for s in seed_list]
+        outs = [next(parts) if s == tested_seed else join_halves(root / f"seed_{s}", cfg, next(parts), next(parts)) for s in seed_list]
     combined = {"name": cfg.name, "seeds_used": seed_list, **across_seeds([o["summary"] for o in outs])}
     combined["points"] = outs[0]["points"]  # each deep method's learning rate and local steps
     if tuning is not None:
@@ -506,7 +523,7 @@ class RunSpec:
     name: str
     tracker_index: int
     tuning: bool = False
-    baselines_only: bool = False  # the second half of a split seed (:func:`run_seeds`)
+    baselines_only: bool = False  # no rounds: a split seed's second half, or the tested first seed
     tested_from: dict[str, str] | None = None  # the first seed of a tuned protocol (:func:`run_seeds`)
 
 
@@ -688,10 +705,7 @@ def save_kept(fed: Federation, run_dir: Path, rnd: int) -> None:
 def load_kept(fed: Federation, run_dir: Path) -> int:
     """Load the kept state into the federation; return its round."""
     tensors, meta = load_checkpoint(Path(run_dir) / KEPT)
-    owners: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        owner, _, rest = key.partition(SEP)
-        owners.setdefault(owner, {})[rest] = v
+    owners = split_owners(tensors)
     fed.server.state = {**fed.server.state, **unflatten_components(owners.get("@server", {}))}
     for name, inst in fed.institutions.items():
         inst.personal_state = {**inst.personal_state, **unflatten_components(owners.get(name, {}))}

@@ -33,10 +33,10 @@ from .checkpoint import (
     flatten_components,
     load_checkpoint,
     save_checkpoint,
+    split_owners,
     unflatten_components,
 )
 from .evaluation import FinalTest, Metrics
-from .institution import ModelPool
 
 TESTED = "tested"  # run_dir/tested/<method>: the states a tuning run scored
 
@@ -74,23 +74,20 @@ def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalT
     ``final`` from the models the tuning run ``tuning_run`` scored."""
     where = Path(tuning_run) / TESTED / method
     tensors, meta = load_checkpoint(where)
-    owners: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        owner, _, rest = key.partition(SEP)
-        owners.setdefault(owner, {})[rest] = v
+    owners = split_owners(tensors)
     missing = sorted(set(fed.institutions) - set(meta["institutions"]))
     if missing:
         raise CheckpointError(f"{where}: no state for institution(s) {', '.join(missing)}")
-    pool = ModelPool(fed.config.model, fed.server.catalogue)  # for its one copy of frozen tensors
     models: dict[int, M3TModel] = {}  # entry of meta["models"] -> the model built for it
     metrics, routing = {}, {}
     for name, inst in fed.institutions.items():
         k = meta["institutions"][name]
         if k not in models:
             spec = meta["models"][k]
-            # in the scored model's own module order (a pool's would sort it): the same sums
-            models[k] = model = M3TModel(from_dict(ModelConfig, spec["config"]), **spec["selection"], catalogue=fed.server.catalogue)
-            pool.share_frozen(model)
+            # in the scored model's own module order (a pool's would sort it): the same
+            # sums; with the institutions' frozen tensors and accelerator
+            model = M3TModel(from_dict(ModelConfig, spec["config"]), **spec["selection"], catalogue=fed.server.catalogue)
+            models[k] = model = inst.pool.prepare(model)
             if frozen_sha256(model) != spec["frozen_sha256"]:
                 raise CheckpointError(f"{where}: {name}'s model has other frozen weights than the one the tuning run scored")
         model = models[k]

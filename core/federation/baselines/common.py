@@ -66,7 +66,7 @@ def train_variant(
     data = {n: i.data for n, i in fed.institutions.items()}
     variant = build_federation(cfg, fed.server.catalogue, data=data)
     model_of = model_of or (lambda v, name: v.institutions[name].load(v.server.state))
-    every = fed.config.evaluation.every
+    every, keep = fed.config.evaluation.every, fed.config.evaluation.keep
     best, kept, curve, extra = float("inf"), 0, [], None
     for rnd in range(1, cfg.rounds + 1):
         variant.server.run_round(rnd)
@@ -77,7 +77,9 @@ def train_variant(
         score = sum(val_loss(inst, model_of(variant, n)) for n, inst in variant.institutions.items()) / len(variant.institutions)
         curve.append({"round": rnd, "val_loss": score})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
-        if score < best:
+        # as the federated MoE's run: the first evaluated round is always kept (a NaN
+        # score is never best), then the best (or, with keep = "last", the latest)
+        if keep == "last" or extra is None or score < best:
             best, kept = score, rnd
             extra = snapshot(variant, carry)
     restore(variant, extra, carry)
