@@ -113,6 +113,16 @@ def test_a_method_tested_from_a_base_at_another_point_matches_a_fresh_run(tmp_pa
     assert seed["seconds"]["personalized"] == tune_runs[k]["seconds"]["personalized"] + tune_runs[k]["seconds"]["fed_moe"]
 
 
+def test_the_tested_first_seed_carries_its_privacy_ledger(tmp_path):
+    d = tiny_config_dict(rounds=1, n=16)
+    d["institutions"][0]["policy"] = {"dp": "central", "epsilon": 30.0, "noise_multiplier": 1.5}
+    d["evaluation"].update(grid={"lr": [1e-3, 1e-2]}, plots=True)
+    out = run_seeds(d, seeds=1, name="t", runs_dir=tmp_path, progress=quiet, workers=1)
+    ledger = (tmp_path / "t" / out["tuning"]["runs"]["fed_moe"] / "privacy_ledger.json").read_text()
+    assert (tmp_path / "t" / "seed_0" / "privacy_ledger.json").read_text() == ledger
+    assert "Privacy ledger" in (tmp_path / "t" / "report.html").read_text()
+
+
 def test_a_scored_state_is_not_read_into_a_model_with_other_frozen_weights(tmp_path, monkeypatch):
     from m3tfed.errors import CheckpointError
     from m3tfed.federation import tested
