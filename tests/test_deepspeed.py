@@ -145,6 +145,41 @@ def test_only_trainable_components_leave_the_institution(trained):
         assert max(float(d.abs().max()) for d in updates[comp].delta.values()) > 1e-4, comp
 
 
+def test_zero3_trains_an_institution_with_two_tasks_on_their_summed_gradient():
+    """Under ZeRO-3 a step is one micro-step per task (each MoE layer runs once per
+    backward; one backward over both tasks' forwards made DeepSpeed reduce the experts'
+    gradients twice and fail). One SGD step of the ranks is, within 3 %, a step on the
+    gradient of both tasks' summed losses computed in this process on the ranks' halves:
+    a task dropped or weighted twice would turn it, and DeepSpeed's default clipping at
+    norm 1.0 (which in-process training does not apply) shrank it to 1/8 here."""
+    d = tiny_config_dict(rounds=1, n=40, batch_size=8, min_institutions=1, optimizer="sgd", lr=0.5)
+    d["institutions"] = [next(i for i in d["institutions"] if i["name"] == "university")]
+    d["institutions"][0]["deepspeed"] = {"processes": 2, "zero_stage": 3}
+    fed = build_federation(load_config(d))
+    inst = fed.institutions["university"]
+    assert len(inst.config.tasks) == 2
+    job = fed.server.make_job("university", 1, 0)
+    job.steps, job.timeout_s = 1, 600.0
+    model = inst.load(job.components)
+    batch = next(iterate_batches(inst.data.train, 8, torch.Generator().manual_seed(job.seed)))
+    model.train()
+    model.zero_grad()
+    loss = 0.0
+    for h in (take(batch, torch.arange(r, 8, 2)) for r in range(2)):
+        half = sum(model.loss(model_inputs(h), t, h["targets"][t])[0] for t in inst.config.tasks) / 2
+        half.backward()
+        loss += float(half.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    result = inst.train(job)
+    assert result.details["deepspeed"]["losses"][0] == pytest.approx(loss, rel=3e-3)
+    pairs = [(u.delta[n], -job.lr * grads[n] if n in grads else torch.zeros_like(u.delta[n])) for u in result.updates for n in u.delta]
+    delta, expected = (torch.cat([p[i].flatten() for p in pairs]) for i in (0, 1))
+    assert float(torch.nn.functional.cosine_similarity(delta, expected, dim=0)) > 0.99
+    assert float(delta.norm() / expected.norm()) == pytest.approx(1.0, abs=0.03)
+    for task in inst.config.tasks:  # both heads trained
+        assert any(u.component == f"task.{task}" and max(float(t.abs().max()) for t in u.delta.values()) > 0 for u in result.updates)
+
+
 def test_a_failing_rank_names_the_institution_and_its_stderr(monkeypatch):
     fed = build_federation(load_config(config_dict("broken_school")))
     inst = fed.institutions["broken_school"]

@@ -80,8 +80,11 @@ class ShardedFit:
         }
 
 
-def deepspeed_config(settings: DeepSpeedSettings, batch_size: int) -> dict[str, Any]:
-    """The generated DeepSpeed config with ``settings.config`` merged over it."""
+def deepspeed_config(settings: DeepSpeedSettings, batch_size: int, tasks: int = 1) -> dict[str, Any]:
+    """The generated DeepSpeed config with ``settings.config`` merged over it. A step
+    is one micro-step per task (``gradient_accumulation_steps = tasks``): ZeRO-3 reduces
+    a MoE layer's gradients once per backward, and one forward per task before a single
+    backward would run each layer, and queue its experts' gradients, once per task."""
     micro = max(1, -(-batch_size // settings.processes))
     zero: dict[str, Any] = {"stage": settings.zero_stage}
     if settings.zero_stage == 3:
@@ -90,8 +93,11 @@ def deepspeed_config(settings: DeepSpeedSettings, batch_size: int) -> dict[str, 
         zero["stage3_param_persistence_threshold"] = 0
     generated = {
         "train_micro_batch_size_per_gpu": micro,
-        "train_batch_size": micro * settings.processes,
-        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * settings.processes * tasks,
+        "gradient_accumulation_steps": tasks,
+        # DeepSpeed clips the gradient norm at 1.0 by default; in-process training does
+        # not clip (DP's clipping is an update stage's), so neither do the ranks.
+        "gradient_clipping": 0.0,
         "zero_optimization": zero,
         # A plain torch optimizer: nothing to compile (DeepSpeed's CPUAdam builds a C++ op).
         "zero_allow_untested_optimizer": True,
@@ -162,7 +168,7 @@ def fit_sharded(institution: Institution, model: M3TModel, run: LocalRun) -> Sha
             "weight_decay": fed.weight_decay,
         },
         "backend": "nccl" if torch.cuda.is_available() else "gloo",
-        "ds_config": deepspeed_config(settings, fed.batch_size),
+        "ds_config": deepspeed_config(settings, fed.batch_size, len(institution.config.tasks)),
     }
     with tempfile.TemporaryDirectory(prefix=f"m3tfed-zero-{institution.name}-") as tmp:
         folder = Path(tmp)

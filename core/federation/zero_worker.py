@@ -61,31 +61,23 @@ class Clock:
 
 
 class LocalObjective(nn.Module):
-    """The institution's training loss as a module, so ``deepspeed.initialize`` wraps one
-    forward: the sum of its task losses (plus FedProx's term), and the tokens per expert."""
+    """The institution's training loss as a module, so ``deepspeed.initialize`` wraps its
+    forward: one task's loss (plus FedProx's term when ``anchored``), and the tokens per
+    expert. A step is one micro-step per task (:func:`.zero.deepspeed_config`)."""
 
-    def __init__(
-        self,
-        model: M3TModel,
-        tasks: list[str],
-        anchors: list[tuple[nn.Parameter, torch.Tensor, float]],
-    ):
+    def __init__(self, model: M3TModel, anchors: list[tuple[nn.Parameter, torch.Tensor, float]]):
         super().__init__()
-        self.model, self.task_names = model, tasks
+        self.model = model
         self.anchors = anchors  # (parameter, global value, mu) for FedProx
 
     def forward(
-        self, inputs: dict[str, Any], targets: dict[str, torch.Tensor]
+        self, inputs: dict[str, Any], targets: dict[str, torch.Tensor], task: str, anchored: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = torch.zeros(())
-        counts = torch.zeros(len(self.model.expert_names), dtype=torch.long)
-        for task in self.task_names:
-            task_loss, out = self.model.loss(inputs, task, targets[task])
-            loss = loss + task_loss
-            counts += out.tokens_per_expert
-        for p, w0, mu in self.anchors:
-            loss = loss + 0.5 * mu * (p - w0).pow(2).sum()
-        return loss, counts
+        loss, out = self.model.loss(inputs, task, targets[task])
+        if anchored:
+            for p, w0, mu in self.anchors:
+                loss = loss + 0.5 * mu * (p - w0).pow(2).sum()
+        return loss, out.tokens_per_expert
 
 
 def main(argv: list[str]) -> int:
@@ -169,7 +161,7 @@ def run(folder: Path, rank: int, world: int) -> None:
         # Parameters read outside their owner's forward must be fetched by the reader.
         for slot in model.tasks.values():
             deepspeed.zero.register_external_parameter(model, slot.embed)
-    objective = LocalObjective(model, spec["tasks"], anchors)
+    objective = LocalObjective(model, anchors)
     for p, _, _ in anchors:
         if stage == 3:
             deepspeed.zero.register_external_parameter(objective, p)
@@ -196,11 +188,15 @@ def run(folder: Path, rank: int, world: int) -> None:
         n = num_samples(batch)
         mine = take(batch, torch.arange(rank, max(n, world), world) % n)
         mine = to_device(mine, engine.device)
-        loss, step_counts = engine(model_inputs(mine), mine["targets"])
-        engine.backward(loss)
-        engine.step()
-        losses[step] = loss.detach()
-        counts += step_counts
+        inputs, tasks = model_inputs(mine), spec["tasks"]
+        for i, task in enumerate(tasks):  # micro-steps; the optimizer steps after the last
+            loss, step_counts = engine(inputs, mine["targets"], task, anchored=i == len(tasks) - 1)
+            # DeepSpeed divides a micro-step's loss by gradient_accumulation_steps (the
+            # number of tasks): scaled back, the step's gradient is that of the summed loss.
+            engine.backward(loss * len(tasks))
+            engine.step()
+            losses[step] += loss.detach()
+            counts += step_counts
     clock.lap("train_s")
     step_s = clock.laps["train_s"] / max(spec["steps"], 1)
     dist.all_reduce(losses)
