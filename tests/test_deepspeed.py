@@ -148,10 +148,11 @@ def test_only_trainable_components_leave_the_institution(trained):
 def test_zero3_trains_an_institution_with_two_tasks_on_their_summed_gradient():
     """Under ZeRO-3 a step is one micro-step per task (each MoE layer runs once per
     backward; one backward over both tasks' forwards made DeepSpeed reduce the experts'
-    gradients twice and fail). One SGD step of the ranks is, within 3 %, a step on the
-    gradient of both tasks' summed losses computed in this process on the ranks' halves:
-    a task dropped or weighted twice would turn it, and DeepSpeed's default clipping at
-    norm 1.0 (which in-process training does not apply) shrank it to 1/8 here."""
+    gradients twice and fail). One SGD step of the ranks is a step on the gradient of
+    both tasks' summed losses computed in this process on the ranks' halves: a task
+    dropped or weighted twice would change it, so did DeepSpeed's default clipping at
+    norm 1.0 (a step 1/8 the size), and so did a rank model built in another module order
+    (top-k capacity then dropped other tokens: the first loss 0.14 % off)."""
     d = tiny_config_dict(rounds=1, n=40, batch_size=8, min_institutions=1, optimizer="sgd", lr=0.5)
     d["institutions"] = [next(i for i in d["institutions"] if i["name"] == "university")]
     d["institutions"][0]["deepspeed"] = {"processes": 2, "zero_stage": 3}
@@ -171,11 +172,10 @@ def test_zero3_trains_an_institution_with_two_tasks_on_their_summed_gradient():
         loss += float(half.detach())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     result = inst.train(job)
-    assert result.details["deepspeed"]["losses"][0] == pytest.approx(loss, rel=3e-3)
+    assert result.details["deepspeed"]["losses"][0] == pytest.approx(loss, rel=1e-4)
     pairs = [(u.delta[n], -job.lr * grads[n] if n in grads else torch.zeros_like(u.delta[n])) for u in result.updates for n in u.delta]
     delta, expected = (torch.cat([p[i].flatten() for p in pairs]) for i in (0, 1))
-    assert float(torch.nn.functional.cosine_similarity(delta, expected, dim=0)) > 0.99
-    assert float(delta.norm() / expected.norm()) == pytest.approx(1.0, abs=0.03)
+    assert torch.allclose(delta, expected, rtol=1e-3, atol=1e-6), float((delta - expected).abs().max())
     for task in inst.config.tasks:  # both heads trained
         assert any(u.component == f"task.{task}" and max(float(t.abs().max()) for t in u.delta.values()) > 0 for u in result.updates)
 

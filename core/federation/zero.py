@@ -153,9 +153,9 @@ def fit_sharded(institution: Institution, model: M3TModel, run: LocalRun) -> Sha
     spec = {
         "institution": institution.name,
         "model": to_dict(model.config),
-        "modalities": list(institution.config.modalities),
-        "tasks": list(institution.config.tasks),
-        "experts": list(institution.experts),
+        # the model's own build order: token order (and so what top-k capacity drops in
+        # training) follows the modules' order, so the ranks build it the same way
+        **model.selection,
         "plugins": plugins_of(institution),
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "anchored": anchored,
