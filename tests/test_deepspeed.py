@@ -255,6 +255,7 @@ def test_update_level_dp_with_deepspeed_loads():
         ({"zero_stage": 4}, "institutions[0].deepspeed.zero_stage"),
         ({"processes": 0}, "institutions[0].deepspeed.processes"),
         ({"config": {"optimizer": {"type": "Adam"}}}, "institutions[0].deepspeed.config.optimizer"),
+        ({"config": {"gradient_accumulation_steps": 4}}, "institutions[0].deepspeed.config.gradient_accumulation_steps"),
         (
             {"config": {"zero_optimization": {"stage": 2}}},
             "institutions[0].deepspeed.config.zero_optimization.stage",

@@ -39,6 +39,9 @@ class DeepSpeedSettings:
         for key in ("optimizer", "scheduler"):  # m3tfed passes its own (federation.optimizer, lr)
             if key in self.config:
                 raise ConfigError(f"{path}.config.{key}", "is set by m3tfed from federation.optimizer and federation.lr; remove it")
+        for key in ("gradient_accumulation_steps", "train_batch_size"):  # a step is one micro-step per task
+            if key in self.config:
+                raise ConfigError(f"{path}.config.{key}", "is set by m3tfed (one micro-step per task, federation.batch_size over the ranks); remove it")
         zero = self.config.get("zero_optimization", {})
         if not isinstance(zero, dict):
             raise ConfigError(f"{path}.config.zero_optimization", f"expected a table, got {type(zero).__name__}")
