@@ -25,6 +25,20 @@ def val_loss(inst: Institution, model: Any) -> float:
     return sum(m["loss"] for m in metrics.values())
 
 
+def fine_tune_if_better(inst: Institution, model: Any, steps: int, lr: float, seed: int, only: Callable[[str], bool] | None = None) -> bool:
+    """Fine-tune ``model`` on ``inst``'s own data (``only`` the components it selects)
+    and keep the result only if it lowers the institution's validation loss, else put
+    the model back: the choice is made on validation. Returns whether it was kept."""
+    before = val_loss(inst, model)
+    saved = {c: model.component_state(c) for c in model.component_names()}
+    inst.fit(model, steps, lr, seed, only=only)
+    if val_loss(inst, model) <= before:
+        return True
+    for c, s in saved.items():
+        model.load_component_state(c, s)
+    return False
+
+
 def config_at(cfg: FederationConfig, method: str) -> FederationConfig:
     """``cfg`` with ``method``'s learning rate and local steps (``evaluation.tuned``, the
     tuning grid's choice); ``cfg`` itself when the method runs at the federation's."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..build import Federation
 from ..institution import seed_for
 from .base import BaselineContext, Results
-from .common import config_at, val_loss
+from .common import config_at, fine_tune_if_better
 from .dense_fedavg import trained_dense
 
 
@@ -22,11 +22,6 @@ class FedAvgFineTune:
         out = {}
         for name, inst in dense.institutions.items():
             model = inst.load(dense.server.state)
-            before = val_loss(inst, model)
-            saved = {c: model.component_state(c) for c in model.component_names()}
-            inst.fit(model, f.personalize_steps, f.lr, seed_for(fed.config.seed, "fedavg_ft", name))
-            if val_loss(inst, model) > before:  # fine-tuning did not help on validation: undo
-                for c, s in saved.items():
-                    model.load_component_state(c, s)
+            fine_tune_if_better(inst, model, f.personalize_steps, f.lr, seed_for(fed.config.seed, "fedavg_ft", name))
             out[name] = ctx.final.evaluate(self.name, inst, model)[0]
         return out

@@ -1,14 +1,15 @@
 """``personalized``: the federated MoE after a short local fine-tune of each
-institution's router and task heads (its personal gate), from the kept global state. At
-a learning rate / local steps of its own (``evaluation.tuned``), it first trains its own
-federated MoE at that point (round kept on validation)."""
+institution's router and task heads (its personal gate), from the kept global state,
+kept only where it lowers that institution's validation loss (as FedAvg + fine-tuning
+does). At a learning rate / local steps of its own (``evaluation.tuned``), it first
+trains its own federated MoE at that point (round kept on validation)."""
 
 from __future__ import annotations
 
 from ..build import Federation
 from ..institution import seed_for
 from .base import BaselineContext, Results
-from .common import config_at, train_variant
+from .common import config_at, fine_tune_if_better, train_variant
 
 
 class Personalized:
@@ -25,6 +26,6 @@ class Personalized:
         f = cfg.federation
         for name, inst in fed.institutions.items():
             model = inst.load(fed.server.state)
-            inst.fit(model, f.personalize_steps, f.lr, seed_for(fed.config.seed, "personalize", name), only=lambda c: c == "router" or c.startswith("task."))
+            fine_tune_if_better(inst, model, f.personalize_steps, f.lr, seed_for(fed.config.seed, "personalize", name), only=lambda c: c == "router" or c.startswith("task."))
             out[name] = ctx.final.evaluate(self.name, inst, model)[0]
         return out
