@@ -325,6 +325,12 @@ def flatten_components(
     return flat
 
 
+def join_owners(owners: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """``{"owner": {"component": {"param": t}}}`` -> ``{"owner::component::param": t}``
+    (inverse of :func:`split_owners` followed by :func:`unflatten_components`)."""
+    return {f"{owner}{SEP}{k}": v for owner, components in owners.items() for k, v in flatten_components(components).items()}
+
+
 def split_owners(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``{"owner::component::param": t}`` -> ``{"owner": {"component::param": t}}`` (the
     files that hold several owners' components: a run's kept state, a tuning run's

@@ -40,9 +40,8 @@ from .baselines.common import config_at
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
     ERASED_FILE,
-    SEP,
     claim_run_dir,
-    flatten_components,
+    join_owners,
     load_checkpoint,
     round_checkpoints,
     save_checkpoint,
@@ -402,7 +401,7 @@ def run_seeds(
     tracker = RunsProgress(labels, workers, progress, weights)
     t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _load()
     with Runs(data_root, workers, tracker) as run_all:
-        tuning = tune({**base, "seed": seed_list[0]}, points, root, run_all) if points else None
+        tuning = tune(base, points, root, run_all) if points else None  # on base's seed, seed_list[0]
         if tuning is not None:
             base = at_points(base, tuning["chosen"])
             for k in range(len(points)):  # a state no method chose is never read: drop it now
@@ -696,9 +695,7 @@ KEPT = "kept"  # run_dir/kept/: the state early stopping keeps (shared + every p
 def save_kept(fed: Federation, run_dir: Path, rnd: int) -> None:
     """Write the current state as the one to test: the server's components and every
     institution's personal ones (round checkpoints keep only the latest personal state)."""
-    tensors = {f"@server{SEP}{k}": v for k, v in flatten_components(fed.server.state).items()}
-    for name, inst in fed.institutions.items():
-        tensors.update({f"{name}{SEP}{k}": v for k, v in flatten_components(inst.personal_state).items()})
+    tensors = join_owners({"@server": fed.server.state, **{n: i.personal_state for n, i in fed.institutions.items()}})
     save_checkpoint(Path(run_dir) / KEPT, tensors, {"round": rnd})
 
 

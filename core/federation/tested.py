@@ -29,8 +29,7 @@ from ..errors import CheckpointError
 from ..model import M3TModel, ModelConfig
 from .build import Federation
 from .checkpoint import (
-    SEP,
-    flatten_components,
+    join_owners,
     load_checkpoint,
     save_checkpoint,
     split_owners,
@@ -58,14 +57,13 @@ def save_scored(scored: Scored, run_dir: Path) -> None:
     for method, by_inst in scored.items():
         models: list[dict[str, Any]] = []
         index: dict[int, int] = {}  # id(model) -> its entry in models
-        tensors: dict[str, torch.Tensor] = {}
         institutions: dict[str, int] = {}
-        for name, (model, state) in by_inst.items():
+        for name, (model, _) in by_inst.items():
             if id(model) not in index:
                 index[id(model)] = len(models)
                 models.append({"config": to_dict(model.config), "selection": model.selection, "frozen_sha256": frozen_sha256(model)})
             institutions[name] = index[id(model)]
-            tensors.update({f"{name}{SEP}{k}": v for k, v in flatten_components(state).items()})
+        tensors = join_owners({name: state for name, (_, state) in by_inst.items()})
         save_checkpoint(Path(run_dir) / TESTED / method, tensors, {"method": method, "models": models, "institutions": institutions})
 
 
