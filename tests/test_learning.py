@@ -191,6 +191,20 @@ def test_threads_bench_smoke(tmp_path):
     )
 
 
+def test_threads_bench_stops_a_run_at_its_limit(tmp_path):
+    """A setting far slower than the fastest is stopped, with the processes it started."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "threads_bench", Path(__file__).parents[1] / "bench" / "threads.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 10 ms: the child cannot even import torch in that time
+    assert bench.time_run(1, [], str(tmp_path), "stopped", limit_s=0.01) is None
+    assert not list(tmp_path.glob("stopped*/metrics.json"))
+
+
 def test_mutual_information_of_routing():
     from m3tfed.federation.routing_stats import mutual_information, routing_mutual_information
 
