@@ -250,6 +250,35 @@ def test_loss_reweighting_favours_the_worst_served_institution():
     )
 
 
+def test_relative_fairness_losses_cancel_the_task_scale():
+    from m3tfed.federation.server import RoundReport, fairness_losses
+
+    def report(rnd, losses):
+        return RoundReport(rnd, list(losses), list(losses), {}, {}, 0.0, 0.0, losses=losses)
+
+    # an essay institution (RMSE-scale loss) and a symbols one (a cross-entropy 20x larger)
+    history = [report(1, {"essays": 0.1, "symbols": 2.0})]
+    now = {"essays": 0.09, "symbols": 1.0, "newcomer": 5.0}
+    assert fairness_losses(now, history, "raw") is now
+    relative = fairness_losses(now, history, "relative")
+    # raw, symbols would pull 11x harder; relative, essays has improved least and pulls more
+    assert relative == pytest.approx({"essays": 0.9, "symbols": 0.5, "newcomer": 1.0})
+    # in a run: round 1 weighs as plain FedAvg (every ratio is 1), round 2 does not, and
+    # an institution whose loss is withheld keeps its plain weight
+    a = federation(["federation.fairness_q=1.0", "federation.fairness_loss=relative"], rounds=2)
+    b = federation(rounds=2)
+    for rnd in (1, 2):
+        a.server.run_round(rnd)
+        b.server.run_round(rnd)
+        same = all(torch.equal(a.server.state["trunk"][k], v) for k, v in b.server.state["trunk"].items())
+        assert same == (rnd == 1)
+    assert set(a.server.history[0].losses) == set(a.server.history[0].succeeded)
+    from m3tfed.aggregation import loss_reweighted
+
+    ups = [ComponentUpdate(n, "trunk", {"w": torch.ones(1)}, 2.0) for n in ("x", "withheld")]
+    assert [u.weight for u in loss_reweighted(ups, {"x": 3.0}, 1.0)] == [6.0, 2.0]
+
+
 def test_personal_gate_and_personal_expert_form():
     # pFedMoE / FLEx form: each institution keeps its own router and its own expert
     # ("own", one catalogue entry, a separate copy per institution); the rest is shared.

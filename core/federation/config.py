@@ -82,6 +82,7 @@ class FederationSettings:
     pipeline: list[PluginConfig] = setting(factory=list, doc="update stages (plugins of kind `stage`), e.g. `clip`; privacy stages plug in here")
     personalize_steps: int = setting(20, ge=0, doc="local fine-tuning of router + heads for the `personalized` model")
     fairness_q: float = setting(0.0, ge=0, doc="q-FFL-style fairness: each update weighs by its institution's training loss to the power q (0 = off)")
+    fairness_loss: Literal["raw", "relative"] = setting("raw", doc="the loss `fairness_q` weighs by: as reported, or relative to the institution's first reported loss (task scales cancel)")
     threads: int = setting(1, ge=0, doc="torch CPU threads per process (m3tfed.threads); 0 = every usable core")
 
 

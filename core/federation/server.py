@@ -54,6 +54,7 @@ class RoundReport:
     bytes_up: int = 0
     attempts: int = 1
     held: dict[str, str] = field(default_factory=dict)  # component -> why it was not aggregated
+    losses: dict[str, float] = field(default_factory=dict)  # institution -> its training loss (absent: withheld)
 
     def summary(self, rounds: int, validation: str = "") -> str:
         """The round's progress line, as every lifecycle shows it (``m3tfed run``, the
@@ -174,6 +175,20 @@ def mean_loss(results: list[TrainResult]) -> float:
     return sum(losses) / len(losses) if losses else math.nan
 
 
+def fairness_losses(losses: dict[str, float], history: list[RoundReport], kind: str) -> dict[str, float]:
+    """The losses q-FFL weighs updates by: as reported (``raw``), or (``relative``) each
+    divided by the institution's first reported loss, so that how little an institution
+    has improved counts, not its task's loss scale (an essay RMSE and a 16-label
+    cross-entropy are not comparable). An institution's first round counts as 1."""
+    if kind == "raw":
+        return losses
+    first: dict[str, float] = {}
+    for report in history:
+        for name, loss in report.losses.items():
+            first.setdefault(name, loss)
+    return {n: loss / max(first.get(n, loss), 1e-8) for n, loss in losses.items()}
+
+
 @dataclass
 class Server:
     config: FederationConfig
@@ -291,7 +306,8 @@ class Server:
         context.succeeded = [r.institution for r in ok]
         for stage in self.server_stages:
             updates = stage.process(updates, context)
-        updates = loss_reweighted(updates, {r.institution: r.loss for r in ok}, f.fairness_q)
+        losses = {r.institution: r.loss for r in ok if r.loss is not None}
+        updates = loss_reweighted(updates, fairness_losses(losses, self.history, f.fairness_loss), f.fairness_q)
         updates = mark_expert_rows(updates, self.config.model.expert_names, self.backend.components_of)
         by_component: dict[str, list[ComponentUpdate]] = defaultdict(list)
         for u in updates:
@@ -322,6 +338,7 @@ class Server:
             bytes_up=sum(tensor_bytes({u.component: u.delta}) for u in updates),
             attempts=attempt + 1,
             held=held,
+            losses=losses,
         )
         self.history.append(report)
         self.round = rnd
