@@ -168,3 +168,16 @@ def test_nothing_that_leaves_a_dp_institution_depends_on_its_sample_count(policy
     assert small.pop("num_train") < large.pop("num_train")
     assert small == large
     assert small["steps"] == 2 and small["reply"][0] == 0 and small["releases"]
+
+
+def test_fairness_weighting_leaves_a_withheld_loss_alone():
+    # q-FFL weighs updates by reported losses: a DP institution reports none, so its
+    # update keeps its public weight (the round used to fail on float(None)) and the
+    # round's record of losses leaves it out
+    d = tiny_config_dict(rounds=1)
+    d["institutions"][0]["policy"] = {"dp": "local", "epsilon": 50.0, "noise_multiplier": 1.0}
+    d["federation"] = {**d.get("federation", {}), "fairness_q": 1.0}
+    fed = build_federation(load_config(d))
+    rep = fed.server.run_round(1)
+    assert "high_school" in rep.succeeded and "high_school" not in rep.losses
+    assert set(rep.losses) == set(rep.succeeded) - {"high_school"}
