@@ -104,10 +104,29 @@ def test_a_run_reads_test_once_per_method_and_keeps_the_best_validation_round(tm
     assert out["test_reads"] == {m: dict.fromkeys(names, 1) for m in ("fed_moe", "personalized", "local", "dense_fedavg", "centralized")}
     curves = json.loads((tmp_path / "p" / "curves.json").read_text())
     assert [c["round"] for c in curves] == [1, 2, 3]
-    best = min(curves, key=lambda c: c["val_loss"])["round"]
-    assert out["kept_round"] == best
+    # evaluation.keep = "each" (the default): every institution its own best round
+    own = {n: min(curves, key=lambda c: sum(m["loss"] for m in c["metrics"][n].values()))["round"] for n in names}
+    assert out["kept_round"] == own
     # the curves are validation metrics: the same numbers a fresh validation pass gives
     assert all(set(c["metrics"]) == names for c in curves)
+
+
+def test_each_institution_is_tested_with_the_round_of_its_own_lowest_validation_loss(tmp_path):
+    cfg = tiny_config_dict(rounds=3)
+    cfg["institutions"] = cfg["institutions"][:3]
+    cfg["evaluation"] = {"baselines": [], "personalize": False, "plots": False}
+    out = run_job(cfg, name="each", runs_dir=tmp_path, progress=lambda m: None)
+    kept = out["kept_round"]
+    # the same run stopped at an institution's kept round tests that institution alike
+    for rnd in sorted(set(kept.values())):
+        again = run_job({**cfg, "rounds": rnd, "evaluation": {**cfg["evaluation"], "keep": "last"}}, name=f"last{rnd}", runs_dir=tmp_path, progress=lambda m: None)
+        assert again["kept_round"] == rnd
+        for name in (n for n, r in kept.items() if r == rnd):
+            assert again["results"]["fed_moe"][name] == out["results"]["fed_moe"][name]
+    # keep = "best": one round for all, the lowest mean validation loss
+    best = run_job({**cfg, "evaluation": {**cfg["evaluation"], "keep": "best"}}, name="best", runs_dir=tmp_path, progress=lambda m: None)
+    curves = json.loads((tmp_path / "best" / "curves.json").read_text())
+    assert best["kept_round"] == min(curves, key=lambda c: c["val_loss"])["round"]
 
 
 def test_validation_every_k_rounds_and_on_a_sample_cap(tmp_path):

@@ -128,7 +128,7 @@ class EvaluationSettings:
     plots: bool = setting(True, doc="write PNG plots into the run folder")
     every: int = setting(1, ge=1, doc="rounds between validation passes (learning curves, early stopping); the last round is always evaluated")
     val_samples: int | None = setting(None, ge=1, doc="validation samples per institution per pass (unset = all)")
-    keep: Literal["best", "last"] = setting("best", doc="`best`: the round with the lowest mean validation loss is the one tested; `last`: the last")
+    keep: Literal["each", "best", "last"] = setting("each", doc="`each`: every institution is tested with the round of its own lowest validation loss (that round's shared state and its personal parts), as `local` keeps each institution's best round; `best`: the round with the lowest mean validation loss, for every institution; `last`: the last")
     workers: int = setting(1, ge=0, doc="runs (seeds, grid points) at once, each in a process of its own; 0 = every usable core")
     grid: TuningGrid = setting(factory=TuningGrid, doc="shared tuning grid of the deep methods, chosen on validation on the first seed; empty = no tuning")
     tuned: dict[str, GridPoint] = field(

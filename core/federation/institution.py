@@ -149,6 +149,9 @@ class Institution:
         self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
         self.weight_experts_by = weight_experts_by
         self.personal_state: State = {}
+        # evaluation.keep = "each": the shared state of the round of its own lowest
+        # validation loss, the one it is tested with (None: the federation's kept state)
+        self.kept_shared: State | None = None
         # Its privacy state is set by build_federation when its policy asks for anything:
         # it refuses to train once its budget is spent. Until then, no policy; and the
         # local trainers (pick_trainers) follow from the config and that state.
@@ -205,8 +208,20 @@ class Institution:
             return max(1, int(s.local_epochs * self.data.num_train / s.batch_size))
         return s.local_steps
 
+    def shared_part(self, state: State) -> State:
+        """The components of a server state its model takes (all but its personal ones)."""
+        return {c: state[c] for c in self.component_names() if not self.is_personal(c)}
+
+    def tested_model(self, shared: State) -> M3TModel:
+        """Its model as tested: ``shared`` (the federation's kept state) with its personal
+        parts, or the shared state of its own kept round (``evaluation.keep = "each"``)."""
+        return self.load(shared if self.kept_shared is None else self.kept_shared)
+
     def load(self, shared: State) -> M3TModel:
         """Put ``shared`` and this institution's personal state into its model."""
+        if self.kept_shared is not None and shared is not self.kept_shared:
+            # a method that loaded the federation's state here would test the wrong round
+            raise RuntimeError(f"{self.name}: it keeps the state of a round of its own (evaluation.keep = 'each'): load it with tested_model()")
         model = self.model()
         for comp in model.component_names():
             if self.is_personal(comp):

@@ -3,8 +3,9 @@
 write the run folder.
 
 The protocol: each ``evaluation.every`` rounds (and after the last) every institution's
-validation split is evaluated; that is the learning curve, and the round with the lowest
-mean validation loss is the state kept (``run_dir/kept``, early stopping). Only then is
+validation split is evaluated; that is the learning curve, and each institution keeps
+the state of the round of its own lowest validation loss (``evaluation.keep``; or one
+round for all, ``run_dir/kept``, early stopping). Only then is
 the test split read, once per method and institution (:class:`.evaluation.FinalTest`).
 
 Not for: building a federation (:mod:`.build`), baselines (:mod:`.baselines`) or the
@@ -21,7 +22,7 @@ import queue
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -184,10 +185,8 @@ def continue_run(
         if rnd % ev.every == 0 or rnd == cfg.rounds:
             entry["metrics"], _ = validate(fed, ev.val_samples)
             entry["val_loss"] = validation_score(entry["metrics"])
-            seen = [c["val_loss"] for c in curves if "val_loss" in c]
-            best = min((v for v in seen if v == v), default=float("inf"))  # NaN (diverged) never best
-            if ev.keep == "last" or not seen or entry["val_loss"] < best:  # the first evaluated round is always kept
-                save_kept(fed, run_dir, rnd)
+            if improved := kept_now(ev.keep, curves, entry):
+                save_kept(fed, run_dir, rnd, improved)
         curves.append(entry)
         write_json_atomic(curves_path, curves)
         progress(rep.summary(cfg.rounds, f", val loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""))
@@ -245,7 +244,10 @@ def finish(
     if fed_time is not None:
         progress(f"evaluating: federated MoE and {', '.join(b.name for b in configured(cfg.evaluation))}")
         kept_round = load_kept(fed, run_dir)
-        progress(f"  testing the state after round {kept_round}" + (" (lowest validation loss)" if cfg.evaluation.keep == "best" else ""))
+        if isinstance(kept_round, dict):
+            progress(f"  testing each institution's state of its own lowest validation loss (rounds {', '.join(f'{n} {r}' for n, r in kept_round.items())})")
+        else:
+            progress(f"  testing the state after round {kept_round}" + (" (lowest validation loss)" if cfg.evaluation.keep == "best" else ""))
         results["fed_moe"], routing = read_test_once(fed, final)
         seconds["fed_moe"], cpu["fed_moe"] = fed_time
     for method, tuning_run in (tested_from or {}).items():
@@ -677,30 +679,76 @@ def validate(fed: Federation, limit: int | None = None) -> tuple[dict[str, Metri
 def validation_score(metrics: dict[str, Metrics]) -> float:
     """What early stopping minimises: the mean over institutions of their summed task
     losses on validation (the training objective, so no metric's scale is favoured)."""
-    per_inst = [sum(m["loss"] for m in tasks.values()) for tasks in metrics.values()]
+    per_inst = [institution_score(tasks) for tasks in metrics.values()]
     return sum(per_inst) / len(per_inst)
+
+
+def institution_score(tasks: Metrics) -> float:
+    """One institution's validation score: its tasks' losses summed."""
+    return sum(m["loss"] for m in tasks.values())
+
+
+def kept_now(keep: str, curves: list[dict], entry: dict) -> list[str]:
+    """The institutions whose kept state the evaluated round ``entry`` replaces: with
+    ``best`` all of them when the mean validation loss is the lowest so far, with ``last``
+    all, with ``each`` those whose own validation loss is the lowest so far. The first
+    evaluated round is always kept; a NaN loss (diverged) is never the lowest."""
+    seen = [c for c in curves if "val_loss" in c]
+    names = list(entry["metrics"])
+    if keep == "last" or not seen:
+        return names
+    if keep == "best":
+        return names if entry["val_loss"] < lowest(c["val_loss"] for c in seen) else []
+    return [
+        n for n in names
+        if institution_score(entry["metrics"][n]) < lowest(institution_score(c["metrics"][n]) for c in seen if n in c["metrics"])
+    ]
+
+
+def lowest(scores: Iterable[float]) -> float:
+    """The lowest score that is not NaN (inf when there is none)."""
+    return min((v for v in scores if v == v), default=float("inf"))
 
 
 def read_test_once(fed: Federation, final: FinalTest, method: str = "fed_moe") -> tuple[dict[str, Metrics], dict]:
     """The federation's one read of every institution's test split, as ``method``."""
     metrics, routing = {}, {}
     for name, inst in fed.institutions.items():
-        metrics[name], routing[name] = final.evaluate(method, inst, inst.load(fed.server.state))
+        metrics[name], routing[name] = final.evaluate(method, inst, inst.tested_model(fed.server.state))
     return metrics, routing
 
 
 KEPT = "kept"  # run_dir/kept/: the state early stopping keeps (shared + every personal part)
 
 
-def save_kept(fed: Federation, run_dir: Path, rnd: int) -> None:
-    """Write the current state as the one to test: the server's components and every
-    institution's personal ones (round checkpoints keep only the latest personal state)."""
-    tensors = join_owners({"@server": fed.server.state, **{n: i.personal_state for n, i in fed.institutions.items()}})
-    save_checkpoint(Path(run_dir) / KEPT, tensors, {"round": rnd})
+def save_kept(fed: Federation, run_dir: Path, rnd: int, names: list[str]) -> None:
+    """Write the current state as the one to test for the institutions ``names``. With
+    ``evaluation.keep = "each"`` each institution has its own checkpoint under ``kept/``
+    (the shared components it takes and its personal ones); otherwise one checkpoint
+    holds the server's components and every institution's personal ones (round
+    checkpoints keep only the latest personal state)."""
+    if fed.config.evaluation.keep != "each":
+        tensors = join_owners({"@server": fed.server.state, **{n: i.personal_state for n, i in fed.institutions.items()}})
+        save_checkpoint(Path(run_dir) / KEPT, tensors, {"round": rnd})
+        return
+    for name in names:
+        inst = fed.institutions[name]
+        tensors = join_owners({"@server": inst.shared_part(fed.server.state), name: inst.personal_state})
+        save_checkpoint(Path(run_dir) / KEPT / name, tensors, {"round": rnd})
 
 
-def load_kept(fed: Federation, run_dir: Path) -> int:
-    """Load the kept state into the federation; return its round."""
+def load_kept(fed: Federation, run_dir: Path) -> int | dict[str, int]:
+    """Load the kept state into the federation; return its round (with ``keep = "each"``,
+    each institution's)."""
+    if fed.config.evaluation.keep == "each":
+        rounds = {}
+        for name, inst in fed.institutions.items():
+            tensors, meta = load_checkpoint(Path(run_dir) / KEPT / name)
+            owners = split_owners(tensors)
+            inst.kept_shared = unflatten_components(owners.get("@server", {}))
+            inst.personal_state = {**inst.personal_state, **unflatten_components(owners.get(name, {}))}
+            rounds[name] = int(meta["round"])
+        return rounds
     tensors, meta = load_checkpoint(Path(run_dir) / KEPT)
     owners = split_owners(tensors)
     fed.server.state = {**fed.server.state, **unflatten_components(owners.get("@server", {}))}

@@ -68,56 +68,77 @@ def train_variant(
     after_round: Callable[[Federation, int], None] | None = None,
     model_of: Callable[[Federation, str], Any] | None = None,
     carry: dict[str, Any] | None = None,
-) -> tuple[Federation, int, list[dict[str, float]]]:
-    """Build ``cfg`` as a federation on ``fed``'s data, run its rounds and keep the state
-    of the round with the lowest mean validation loss (every ``evaluation.every`` rounds
-    and after the last). ``after_round`` runs after each round (Ditto's personal step);
-    ``model_of(variant, institution)`` gives the model an institution is judged by
-    (default: the global state with its personal parts); ``carry`` is state the
-    baseline keeps beside the federation (Ditto's personal models), kept and restored
-    with it. Returns the variant holding the kept state, the kept round and the
-    validation curve."""
+) -> tuple[Federation, int | dict[str, int], list[dict[str, float]]]:
+    """Build ``cfg`` as a federation on ``fed``'s data, run its rounds and keep, as the
+    federated MoE's run does (``evaluation.keep``), each institution's state of its own
+    lowest validation loss, or the round with the lowest mean (every
+    ``evaluation.every`` rounds and after the last). ``after_round`` runs after each
+    round (Ditto's personal step); ``model_of(variant, institution)`` gives the model an
+    institution is judged by (default: the global state with its personal parts);
+    ``carry`` is state the baseline keeps beside the federation per institution (Ditto's
+    personal models), kept and restored with it. Returns the variant holding the kept
+    state (an institution's model as tested: ``Institution.tested_model``), the kept
+    round (per institution with ``keep = "each"``) and the validation curve."""
     data = {n: i.data for n, i in fed.institutions.items()}
     variant = build_federation(cfg, fed.server.catalogue, data=data)
     model_of = model_of or (lambda v, name: v.institutions[name].load(v.server.state))
     every, keep = fed.config.evaluation.every, fed.config.evaluation.keep
-    best, kept, curve, extra = float("inf"), 0, [], None
+    best: dict[str, float] = {}  # per institution ("each"), or under "" (one round for all)
+    kept: dict[str, int] = {}
+    snaps: dict[str, dict[str, Any]] = {}
+    curve = []
     for rnd in range(1, cfg.rounds + 1):
         variant.server.run_round(rnd)
         if after_round is not None:
             after_round(variant, rnd)
         if rnd % every and rnd != cfg.rounds:
             continue
-        score = sum(val_loss(inst, model_of(variant, n)) for n, inst in variant.institutions.items()) / len(variant.institutions)
+        scores = {n: val_loss(inst, model_of(variant, n)) for n, inst in variant.institutions.items()}
+        score = sum(scores.values()) / len(scores)
         curve.append({"round": rnd, "val_loss": score})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
         # as the federated MoE's run: the first evaluated round is always kept (a NaN
         # score is never best), then the best (or, with keep = "last", the latest)
-        if keep == "last" or extra is None or score < best:
-            best, kept = score, rnd
-            extra = snapshot(variant, carry)
-    restore(variant, extra, carry)
-    return variant, kept, curve
+        by = scores if keep == "each" else {"": score}
+        for who, value in by.items():
+            if keep == "last" or who not in kept or value < best[who]:
+                best[who], kept[who] = (value if value == value else float("inf")), rnd
+                names = [who] if who else list(variant.institutions)
+                snaps.update({n: snapshot(variant, n, carry) for n in names})
+    for name, snap in snaps.items():
+        restore(variant, name, snap, carry, each=keep == "each")
+    return variant, (kept if keep == "each" else kept[""]), curve
 
 
-def snapshot(fed: Federation, carry: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A deep copy of everything a federation's evaluation depends on."""
+def kept_text(kept: int | dict[str, int]) -> str:
+    """``round 7``, or with ``keep = "each"`` the range of the institutions' own rounds."""
+    if isinstance(kept, int):
+        return f"round {kept}"
+    lo, hi = min(kept.values()), max(kept.values())
+    return f"each institution its own round ({lo}-{hi})" if lo != hi else f"round {lo} (each institution's own)"
+
+
+def snapshot(fed: Federation, name: str, carry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A deep copy of everything one institution's evaluation depends on."""
+    inst = fed.institutions[name]
     return {
-        "server": copy.deepcopy(fed.server.state),
-        "personal": {n: copy.deepcopy(i.personal_state) for n, i in fed.institutions.items()},
-        "carry": copy.deepcopy(carry),
+        "shared": copy.deepcopy(inst.shared_part(fed.server.state)),
+        "personal": copy.deepcopy(inst.personal_state),
+        "carry": copy.deepcopy(carry.get(name)) if carry is not None else None,
     }
 
 
-def restore(fed: Federation, snap: dict[str, Any] | None, carry: dict[str, Any] | None = None) -> None:
-    if snap is None:
-        return
-    fed.server.state = snap["server"]
-    for n, inst in fed.institutions.items():
-        inst.personal_state = snap["personal"][n]
-    if carry is not None:
-        carry.clear()
-        carry.update(snap["carry"])
+def restore(fed: Federation, name: str, snap: dict[str, Any], carry: dict[str, Any] | None, each: bool) -> None:
+    """Put an institution's snapshot back: its personal parts and carried state, and the
+    shared state it is tested with (its own with ``each``, else the server's)."""
+    inst = fed.institutions[name]
+    if each:
+        inst.kept_shared = snap["shared"]
+    else:
+        fed.server.state = {**fed.server.state, **snap["shared"]}
+    inst.personal_state = snap["personal"]
+    if carry is not None and snap["carry"] is not None:
+        carry[name] = snap["carry"]
 
 
 def keep_personal(cfg: FederationConfig, exists: Callable[[str], bool]) -> None:

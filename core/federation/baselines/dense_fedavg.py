@@ -12,7 +12,7 @@ from ...model import ExpertConfig, PluginConfig
 from ..build import Federation
 from ..config import FederationConfig
 from .base import BaselineContext, Results
-from .common import config_at, keep_personal, train_variant
+from .common import config_at, keep_personal, kept_text, train_variant
 
 
 def dense_config(cfg: FederationConfig, aggregator: PluginConfig | None = None) -> FederationConfig:
@@ -42,7 +42,7 @@ def trained_dense(fed: Federation, ctx: BaselineContext, method: str = "dense_fe
         variant, kept, curve = train_variant(fed, dense_config(cfg), ctx, f"dense FedAvg ({method})")
         ctx.shared[key] = variant
         ctx.curves.setdefault(method, curve)
-        ctx.progress(f"  dense FedAvg ({method}): keeping round {kept}")
+        ctx.progress(f"  dense FedAvg ({method}): keeping {kept_text(kept)}")
     return ctx.shared[key]
 
 
@@ -53,4 +53,4 @@ class DenseFedAvg:
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         dense = trained_dense(fed, ctx, self.name)
-        return {n: ctx.final.evaluate(self.name, inst, inst.load(dense.server.state))[0] for n, inst in dense.institutions.items()}
+        return {n: ctx.final.evaluate(self.name, inst, inst.tested_model(dense.server.state))[0] for n, inst in dense.institutions.items()}

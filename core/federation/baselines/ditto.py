@@ -10,7 +10,7 @@ from typing import Any
 from ..build import Federation
 from ..institution import seed_for
 from .base import BaselineContext, Results
-from .common import config_at, train_variant
+from .common import config_at, kept_text, train_variant
 from .dense_fedavg import dense_config
 
 LAMBDA = 0.1
@@ -44,5 +44,5 @@ class Ditto:
             return model
 
         variant, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "Ditto", after_round=personal_step, model_of=judged, carry=own)
-        ctx.progress(f"  Ditto: keeping round {kept}")
+        ctx.progress(f"  Ditto: keeping {kept_text(kept)}")
         return {n: ctx.final.evaluate(self.name, inst, judged(variant, n))[0] for n, inst in variant.institutions.items()}

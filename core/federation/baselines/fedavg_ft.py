@@ -21,7 +21,7 @@ class FedAvgFineTune:
         f = config_at(fed.config, self.name).federation
         out = {}
         for name, inst in dense.institutions.items():
-            model = inst.load(dense.server.state)
+            model = inst.tested_model(dense.server.state)
             fine_tune_if_better(inst, model, f.personalize_steps, f.lr, seed_for(fed.config.seed, "fedavg_ft", name))
             out[name] = ctx.final.evaluate(self.name, inst, model)[0]
         return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ...model import PluginConfig
 from ..build import Federation
 from .base import BaselineContext, Results
-from .common import config_at, train_variant
+from .common import config_at, kept_text, train_variant
 from .dense_fedavg import dense_config
 
 MU = 0.01
@@ -21,5 +21,5 @@ class FedProx:
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         cfg = dense_config(config_at(fed.config, self.name), PluginConfig("fedprox", {"mu": MU}))
         variant, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "FedProx")
-        ctx.progress(f"  FedProx: keeping round {kept}")
-        return {n: ctx.final.evaluate(self.name, inst, inst.load(variant.server.state))[0] for n, inst in variant.institutions.items()}
+        ctx.progress(f"  FedProx: keeping {kept_text(kept)}")
+        return {n: ctx.final.evaluate(self.name, inst, inst.tested_model(variant.server.state))[0] for n, inst in variant.institutions.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..build import Federation
 from ..institution import seed_for
 from .base import BaselineContext, Results
-from .common import config_at, fine_tune_if_better, train_variant
+from .common import config_at, fine_tune_if_better, kept_text, train_variant
 
 
 class Personalized:
@@ -21,11 +21,11 @@ class Personalized:
         cfg = config_at(fed.config, self.name)
         if cfg is not fed.config:  # its own point: its own federated MoE
             fed, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "federated MoE (personalized)")
-            ctx.progress(f"  federated MoE (personalized): keeping round {kept}")
+            ctx.progress(f"  federated MoE (personalized): keeping {kept_text(kept)}")
         out = {}
         f = cfg.federation
         for name, inst in fed.institutions.items():
-            model = inst.load(fed.server.state)
+            model = inst.tested_model(fed.server.state)
             fine_tune_if_better(inst, model, f.personalize_steps, f.lr, seed_for(fed.config.seed, "personalize", name), only=lambda c: c == "router" or c.startswith("task."))
             out[name] = ctx.final.evaluate(self.name, inst, model)[0]
         return out
