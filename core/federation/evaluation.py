@@ -10,7 +10,7 @@ Not for: training, or deciding which rounds evaluate (the run lifecycle does tha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -23,6 +23,38 @@ Metrics = dict[str, dict[str, float]]  # task -> metric -> value
 
 class RepeatedTestRead(M3TError, RuntimeError):
     """A method asked for an institution's test split after it had read it once."""
+
+
+def institution_score(tasks: Metrics) -> float:
+    """One institution's validation score, what every choice on validation minimises: its
+    tasks' losses summed (the training objective, so no metric's scale is favoured)."""
+    return sum(m["loss"] for m in tasks.values())
+
+
+def validation_score(metrics: dict[str, Metrics]) -> float:
+    """What early stopping with one round for all minimises: the mean over institutions
+    of their scores."""
+    per_inst = [institution_score(tasks) for tasks in metrics.values()]
+    return sum(per_inst) / len(per_inst)
+
+
+def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float]) -> list[str]:
+    """The institutions whose kept state an evaluated round replaces, given each earlier
+    evaluated round's scores and this one's (institution -> score): with ``best`` all of
+    them when the mean score is the lowest so far, with ``last`` all, with ``each`` those
+    whose own score is the lowest so far. The first evaluated round is always kept; a NaN
+    score (diverged) is never the lowest."""
+    if keep == "last" or not earlier:
+        return list(now)
+    if keep == "best":
+        mean = lambda scores: sum(scores.values()) / len(scores)  # noqa: E731
+        return list(now) if mean(now) < lowest(mean(e) for e in earlier) else []
+    return [n for n, score in now.items() if score < lowest(e[n] for e in earlier if n in e)]
+
+
+def lowest(scores: Iterable[float]) -> float:
+    """The lowest score that is not NaN (inf when there is none)."""
+    return min((v for v in scores if v == v), default=float("inf"))
 
 
 @torch.no_grad()

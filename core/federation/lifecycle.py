@@ -22,7 +22,7 @@ import queue
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,7 +51,14 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import TUNED_METHODS, FederationConfig, load_config
-from .evaluation import FinalTest, Metrics, evaluate_model
+from .evaluation import (
+    FinalTest,
+    Metrics,
+    evaluate_model,
+    institution_score,
+    kept_now,
+    validation_score,
+)
 from .report import across_seeds, compare, format_seeds_table, format_table, merge_halves, summarize
 from .routing_stats import routing_mutual_information
 from .server import RoundReport, Server
@@ -185,7 +192,11 @@ def continue_run(
         if rnd % ev.every == 0 or rnd == cfg.rounds:
             entry["metrics"], _ = validate(fed, ev.val_samples)
             entry["val_loss"] = validation_score(entry["metrics"])
-            if improved := kept_now(ev.keep, curves, entry):
+            # earlier rounds compete only where their kept state is in this folder (a
+            # forgotten run's copied curves come without the original's kept states)
+            have = kept_here(fed, run_dir)
+            earlier = [e for c in curves if "metrics" in c if (e := {n: v for n, v in scores_of(c).items() if n in have})]
+            if improved := kept_now(ev.keep, earlier, scores_of(entry)):
                 save_kept(fed, run_dir, rnd, improved)
         curves.append(entry)
         write_json_atomic(curves_path, curves)
@@ -676,38 +687,9 @@ def validate(fed: Federation, limit: int | None = None) -> tuple[dict[str, Metri
     return metrics, routing
 
 
-def validation_score(metrics: dict[str, Metrics]) -> float:
-    """What early stopping minimises: the mean over institutions of their summed task
-    losses on validation (the training objective, so no metric's scale is favoured)."""
-    per_inst = [institution_score(tasks) for tasks in metrics.values()]
-    return sum(per_inst) / len(per_inst)
-
-
-def institution_score(tasks: Metrics) -> float:
-    """One institution's validation score: its tasks' losses summed."""
-    return sum(m["loss"] for m in tasks.values())
-
-
-def kept_now(keep: str, curves: list[dict], entry: dict) -> list[str]:
-    """The institutions whose kept state the evaluated round ``entry`` replaces: with
-    ``best`` all of them when the mean validation loss is the lowest so far, with ``last``
-    all, with ``each`` those whose own validation loss is the lowest so far. The first
-    evaluated round is always kept; a NaN loss (diverged) is never the lowest."""
-    seen = [c for c in curves if "val_loss" in c]
-    names = list(entry["metrics"])
-    if keep == "last" or not seen:
-        return names
-    if keep == "best":
-        return names if entry["val_loss"] < lowest(c["val_loss"] for c in seen) else []
-    return [
-        n for n in names
-        if institution_score(entry["metrics"][n]) < lowest(institution_score(c["metrics"][n]) for c in seen if n in c["metrics"])
-    ]
-
-
-def lowest(scores: Iterable[float]) -> float:
-    """The lowest score that is not NaN (inf when there is none)."""
-    return min((v for v in scores if v == v), default=float("inf"))
+def scores_of(entry: dict) -> dict[str, float]:
+    """A curve entry's validation score per institution."""
+    return {n: institution_score(tasks) for n, tasks in entry["metrics"].items()}
 
 
 def read_test_once(fed: Federation, final: FinalTest, method: str = "fed_moe") -> tuple[dict[str, Metrics], dict]:
@@ -735,6 +717,14 @@ def save_kept(fed: Federation, run_dir: Path, rnd: int, names: list[str]) -> Non
         inst = fed.institutions[name]
         tensors = join_owners({"@server": inst.shared_part(fed.server.state), name: inst.personal_state})
         save_checkpoint(Path(run_dir) / KEPT / name, tensors, {"round": rnd})
+
+
+def kept_here(fed: Federation, run_dir: Path) -> set[str]:
+    """The institutions whose kept state ``run_dir`` holds."""
+    kept = Path(run_dir) / KEPT
+    if fed.config.evaluation.keep == "each":
+        return {n for n in fed.institutions if (kept / n).is_dir()}
+    return set(fed.institutions) if kept.is_dir() else set()
 
 
 def load_kept(fed: Federation, run_dir: Path) -> int | dict[str, int]:

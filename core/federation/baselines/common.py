@@ -13,6 +13,7 @@ from typing import Any
 
 from ..build import Federation, build_federation
 from ..config import FederationConfig
+from ..evaluation import institution_score, kept_now
 from ..institution import Institution
 from .base import BaselineContext
 
@@ -22,7 +23,7 @@ State = dict[str, dict[str, Any]]
 def val_loss(inst: Institution, model: Any) -> float:
     """An institution's summed task losses on its validation split (what choices minimise)."""
     metrics, _ = inst.evaluate(model, "val")
-    return sum(m["loss"] for m in metrics.values())
+    return institution_score(metrics)
 
 
 def fine_tune_if_better(inst: Institution, model: Any, steps: int, lr: float, seed: int, only: Callable[[str], bool] | None = None) -> bool:
@@ -83,10 +84,9 @@ def train_variant(
     variant = build_federation(cfg, fed.server.catalogue, data=data)
     model_of = model_of or (lambda v, name: v.institutions[name].load(v.server.state))
     every, keep = fed.config.evaluation.every, fed.config.evaluation.keep
-    best: dict[str, float] = {}  # per institution ("each"), or under "" (one round for all)
     kept: dict[str, int] = {}
     snaps: dict[str, dict[str, Any]] = {}
-    curve = []
+    curve, earlier = [], []
     for rnd in range(1, cfg.rounds + 1):
         variant.server.run_round(rnd)
         if after_round is not None:
@@ -94,20 +94,14 @@ def train_variant(
         if rnd % every and rnd != cfg.rounds:
             continue
         scores = {n: val_loss(inst, model_of(variant, n)) for n, inst in variant.institutions.items()}
-        score = sum(scores.values()) / len(scores)
-        curve.append({"round": rnd, "val_loss": score})
-        ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
-        # as the federated MoE's run: the first evaluated round is always kept (a NaN
-        # score is never best), then the best (or, with keep = "last", the latest)
-        by = scores if keep == "each" else {"": score}
-        for who, value in by.items():
-            if keep == "last" or who not in kept or value < best[who]:
-                best[who], kept[who] = (value if value == value else float("inf")), rnd
-                names = [who] if who else list(variant.institutions)
-                snaps.update({n: snapshot(variant, n, carry) for n in names})
+        curve.append({"round": rnd, "val_loss": sum(scores.values()) / len(scores)})
+        ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {curve[-1]['val_loss']:.4f}")
+        for name in kept_now(keep, earlier, scores):  # the rule of the federated MoE's run
+            kept[name], snaps[name] = rnd, snapshot(variant, name, carry)
+        earlier.append(scores)
     for name, snap in snaps.items():
         restore(variant, name, snap, carry, each=keep == "each")
-    return variant, (kept if keep == "each" else kept[""]), curve
+    return variant, (kept if keep == "each" else next(iter(kept.values()))), curve
 
 
 def kept_text(kept: int | dict[str, int]) -> str:
