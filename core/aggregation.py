@@ -102,13 +102,17 @@ def loss_reweighted(updates: list[ComponentUpdate], losses: Mapping[str, float],
     """q-FFL-style fairness (Li et al. 2020, "Fair resource allocation in federated
     learning"): each update's weight times its institution's training loss to the power
     ``q``, so institutions the model serves worst pull harder; q = 0 is plain weighting.
-    An update summed over several institutions (secure aggregation) keeps its weight."""
+    An institution that withheld its loss (differential privacy) gets the mean factor of
+    those that reported one, neither favoured nor held back. An update summed over
+    several institutions (secure aggregation) keeps its weight."""
     if q == 0:
         return updates
+    factors = {n: max(float(loss), 1e-8) ** q for n, loss in losses.items()}
+    neutral = sum(factors.values()) / len(factors) if factors else 1.0
     out = []
     for u in updates:
-        if u.institution in losses and not getattr(u, "contributors", None):
-            u = dataclasses.replace(u, weight=float(u.weight) * max(float(losses[u.institution]), 1e-8) ** q)
+        if not getattr(u, "contributors", None):
+            u = dataclasses.replace(u, weight=float(u.weight) * factors.get(u.institution, neutral))
         out.append(u)
     return out
 

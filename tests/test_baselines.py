@@ -127,3 +127,28 @@ def test_personalized_keeps_a_fine_tune_only_where_it_lowers_validation_loss(lr,
             assert all(torch.equal(v, model.component_state(c)[k]) for c, s in state.items() for k, v in s.items())
         outcomes.append(took)
     assert any(outcomes) == kept
+
+
+@pytest.mark.parametrize("method", ["dense_fedavg", "fedavg_ft"])
+def test_a_federated_baseline_tests_each_institution_at_its_own_best_round(method):
+    """Under keep = "each" a baseline's institution scores what the same baseline stopped
+    (keep = "last") at that institution's own best validation round scores; FedAvg +
+    fine-tuning, whose round is its dense federation's, once fine-tuned from the last."""
+    from m3tfed.federation.baselines import BaselineContext
+    from m3tfed.federation.build import build_federation
+    from m3tfed.federation.evaluation import FinalTest, institution_score
+
+    def scores(method, rounds, keep):
+        d = tiny_config_dict(rounds=rounds, n=16)
+        d["institutions"] = d["institutions"][:4]
+        d["evaluation"]["keep"] = keep
+        fed = build_federation(load_config(d))
+        return BASELINES[method].run(fed, BaselineContext(final=FinalTest("val"), progress=lambda m: None))
+
+    each = scores(method, 4, "each")
+    stopped = {r: scores(method, r, "last") for r in range(1, 5)}
+    dense = stopped if method == "dense_fedavg" else {r: scores("dense_fedavg", r, "last") for r in range(1, 5)}
+    best = {n: min(dense, key=lambda r: institution_score(dense[r][n])) for n in each}
+    assert len(set(best.values())) > 1  # the institutions' own rounds differ
+    for name, rnd in best.items():
+        assert each[name] == stopped[rnd][name], (name, rnd)

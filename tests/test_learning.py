@@ -275,8 +275,9 @@ def test_relative_fairness_losses_cancel_the_task_scale():
     assert set(a.server.history[0].losses) == set(a.server.history[0].succeeded)
     from m3tfed.aggregation import loss_reweighted
 
-    ups = [ComponentUpdate(n, "trunk", {"w": torch.ones(1)}, 2.0) for n in ("x", "withheld")]
-    assert [u.weight for u in loss_reweighted(ups, {"x": 3.0}, 1.0)] == [6.0, 2.0]
+    # a withheld loss (DP) weighs as the mean factor of the reported ones
+    ups = [ComponentUpdate(n, "trunk", {"w": torch.ones(1)}, 2.0) for n in ("x", "y", "withheld")]
+    assert [u.weight for u in loss_reweighted(ups, {"x": 3.0, "y": 1.0}, 1.0)] == [6.0, 2.0, 4.0]
 
 
 def test_personal_gate_and_personal_expert_form():

@@ -172,8 +172,8 @@ def test_nothing_that_leaves_a_dp_institution_depends_on_its_sample_count(policy
 
 def test_fairness_weighting_leaves_a_withheld_loss_alone():
     # q-FFL weighs updates by reported losses: a DP institution reports none, so its
-    # update keeps its public weight (the round used to fail on float(None)) and the
-    # round's record of losses leaves it out
+    # update weighs as the mean of the others (the round used to fail on float(None))
+    # and the round's record of losses leaves it out
     d = tiny_config_dict(rounds=1)
     d["institutions"][0]["policy"] = {"dp": "local", "epsilon": 50.0, "noise_multiplier": 1.0}
     d["federation"] = {**d.get("federation", {}), "fairness_q": 1.0}

@@ -280,3 +280,51 @@ def test_unlearning_bench_smoke_measures_forget_against_a_full_retrain(capsys):
     assert all(v > 0 for v in secs.values()) and result["retrained_rounds"]["all"] == result["rounds"]
     assert 1 <= result["retrained_rounds"]["touched"] <= result["rounds"] - result["first_contribution_round"] + 1
     assert set(result["speedup_vs_retrain"]) == {"touched", "all"}
+
+
+@pytest.mark.parametrize("keep", ["each", "best"])
+def test_a_forgotten_run_keeps_the_best_of_its_retrained_rounds(tmp_path, monkeypatch, keep):
+    # The copied curves (rounds before the institution's first contribution) keep their
+    # metrics but their states are not in the new folder: they must not compete, or a
+    # retrained round that beats the first retrained one but not an original round is
+    # never kept (it happened under keep = "each" and "best").
+    from m3tfed.federation import lifecycle
+    from m3tfed.federation.institution import Institution
+
+    d = tiny_config_dict(rounds=4, n=16)
+    d["institutions"] = d["institutions"][:3]
+    d["evaluation"]["keep"] = keep
+    victim = d["institutions"][2]["name"]
+    train = Institution.train
+
+    def offline_in_round_1(self, job):
+        if self.name == victim and job.round == 1:
+            raise RuntimeError("offline")
+        return train(self, job)
+
+    scores = {"original": {1: 0.5, 2: 0.6, 3: 0.6, 4: 0.6}, "forgotten": {2: 0.9, 3: 0.7, 4: 0.8}}
+    phase = ["original"]
+
+    def scripted(fed, limit=None):
+        s = scores[phase[0]][fed.server.round]
+        return {n: {t: {"loss": s} for t in i.config.tasks[:1]} for n, i in fed.institutions.items()}, {}
+
+    monkeypatch.setattr(Institution, "train", offline_in_round_1)
+    monkeypatch.setattr(lifecycle, "validate", scripted)
+    run_job(d, name="orig", runs_dir=tmp_path, progress=quiet, echo=False)
+    phase[0] = "forgotten"
+    rec = forget(tmp_path / "orig", victim, scope="touched", progress=quiet)
+    assert rec["retrained_rounds"] == [2, 3, 4]
+    kept = json.loads((tmp_path / rec["run_dir"] / "metrics.json").read_text())["kept_round"]
+    assert kept == ({n: 3 for n in kept} if keep == "each" else 3) and kept
+
+
+def test_erasure_on_request_removes_the_states_kept_for_testing(tmp_path):
+    # kept/ holds the institution's personal parts and states it influenced
+    d = tiny_config_dict(rounds=2, n=16)
+    d["institutions"] = d["institutions"][:3]
+    d["institutions"][2]["policy"] = {"forget_on_request": True}
+    run_job(d, name="orig", runs_dir=tmp_path, progress=quiet, echo=False)
+    assert (tmp_path / "orig" / "kept" / d["institutions"][2]["name"]).is_dir()
+    rec = forget(tmp_path / "orig", d["institutions"][2]["name"], progress=quiet)
+    assert "kept" in rec["erased_from_source"] and not (tmp_path / "orig" / "kept").exists()

@@ -192,10 +192,9 @@ def continue_run(
         if rnd % ev.every == 0 or rnd == cfg.rounds:
             entry["metrics"], _ = validate(fed, ev.val_samples)
             entry["val_loss"] = validation_score(entry["metrics"])
-            # earlier rounds compete only where their kept state is in this folder (a
-            # forgotten run's copied curves come without the original's kept states)
-            have = kept_here(fed, run_dir)
-            earlier = [e for c in curves if "metrics" in c if (e := {n: v for n, v in scores_of(c).items() if n in have})]
+            # an entry without a val_loss does not compete: a forgotten run's copied
+            # curves, whose states the new folder does not keep (unlearning._curve_without)
+            earlier = [scores_of(c) for c in curves if "val_loss" in c]
             if improved := kept_now(ev.keep, earlier, scores_of(entry)):
                 save_kept(fed, run_dir, rnd, improved)
         curves.append(entry)
@@ -717,14 +716,6 @@ def save_kept(fed: Federation, run_dir: Path, rnd: int, names: list[str]) -> Non
         inst = fed.institutions[name]
         tensors = join_owners({"@server": inst.shared_part(fed.server.state), name: inst.personal_state})
         save_checkpoint(Path(run_dir) / KEPT / name, tensors, {"round": rnd})
-
-
-def kept_here(fed: Federation, run_dir: Path) -> set[str]:
-    """The institutions whose kept state ``run_dir`` holds."""
-    kept = Path(run_dir) / KEPT
-    if fed.config.evaluation.keep == "each":
-        return {n for n in fed.institutions if (kept / n).is_dir()}
-    return set(fed.institutions) if kept.is_dir() else set()
 
 
 def load_kept(fed: Federation, run_dir: Path) -> int | dict[str, int]:

@@ -69,7 +69,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import load_config
-from .lifecycle import continue_run, print_progress
+from .lifecycle import KEPT, continue_run, print_progress
 
 FORGOTTEN_FILE = "forgotten.json"
 AGGREGATOR_PREFIX = f"aggregator{SEP}"
@@ -246,7 +246,8 @@ def forget(
 def _curve_without(entry: dict[str, Any], institution: str) -> dict[str, Any]:
     """A curves.json entry without ``institution``'s validation metrics; its mean
     validation loss (which counted it) is dropped, so early stopping in the new run
-    chooses among the retrained rounds only."""
+    chooses among the retrained rounds only (an entry without ``val_loss`` never
+    competes: the new folder does not hold the original's kept states)."""
     out = {k: v for k, v in entry.items() if k != "val_loss"}
     if "metrics" in out:
         out["metrics"] = {n: m for n, m in out["metrics"].items() if n != institution}
@@ -261,6 +262,7 @@ def erase_from_source(run_dir: Path, institution: str, first: int, last: int) ->
     from again. Returns what was removed (paths relative to ``run_dir``)."""
     removed = [checkpoint_path(run_dir, rnd) for rnd in range(first, last + 1)]
     removed.append(run_dir / "institutions" / institution)
+    removed.append(run_dir / KEPT)  # the states chosen for testing: its personal parts, its influence
     gone = []
     write_json_atomic(run_dir / ERASED_FILE, {"institution": institution, "rounds": [first, last], "created": datetime.now().isoformat()})
     for path in removed:
@@ -278,4 +280,5 @@ def _without(report: dict[str, Any], institution: str) -> dict[str, Any]:
         "succeeded": [n for n in report["succeeded"] if n != institution],
         "dropped": {n: r for n, r in report["dropped"].items() if n != institution},
         "contributors": {c: [n for n in ns if n != institution] for c, ns in report["contributors"].items()},
+        "losses": {n: v for n, v in report.get("losses", {}).items() if n != institution},
     }
