@@ -37,7 +37,7 @@ from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..threads import resolve_threads, usable_cores
 from .baselines import BASELINES, BaselineContext, configured, split_work, work_of
-from .baselines.common import config_at
+from .baselines.common import config_at, kept_text
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
     ERASED_FILE,
@@ -254,10 +254,7 @@ def finish(
     if fed_time is not None:
         progress(f"evaluating: federated MoE and {', '.join(b.name for b in configured(cfg.evaluation))}")
         kept_round = load_kept(fed, run_dir)
-        if isinstance(kept_round, dict):
-            progress(f"  testing each institution's state of its own lowest validation loss (rounds {', '.join(f'{n} {r}' for n, r in kept_round.items())})")
-        else:
-            progress(f"  testing the state after round {kept_round}" + (" (lowest validation loss)" if cfg.evaluation.keep == "best" else ""))
+        progress(f"  testing the state of {kept_text(kept_round)}" + (" (lowest validation loss)" if cfg.evaluation.keep != "last" else ""))
         results["fed_moe"], routing = read_test_once(fed, final)
         seconds["fed_moe"], cpu["fed_moe"] = fed_time
     for method, tuning_run in (tested_from or {}).items():

@@ -96,8 +96,10 @@ def train_variant(
         scores = {n: val_loss(inst, model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": sum(scores.values()) / len(scores)})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {curve[-1]['val_loss']:.4f}")
-        for name in kept_now(keep, earlier, scores):  # the rule of the federated MoE's run
-            kept[name], snaps[name] = rnd, snapshot(variant, name, carry)
+        if improved := kept_now(keep, earlier, scores):  # the rule of the federated MoE's run
+            shared = copy.deepcopy(variant.server.state)  # one copy per kept round, shared by its institutions
+            for name in improved:
+                kept[name], snaps[name] = rnd, snapshot(variant, name, shared, carry)
         earlier.append(scores)
     for name, snap in snaps.items():
         restore(variant, name, snap, carry, each=keep == "each")
@@ -112,11 +114,12 @@ def kept_text(kept: int | dict[str, int]) -> str:
     return f"each institution its own round ({lo}-{hi})" if lo != hi else f"round {lo} (each institution's own)"
 
 
-def snapshot(fed: Federation, name: str, carry: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A deep copy of everything one institution's evaluation depends on."""
+def snapshot(fed: Federation, name: str, shared: State, carry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything one institution's evaluation depends on: its part of ``shared`` (a copy
+    of the server state) and copies of its personal and carried state."""
     inst = fed.institutions[name]
     return {
-        "shared": copy.deepcopy(inst.shared_part(fed.server.state)),
+        "shared": inst.shared_part(shared),
         "personal": copy.deepcopy(inst.personal_state),
         "carry": copy.deepcopy(carry.get(name)) if carry is not None else None,
     }
