@@ -35,6 +35,7 @@ from .interfaces import (
     Router,
     TaskHead,
     UpdateStage,
+    WideFeatures,
 )
 from .messages import ComponentUpdate, Failure, TrainJob, TrainResult
 from .modules import active_mask, masked_mean
@@ -90,6 +91,7 @@ __all__ = [
     "UnknownPluginError",
     "UpdateStage",
     "UpdateStageSpec",
+    "WideFeatures",
     "accumulation_dtype",
     "active_mask",
     "check_updates",

@@ -175,6 +175,14 @@ def check_encoder_module(
         raise _fail(spec, f"tokens has T = 0 for a batch of {batch_size}; return at least one (masked) token")
     if not torch.isfinite(tokens).all():
         raise _fail(spec, "tokens contain NaN or inf (padding positions too: attention would spread them)")
+    if callable(getattr(module, "wide_features", None)):  # m3tfed.WideFeatures
+        with checking(module), torch.no_grad():
+            feats = _call(spec, "wide_features(example_input)", module.wide_features, to_device(inputs, _device(module)))
+        width = getattr(module, "wide_width", None)
+        if not isinstance(feats, torch.Tensor) or not feats.is_floating_point() or list(feats.shape) != [batch_size, width]:
+            raise _fail(spec, f"wide_features must return a float [B, wide_width] = [{batch_size}, {width}] tensor, got {_shape(feats)}")
+        if not torch.isfinite(feats).all():
+            raise _fail(spec, "wide_features contain NaN or inf (a missing value is an indicator, not a NaN)")
     return out
 
 
@@ -317,6 +325,9 @@ def check_task_module(spec: TaskSpec, module: nn.Module, d_model: int, batch_siz
             raise _fail(spec, f"prediction must have B = {batch_size} rows, got {_shape(pred)}")
         if not torch.isfinite(pred).all():
             raise _fail(spec, "prediction contains NaN or inf")
+        declared = getattr(module, "output_shape", None)
+        if declared is not None and tuple(declared) != tuple(pred.shape[1:]):
+            raise _fail(spec, f"output_shape is {tuple(declared)} but the prediction is {_shape(pred)} (B = {batch_size})")
         target = _call(spec, f"example_target({batch_size})", module.example_target, batch_size, gen)
         if not isinstance(target, torch.Tensor) or tuple(target.shape) != (batch_size, *target_shape):
             raise _fail(spec, f"example_target must be [B, *target_shape] = {[batch_size, *target_shape]}, got {_shape(target)}")

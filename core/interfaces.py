@@ -69,6 +69,7 @@ __all__ = [
     "Router",
     "TaskHead",
     "UpdateStage",
+    "WideFeatures",
     "as_update_stage",
 ]
 
@@ -115,9 +116,13 @@ class TaskHead(nn.Module):
 
     ``target_shape`` is the per-sample label shape (``()`` for a scalar) and
     ``target_dtype`` its dtype; ``primary_metric`` names the metric used to compare
-    runs, ``higher_is_better`` says which way is better.
+    runs, ``higher_is_better`` says which way is better. ``output_shape`` (optional) is
+    the per-sample shape of ``forward``'s output: a task's wide term is sized by it,
+    else by a forward on zeros, which a model built without contract checks (DeepSpeed
+    ZeRO-3 ranks, whose parameters are partitioned) cannot run.
     """
 
+    output_shape: tuple[int, ...] | None = None
     target_shape: tuple[int, ...] = ()
     target_dtype: torch.dtype = torch.float32
     primary_metric: str = "loss"
@@ -155,6 +160,23 @@ class LearningRateMultipliers(Protocol):
     (DP-SGD) into most of each sample's gradient norm."""
 
     def lr_multipliers(self) -> Mapping[str, float]: ...
+
+
+@runtime_checkable
+class WideFeatures(Protocol):
+    """An encoder that also offers its modality's raw inputs as one fixed-width vector,
+    for the linear ("wide") term a task can add to its head (``model.tasks.<t>.wide``;
+    wide and deep, Cheng et al. 2016).
+
+    ``wide_width`` is the vector's width, known from the encoder's options alone (an
+    institution without the modality still builds the task's linear map, so that every
+    institution's copy of a shared head has the same parameters). ``wide_features``
+    maps a batch to ``[B, wide_width]`` float: values as a linear model would take them
+    (numbers as numbers, categories one-hot, a missing value as an indicator)."""
+
+    wide_width: int
+
+    def wide_features(self, inputs: Any) -> Tensor: ...
 
 
 # -- the server's update rule ----------------------------------------------------------------

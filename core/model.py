@@ -14,6 +14,7 @@ Parameter names map onto federation components (:func:`component_of`):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from torch import nn
 from .config import Rule, setting
 from .contracts import build_module, check_module, check_tokens
 from .errors import ConfigError, ContractError, Instrumentation
+from .interfaces import WideFeatures
 from .moe import MoELayer
 from .plugin_manager import get_catalogue
 from .specs import Catalogue, ExpertSpec, Spec, check_options
@@ -37,6 +39,17 @@ class PluginConfig:
 
     plugin: str = setting(doc="installed plugin name (`m3tfed plugins` lists them)")
     options: dict[str, Any] = setting(factory=dict, doc="passed to the plugin's `build`; the plugin checks them")
+
+
+@dataclass
+class TaskConfig(PluginConfig):
+    """A task head plus, optionally, a linear term on raw inputs (wide and deep)."""
+
+    wide: list[str] = setting(
+        factory=list,
+        doc="modalities whose raw features (the encoder's `wide_features`) feed a linear term added to this head's output; "
+        "zero at start, part of component `task.<task>`",
+    )
 
 
 @dataclass
@@ -62,11 +75,15 @@ class ModelConfig:
         default_factory=dict, metadata={"doc": "modality -> encoder plugin (component `encoder.<modality>`)", "key": "modality", "rule": Rule(min_items=1, identifier=True)}
     )
     experts: list[ExpertConfig] = setting(factory=list, min_items=1, doc="expert slots of every MoE layer")
-    tasks: dict[str, PluginConfig] = field(
+    tasks: dict[str, TaskConfig] = field(
         default_factory=dict, metadata={"doc": "task name -> task plugin (component `task.<task>`)", "key": "task", "rule": Rule(min_items=1, identifier=True)}
     )
     # Switch uses 1e-2 for load balancing, ST-MoE 1e-3 for the z-loss.
     aux_loss_weights: dict[str, float] = setting(factory=lambda: {"load_balance": 1e-2, "router_z": 1e-3}, ge=0, doc="router auxiliary loss -> weight")
+
+    def __post_init__(self) -> None:
+        # A task given as a bare PluginConfig (Python API) is a task without a wide term.
+        self.tasks = {t: tc if isinstance(tc, TaskConfig) else TaskConfig(tc.plugin, tc.options) for t, tc in self.tasks.items()}
 
     def validate(self, path: str = "model") -> None:
         if self.d_model % self.n_heads:
@@ -76,6 +93,10 @@ class ModelConfig:
         for key in ("encoders", "tasks"):
             if not getattr(self, key):
                 raise ConfigError(f"{path}.{key}", f"at least one entry is required in model.{key}")
+        for t, tc in self.tasks.items():
+            unknown = [m for m in tc.wide if m not in self.encoders]
+            if unknown:
+                raise ConfigError(f"{path}.tasks.{t}.wide", f"{unknown[0]!r} is not in model.encoders; known: {', '.join(self.encoders)}")
         names = [e.name for e in self.experts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -144,13 +165,29 @@ class EncoderSlot(nn.Module):
 
 
 class TaskSlot(nn.Module):
-    """A task head plus its task embedding (the task token, also added to router input)."""
+    """A task head plus its task embedding (the task token, also added to router input)
+    and its wide term: one linear map per ``wide`` modality from that encoder's raw
+    features to the head's output, zero at start so the head begins as configured."""
 
     def __init__(self, head: nn.Module, d_model: int, name: str = "?", package: str = "", path: str = "model.tasks"):
         super().__init__()
         self.head = head
         self.embed = nn.Parameter(torch.randn(d_model) * 0.02)
+        self.wide = nn.ModuleDict()
         self.plugin, self.package, self.path = name, package, path
+
+    def add_wide(self, modality: str, width: int, d_model: int, where: str, can_run: bool) -> None:
+        """A zero linear map ``[B, width] -> the head's output``, sized by the head's
+        ``output_shape`` (checked at build with the head's contract) or a forward on zeros."""
+        shape = getattr(self.head, "output_shape", None)
+        if shape is None:
+            if not can_run:
+                raise ConfigError(where, f"task plugin {self.plugin!r} declares no output_shape, which its wide term needs in a model built without running its head (DeepSpeed ZeRO-3 ranks)")
+            with torch.no_grad(), blame("task", self.plugin, self.package, self.path, "head forward"):
+                shape = self.head(torch.zeros(2, 1, d_model), torch.ones(2, 1, dtype=torch.bool)).shape[1:]
+        linear = nn.Linear(width, math.prod(shape), bias=False)  # the head has the bias
+        nn.init.zeros_(linear.weight)
+        self.wide[modality] = linear
 
 
 @contextlib.contextmanager
@@ -251,6 +288,9 @@ class M3TModel(nn.Module):
             pc = config.tasks[t]
             spec = cat.get("task", pc.plugin)
             self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}")
+            for m in pc.wide:
+                where = f"model.tasks.{t}.wide"
+                self.tasks[t].add_wide(m, self._wide_width(m, cat, check_contracts, where), d, where, can_run=check_contracts)
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -265,6 +305,32 @@ class M3TModel(nn.Module):
             self.layers.append(Block(d, config.n_heads, config.dropout, MoELayer(d, self.expert_names, local, router)))
         self.norm = nn.LayerNorm(d)
         self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)
+
+    def _wide_width(self, modality: str, cat: Catalogue, check: bool, where: str) -> int:
+        """The width of ``modality``'s wide features, from its encoder (built here for
+        the purpose when this institution lacks the modality, so that every copy of a
+        shared head has the same parameters); the encoder's contract check covers them."""
+        path, pc = f"model.encoders.{modality}", self.config.encoders[modality]
+        spec = cat.get("encoder", pc.plugin)
+        encoder = self.encoders[modality].encoder if modality in self.encoders else _build(spec, path, self.config.d_model, pc.options, check=check)
+        if not isinstance(encoder, WideFeatures):
+            raise ConfigError(where, f"encoder plugin {spec.name!r} of {modality!r} offers no wide features (`wide_width`, `wide_features`)")
+        return int(encoder.wide_width)
+
+    def _add_wide(self, batch: dict[str, Any], slot: TaskSlot, pred: torch.Tensor) -> torch.Tensor:
+        """``pred`` plus the task's linear terms on the raw features of the wide
+        modalities this batch has; a sample without a modality gets no term from it."""
+        present = batch.get("present", {})
+        for m, linear in slot.wide.items():
+            if m not in batch or m not in self.encoders:
+                continue
+            enc = self.encoders[m]
+            with blame("encoder", enc.plugin, enc.package, enc.path, "wide_features"):
+                feats = enc.encoder.wide_features(batch[m]).to(linear.weight.dtype)
+            if m in present:
+                feats = feats * present[m].to(feats.device, feats.dtype).unsqueeze(1)
+            pred = pred + linear(feats).reshape(pred.shape)
+        return pred
 
     # -- forward -----------------------------------------------------------------
     def embed(self, batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,6 +375,8 @@ class M3TModel(nn.Module):
         slot = self.tasks[task]
         with blame("task", slot.plugin, slot.package, slot.path, "head forward"):
             pred = slot.head(x, mask)
+        if len(slot.wide):
+            pred = self._add_wide(batch, slot, pred)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
         return ModelOutput(pred, aux_loss, aux, counts)

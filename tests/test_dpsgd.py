@@ -57,6 +57,26 @@ def test_batched_per_sample_grads_equal_the_loop(institution):
     assert_same(net, params, batched_per_sample_grads(net, loss_of, batch, params), loop_grads(net, loss_of, batch, params))
 
 
+def test_batched_per_sample_grads_cover_a_task_s_wide_term():
+    """The wide term's linear maps (``model.tasks.<t>.wide``) get their per-sample
+    gradients from the batched pass too, equal to the loop's."""
+    d = tiny_config_dict(rounds=1)
+    d["model"]["tasks"]["grade"]["wide"] = ["tabular"]
+    d["model"]["tasks"]["symbol"]["wide"] = ["image"]
+    fed = build_federation(load_config(d))
+    for name in ("math_academy", "university"):
+        inst = fed.institutions[name]
+        net = inst.load(fed.server.state)
+        net.train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        batch = next(iterate_batches(inst.data.train, 8, torch.Generator().manual_seed(0)))
+        loss_of = batch_loss(inst.config.tasks)
+        fast = batched_per_sample_grads(net, loss_of, batch, params)
+        assert_same(net, params, fast, loop_grads(net, loss_of, batch, params))
+        wide = [g for p, g in zip(params, fast) if p is net.tasks["grade"].wide["tabular"].weight]
+        assert wide and float(wide[0].abs().max()) > 0
+
+
 def test_each_sample_is_routed_alone_even_when_capacity_drops_tokens():
     # A tight capacity: the batch's routing (capacity from all its tokens, priority by
     # batch position) differs from each sample's own, so only per-sample routing matches.

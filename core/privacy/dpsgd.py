@@ -291,6 +291,7 @@ class _PerSampleTrace:
             return
         if isinstance(module, TaskSlot):  # its embedding: see _block_hook and _route
             self._install(module.head)
+            self._install(module.wide)  # linear maps of [B, width] raw features
             return
         if isinstance(module, Block):
             self._handles.append(module.register_forward_pre_hook(self._block_hook))

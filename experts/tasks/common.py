@@ -26,6 +26,7 @@ class PooledHead(TaskHead):
         if pooling not in ("mean", "attention"):
             raise ValueError(f"pooling must be 'mean' or 'attention', got {pooling!r}")
         self.pooling = pooling
+        self.output_shape = (out_features,)
         if pooling == "attention":
             self.pool_query = nn.Parameter(torch.zeros(d_model))  # zeros: starts as a mean
         hidden = hidden or d_model
@@ -56,7 +57,7 @@ class ScalarHead(PooledHead):
 
     def __init__(self, d_model: int, hidden: int | None = None, pooling: str = "mean"):
         super().__init__(d_model, 1, hidden, pooling)
-        self.target_shape = ()
+        self.target_shape = self.output_shape = ()
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return super().forward(tokens, mask).squeeze(-1)

@@ -10,6 +10,7 @@ short scanned formula does not need to be padded to a square.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from m3tfed import EncoderSpec, ModalityEncoder, Tokens
 from torch import nn
@@ -62,6 +63,18 @@ class ImageEncoder(ModalityEncoder):
         x = self.norm(x)
         return Tokens(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
 
+    @property
+    def wide_width(self) -> int:
+        return self.channels * self.image_size**2
+
+    def wide_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pixels, as a logistic model on raw pixels takes them; a smaller image is
+        padded (right and bottom) to ``image_size`` so that a pixel keeps its weight."""
+        s = self.image_size
+        images = images.float()
+        images = F.pad(images, (0, s - images.shape[-1], 0, s - images.shape[-2]))
+        return images.reshape(images.shape[0], -1)
+
     def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         s = self.image_size
         return torch.rand(batch_size, self.channels, s, s, generator=generator)
@@ -73,7 +86,7 @@ SPEC = EncoderSpec(
     name="image",
     modality="image",
     build=ImageEncoder,
-    version="0.1.0",
+    version="0.2.0",  # 0.2: wide features
     license="Apache-2.0",
     params=548_352,
     min_memory_mb=9,  # fp32 weights, gradients and AdamW moments

@@ -64,6 +64,8 @@ from torch import nn
 # an id seen k times moves about k * QUERY_BIAS_LR_MULTIPLIER * lr (a logit per few
 # sightings at lr 3e-3). Chosen on validation of a question-level federation.
 QUERY_BIAS_LR_MULTIPLIER = 300.0
+# The wide features' "recent accuracy": the share correct of the last RECENT answers.
+RECENT = 5
 
 
 class CausalBlock(nn.Module):
@@ -193,6 +195,43 @@ class InteractionEncoder(ModalityEncoder):
         x = self.norm(self.block(x, allowed))
         return Tokens(x, mask)
 
+    @property
+    def wide_width(self) -> int:
+        return 5 * self.num_skills + 3 + self.num_questions
+
+    def wide_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What a logistic knowledge-tracing model reads (PFA, Pavlik et al. 2009; the
+        "question one-hot + recent accuracy" model): per skill, log(1 + successes) and
+        log(1 + failures) so far; the next question's skill one-hot, and its own
+        successes and failures in that skill's slot (a learning rate per skill); the
+        share correct overall and over the last ``RECENT`` answers; log(1 + answers); the next
+        question's id one-hot (``num_questions``). Without a query those parts are 0."""
+        skill, correct = inputs["skill"].long(), inputs["correct"].long()
+        mask = inputs.get("mask")
+        mask = torch.ones_like(skill, dtype=torch.bool) if mask is None else mask.bool()
+        b, S = skill.shape[0], self.num_skills
+        right = (mask & (correct > 0)).float()
+        wrong = (mask & (correct <= 0)).float()
+        idx = torch.where(mask, skill, 0).clamp(0, S - 1)
+        succ = torch.zeros(b, S, device=skill.device).scatter_add_(1, idx, right)
+        fail = torch.zeros(b, S, device=skill.device).scatter_add_(1, idx, wrong)
+        n = mask.float().sum(1, keepdim=True)
+        from_end = mask.flip(1).long().cumsum(1).flip(1)  # 1 = the last real answer
+        overall = right.sum(1, keepdim=True) / n.clamp_min(1)
+        recent = (right * (from_end <= RECENT)).sum(1, keepdim=True) / n.clamp(1, RECENT)
+        query_hot = torch.zeros(b, S, device=skill.device)
+        query = inputs.get("query_skill")
+        if query is not None:
+            query_hot.scatter_(1, query.long().clamp(0, S - 1)[:, None], 1.0)
+        parts = [succ.log1p(), fail.log1p(), query_hot, query_hot * succ.log1p(), query_hot * fail.log1p(), overall, recent, n.log1p()]
+        if self.num_questions:
+            question_hot = torch.zeros(b, self.num_questions, device=skill.device)
+            next_question = inputs.get("query_question")
+            if next_question is not None:
+                question_hot.scatter_(1, next_question.long().clamp(0, self.num_questions - 1)[:, None], 1.0)
+            parts.append(question_hot)
+        return torch.cat(parts, dim=1)
+
     def lr_multipliers(self) -> dict[str, float]:
         """The query bias trains faster than the rest (m3tfed.LearningRateMultipliers)."""
         return {"query_bias": QUERY_BIAS_LR_MULTIPLIER} if self.query_bias is not None else {}
@@ -251,7 +290,7 @@ SPEC = EncoderSpec(
     name="sequence",
     modality="interactions",
     build=InteractionEncoder,
-    version="0.3.0",  # 0.3: the query bias is unscaled in the forward pass (lr multiplier)
+    version="0.4.0",  # 0.3: the query bias is unscaled in the forward pass (lr multiplier); 0.4: wide features
     license="Apache-2.0",
     params=570_674,
     min_memory_mb=9,  # fp32 weights, gradients and AdamW moments

@@ -91,6 +91,24 @@ class TabularEncoder(ModalityEncoder):
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Tokens(tokens, mask)
 
+    @property
+    def wide_width(self) -> int:
+        return 2 * self.n_numeric + sum(c + 1 for c in self.config.cardinalities)
+
+    def wide_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What a linear model takes from the row: each number (NaN -> 0) and whether it
+        is missing, each category one-hot with "missing" as a value of its own."""
+        parts = []
+        if self.n_numeric:
+            x = _get(inputs, "numeric", self.n_numeric).float()
+            missing = torch.isnan(x)
+            parts += [torch.nan_to_num(x, nan=0.0), missing.float()]
+        if self.n_categorical:
+            c = _get(inputs, "categorical", self.n_categorical).long()
+            hot = torch.zeros(c.shape[0], int((self.cardinality + 1).sum()), device=c.device)
+            parts.append(hot.scatter_(1, (c + 1 + self.cat_offset).clamp(0, hot.shape[1] - 1), 1.0))
+        return torch.cat(parts, dim=1)
+
     def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         out = {}
         if self.n_numeric:
@@ -123,7 +141,7 @@ SPEC = EncoderSpec(
     name="tabular",
     modality="tabular",
     build=TabularEncoder,
-    version="0.1.0",
+    version="0.2.0",  # 0.2: wide features
     license="Apache-2.0",
     params=6_144,
     min_memory_mb=1,  # fp32 weights, gradients and AdamW moments
