@@ -38,7 +38,7 @@ from .interfaces import (
     WideFeatures,
 )
 from .messages import ComponentUpdate, Failure, TrainJob, TrainResult
-from .modules import active_mask, masked_mean
+from .modules import active_mask, masked_mean, text_statistics
 from .plugin_manager import get_catalogue
 from .specs import (
     REFERENCE_D_MODEL,
@@ -100,5 +100,6 @@ __all__ = [
     "hookimpl",
     "masked_mean",
     "stack_deltas",
+    "text_statistics",
     "weighted_mean_delta",
 ]

@@ -185,7 +185,10 @@ class TaskSlot(nn.Module):
                 raise ConfigError(where, f"task plugin {self.plugin!r} declares no output_shape, which its wide term needs in a model built without running its head (DeepSpeed ZeRO-3 ranks)")
             with torch.no_grad(), blame("task", self.plugin, self.package, self.path, "head forward"):
                 shape = self.head(torch.zeros(2, 1, d_model), torch.ones(2, 1, dtype=torch.bool)).shape[1:]
-        linear = nn.Linear(width, math.prod(shape), bias=False)  # the head has the bias
+        # No net draw from torch's global generator: adding a term changes no other
+        # module's initial weights (so "with" and "without" differ by the term alone).
+        with torch.random.fork_rng(devices=[]):
+            linear = nn.Linear(width, math.prod(shape), bias=False)  # the head has the bias
         nn.init.zeros_(linear.weight)
         self.wide[modality] = linear
 

@@ -9,7 +9,7 @@ import torch
 
 from .interfaces import Expert, ModalityEncoder, Router, TaskHead
 
-__all__ = ["Expert", "ModalityEncoder", "Router", "TaskHead", "active_mask", "masked_mean"]
+__all__ = ["Expert", "ModalityEncoder", "Router", "TaskHead", "active_mask", "masked_mean", "text_statistics"]
 
 
 def active_mask(
@@ -30,3 +30,13 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens of each sample: ``[B, T, d], [B, T] -> [B, d]``."""
     w = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def text_statistics(texts: list[str]) -> torch.Tensor:
+    """``[n, 4]`` float per text: characters, words, mean word length, distinct words per
+    word (what a linear model reads from an essay without a vocabulary)."""
+    rows = []
+    for t in texts:
+        words = t.split()
+        rows.append([len(t), len(words), sum(map(len, words)) / max(len(words), 1), len(set(words)) / max(len(words), 1)])
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(texts), 4)

@@ -1,16 +1,20 @@
 """The wide term of a task head (``model.tasks.<t>.wide``): a linear map from an encoder's
 raw features to the head's output, added to it (wide and deep)."""
 
+import math
+
 import pytest
 import torch
-from m3tfed import ConfigError, ContractError
+from m3tfed import ConfigError, ContractError, EncoderSpec, ModalityEncoder, Tokens, hookimpl
 from m3tfed.config import from_dict
 from m3tfed.contracts import check_encoder_module, check_task_module
 from m3tfed.model import M3TModel, ModelConfig, PluginConfig, TaskConfig
-from m3tfed.plugin_manager import get_catalogue
+from m3tfed.plugin_manager import catalogue_from, get_catalogue
 from m3tfed.plugins.encoders.image import ImageEncoder
 from m3tfed.plugins.encoders.sequence import InteractionEncoder
 from m3tfed.plugins.encoders.tabular import TabularEncoder
+from m3tfed.plugins.encoders.text import TextEncoder
+from torch import nn
 
 
 def config(**tasks) -> ModelConfig:
@@ -24,7 +28,6 @@ def config(**tasks) -> ModelConfig:
                 "tabular": {"plugin": "tabular", "options": {"n_numeric": 2, "cardinalities": [3]}},
                 "image": {"plugin": "image", "options": {"image_size": 8, "patch_size": 4}},
                 "interactions": {"plugin": "sequence", "options": {"num_skills": 4, "max_len": 4}},
-                "essays": {"plugin": "text"},
             },
             "experts": [{"name": "a", "options": {"hidden": 16}}],
             "tasks": tasks,
@@ -56,6 +59,16 @@ def test_image_wide_features_are_the_pixels_with_a_small_image_padded_in_place()
     assert enc.wide_width == 64 and feats.shape == (1, 64)
     grid = feats.reshape(8, 8)
     assert torch.equal(grid[:4, :4], small[0, 0]) and grid[4:].abs().sum() == 0 and grid[:, 4:].abs().sum() == 0
+
+
+def test_text_wide_features_are_length_and_vocabulary():
+    enc = TextEncoder(8)
+    feats = enc.wide_features(["the cat saw the dog", ""])
+    # log(1 + 19 characters), log(1 + 5 words), 15 / 5 letters per word, 4 distinct / 5
+    expected = torch.tensor([[math.log(20), math.log(6), 3.0, 0.8], [0.0, 0.0, 0.0, 0.0]])
+    assert enc.wide_width == 4 and torch.allclose(feats, expected)
+    with pytest.raises(ValueError, match="token ids"):
+        enc.wide_features(enc.tokenize(["the cat"]))
 
 
 def test_interaction_wide_features_count_successes_and_failures_per_skill():
@@ -109,6 +122,16 @@ def test_the_wide_term_starts_at_zero_belongs_to_the_task_and_has_the_same_keys_
     assert torch.allclose(after - before, 2.0 * torch.nan_to_num(batch["tabular"]["numeric"][:, 0]), atol=1e-6)
 
 
+def test_adding_a_wide_term_changes_no_other_initial_weight():
+    torch.manual_seed(3)
+    plain = M3TModel(config(score={"plugin": "regression"}, kind={"plugin": "classification"}))
+    torch.manual_seed(3)
+    wide = M3TModel(config(score={"plugin": "regression", "wide": ["tabular", "image"]}, kind={"plugin": "classification"}))
+    theirs = dict(wide.named_parameters())
+    assert all(torch.equal(p, theirs[n]) for n, p in plain.named_parameters())
+    assert set(theirs) - dict(plain.named_parameters()).keys() == {"tasks.score.wide.tabular.weight", "tasks.score.wide.image.weight"}
+
+
 def test_a_sample_without_the_modality_gets_no_wide_term():
     cfg = config(score={"plugin": "regression", "wide": ["image"]})
     torch.manual_seed(0)
@@ -152,12 +175,36 @@ def test_the_wide_term_learns_which_pixel_carries_the_target():
     assert after < 0.5 * before, (before, after)
 
 
+class NoWideEncoder(ModalityEncoder):
+    modality = "tabular"
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.proj = nn.Linear(2, d_model)
+
+    def forward(self, inputs):
+        x = self.proj(inputs).unsqueeze(1)
+        return Tokens(x, torch.ones(x.shape[:2], dtype=torch.bool))
+
+    def example_input(self, batch_size, generator=None):
+        return torch.randn(batch_size, 2, generator=generator)
+
+
+class NoWidePlugin:
+    __name__ = "no_wide_pkg"
+
+    @hookimpl
+    def register_encoders(self, register):
+        register(EncoderSpec(name="no_wide", build=NoWideEncoder, version="1", license="MIT", modality="tabular"))
+
+
 def test_a_wide_modality_must_be_an_encoder_that_offers_wide_features():
-    with pytest.raises(ConfigError, match=r"model\.tasks\.score\.wide: 'text' is not in model\.encoders"):
-        config(score={"plugin": "regression", "wide": ["text"]})
-    cfg = config(score={"plugin": "regression", "wide": ["essays"]})
-    with pytest.raises(ConfigError, match=r"model\.tasks\.score\.wide: encoder plugin 'text' of 'essays' offers no wide features"):
-        M3TModel(cfg)
+    with pytest.raises(ConfigError, match=r"model\.tasks\.score\.wide: 'essays' is not in model\.encoders"):
+        config(score={"plugin": "regression", "wide": ["essays"]})
+    cfg = config(score={"plugin": "regression", "wide": ["tabular"]})
+    cfg.encoders["tabular"] = PluginConfig("no_wide")
+    with pytest.raises(ConfigError, match=r"model\.tasks\.score\.wide: encoder plugin 'no_wide' of 'tabular' offers no wide features"):
+        M3TModel(cfg, modalities=["tabular"], catalogue=catalogue_from([NoWidePlugin()]))
 
 
 def test_a_head_s_declared_output_shape_sizes_the_term_and_must_be_true():

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from m3tfed import EncoderSpec, ModalityEncoder, Tokens
+from m3tfed import EncoderSpec, ModalityEncoder, Tokens, text_statistics
 from torch import nn
 
 
@@ -157,6 +157,17 @@ class TextEncoder(ModalityEncoder):
         tokens, mask = self.features(inputs)
         return Tokens(self.proj(tokens), mask)
 
+    wide_width = 4
+
+    def wide_features(self, inputs: str | Sequence[str]) -> torch.Tensor:
+        """Length and vocabulary of each text (``m3tfed.text_statistics``), the counts on a
+        log scale: log(1 + characters), log(1 + words), mean word length, distinct words
+        per word. Token ids alone (a pre-tokenized batch) carry no words: refused."""
+        if isinstance(inputs, dict):
+            raise ValueError("wide features read the texts; this batch holds token ids")
+        stats = text_statistics([inputs] if isinstance(inputs, str) else list(inputs))
+        return torch.cat([stats[:, :2].log1p(), stats[:, 2:]], dim=1).to(self.proj.weight.device)
+
     def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> list[str]:
         words = ["essay", "student", "because", "Schüler", "élève", "学生", "reading", "the", "a"]
         texts = []
@@ -187,7 +198,7 @@ SPEC = EncoderSpec(
     name="text",
     modality="text",
     build=TextEncoder,
-    version="0.1.0",
+    version="0.2.0",  # 0.2: wide features
     license="Apache-2.0",
     params=41_792,
     min_memory_mb=64,

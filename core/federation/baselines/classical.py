@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ...data import num_samples
+from ...modules import text_statistics
 from ..build import Federation
 from ..evaluation import Metrics
 from .base import BaselineContext, Results
@@ -82,13 +83,7 @@ def _how(leaf: Any, examples: list[Any]) -> Any:
 
 def _encode(leaf: Any, how: Any, n: int) -> torch.Tensor:
     if how == "text":
-        if leaf is None:
-            return torch.zeros(n, 4)
-        rows = []
-        for t in leaf:
-            words = t.split()
-            rows.append([len(t), len(words), sum(map(len, words)) / max(len(words), 1), len(set(words)) / max(len(words), 1)])
-        return torch.tensor(rows, dtype=torch.float32).reshape(n, 4)
+        return torch.zeros(n, 4) if leaf is None else text_statistics(list(leaf))
     kind, arg = how[0], how[1]
     if kind == "onehot":
         width = arg
