@@ -326,6 +326,8 @@ def check_task_module(spec: TaskSpec, module: nn.Module, d_model: int, batch_siz
         if not torch.isfinite(pred).all():
             raise _fail(spec, "prediction contains NaN or inf")
         declared = getattr(module, "output_shape", None)
+        if declared is not None and not (isinstance(declared, tuple | list) and all(isinstance(n, int) and n > 0 for n in declared)):
+            raise _fail(spec, f"output_shape must be a tuple of positive ints (the per-sample prediction shape), got {declared!r}")
         if declared is not None and tuple(declared) != tuple(pred.shape[1:]):
             raise _fail(spec, f"output_shape is {tuple(declared)} but the prediction is {_shape(pred)} (B = {batch_size})")
         target = _call(spec, f"example_target({batch_size})", module.example_target, batch_size, gen)

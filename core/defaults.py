@@ -39,9 +39,9 @@ _DEFAULT: dict[str, Any] = {
             {"name": "small_1", "plugin": "lowrank", "options": {"rank": 8}},
         ],
         # Grade, dropout and symbol add a linear term on the raw table / pixels to their
-        # head (wide and deep): lower validation loss in 3 of 3 seeds, +2.9% on the
+        # head (wide and deep): lower validation loss in 3 of 3 seeds, +3.6% on the
         # primary metrics (docs/results.md, "Learning quality" 9). The interaction
-        # logs' wide features on next response and dropout were a toss-up: not added.
+        # logs' and the essays' wide terms lowered them: not added.
         "tasks": {
             "grade": {"plugin": "regression", "wide": ["tabular"]},
             "dropout": {"plugin": "classification", "options": {"num_classes": 2}, "wide": ["tabular"]},

@@ -183,8 +183,12 @@ class TaskSlot(nn.Module):
         if shape is None:
             if not can_run:
                 raise ConfigError(where, f"task plugin {self.plugin!r} declares no output_shape, which its wide term needs in a model built without running its head (DeepSpeed ZeRO-3 ranks)")
-            with torch.no_grad(), blame("task", self.plugin, self.package, self.path, "head forward"):
-                shape = self.head(torch.zeros(2, 1, d_model), torch.ones(2, 1, dtype=torch.bool)).shape[1:]
+            training = self.head.training
+            try:  # eval: a probe must not move running statistics
+                with torch.no_grad(), blame("task", self.plugin, self.package, self.path, "head forward"):
+                    shape = self.head.eval()(torch.zeros(2, 1, d_model), torch.ones(2, 1, dtype=torch.bool)).shape[1:]
+            finally:
+                self.head.train(training)
         # No net draw from torch's global generator: adding a term changes no other
         # module's initial weights (so "with" and "without" differ by the term alone).
         with torch.random.fork_rng(devices=[]):
@@ -287,13 +291,16 @@ class M3TModel(nn.Module):
             spec = cat.get("encoder", pc.plugin)
             self.encoders[m] = EncoderSlot(_build(spec, f"model.encoders.{m}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.encoders.{m}")
         self.tasks = nn.ModuleDict()
+        wide_widths: dict[str, int] = {}  # modality -> its wide features' width
         for t in tasks:
             pc = config.tasks[t]
             spec = cat.get("task", pc.plugin)
             self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}")
             for m in pc.wide:
                 where = f"model.tasks.{t}.wide"
-                self.tasks[t].add_wide(m, self._wide_width(m, cat, check_contracts, where), d, where, can_run=check_contracts)
+                if m not in wide_widths:
+                    wide_widths[m] = self._wide_width(m, cat, where)
+                self.tasks[t].add_wide(m, wide_widths[m], d, where, can_run=check_contracts)
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -309,13 +316,18 @@ class M3TModel(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)
 
-    def _wide_width(self, modality: str, cat: Catalogue, check: bool, where: str) -> int:
-        """The width of ``modality``'s wide features, from its encoder (built here for
-        the purpose when this institution lacks the modality, so that every copy of a
-        shared head has the same parameters); the encoder's contract check covers them."""
+    def _wide_width(self, modality: str, cat: Catalogue, where: str) -> int:
+        """The width of ``modality``'s wide features, from its encoder (its contract
+        check covers them). An institution without the modality builds the encoder only
+        to read the width, so that every copy of a shared head has the same parameters:
+        unchecked, and without drawing from torch's global generator."""
         path, pc = f"model.encoders.{modality}", self.config.encoders[modality]
         spec = cat.get("encoder", pc.plugin)
-        encoder = self.encoders[modality].encoder if modality in self.encoders else _build(spec, path, self.config.d_model, pc.options, check=check)
+        if modality in self.encoders:
+            encoder = self.encoders[modality].encoder
+        else:
+            with torch.random.fork_rng(devices=[]):
+                encoder = _build(spec, path, self.config.d_model, pc.options, check=False)
         if not isinstance(encoder, WideFeatures):
             raise ConfigError(where, f"encoder plugin {spec.name!r} of {modality!r} offers no wide features (`wide_width`, `wide_features`)")
         return int(encoder.wide_width)
@@ -329,9 +341,9 @@ class M3TModel(nn.Module):
                 continue
             enc = self.encoders[m]
             with blame("encoder", enc.plugin, enc.package, enc.path, "wide_features"):
-                feats = enc.encoder.wide_features(batch[m]).to(linear.weight.dtype)
-            if m in present:
-                feats = feats * present[m].to(feats.device, feats.dtype).unsqueeze(1)
+                feats = enc.encoder.wide_features(batch[m]).to(linear.weight.device, linear.weight.dtype)
+            if m in present:  # where, not a product: an absent sample's NaN stays out
+                feats = torch.where(present[m].to(feats.device).bool().unsqueeze(1), feats, 0.0)
             pred = pred + linear(feats).reshape(pred.shape)
         return pred
 

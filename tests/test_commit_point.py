@@ -153,6 +153,38 @@ def test_resume_refuses_a_checkpoint_written_under_another_config(tmp_path):
         resume_job(tmp_path / "r", **QUIET)
 
 
+def test_a_run_written_before_a_setting_existed_resumes(tmp_path):
+    """A run whose config.json and checkpoint predate ``model.tasks.<t>.wide`` (added in
+    December 2026) resumes: the missing setting reads as its default, which keeps the old
+    behaviour. A setting the old run did set still has to match."""
+    d = small_config()
+    for task in d["model"]["tasks"].values():
+        task.pop("wide", None)
+    run_job(d, name="r", runs_dir=tmp_path, stop_after=1, **QUIET)
+
+    def drop_wide(config):
+        config = json.loads(json.dumps(config))
+        for task in config["model"]["tasks"].values():
+            task.pop("wide")
+        return config
+
+    path = tmp_path / "r" / "config.json"
+    path.write_text(json.dumps(drop_wide(json.loads(path.read_text()))))
+    latest = round_checkpoints(tmp_path / "r")[0]
+    tensors, meta = load_checkpoint(latest)
+    shutil.rmtree(latest)
+    checkpoint.save_checkpoint(latest, tensors, {**meta, "config": drop_wide(meta["config"])})
+    out = resume_job(tmp_path / "r", **QUIET)
+    assert len(out["history"]) == 2 and out["results"]["fed_moe"]
+
+    meta["config"]["federation"]["lr"] = 0.5
+    shutil.rmtree(latest)
+    checkpoint.save_checkpoint(latest, tensors, {**meta, "config": drop_wide(meta["config"])})
+    shutil.rmtree(round_checkpoints(tmp_path / "r")[0])  # round 2: resume from round 1 again
+    with pytest.raises(CheckpointError, match="differing keys: federation.lr"):
+        resume_job(tmp_path / "r", **QUIET)
+
+
 def test_a_reused_name_is_refused_and_a_checkpoint_from_another_run_too(tmp_path):
     run_job(small_config(), name="r", runs_dir=tmp_path, stop_after=1, **QUIET)
     with pytest.raises(CheckpointError, match="already holds a run; choose another --name"):

@@ -61,6 +61,17 @@ def test_image_wide_features_are_the_pixels_with_a_small_image_padded_in_place()
     assert torch.equal(grid[:4, :4], small[0, 0]) and grid[4:].abs().sum() == 0 and grid[:, 4:].abs().sum() == 0
 
 
+def test_image_wide_size_keeps_only_the_pixels_a_source_has():
+    enc = ImageEncoder(8, image_size=8, patch_size=4, wide_size=[4, 8])
+    assert enc.example_input(2).shape == (2, 1, 4, 8)  # the contract check's images fit
+    wide = enc.wide_features(torch.arange(16.0).reshape(1, 1, 4, 4))
+    assert enc.wide_width == 32 and torch.equal(wide.reshape(4, 8)[:, :4], torch.arange(16.0).reshape(4, 4))
+    with pytest.raises(ValueError, match="larger than wide_size 4 x 8"):
+        enc.wide_features(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="wide_size must be"):
+        ImageEncoder(8, image_size=8, patch_size=4, wide_size=[16, 8])
+
+
 def test_text_wide_features_are_length_and_vocabulary():
     enc = TextEncoder(8)
     feats = enc.wide_features(["the cat saw the dog", ""])

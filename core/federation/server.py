@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from ..aggregation import TooFewUpdates, loss_reweighted, mark_expert_rows
-from ..config import to_dict
-from ..errors import FederationError
+from ..config import from_dict, to_dict
+from ..errors import FederationError, M3TError
 from ..interfaces import Aggregator, Backend, RoundContext, UpdateStage
 from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
 from ..model import M3TModel
@@ -39,6 +39,16 @@ from .config import FederationConfig
 from .institution import seed_for
 
 log = logging.getLogger("m3tfed.federation")
+
+
+def with_defaults(saved: Any) -> Any:
+    """A checkpoint's config as this version reads it: a setting added since it was
+    written takes its default (which keeps the old behaviour), so an older run resumes
+    unless something it did set differs. Unreadable: left as it is (the check names it)."""
+    try:
+        return to_dict(from_dict(FederationConfig, saved))
+    except M3TError:
+        return saved
 
 
 @dataclass
@@ -367,7 +377,7 @@ class Server:
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if self.run_dir is not None:
-            check_resumable(self.run_dir, meta, to_dict(self.config))
+            check_resumable(self.run_dir, {**meta, "config": with_defaults(meta.get("config"))}, to_dict(self.config))
         agg_states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         plain = {}
         for k, v in tensors.items():

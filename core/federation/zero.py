@@ -205,6 +205,8 @@ def plugins_of(institution: Institution) -> list[tuple[str, str, str]]:
     cfg, catalogue = institution.pool.config, institution.pool.catalogue
     named = [("router", cfg.router.plugin)]
     named += [("encoder", cfg.encoders[m].plugin) for m in institution.config.modalities]
+    # a wide term reads an encoder's width even where the institution lacks the modality
+    named += [("encoder", cfg.encoders[m].plugin) for t in institution.config.tasks for m in cfg.tasks[t].wide]
     named += [("task", cfg.tasks[t].plugin) for t in institution.config.tasks]
     by_name = {e.name: e for e in cfg.experts}
     named += [("expert", by_name[e].plugin) for e in institution.experts]

@@ -9,6 +9,8 @@ short scanned formula does not need to be padded to a square.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -29,10 +31,17 @@ class ImageEncoder(ModalityEncoder):
         channels: int = 1,
         depth: int = 1,  # transformer layers after the patch embedding; 0 = none
         heads: int | None = None,
+        # (H, W) of the pixels a wide term reads (default image_size square): a source
+        # whose images are all 32 x 96 need not carry weights for pixels it never has.
+        wide_size: int | Sequence[int] | None = None,
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        size = (image_size, image_size) if wide_size is None else tuple(wide_size) if isinstance(wide_size, Sequence) else (wide_size, wide_size)
+        if len(size) != 2 or not all(isinstance(n, int) and 0 < n <= image_size and n % patch_size == 0 for n in size):
+            raise ValueError(f"wide_size must be an int or [H, W], multiples of patch_size {patch_size} up to image_size {image_size}, got {wide_size!r}")
+        self.wide_size = size
         heads = heads or next(h for h in (4, 2, 1) if d_model % h == 0)
         self.image_size, self.patch_size, self.channels = image_size, patch_size, channels
         grid = image_size // patch_size
@@ -65,19 +74,19 @@ class ImageEncoder(ModalityEncoder):
 
     @property
     def wide_width(self) -> int:
-        return self.channels * self.image_size**2
+        return self.channels * self.wide_size[0] * self.wide_size[1]
 
     def wide_features(self, images: torch.Tensor) -> torch.Tensor:
         """The pixels, as a logistic model on raw pixels takes them; a smaller image is
-        padded (right and bottom) to ``image_size`` so that a pixel keeps its weight."""
-        s = self.image_size
-        images = images.float()
-        images = F.pad(images, (0, s - images.shape[-1], 0, s - images.shape[-2]))
+        padded (right and bottom) to ``wide_size`` so that a pixel keeps its weight."""
+        (h, w), (H, W) = images.shape[-2:], self.wide_size
+        if h > H or w > W:
+            raise ValueError(f"image {h} x {w} is larger than wide_size {H} x {W}; raise the encoder's wide_size option")
+        images = F.pad(images.float(), (0, W - w, 0, H - h))
         return images.reshape(images.shape[0], -1)
 
     def example_input(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        s = self.image_size
-        return torch.rand(batch_size, self.channels, s, s, generator=generator)
+        return torch.rand(batch_size, self.channels, *self.wide_size, generator=generator)  # image_size square by default
 
 
 # Registered by the package (``register_encoders``); ``params`` is counted at
