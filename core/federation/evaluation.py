@@ -34,8 +34,12 @@ def institution_score(tasks: Metrics) -> float:
 def validation_score(metrics: dict[str, Metrics]) -> float:
     """What early stopping with one round for all minimises: the mean over institutions
     of their scores."""
-    per_inst = [institution_score(tasks) for tasks in metrics.values()]
-    return sum(per_inst) / len(per_inst)
+    return mean_score({n: institution_score(tasks) for n, tasks in metrics.items()})
+
+
+def mean_score(scores: dict[str, float]) -> float:
+    """The mean of per-institution scores (institution -> score)."""
+    return sum(scores.values()) / len(scores)
 
 
 def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float]) -> list[str]:
@@ -47,8 +51,7 @@ def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float]) 
     if keep == "last" or not earlier:
         return list(now)
     if keep == "best":
-        mean = lambda scores: sum(scores.values()) / len(scores)  # noqa: E731
-        return list(now) if mean(now) < lowest(mean(e) for e in earlier) else []
+        return list(now) if mean_score(now) < lowest(mean_score(e) for e in earlier) else []
     return [n for n, score in now.items() if score < lowest(e[n] for e in earlier if n in e)]
 
 

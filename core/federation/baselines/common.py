@@ -13,7 +13,7 @@ from typing import Any
 
 from ..build import Federation, build_federation
 from ..config import FederationConfig
-from ..evaluation import institution_score, kept_now
+from ..evaluation import institution_score, kept_now, mean_score
 from ..institution import Institution
 from .base import BaselineContext
 
@@ -94,7 +94,7 @@ def train_variant(
         if rnd % every and rnd != cfg.rounds:
             continue
         scores = {n: val_loss(inst, model_of(variant, n)) for n, inst in variant.institutions.items()}
-        curve.append({"round": rnd, "val_loss": sum(scores.values()) / len(scores)})
+        curve.append({"round": rnd, "val_loss": mean_score(scores)})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {curve[-1]['val_loss']:.4f}")
         if improved := kept_now(keep, earlier, scores):  # the rule of the federated MoE's run
             shared = copy.deepcopy(variant.server.state)  # one copy per kept round, shared by its institutions
