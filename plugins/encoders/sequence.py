@@ -223,7 +223,8 @@ class InteractionEncoder(ModalityEncoder):
         query = inputs.get("query_skill")
         if query is not None:
             query_hot.scatter_(1, query.long().clamp(0, S - 1)[:, None], 1.0)
-        parts = [succ.log1p(), fail.log1p(), query_hot, query_hot * succ.log1p(), query_hot * fail.log1p(), overall, recent, n.log1p()]
+        succ, fail = succ.log1p(), fail.log1p()
+        parts = [succ, fail, query_hot, query_hot * succ, query_hot * fail, overall, recent, n.log1p()]
         if self.num_questions:
             question_hot = torch.zeros(b, self.num_questions, device=skill.device)
             next_question = inputs.get("query_question")

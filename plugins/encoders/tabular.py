@@ -105,7 +105,7 @@ class TabularEncoder(ModalityEncoder):
             parts += [torch.nan_to_num(x, nan=0.0), missing.float()]
         if self.n_categorical:
             c = _get(inputs, "categorical", self.n_categorical).long()
-            hot = torch.zeros(c.shape[0], int((self.cardinality + 1).sum()), device=c.device)
+            hot = torch.zeros(c.shape[0], self.cat_embed.num_embeddings, device=c.device)  # the embedding's rows
             parts.append(hot.scatter_(1, (c + 1 + self.cat_offset).clamp(0, hot.shape[1] - 1), 1.0))
         return torch.cat(parts, dim=1)
 
