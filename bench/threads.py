@@ -1,10 +1,11 @@
 """Thread setting: the default run timed idle and beside one CPU-bound process.
 
 Each measurement is one ``m3tfed run`` (the embedded default federation, its baselines
-included) in a fresh process with ``--set federation.threads=N``, for N in 1 and every
-usable core, on an idle machine and with one CPU-bound process (a Python busy loop)
-beside it, all in this one run. The child's OMP_NUM_THREADS is removed, so the setting
-alone decides.
+included) in a fresh process with ``--set federation.threads=N``, for N in the shipped
+"auto", 1 and every usable core, on an idle machine and with one CPU-bound process (a
+Python busy loop) beside it, all in this one run. The child's OMP_NUM_THREADS is
+removed, so the setting alone decides; what "auto" picked is read from each run's
+``run.json`` (``auto_picked``).
 
 Targets (issue "A federated MoE that beats training alone"): in each condition the
 shipped setting (``FederationSettings.threads``) is within 1.2x of the best setting
@@ -26,6 +27,7 @@ lower bound under ``cut_off``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -60,7 +62,7 @@ def smoke_overrides() -> list[str]:
 
 
 def time_run(
-    threads: int, overrides: list[str], runs_dir: str, name: str, limit_s: float | None = None
+    threads: int | str, overrides: list[str], runs_dir: str, name: str, limit_s: float | None = None
 ) -> float | None:
     """Seconds for one ``m3tfed run``, or None when it was stopped at ``limit_s``."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -105,6 +107,7 @@ def main() -> None:
     shipped = FederationSettings().threads
     # the shipped setting first: the others are stopped relative to the fastest so far
     settings = [shipped] if args.smoke else [shipped, *sorted({1, usable_cores()} - {shipped})]
+    auto_picked: dict[str, int] = {}  # condition -> the count "auto" chose there
     load_at_start = os.getloadavg()[0]
     seconds: dict[str, dict[str, float]] = {"idle": {}, "busy": {}}
     cut_off: dict[str, dict[str, float]] = {"idle": {}, "busy": {}}  # lower bounds
@@ -122,13 +125,17 @@ def main() -> None:
                         for r in range(args.repeats)
                     ]
                     finished = [t for t in times if t is not None]
+                    if n == "auto" and finished:
+                        run_info = Path(runs_dir, f"{condition}-{n}-0", "run.json")
+                        auto_picked[condition] = json.loads(run_info.read_text())["threads"]
                     if finished:
                         seconds[condition][str(n)] = min(finished)
                         line = f"{min(finished):.1f}s"
                     else:
                         cut_off[condition][str(n)] = limit
                         line = f"stopped at {limit:.1f}s ({CUT_OFF:g}x the fastest)"
-                    print(f"{condition:>4}  threads={n}: {line}", file=sys.stderr, flush=True)
+                    picked = f" (picked {auto_picked[condition]})" if n == "auto" and condition in auto_picked else ""
+                    print(f"{condition:>4}  threads={n}{picked}: {line}", file=sys.stderr, flush=True)
             finally:
                 if busy is not None:
                     busy.kill()
@@ -145,6 +152,7 @@ def main() -> None:
             "seconds": seconds,
             "cut_off": cut_off,
             "shipped_threads": shipped,
+            "auto_picked": auto_picked,
             "baseline": {
                 c: min(seconds[c], key=seconds[c].get) for c in seconds
             },  # best setting per condition

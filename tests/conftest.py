@@ -5,10 +5,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+# One thread, in this process and every process a test starts: federation.threads =
+# "auto" reads OMP_NUM_THREADS, so a test's results never depend on how busy the machine
+# is (thread counts change how sums round), and two pytest workers never oversubscribe.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import torch  # noqa: E402
 
-# One thread: tiny models gain nothing from two, and two threads spin badly when the
-# machine's cores are shared with anything else.
 torch.set_num_threads(1)
 
 # The published data sets (tests may read them; each folder has SOURCE.md): beside the

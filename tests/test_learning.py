@@ -150,13 +150,62 @@ def test_threads_setting_is_applied_and_checked():
     try:
         federation(["federation.threads=2"], rounds=1)
         assert torch.get_num_threads() == 2
-        federation(rounds=1)  # the shipped default: one thread
+        federation(rounds=1)  # the shipped "auto": OMP_NUM_THREADS, which conftest sets to 1
         assert torch.get_num_threads() == 1
         assert resolve_threads(0) == usable_cores()
-        with pytest.raises(ConfigError, match="federation.threads"):
-            federation(["federation.threads=-1"], rounds=1)
+        for bad in ("-1", "many"):
+            with pytest.raises(ConfigError, match="federation.threads"):
+                federation([f"federation.threads={bad}"], rounds=1)
     finally:
         torch.set_num_threads(before)
+
+
+STAT = """cpu  {a} 0 {b} {c} 0 0 0 0 0 0
+cpu0 {a0} 0 0 {i0} {w0} 0 0 0 0 0
+cpu1 {a1} 0 0 {i1} 0 0 0 0 0 0
+cpu2 {a1} 0 0 {i1} 0 0 0 0 0 0
+intr 1 2 3
+"""
+
+
+def test_auto_threads_counts_the_cores_idle_at_start(monkeypatch):
+    """"auto": a core busy with other work gets no thread; OMP_NUM_THREADS overrides."""
+    from m3tfed import threads
+
+    before = STAT.format(a=0, b=0, c=0, a0=100, i0=100, w0=0, a1=100, i1=100)
+    # over the sample: cpu0 idle (90 idle + 5 iowait of 100), cpu1 busy (70 of 100 ticks);
+    # cpu2 is not this process's to use
+    after = STAT.format(a=0, b=0, c=0, a0=105, i0=190, w0=5, a1=170, i1=130)
+    assert threads.cpu_times(before, {0, 1}) == {0: (100, 200), 1: (100, 200)}
+    assert threads.idle_cores(threads.cpu_times(before, {0, 1}), threads.cpu_times(after, {0, 1})) == 1
+    idle_all = STAT.format(a=0, b=0, c=0, a0=101, i0=199, w0=0, a1=101, i1=199)
+    assert threads.idle_cores(threads.cpu_times(before, {0, 1, 2}), threads.cpu_times(idle_all, {0, 1, 2})) == 3
+
+    samples = iter([before, after])
+    monkeypatch.setattr(threads, "read_stat", lambda: next(samples))
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(threads, "SAMPLE_S", 0.0)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads.auto_threads.cache_clear()
+    try:
+        assert threads.resolve_threads("auto") == 1  # cpu1 busy: one thread, on cpu0
+        assert threads.resolve_threads("auto") == 1  # decided once per process
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        threads.auto_threads.cache_clear()
+        assert threads.resolve_threads("auto") == 3
+        samples = iter([before, before])  # no tick passed (or every core busy): still one
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        threads.auto_threads.cache_clear()
+        assert threads.resolve_threads("auto") == 1
+    finally:
+        threads.auto_threads.cache_clear()
+
+
+def test_a_run_records_the_threads_it_used(tmp_path):
+    from m3tfed.federation.lifecycle import run_job
+
+    run_job(tiny_config_dict(rounds=1), runs_dir=tmp_path, name="t", progress=lambda *a: None)
+    assert json.loads((tmp_path / "t" / "run.json").read_text())["threads"] == 1  # OMP_NUM_THREADS
 
 
 def test_processes_m3tfed_starts_read_an_empty_omp_num_threads_as_unset():
@@ -181,13 +230,15 @@ def test_threads_bench_smoke(tmp_path):
         timeout=900,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["bench"] == "threads" and result["smoke"] and result["shipped_threads"] == 1
+    assert result["bench"] == "threads" and result["smoke"] and result["shipped_threads"] == "auto"
     assert result["met"] is None  # one setting measured: no claim about the targets
     for condition in ("idle", "busy"):
-        assert result["seconds"][condition]["1"] > 0
+        assert result["seconds"][condition]["auto"] > 0
         assert result["ratio_shipped_to_best"][condition] >= 1.0
+        assert 1 <= result["auto_picked"][condition] <= result["usable_cores"]
     assert (
-        result["busy_over_idle"] == result["seconds"]["busy"]["1"] / result["seconds"]["idle"]["1"]
+        result["busy_over_idle"]
+        == result["seconds"]["busy"]["auto"] / result["seconds"]["idle"]["auto"]
     )
 
 

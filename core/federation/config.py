@@ -18,6 +18,7 @@ from ..model import ExpertConfig, ModelConfig, PluginConfig, expert_tags
 from ..privacy.policy import PolicyConfig, resolve_policies
 from ..registry import Registry
 from ..specs import Catalogue
+from ..threads import Threads
 
 COMPONENT_GROUPS = ("encoder", "expert", "router", "trunk", "task")
 # Experts an institution trains by default, by compute tier (None = every matching one).
@@ -83,7 +84,7 @@ class FederationSettings:
     personalize_steps: int = setting(20, ge=0, doc="local fine-tuning of router + heads for the `personalized` model")
     fairness_q: float = setting(0.0, ge=0, doc="q-FFL-style fairness: each update weighs by its institution's training loss to the power q (0 = off)")
     fairness_loss: Literal["raw", "relative"] = setting("raw", doc="the loss `fairness_q` weighs by: as reported, or relative to the institution's first reported loss (task scales cancel)")
-    threads: int = setting(1, ge=0, doc="torch CPU threads per process (m3tfed.threads); 0 = every usable core")
+    threads: Threads = setting("auto", ge=0, doc="torch CPU threads per process (m3tfed.threads): \"auto\" = OMP_NUM_THREADS if set, else the cores idle at start; 0 = every usable core")
 
 
 # The methods the tuning grid applies to (the deep ones; the classical learners choose

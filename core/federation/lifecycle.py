@@ -102,7 +102,9 @@ def run_job(
     if not IDENTIFIER.fullmatch(name):  # it becomes a folder: never one outside runs_dir
         raise ConfigError("--name", f"{name!r} is not a safe run name: use 1-64 letters, digits, '_' or '-'")
     run_dir = Path(runs_dir) / name
-    claim_run_dir(run_dir, {"data_root": str(data_root) if data_root else None, "created": datetime.now().isoformat()})  # refuses a reused folder
+    # threads: what federation.threads meant here ("auto" decides per machine and load)
+    info = {"data_root": str(data_root) if data_root else None, "threads": resolve_threads(cfg.federation.threads)}
+    claim_run_dir(run_dir, {**info, "created": datetime.now().isoformat()})  # refuses a reused folder
     try:
         write_json_atomic(run_dir / "config.json", to_dict(cfg))
         fed = build_federation(cfg, data_root=data_root, run_dir=run_dir)
@@ -366,10 +368,11 @@ def run_seeds(
     the tuning runs' at them: its deep methods read test from the states those runs
     scored (:mod:`.tested`), with no second training. ``workers`` (default
     ``evaluation.workers``; 0 = every usable core) runs that many runs at once, each in a
-    process of its own with its share of the cores; results are the same as serial when
-    each run has the same thread count either way (the default, ``federation.threads =
-    1``): a config asking for more threads than a worker's share gets the share, and CPU
-    reductions over a different thread count round differently."""
+    process of its own with its share of the cores ("auto" threads are decided here, once,
+    and capped at the share); results are the same as serial when each run has the same
+    thread count either way (``federation.threads = 1`` or OMP_NUM_THREADS=1): a config
+    asking for more threads than a worker's share gets the share, and CPU reductions over
+    a different thread count round differently."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     cfg = load_config(config, overrides)
