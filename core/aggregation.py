@@ -49,7 +49,11 @@ def stack_deltas(key: str, updates: list[ComponentUpdate], like: Tensor) -> Tens
 
 
 def weighted_mean_delta(
-    key: str, updates: list[ComponentUpdate], like: Tensor, by_expert_rows: bool = False
+    key: str,
+    updates: list[ComponentUpdate],
+    like: Tensor,
+    by_expert_rows: bool = False,
+    by_changed_rows: bool = False,
 ) -> Tensor:
     """``sum_i w_i * delta_i / sum_i w_i`` for ``key`` (one running sum, no stacking).
 
@@ -58,19 +62,32 @@ def weighted_mean_delta(
     ``expert_rows`` include that expert: an institution that cannot select an expert
     has no say in its row (its zero delta would otherwise shrink every specialist's
     update by the share of institutions that lack it). A row nobody can select stays.
+
+    With ``by_changed_rows``, each row (along the leading dimension) is averaged over
+    the updates that changed it: an embedding table's row for an id (a question, a
+    category) moves only at the institutions whose students met that id, and the
+    others' zero rows would shrink its update by their share (federated recommenders
+    average item embeddings over the clients that rated the item the same way). A dense
+    weight changes everywhere, so it gets the plain mean. An update summed over several
+    institutions (secure aggregation, central DP) cannot tell its rows apart and counts
+    as changing every row; so does every update under noise (no row is exactly zero).
     """
     dtype = accumulation_dtype(like)
     rows = [u.expert_rows for u in updates]
-    per_row = like.dim() >= 1 and any(r is not None and r.numel() == like.shape[0] for r in rows)
-    if by_expert_rows and per_row:
+    per_expert = by_expert_rows and like.dim() >= 1 and any(r is not None and r.numel() == like.shape[0] for r in rows)
+    per_changed = by_changed_rows and like.dim() >= 1
+    if per_expert or per_changed:
         shape = (like.shape[0],) + (1,) * (like.dim() - 1)
         acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
         norm = torch.zeros(shape, dtype=dtype, device=like.device)
         for u, r in zip(updates, rows):
+            delta = u.delta[key].to(device=like.device, dtype=dtype)
             w = torch.full(shape, float(u.weight), dtype=dtype, device=like.device)
-            if r is not None and r.numel() == like.shape[0]:
+            if per_expert and r is not None and r.numel() == like.shape[0]:
                 w = w * r.to(device=like.device, dtype=dtype).reshape(shape)
-            acc.add_(u.delta[key].to(device=like.device, dtype=dtype) * w)
+            if per_changed and not getattr(u, "contributors", None):
+                w = w * delta.reshape(like.shape[0], -1).ne(0).any(dim=1).to(dtype).reshape(shape)
+            acc.add_(delta * w)
             norm.add_(w)
         return acc / norm.clamp_min(torch.finfo(dtype).tiny)
     total = sum(float(u.weight) for u in updates)

@@ -40,7 +40,14 @@ import torch
 from torch import nn
 
 from .aggregation import accumulation_dtype, check_updates, float_keys, weighted_mean_delta
-from .messages import ComponentUpdate, Failure, TrainJob, TrainResult
+from .messages import (
+    COMPONENT_GROUPS,
+    ComponentUpdate,
+    Failure,
+    TrainJob,
+    TrainResult,
+    component_group,
+)
 from .specs import Routing, Tokens
 
 if TYPE_CHECKING:  # annotations only: the federation layer sits above this module
@@ -201,6 +208,18 @@ class Aggregator:
     # that expert (m3tfed.aggregation.weighted_mean_delta); False = every update
     # weighs on every row.
     expert_rows: bool = False
+    # Component groups whose tensors are averaged row by row over the updates that
+    # changed each row (an id's embedding row; m3tfed.aggregation.weighted_mean_delta).
+    changed_rows: tuple[str, ...] | list[str] = ()
+
+    def check_changed_rows(self) -> None:
+        """Refuse a ``changed_rows`` option naming no component group (a typo would
+        silently turn the rule off)."""
+        unknown = [g for g in self.changed_rows if g not in COMPONENT_GROUPS]
+        if unknown or isinstance(self.changed_rows, str):
+            raise ValueError(
+                f"{type(self).__name__}: option changed_rows must list component groups ({', '.join(COMPONENT_GROUPS)}), got {self.changed_rows!r}"
+            )
 
     def aggregate(
         self, component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
@@ -219,7 +238,8 @@ class Aggregator:
         self, component: str, current: Mapping[str, Tensor], updates: list[ComponentUpdate]
     ) -> State:
         """One delta per float key of ``current``, from validated updates."""
-        return {k: weighted_mean_delta(k, updates, current[k], self.expert_rows) for k in float_keys(current)}
+        by_changed = component_group(component) in self.changed_rows
+        return {k: weighted_mean_delta(k, updates, current[k], self.expert_rows, by_changed) for k in float_keys(current)}
 
     def apply(
         self, component: str, current: Mapping[str, Tensor], delta: Mapping[str, Tensor]

@@ -20,6 +20,13 @@ import torch
 
 # component -> parameter name -> tensor
 State = dict[str, dict[str, torch.Tensor]]
+# A component is named "<group>" or "<group>.<member>" (encoder.text, expert.general_0,
+# router, trunk, task.grade): aggregation and privacy settings are per group.
+COMPONENT_GROUPS = ("encoder", "expert", "router", "trunk", "task")
+
+
+def component_group(component: str) -> str:
+    return component.split(".")[0]
 
 
 @dataclass

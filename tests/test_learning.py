@@ -1,6 +1,7 @@
 """Learning-quality mechanisms: per-institution optimizer state, per-expert router rows,
 the thread setting."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -102,6 +103,43 @@ def test_router_rows_average_only_over_institutions_that_can_select_the_expert()
     # shared row 0: the weighted mean either way; rows 1 and 2: only their selector's delta
     assert torch.allclose(plain, torch.tensor([[2.5, 2.5], [0.5, 0.5], [3.0, 3.0]]))
     assert torch.allclose(rows, torch.tensor([[2.5, 2.5], [2.0, 2.0], [4.0, 4.0]]))
+
+
+def test_embedding_rows_average_only_over_the_institutions_that_changed_them():
+    """An id's row moves only where the id was seen; others' zero rows have no say."""
+    from m3tfed.messages import AggregatedUpdate
+
+    table = torch.zeros(3, 2)
+    # A saw ids 0 and 1, B ids 0 and 2 (weights 1 and 3); the bias changed at both
+    a = ComponentUpdate("A", "encoder.logs", {"emb": torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]), "bias": torch.tensor([1.0, 0.0])}, 1.0)
+    b = ComponentUpdate("B", "encoder.logs", {"emb": torch.tensor([[3.0, 3.0], [0.0, 0.0], [4.0, 0.0]]), "bias": torch.tensor([3.0, 2.0])}, 3.0)
+    plain = weighted_mean_delta("emb", [a, b], table)
+    rows = weighted_mean_delta("emb", [a, b], table, by_changed_rows=True)
+    assert torch.allclose(plain, torch.tensor([[2.5, 2.5], [0.5, 0.5], [3.0, 0.0]]))
+    assert torch.allclose(rows, torch.tensor([[2.5, 2.5], [2.0, 2.0], [4.0, 0.0]]))
+    # 1-D: each element is a row; element 1 changed at B only
+    assert torch.allclose(weighted_mean_delta("bias", [a, b], torch.zeros(2), by_changed_rows=True), torch.tensor([2.5, 2.0]))
+    # a row nobody changed stays where it is
+    none = ComponentUpdate("C", "encoder.logs", {"emb": torch.zeros(3, 2), "bias": torch.zeros(2)}, 1.0)
+    assert torch.equal(weighted_mean_delta("emb", [none], table, by_changed_rows=True), torch.zeros(3, 2))
+    # a sum over institutions (secure aggregation) cannot tell its rows apart: every row
+    summed = AggregatedUpdate("A+B", "encoder.logs", {"emb": torch.tensor([[4.0, 4.0], [0.0, 0.0], [0.0, 0.0]])}, 2.0, contributors=["A", "B"])
+    assert torch.allclose(weighted_mean_delta("emb", [summed, b], table, by_changed_rows=True), torch.tensor([[3.4, 3.4], [0.0, 0.0], [2.4, 0.0]]))  # row 2: the sum has a say
+
+    # the built-in weighted-mean aggregators apply it to the encoders by default
+    from m3tfed.plugins.aggregators.fedavg import FedAvg, FedProx
+    from m3tfed.plugins.aggregators.fedopt import FedAdam
+
+    for agg in (FedAvg(), FedProx(), FedAdam()):
+        assert agg.changed_rows == ["encoder"]
+    state = {"emb": table, "bias": torch.zeros(2)}
+    assert torch.allclose(FedAvg().aggregate("encoder.logs", state, [a, b])["emb"], rows)
+    trunk = [dataclasses.replace(u, component="trunk") for u in (a, b)]
+    assert torch.allclose(FedAvg().aggregate("trunk", state, trunk)["emb"], plain)
+    assert torch.allclose(FedAvg(changed_rows=[]).aggregate("encoder.logs", state, [a, b])["emb"], plain)
+    for bad in (["encoders"], "encoder"):
+        with pytest.raises(ValueError, match="changed_rows"):
+            FedAvg(changed_rows=bad)
 
 
 def test_a_router_row_is_not_shrunk_by_institutions_that_cannot_select_its_expert():

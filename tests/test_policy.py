@@ -50,7 +50,7 @@ def test_presets_fill_defaults_and_fields_override():
         ({"dp": "sideways"}, "institutions[0].policy.dp", "not allowed"),
         ({"dp": "central", "noise_multiplier": 0}, "institutions[0].policy.noise_multiplier", "adds no noise"),
         ({"dp": "central", "epsilon": math.inf}, "institutions[0].policy.epsilon", "finite"),
-        ({"min_cohort": {"expret": 5}}, "institutions[0].policy.min_cohort.expret", "encoder, expert, router, task, trunk"),
+        ({"min_cohort": {"expret": 5}}, "institutions[0].policy.min_cohort.expret", "encoder, expert, router, trunk, task"),
         ({"min_cohort": {"trunk.x": 2}}, "institutions[0].policy.min_cohort.trunk.x", "unknown component"),
     ],
 )

@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 from ..config import apply_overrides, from_dict, load_toml, schema_markdown, setting
 from ..errors import ConfigError
+from ..messages import COMPONENT_GROUPS, component_group
 from ..model import ExpertConfig, ModelConfig, PluginConfig, expert_tags
 from ..privacy.policy import PolicyConfig, resolve_policies
 from ..registry import Registry
 from ..specs import Catalogue
 from ..threads import Threads
 
-COMPONENT_GROUPS = ("encoder", "expert", "router", "trunk", "task")
 # Experts an institution trains by default, by compute tier (None = every matching one).
 # Each expert costs download, upload, optimizer state and memory, whatever k is.
 COMPUTE_EXPERT_BUDGET: dict[str, int | None] = {"small": 2, "base": 4, "large": None}
@@ -236,7 +236,7 @@ class FederationConfig:
         return {"router", "trunk", *(f"encoder.{m}" for m in modalities), *(f"task.{t}" for t in tasks), *(f"expert.{e}" for e in experts)}
 
     def aggregator_for(self, component: str) -> PluginConfig:
-        group = component.split(".")[0]
+        group = component_group(component)
         return self.aggregation.get(group, self.aggregation.get("default", PluginConfig("fedavg")))
 
 

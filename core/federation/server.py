@@ -24,7 +24,7 @@ from ..aggregation import TooFewUpdates, loss_reweighted, mark_expert_rows
 from ..config import from_dict, to_dict
 from ..errors import FederationError, M3TError
 from ..interfaces import Aggregator, Backend, RoundContext, UpdateStage
-from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult
+from ..messages import ComponentUpdate, Failure, State, TrainJob, TrainResult, component_group
 from ..model import M3TModel
 from ..specs import Catalogue
 from .checkpoint import (
@@ -222,14 +222,14 @@ class Server:
         self.versions = self.versions or {c: 0 for c in self.state}
         if not self.aggregators:
             for comp in self.state:
-                group = comp.split(".")[0]
+                group = component_group(comp)
                 if group not in self.aggregators:
                     pc = self.config.aggregator_for(comp)
                     key = group if group in self.config.aggregation else "default"
                     self.aggregators[group] = self.catalogue.build("aggregator", pc.plugin, f"aggregation.{key}.options", pc.options)
 
     def aggregator(self, component: str) -> Aggregator:
-        return self.aggregators[component.split(".")[0]]
+        return self.aggregators[component_group(component)]
 
     # -- one round -------------------------------------------------------------
     def sample(self, rnd: int) -> list[str]:

@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
+from ..messages import COMPONENT_GROUPS, component_group
 from ..model import PluginConfig
 from ..specs import CENTRAL_DP, LOCAL_DP, POLICY_CHECKS, SECURE_AGGREGATION
 
 DPMode = Literal["none", "central", "local", "sample"]
 PROFILES = ("none", "ferpa", "gdpr", "coppa")
-# What a min_cohort key may name besides "default": a component group or one component
-# (federation.config.COMPONENT_GROUPS; that module imports this one, so not shared).
-COMPONENT_GROUPS = ("encoder", "expert", "router", "task", "trunk")
 
 # What each profile sets (docs/privacy.md shows this table). Why these values:
 # - FERPA (US education records): a trusted aggregator adding client-level noise is the
@@ -124,7 +122,7 @@ class Policy:
 
     def cohort_for(self, component: str) -> int:
         """The fewest contributors ``component`` may be aggregated with."""
-        group = component.split(".")[0]
+        group = component_group(component)
         for key in (component, group, "default"):
             if key in self.min_cohort:
                 return self.min_cohort[key]

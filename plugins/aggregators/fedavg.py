@@ -9,7 +9,7 @@ The aggregator only announces ``proximal_mu``; the local trainer reads it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from m3tfed import Aggregator, AggregatorSpec
 
@@ -24,13 +24,17 @@ class FedAvg(Aggregator):
     """``new = current + server_lr * sum_i(w_i * delta_i) / sum_i(w_i)``.
 
     ``expert_rows``: average a router's per-expert rows only over the institutions that
-    can select that expert (their update has no say on rows they cannot use)."""
+    can select that expert (their update has no say on rows they cannot use).
+    ``changed_rows``: the component groups whose rows (an id's embedding row) are
+    averaged over the institutions that changed them (default: the encoders)."""
 
     server_lr: float = 1.0
     expert_rows: bool = False
+    changed_rows: list[str] = field(default_factory=lambda: ["encoder"])
 
     def __post_init__(self) -> None:
         _check_positive(type(self).__name__, "server_lr", self.server_lr)
+        self.check_changed_rows()
 
 
 @dataclass(eq=False)
@@ -50,15 +54,15 @@ SPECS = (
     AggregatorSpec(
         name="fedavg",
         build=FedAvg,
-        version="0.1.0",
+        version="0.2.0",
         license="Apache-2.0",
-        description="Weighted mean of deltas by sample count or routed tokens (McMahan et al. 2017). Options: server_lr=1.0, expert_rows=false (true: a router row per expert averaged only over the institutions that can select it).",
+        description="Weighted mean of deltas by sample count or routed tokens (McMahan et al. 2017). Options: server_lr=1.0, expert_rows=false (true: a router row per expert averaged only over the institutions that can select it), changed_rows=['encoder'] (groups whose rows, e.g. an id's embedding, are averaged over the institutions that changed them).",
     ),
     AggregatorSpec(
         name="fedprox",
         build=FedProx,
-        version="0.1.0",
+        version="0.2.0",
         license="Apache-2.0",
-        description="FedAvg aggregation; institutions add (mu/2)||w - w_global||^2 locally (Li et al. 2020). Options: mu=0.01, server_lr=1.0, expert_rows=false.",
+        description="FedAvg aggregation; institutions add (mu/2)||w - w_global||^2 locally (Li et al. 2020). Options: mu=0.01, server_lr=1.0, expert_rows=false, changed_rows=['encoder'].",
     ),
 )

@@ -41,6 +41,7 @@ class FedOpt(Aggregator):
     beta2: float = 0.99
     tau: float = 1e-3
     expert_rows: bool = False  # router rows averaged over the institutions that can select each expert
+    changed_rows: list[str] = field(default_factory=lambda: ["encoder"])  # groups whose rows are averaged over who changed them
     # component -> param -> {"m": Tensor, "v": Tensor}
     moments: dict[str, dict[str, dict[str, Tensor]]] = field(
         default_factory=dict, init=False, repr=False
@@ -56,6 +57,7 @@ class FedOpt(Aggregator):
             value = getattr(self, opt)
             if not (0.0 <= value < 1.0):
                 raise ValueError(f"{name}: option {opt} must be in [0, 1), got {value!r}")
+        self.check_changed_rows()
 
     def second_moment(self, v: Tensor, g2: Tensor) -> Tensor:
         raise NotImplementedError
@@ -142,15 +144,15 @@ SPECS = (
     AggregatorSpec(
         name="fedadam",
         build=FedAdam,
-        version="0.1.0",
+        version="0.2.0",
         license="Apache-2.0",
-        description="Adam on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false.",
+        description="Adam on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false, changed_rows=['encoder'].",
     ),
     AggregatorSpec(
         name="fedyogi",
         build=FedYogi,
-        version="0.1.0",
+        version="0.2.0",
         license="Apache-2.0",
-        description="Yogi on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false.",
+        description="Yogi on the server over the weighted mean delta (Reddi et al. 2021). Options: eta=1e-2, beta1=0.9, beta2=0.99, tau=1e-3, expert_rows=false, changed_rows=['encoder'].",
     ),
 )
