@@ -73,21 +73,28 @@ def weighted_mean_delta(
     as changing every row; so does every update under noise (no row is exactly zero).
     """
     dtype = accumulation_dtype(like)
-    rows = [u.expert_rows for u in updates]
-    per_expert = by_expert_rows and like.dim() >= 1 and any(r is not None and r.numel() == like.shape[0] for r in rows)
-    per_changed = by_changed_rows and like.dim() >= 1
-    if per_expert or per_changed:
-        shape = (like.shape[0],) + (1,) * (like.dim() - 1)
+    n_rows = like.shape[0] if like.dim() >= 1 else 0
+    masks: list[Tensor | None] = [None] * len(updates)  # per update: the rows it has a say in
+    if by_expert_rows and n_rows:
+        for i, u in enumerate(updates):
+            if u.expert_rows is not None and u.expert_rows.numel() == n_rows:
+                masks[i] = u.expert_rows.to(device=like.device, dtype=torch.bool).reshape(n_rows)
+    if by_changed_rows and n_rows:
+        for i, u in enumerate(updates):
+            if getattr(u, "contributors", None) is None:  # a sum over institutions has every row
+                nonzero = u.delta[key].to(device=like.device).ne(0)
+                changed = nonzero.flatten(1).any(dim=1) if like.dim() > 1 else nonzero
+                masks[i] = changed if masks[i] is None else masks[i] & changed
+    # every update speaking for every row: the plain mean, computed as it always was
+    if any(m is not None and not bool(m.all()) for m in masks):
+        shape = (n_rows,) + (1,) * (like.dim() - 1)
         acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
         norm = torch.zeros(shape, dtype=dtype, device=like.device)
-        for u, r in zip(updates, rows):
-            delta = u.delta[key].to(device=like.device, dtype=dtype)
+        for u, m in zip(updates, masks):
             w = torch.full(shape, float(u.weight), dtype=dtype, device=like.device)
-            if per_expert and r is not None and r.numel() == like.shape[0]:
-                w = w * r.to(device=like.device, dtype=dtype).reshape(shape)
-            if per_changed and not getattr(u, "contributors", None):
-                w = w * delta.reshape(like.shape[0], -1).ne(0).any(dim=1).to(dtype).reshape(shape)
-            acc.add_(delta * w)
+            if m is not None:
+                w = w * m.to(dtype).reshape(shape)
+            acc.add_(u.delta[key].to(device=like.device, dtype=dtype) * w)
             norm.add_(w)
         return acc / norm.clamp_min(torch.finfo(dtype).tiny)
     total = sum(float(u.weight) for u in updates)

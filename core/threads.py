@@ -6,12 +6,14 @@ each other on a busy core: a default run measured 3-5x slower beside one CPU-bou
 process with two threads than with one. On an idle machine the second thread saves
 15-30%. So the default, ``"auto"``, counts the cores that are idle when the process
 starts (sampled from /proc/stat, not the load average, which lags by minutes) and takes
-that many; OMP_NUM_THREADS, when set, decides instead. An integer fixes the count (0 =
-every usable core). bench/threads.py measures the settings idle and busy.
+that many, at most the cgroup's CPU quota and ``AUTO_MAX``; OMP_NUM_THREADS, when set,
+decides instead. An integer fixes the count (0 = every usable core). bench/threads.py
+measures the settings idle and busy.
 
 Threads change how CPU reductions round, so runs with different counts differ in the
-last digits: "auto" records its pick in the run folder's ``run.json``; set that number
-(or OMP_NUM_THREADS) to reproduce a run bit for bit.
+last digits: "auto" records its pick in the run folder's ``run.json``, a resumed or
+forgotten run reuses it, and setting that number (or OMP_NUM_THREADS) reproduces a run
+bit for bit.
 
 Processes that m3tfed starts (DeepSpeed ranks, Flower nodes) set their threads from
 OMP_NUM_THREADS, read through :func:`env_threads`.
@@ -19,9 +21,11 @@ OMP_NUM_THREADS, read through :func:`env_threads`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -31,6 +35,10 @@ SAMPLE_S = 0.25  # how long "auto" watches the cores
 # A core counts as idle at 80% idle: a thread on a busy core costs the whole run far
 # more (3x measured) than a thread missing from an idle one saves (1.3x).
 IDLE_SHARE = 0.8
+# At most this many: measured only on 2 cores, and the models are small; a many-core
+# host that looks idle must not get 64 OpenMP threads per run. Set a number to go above.
+AUTO_MAX = 4
+_pinned: int | None = None  # what "auto" means inside pinned_auto_threads
 
 
 def usable_cores() -> int:
@@ -75,21 +83,58 @@ def read_stat() -> str:
         return f.read()
 
 
-@functools.cache
+def cpu_quota(text: str) -> float | None:
+    """Cores a cgroup v2 ``cpu.max`` text allows ("max 100000": no limit -> None). A
+    container limited to 2 CPUs still sees every host core in its affinity."""
+    quota, _, period = text.strip().partition(" ")
+    try:
+        return None if quota == "max" else int(quota) / int(period)
+    except ValueError:
+        return None
+
+
+def read_cpu_max() -> str:
+    with open("/sys/fs/cgroup/cpu.max") as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def pinned_auto_threads(n: int | None) -> Iterator[None]:
+    """Within the block "auto" means ``n`` (None: as usual). A resumed or forgotten run
+    keeps the count its ``run.json`` recorded, so it rounds as the run it continues; a
+    Flower node uses its own ``threads`` setting without sampling."""
+    global _pinned
+    before, _pinned = _pinned, n
+    try:
+        yield
+    finally:
+        _pinned = before
+
+
 def auto_threads() -> int:
-    """What ``"auto"`` means in this process, decided once: OMP_NUM_THREADS when set, else
-    the usable cores idle right now (at least 1; 1 where /proc/stat cannot be read)."""
-    asked = env_threads(default=0)
-    if asked:
-        return asked
+    """What ``"auto"`` means in this process: a pinned count (:func:`pinned_auto_threads`),
+    else OMP_NUM_THREADS when set, else :func:`sampled_threads`."""
+    return _pinned or env_threads(default=0) or sampled_threads()
+
+
+@functools.cache
+def sampled_threads() -> int:
+    """The usable cores idle right now, within the cgroup's CPU quota and ``AUTO_MAX``;
+    decided once per process. 1 where /proc/stat cannot be read or parsed."""
     try:
         cpus = os.sched_getaffinity(0)
         before = cpu_times(read_stat(), cpus)
         time.sleep(SAMPLE_S)  # this process sleeps: only other work shows as busy
         after = cpu_times(read_stat(), cpus)
-    except (AttributeError, OSError):  # not Linux
+        idle = idle_cores(before, after)
+    except Exception:  # not Linux, or a procfs of another shape: the safe count
         return 1
-    return max(1, idle_cores(before, after))
+    try:
+        quota = cpu_quota(read_cpu_max())
+    except OSError:  # cgroup v1 or none
+        quota = None
+    limit = AUTO_MAX if quota is None else min(AUTO_MAX, max(1, int(quota)))
+    return max(1, min(idle, limit))
 
 
 def resolve_threads(setting: Threads) -> int:

@@ -142,6 +142,52 @@ def test_embedding_rows_average_only_over_the_institutions_that_changed_them():
             FedAvg(changed_rows=bad)
 
 
+def test_changed_rows_edge_cases_and_the_plain_mean_when_every_row_changed():
+    # every row changed everywhere: exactly the plain mean (same arithmetic, same bits)
+    g = torch.Generator().manual_seed(0)
+    dense = [ComponentUpdate(n, "encoder.x", {"w": torch.randn(5, 3, generator=g)}, w) for n, w in (("A", 1.0), ("B", 7.0))]
+    assert torch.equal(weighted_mean_delta("w", dense, torch.zeros(5, 3), by_changed_rows=True), weighted_mean_delta("w", dense, torch.zeros(5, 3)))
+    # expert rows and changed rows together: a row needs both
+    a = ComponentUpdate("A", "router", {"w": torch.tensor([[1.0], [2.0], [5.0]])}, 1.0, expert_rows=torch.tensor([True, True, False]))
+    b = ComponentUpdate("B", "router", {"w": torch.tensor([[3.0], [0.0], [4.0]])}, 1.0, expert_rows=torch.tensor([True, True, True]))
+    both = weighted_mean_delta("w", [a, b], torch.zeros(3, 1), by_expert_rows=True, by_changed_rows=True)
+    assert torch.allclose(both, torch.tensor([[2.0], [2.0], [4.0]]))
+    # empty tensors and scalars pass through
+    empty = [ComponentUpdate("A", "encoder.x", {"e": torch.zeros(4, 0), "s": torch.tensor(1.0)}, 1.0)]
+    assert weighted_mean_delta("e", empty, torch.zeros(4, 0), by_changed_rows=True).shape == (4, 0)
+    assert float(weighted_mean_delta("s", empty, torch.tensor(0.0), by_changed_rows=True)) == 1.0
+    # bf16 state: accumulated in float32
+    half = [ComponentUpdate("A", "encoder.x", {"h": torch.tensor([[1.0], [0.0]], dtype=torch.bfloat16)}, 1.0)]
+    assert weighted_mean_delta("h", half, torch.zeros(2, 1, dtype=torch.bfloat16), by_changed_rows=True).dtype == torch.float32
+
+
+def test_server_optimizers_and_norm_bound_follow_the_row_rule():
+    from m3tfed.plugins.aggregators.fedopt import FedAdam
+    from m3tfed.plugins.aggregators.robust import NormBound
+
+    state = {"emb": torch.zeros(2, 1)}
+    ups = [ComponentUpdate("A", "encoder.x", {"emb": torch.tensor([[1.0], [0.0]])}, 1.0), ComponentUpdate("B", "encoder.x", {"emb": torch.tensor([[1.0], [1.0]])}, 1.0)]
+    on, off = FedAdam(), FedAdam(changed_rows=[])
+    assert torch.allclose(on.combine("encoder.x", state, ups)["emb"], torch.tensor([[1.0], [1.0]]))  # row 1: B's alone
+    assert torch.allclose(off.combine("encoder.x", state, ups)["emb"], torch.tensor([[1.0], [0.5]]))
+    # norm_bound's guarantee (the combined update within the bound) needs the plain mean
+    assert NormBound(inner="fedavg").aggregator.changed_rows == []
+    assert NormBound(inner="fedavg", inner_options={"changed_rows": ["encoder"]}).aggregator.changed_rows == ["encoder"]
+
+
+def test_a_run_resumes_under_the_row_rule_it_was_written_with():
+    from m3tfed.federation.checkpoint import flatten_components
+
+    fed = federation(rounds=1)
+    tensors = flatten_components(fed.server.state)
+    meta = {"versions": fed.server.versions, "contributions": [], "initialized": [], "history": [], "round": 0}
+    fed.server.restore(tensors, meta)  # a checkpoint from before the rule: plain FedAvg rows
+    assert list(fed.server.aggregator("encoder.tabular").changed_rows) == []
+    fed.server.restore(tensors, {**meta, "changed_rows": {"encoder": ["encoder"], "router": []}})
+    assert list(fed.server.aggregator("encoder.tabular").changed_rows) == ["encoder"]
+    assert list(fed.server.aggregator("router").changed_rows) == []
+
+
 def test_a_router_row_is_not_shrunk_by_institutions_that_cannot_select_its_expert():
     kw = {"rounds": 1}
     d = tiny_config_dict(**kw)
@@ -223,27 +269,68 @@ def test_auto_threads_counts_the_cores_idle_at_start(monkeypatch):
     monkeypatch.setattr(threads, "read_stat", lambda: next(samples))
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(threads, "SAMPLE_S", 0.0)
+    monkeypatch.setattr(threads, "read_cpu_max", lambda: "max 100000")  # no cgroup quota
     monkeypatch.delenv("OMP_NUM_THREADS")
-    threads.auto_threads.cache_clear()
+    threads.sampled_threads.cache_clear()
     try:
         assert threads.resolve_threads("auto") == 1  # cpu1 busy: one thread, on cpu0
         assert threads.resolve_threads("auto") == 1  # decided once per process
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
-        threads.auto_threads.cache_clear()
+        threads.sampled_threads.cache_clear()
         assert threads.resolve_threads("auto") == 3
         samples = iter([before, before])  # no tick passed (or every core busy): still one
         monkeypatch.delenv("OMP_NUM_THREADS")
-        threads.auto_threads.cache_clear()
+        threads.sampled_threads.cache_clear()
         assert threads.resolve_threads("auto") == 1
     finally:
-        threads.auto_threads.cache_clear()
+        threads.sampled_threads.cache_clear()
 
 
-def test_a_run_records_the_threads_it_used(tmp_path):
-    from m3tfed.federation.lifecycle import run_job
+def test_auto_threads_stay_within_the_quota_and_survive_a_strange_procfs(monkeypatch):
+    from m3tfed import threads
 
-    run_job(tiny_config_dict(rounds=1), runs_dir=tmp_path, name="t", progress=lambda *a: None)
-    assert json.loads((tmp_path / "t" / "run.json").read_text())["threads"] == 1  # OMP_NUM_THREADS
+    idle = STAT.format(a=0, b=0, c=0, a0=100, i0=100, w0=0, a1=100, i1=100)
+    later = STAT.format(a=0, b=0, c=0, a0=101, i0=199, w0=0, a1=101, i1=199)
+    monkeypatch.setattr(threads, "SAMPLE_S", 0.0)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+
+    def sample(stat_texts, cpu_max="max 100000"):
+        texts = iter(stat_texts)
+        monkeypatch.setattr(threads, "read_stat", lambda: next(texts))
+        monkeypatch.setattr(threads, "read_cpu_max", lambda: cpu_max)
+        threads.sampled_threads.cache_clear()
+        return threads.resolve_threads("auto")
+
+    try:
+        assert sample([idle, later]) == 3  # three idle cores
+        assert sample([idle, later], "150000 100000") == 1  # a container allowed 1.5 CPUs
+        monkeypatch.setattr(threads, "AUTO_MAX", 2)
+        assert sample([idle, later]) == 2  # never above AUTO_MAX
+        assert sample(["cpu0 1 2\n", "garbage"]) == 1  # a procfs of another shape: one thread
+        assert threads.cpu_quota("max 100000") is None and threads.cpu_quota("200000 100000") == 2.0
+        with threads.pinned_auto_threads(3):  # a resumed run's recorded count
+            assert threads.resolve_threads("auto") == 3 and threads.resolve_threads(1) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert threads.resolve_threads("auto") == 2
+    finally:
+        threads.sampled_threads.cache_clear()
+
+
+def test_a_run_records_the_threads_it_used_and_a_resume_reuses_them(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what "auto" honours first
+        run_job(tiny_config_dict(rounds=2), runs_dir=tmp_path, name="t", progress=lambda *a: None, stop_after=1)
+        info = json.loads((tmp_path / "t" / "run.json").read_text())
+        assert info["threads"] == 2 and torch.get_num_threads() == 2
+        # resumed on a machine where "auto" would mean 1: it keeps the 2 it began with
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        resume_job(tmp_path / "t", progress=lambda *a: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_processes_m3tfed_starts_read_an_empty_omp_num_threads_as_unset():

@@ -35,7 +35,7 @@ from ..config import IDENTIFIER, to_dict
 from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
-from ..threads import resolve_threads, usable_cores
+from ..threads import pinned_auto_threads, resolve_threads, usable_cores
 from .baselines import BASELINES, BaselineContext, configured, split_work, work_of
 from .baselines.common import config_at, kept_text
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
@@ -124,10 +124,11 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress: Progress 
     run_dir = Path(run_dir)
     cfg = resumable_config(run_dir)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
-    restore_ledger(fed, restore_server(fed.server, run_dir))
-    progress(f"resuming {run_dir.name} after round {fed.server.round}")
-    return continue_run(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
+    with pinned_auto_threads(run_info.get("threads")):  # "auto" as the run began, not as the machine is now
+        fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
+        restore_ledger(fed, restore_server(fed.server, run_dir))
+        progress(f"resuming {run_dir.name} after round {fed.server.round}")
+        return continue_run(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)
 
 
 def resumable_config(run_dir: Path) -> FederationConfig:

@@ -372,6 +372,9 @@ class Server:
             "history": [to_dict(r) for r in self.history],
             "config": to_dict(self.config),
             "run_id": run_id_of(self.run_dir),
+            # the row rule each group's aggregator applied: a run resumes under its own rule
+            # even when a plugin's default changes (as changed_rows' did in session 9)
+            "changed_rows": {g: list(getattr(a, "changed_rows", ())) for g, a in self.aggregators.items()},
         }
         return save_checkpoint(checkpoint_path(self.run_dir, self.round), tensors, meta)
 
@@ -392,7 +395,10 @@ class Server:
         self.initialized = set(meta["initialized"])
         self.history = [RoundReport(**r) for r in meta["history"]]
         self.round = meta["round"]
+        recorded = meta.get("changed_rows") or {}  # none: written before the rule existed
         for group, agg in self.aggregators.items():
             agg.load_state_dict(agg_states.get(group, {}))
+            if hasattr(agg, "changed_rows"):
+                agg.changed_rows = list(recorded.get(group, ()))
         if self.run_dir is not None:
             self.backend.load_personal(self.run_dir, self.round)

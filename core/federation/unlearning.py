@@ -56,6 +56,7 @@ from ..interfaces import RoundContext, UpdateStage
 from ..plugin_manager import get_catalogue
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import resolve_policy
+from ..threads import pinned_auto_threads, resolve_threads
 from .aggregation import ComponentUpdate
 from .build import build_federation, load_data, privacy_ledger, restore_ledger
 from .checkpoint import (
@@ -163,65 +164,68 @@ def forget(
     data = load_data(cfg, catalogue, run_info.get("data_root"))
     data.pop(institution, None)
     new_config = {**config, "institutions": remaining}
-    fed = build_federation(load_config(new_config), catalogue, data=data)
+    # "auto" threads as the run began: the retrained rounds round as a fresh run would
+    with pinned_auto_threads(run_info.get("threads")):
+        fed = build_federation(load_config(new_config), catalogue, data=data)
 
-    # The state to restart from: round first - 1 (a fresh server holds the initial one).
-    if first > 1:
-        old_tensors, old_meta = load_checkpoint(checkpoint_path(run_dir, first - 1))
-    else:
-        old_tensors, old_meta = flatten_components(fed.server.state), {"versions": fed.server.versions, "contributions": []}
-    components = set(fed.server.state)
-    rolled = components if scope == "all" else touched
+        # The state to restart from: round first - 1 (a fresh server holds the initial one).
+        if first > 1:
+            old_tensors, old_meta = load_checkpoint(checkpoint_path(run_dir, first - 1))
+        else:
+            old_tensors, old_meta = flatten_components(fed.server.state), {"versions": fed.server.versions, "contributions": []}
+        components = set(fed.server.state)
+        rolled = components if scope == "all" else touched
 
-    def rolled_back(key: str) -> bool:
-        # "comp::param", or "aggregator::group::comp::..." (FedOpt's moments are per
-        # component); aggregator state tied to no component may hold the institution's
-        # updates, so it goes back too
-        owner = (key.split(SEP, 2)[2] if key.startswith(AGGREGATOR_PREFIX) else key).split(SEP, 1)[0]
-        return owner in rolled or owner not in components
+        def rolled_back(key: str) -> bool:
+            # "comp::param", or "aggregator::group::comp::..." (FedOpt's moments are per
+            # component); aggregator state tied to no component may hold the institution's
+            # updates, so it goes back too
+            owner = (key.split(SEP, 2)[2] if key.startswith(AGGREGATOR_PREFIX) else key).split(SEP, 1)[0]
+            return owner in rolled or owner not in components
 
-    tensors = {k: v for k, v in final_tensors.items() if not rolled_back(k)}
-    tensors.update({k: v for k, v in old_tensors.items() if rolled_back(k)})
-    meta = {
-        "round": first - 1,
-        "versions": {c: (old_meta["versions"] if c in rolled else final_meta["versions"])[c] for c in components},
-        # Contributions to the kept components stay: their state came from them.
-        "contributions": [c for c in final_meta["contributions"] if c[0] < first or c[2] not in rolled],
-        "initialized": [],  # personal parts restart from their initial values (see above)
-        "history": [_without(r, institution) for r in final_meta["history"] if r["round"] < first],
-    }
-    fed.server.restore(tensors, meta)  # no run_dir yet: no personal state is loaded
-    fed.server.run_dir = out_dir
-    ledger = PrivacyLedger.read(run_dir, up_to_round=first - 1)
-    if ledger is not None:  # before r0 its updates were at most held, never aggregated
-        ledger.institutions.pop(institution, None)
-        for decisions in ledger.components.values():
-            for c in decisions.values():
-                c["contributors"] = [n for n in c["contributors"] if n != institution]
-    restore_ledger(fed, ledger)
-    if scope == "touched":
-        fed.server.server_stages.append(RetrainOnly(rolled, privacy_ledger(fed)))
+        tensors = {k: v for k, v in final_tensors.items() if not rolled_back(k)}
+        tensors.update({k: v for k, v in old_tensors.items() if rolled_back(k)})
+        meta = {
+            "round": first - 1,
+            "versions": {c: (old_meta["versions"] if c in rolled else final_meta["versions"])[c] for c in components},
+            # Contributions to the kept components stay: their state came from them.
+            "contributions": [c for c in final_meta["contributions"] if c[0] < first or c[2] not in rolled],
+            "initialized": [],  # personal parts restart from their initial values (see above)
+            "history": [_without(r, institution) for r in final_meta["history"] if r["round"] < first],
+            "changed_rows": final_meta.get("changed_rows"),  # the aggregation rule it ran under
+        }
+        fed.server.restore(tensors, meta)  # no run_dir yet: no personal state is loaded
+        fed.server.run_dir = out_dir
+        ledger = PrivacyLedger.read(run_dir, up_to_round=first - 1)
+        if ledger is not None:  # before r0 its updates were at most held, never aggregated
+            ledger.institutions.pop(institution, None)
+            for decisions in ledger.components.values():
+                for c in decisions.values():
+                    c["contributors"] = [n for n in c["contributors"] if n != institution]
+        restore_ledger(fed, ledger)
+        if scope == "touched":
+            fed.server.server_stages.append(RetrainOnly(rolled, privacy_ledger(fed)))
 
-    progress(f"forgetting {institution}: {len(rolled)} component(s) back to round {first - 1}, retraining rounds {first}..{last} without it")
-    out_dir.mkdir(parents=True)
-    try:
-        # The new run folder: what the original had before `first`, without the institution.
-        write_json_atomic(out_dir / "config.json", to_dict(fed.config))
-        write_json_atomic(out_dir / "run.json", {**run_info, "forgotten_from": str(run_dir), "created": datetime.now().isoformat()})
-        if (run_dir / "data_report.json").exists():
-            report = json.loads((run_dir / "data_report.json").read_text())
-            write_json_atomic(out_dir / "data_report.json", {n: r for n, r in report.items() if n != institution})
-        if (run_dir / "curves.json").exists():
-            curves = json.loads((run_dir / "curves.json").read_text())
-            write_json_atomic(out_dir / "curves.json", [_curve_without(c, institution) for c in curves if c["round"] < first])
-        for rnd in range(1, first):  # a later forget may roll back to one of these
-            t, m = load_checkpoint(checkpoint_path(run_dir, rnd))
-            m.update(config=to_dict(fed.config), initialized=[n for n in m["initialized"] if n != institution], history=[_without(r, institution) for r in m["history"]])
-            save_checkpoint(checkpoint_path(out_dir, rnd), t, m)
-        continue_run(fed, out_dir, start_round=first, stop_after=last if last < fed.config.rounds else None, progress=progress)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)  # no half-forgotten run folder
-        raise
+        progress(f"forgetting {institution}: {len(rolled)} component(s) back to round {first - 1}, retraining rounds {first}..{last} without it")
+        out_dir.mkdir(parents=True)
+        try:
+            # The new run folder: what the original had before `first`, without the institution.
+            write_json_atomic(out_dir / "config.json", to_dict(fed.config))
+            write_json_atomic(out_dir / "run.json", {**run_info, "threads": resolve_threads(fed.config.federation.threads), "forgotten_from": str(run_dir), "created": datetime.now().isoformat()})
+            if (run_dir / "data_report.json").exists():
+                report = json.loads((run_dir / "data_report.json").read_text())
+                write_json_atomic(out_dir / "data_report.json", {n: r for n, r in report.items() if n != institution})
+            if (run_dir / "curves.json").exists():
+                curves = json.loads((run_dir / "curves.json").read_text())
+                write_json_atomic(out_dir / "curves.json", [_curve_without(c, institution) for c in curves if c["round"] < first])
+            for rnd in range(1, first):  # a later forget may roll back to one of these
+                t, m = load_checkpoint(checkpoint_path(run_dir, rnd))
+                m.update(config=to_dict(fed.config), initialized=[n for n in m["initialized"] if n != institution], history=[_without(r, institution) for r in m["history"]])
+                save_checkpoint(checkpoint_path(out_dir, rnd), t, m)
+            continue_run(fed, out_dir, start_round=first, stop_after=last if last < fed.config.rounds else None, progress=progress)
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)  # no half-forgotten run folder
+            raise
     record = {
         "institution": institution,
         "forget_on_request": policy.forget_on_request,

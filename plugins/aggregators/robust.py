@@ -16,6 +16,7 @@ what it does not is written in docs/federation.md ("Robust aggregation").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Mapping
@@ -144,6 +145,11 @@ class NormBound(Aggregator):
         from m3tfed.plugin_manager import get_catalogue
 
         self.aggregator: Aggregator = get_catalogue().get("aggregator", self.inner).build(**self.inner_options)
+        if "changed_rows" not in self.inner_options:
+            # Averaging a row over only those who changed it would let the combined update
+            # exceed the bound (n bounded updates on disjoint rows add up to sqrt(n) x it),
+            # and give a rare id's row one institution's full delta: off unless asked for.
+            self.aggregator.changed_rows = []
         self.proximal_mu = self.aggregator.proximal_mu
         self.history: dict[str, list[float]] = {}
         self.last_bounds: dict[str, tuple[float, list[str]]] = {}  # component -> (bound, institutions scaled down)
@@ -166,7 +172,7 @@ class NormBound(Aggregator):
             factor = min(1.0, limit / norm) if norm > 0 else 1.0
             if factor < 1.0:
                 scaled.append(u.institution)
-                u = ComponentUpdate(u.institution, u.component, {k: v * factor if k in keys else v for k, v in u.delta.items()}, u.weight, u.base_version)
+                u = dataclasses.replace(u, delta={k: v * factor if k in keys else v for k, v in u.delta.items()})
             bounded.append(u)
             norms.append(norm * factor)
         self.history[component] = (self.history.get(component, []) + norms)[-self.window :]

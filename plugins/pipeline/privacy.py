@@ -27,6 +27,7 @@ from collections import defaultdict
 from m3tfed.errors import ConfigError
 from m3tfed.federation.aggregation import AggregatedUpdate, Aggregator, ComponentUpdate
 from m3tfed.interfaces import RoundContext, UpdateStage
+from m3tfed.messages import component_group
 from m3tfed.privacy.dp import add_gaussian_noise, central_noise_std, l2_norm, noise_generator
 from m3tfed.privacy.ledger import PrivacyLedger
 from m3tfed.privacy.policy import Policy, resolve_policies
@@ -334,7 +335,7 @@ class CentralNoise(UpdateStage):
             else:
                 out += ups
                 continue
-            check_weighted_mean(server, comp, "central DP noise")
+            check_weighted_mean(server, comp, "central DP noise only hands it a noised sum")
             denominator = holders_sampled(comp, context)
             contributors = sorted(
                 n for u in ups for n in (getattr(u, "contributors", None) or [u.institution])
@@ -407,16 +408,16 @@ def holders_sampled(component: str, context: RoundContext) -> int:
 
 
 def check_weighted_mean(server, component: str, why: str) -> None:
-    """Refuse an aggregator that combines individual updates (median, trimmed mean):
-    ``why`` (central noise, secure aggregation) only hands it a sum."""
+    """Refuse an aggregator that combines individual updates (median, trimmed mean) where
+    it would only get a sum: ``why`` says whose (central noise, secure aggregation)."""
     agg = server.aggregator(component)
     if type(agg).combine is not Aggregator.combine:
-        group = component.split(".")[0]
+        group = component_group(component)
         path = (
             f"aggregation.{group}" if group in server.config.aggregation else "aggregation.default"
         )
         raise ConfigError(
             f"{path}.plugin",
-            f"{type(agg).__name__} combines individual updates, but {why} only hands it a noised sum of component {component!r}; "
+            f"{type(agg).__name__} combines individual updates, but {why} (component {component!r}); "
             "use a weighted-mean aggregator (fedavg, fedprox, fedadam, fedyogi)",
         )

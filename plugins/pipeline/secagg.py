@@ -31,12 +31,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from m3tfed.errors import ConfigError
-from m3tfed.federation.aggregation import Aggregator, ComponentUpdate, float_keys
+from m3tfed.federation.aggregation import ComponentUpdate, float_keys
 from m3tfed.federation.institution import Institution, seed_for
 from m3tfed.interfaces import RoundContext, UpdateStage
 from m3tfed.messages import AggregatedUpdate
-from m3tfed.plugins.pipeline.privacy import hold_unmasked, recheck_cohort
+from m3tfed.plugins.pipeline.privacy import check_weighted_mean, hold_unmasked, recheck_cohort
 from m3tfed.privacy.encoding import RingCodec
 from m3tfed.privacy.policy import resolve_policies
 from m3tfed.privacy.secagg import (
@@ -93,7 +92,7 @@ class SecureAggregation(UpdateStage):
                 if comp not in personal and comp in server.state:
                     groups[comp].append(name)
         for comp in groups:
-            self._check_aggregator(server, comp)
+            check_weighted_mean(server, comp, "secure aggregation only reveals their weighted sum")
         self.layouts = {
             c: [(k, server.state[c][k].numel()) for k in float_keys(server.state[c])]
             for c in groups
@@ -128,21 +127,6 @@ class SecureAggregation(UpdateStage):
             reasons = {u: r for ex in excluded.values() for u, r in ex.items()}
             raise SecAggError(
                 f"round {rnd}: no institution completed the secure-aggregation setup; reasons: {reasons}"
-            )
-
-    def _check_aggregator(self, server, comp: str) -> None:
-        agg = server.aggregator(comp)
-        if type(agg).combine is not Aggregator.combine:
-            group = comp.split(".")[0]
-            path = (
-                f"aggregation.{group}"
-                if group in server.config.aggregation
-                else "aggregation.default"
-            )
-            raise ConfigError(
-                f"{path}.plugin",
-                f"{type(agg).__name__} combines individual updates, but secure aggregation only reveals their weighted "
-                f"sum (component {comp!r}); use a weighted-mean aggregator (fedavg, fedprox, fedadam, fedyogi)",
             )
 
     def process(

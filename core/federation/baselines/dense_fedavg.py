@@ -25,7 +25,11 @@ def dense_config(cfg: FederationConfig, aggregator: PluginConfig | None = None) 
     dense.model.experts = [ExpertConfig(name="dense", plugin="swiglu", options={"hidden": k * hidden})]
     dense.model.router = PluginConfig("topk", {"k": 1, "capacity_factor": 0.0})
     dense.model.aux_loss_weights = {}
-    dense.aggregation = {"default": aggregator or PluginConfig("fedavg")}
+    agg = copy.deepcopy(aggregator or PluginConfig("fedavg"))
+    rule = cfg.aggregator_for("encoder").options  # the encoders' row rule, as the MoE has it
+    if "changed_rows" in rule:
+        agg.options.setdefault("changed_rows", rule["changed_rows"])
+    dense.aggregation = {"default": agg}
     for inst in dense.institutions:
         inst.experts, inst.compute, inst.max_experts = ["dense"], "base", None
     keep_personal(dense, lambda c: not c.startswith("expert."))  # the one dense expert is shared

@@ -61,7 +61,7 @@ from m3tfed.federation.checkpoint import (
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import Institution
 from m3tfed.privacy.dp import RoundRecord
-from m3tfed.threads import env_threads
+from m3tfed.threads import env_threads, pinned_auto_threads
 
 from .backend import LOAD_PERSONAL, RESTORE_PRIVACY
 from .wire import pack, pack_result, run_of, unpack, unpack_job
@@ -88,9 +88,13 @@ def institution(context: Context, run_id: str | None = None) -> tuple[Institutio
     stamp = Path(config).stat().st_mtime_ns if Path(config).exists() else 0
     key = (config, stamp, _setting(context, "institution"), context.node_config.get("data-root", ""), run_id)
     if _NODE.get("key") != key:
-        torch.set_num_threads(int(context.node_config.get("threads", env_threads())))
         cfg = load_config(Path(key[0]))
-        inst = build_institution(cfg, key[2], data_root=key[3] or None)
+        # the node's own setting (its operator knows the machine; default OMP_NUM_THREADS
+        # or 1) is what "auto" means here, and wins over a number in the run's config
+        threads = int(context.node_config.get("threads", env_threads()))
+        with pinned_auto_threads(threads):
+            inst = build_institution(cfg, key[2], data_root=key[3] or None)
+        torch.set_num_threads(threads)
         state_dir = Path(_setting(context, "state-dir", str(Path.home() / ".m3tfed" / "nodes" / key[2])))
         for folder in (state_dir, state_dir / "rounds", state_dir / "runs"):  # personal parts, secrets: this user's only
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
