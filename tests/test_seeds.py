@@ -2,6 +2,7 @@
 as better only beyond its interval, and the share of institutions with a Wilson interval."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import tiny_config_dict
@@ -67,3 +68,50 @@ def test_run_seeds_runs_each_seed_in_its_own_folder(tmp_path, capsys):
 def test_cli_has_seeds_and_protocol_flags():
     args = build_parser().parse_args(["run", "--seeds", "3", "--protocol"])
     assert args.seeds == 3 and args.protocol
+
+
+PARENT = """
+import multiprocessing, os, time
+from m3tfed.federation.lifecycle import _init_worker
+
+def worker(parent):
+    _init_worker(None, parent)  # what each protocol worker runs first
+    time.sleep(600)
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=worker, args=(os.getpid(),))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_protocol_worker_ends_when_its_parent_is_killed(tmp_path):
+    """SIGKILL runs no cleanup in the parent: the worker notices on its own and ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+
+    def running(pid: int) -> bool:  # a zombie (ended, not yet reaped) counts as ended
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    assert running(child)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 120  # a liveness bound, not a timing claim: it polls every second
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = running(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive

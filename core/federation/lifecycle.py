@@ -21,6 +21,7 @@ import os
 import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -572,7 +573,7 @@ class Runs:
         if self.pool is None:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
             self.messages = ctx.Queue()
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.messages,))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.messages, os.getpid()))
         futures = [self.pool.submit(_run_in_worker, job, self.data_root) for job in jobs]
         pending = set(futures)
         while pending:
@@ -592,9 +593,19 @@ class Runs:
 _MESSAGES: Any = None  # a worker's queue of (tracker index, message) to the parent
 
 
-def _init_worker(messages: Any) -> None:
+def _init_worker(messages: Any, parent: int) -> None:
     global _MESSAGES
     _MESSAGES = messages
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this worker once ``parent`` is gone. A parent stopped by SIGTERM or SIGKILL (a
+    scheduler, `kill`) runs no cleanup, and its workers would go on burning the cores
+    and writing into run folders nobody reads; Ctrl-C reaches them anyway."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _run_in_worker(job: RunSpec, data_root: Any) -> tuple[int, dict[str, Any]]:
