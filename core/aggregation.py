@@ -85,23 +85,29 @@ def weighted_mean_delta(
                 nonzero = u.delta[key].to(device=like.device).ne(0)
                 changed = nonzero.flatten(1).any(dim=1) if like.dim() > 1 else nonzero
                 masks[i] = changed if masks[i] is None else masks[i] & changed
-    # every update speaking for every row: the plain mean, computed as it always was
-    if any(m is not None and not bool(m.all()) for m in masks):
-        shape = (n_rows,) + (1,) * (like.dim() - 1)
-        acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
-        norm = torch.zeros(shape, dtype=dtype, device=like.device)
-        for u, m in zip(updates, masks):
-            w = torch.full(shape, float(u.weight), dtype=dtype, device=like.device)
-            if m is not None:
-                w = w * m.to(dtype).reshape(shape)
-            acc.add_(u.delta[key].to(device=like.device, dtype=dtype) * w)
-            norm.add_(w)
-        return acc / norm.clamp_min(torch.finfo(dtype).tiny)
     total = sum(float(u.weight) for u in updates)
     acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
     for u in updates:
         acc.add_(u.delta[key].to(device=like.device, dtype=dtype), alpha=float(u.weight) / total)
-    return acc
+    partial = torch.zeros(n_rows, dtype=torch.bool, device=like.device)
+    for m in masks:
+        if m is not None:
+            partial |= ~m
+    if not bool(partial.any()):  # every update speaks for every row: the plain mean
+        return acc
+    # rows some update has no say in: their own weights; every other row keeps the plain
+    # mean's bits, so the rule changes exactly the rows it is about
+    shape = (n_rows,) + (1,) * (like.dim() - 1)
+    rows = torch.zeros(like.shape, dtype=dtype, device=like.device)
+    norm = torch.zeros(shape, dtype=dtype, device=like.device)
+    for u, m in zip(updates, masks):
+        w = torch.full(shape, float(u.weight), dtype=dtype, device=like.device)
+        if m is not None:
+            w = w * m.to(dtype).reshape(shape)
+        rows.add_(u.delta[key].to(device=like.device, dtype=dtype) * w)
+        norm.add_(w)
+    rows = rows / norm.clamp_min(torch.finfo(dtype).tiny)
+    return torch.where(partial.reshape(shape), rows, acc)
 
 
 def mark_expert_rows(

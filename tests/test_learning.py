@@ -147,6 +147,11 @@ def test_changed_rows_edge_cases_and_the_plain_mean_when_every_row_changed():
     g = torch.Generator().manual_seed(0)
     dense = [ComponentUpdate(n, "encoder.x", {"w": torch.randn(5, 3, generator=g)}, w) for n, w in (("A", 1.0), ("B", 7.0))]
     assert torch.equal(weighted_mean_delta("w", dense, torch.zeros(5, 3), by_changed_rows=True), weighted_mean_delta("w", dense, torch.zeros(5, 3)))
+    # one row left alone by B: only that row is recomputed, the others keep the plain bits
+    sparse = [dense[0], dataclasses.replace(dense[1], delta={"w": dense[1].delta["w"].index_fill(0, torch.tensor([2]), 0.0)})]
+    mixed, plain_mix = (weighted_mean_delta("w", sparse, torch.zeros(5, 3), by_changed_rows=flag) for flag in (True, False))
+    keep = torch.tensor([0, 1, 3, 4])
+    assert torch.equal(mixed[keep], plain_mix[keep]) and torch.equal(mixed[2], dense[0].delta["w"][2])
     # expert rows and changed rows together: a row needs both
     a = ComponentUpdate("A", "router", {"w": torch.tensor([[1.0], [2.0], [5.0]])}, 1.0, expert_rows=torch.tensor([True, True, False]))
     b = ComponentUpdate("B", "router", {"w": torch.tensor([[3.0], [0.0], [4.0]])}, 1.0, expert_rows=torch.tensor([True, True, True]))
