@@ -27,7 +27,6 @@ lower bound under ``cut_off``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 from m3tfed.defaults import default_config_dict  # noqa: E402
+from m3tfed.federation.checkpoint import run_info  # noqa: E402
 from m3tfed.federation.config import FederationSettings  # noqa: E402
 from m3tfed.threads import usable_cores  # noqa: E402
 
@@ -126,8 +126,7 @@ def main() -> None:
                     ]
                     finished = [t for t in times if t is not None]
                     if n == "auto" and finished:
-                        run_info = Path(runs_dir, f"{condition}-{n}-0", "run.json")
-                        auto_picked[condition] = json.loads(run_info.read_text())["threads"]
+                        auto_picked[condition] = run_info(Path(runs_dir, f"{condition}-{n}-0"))["threads"]
                     if finished:
                         seconds[condition][str(n)] = min(finished)
                         line = f"{min(finished):.1f}s"

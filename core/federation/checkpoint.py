@@ -266,10 +266,16 @@ def claim_run_dir(run_dir: Path | str, info: dict[str, Any]) -> str:
     return run_id
 
 
+def run_info(run_dir: Path | str) -> dict[str, Any]:
+    """What :func:`claim_run_dir` recorded for the run in ``run_dir`` (id, data root,
+    threads; empty for a folder without ``run.json``)."""
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_id_of(run_dir: Path | str) -> str | None:
     """The id :func:`claim_run_dir` gave the run in ``run_dir`` (None for older runs)."""
-    path = Path(run_dir) / RUN_FILE
-    return json.loads(path.read_text()).get("run_id") if path.is_file() else None
+    return run_info(run_dir).get("run_id")
 
 
 def check_resumable(run_dir: Path | str, meta: dict[str, Any], config: dict[str, Any]) -> None:

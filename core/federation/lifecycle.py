@@ -46,6 +46,7 @@ from .checkpoint import (
     join_owners,
     load_checkpoint,
     round_checkpoints,
+    run_info,
     save_checkpoint,
     split_owners,
     unflatten_components,
@@ -124,9 +125,9 @@ def resume_job(run_dir: Path, stop_after: int | None = None, progress: Progress 
     """Continue a stopped run from its latest complete checkpoint."""
     run_dir = Path(run_dir)
     cfg = resumable_config(run_dir)
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    with pinned_auto_threads(run_info.get("threads")):  # "auto" as the run began, not as the machine is now
-        fed = build_federation(cfg, data_root=run_info.get("data_root"), run_dir=run_dir)
+    info = run_info(run_dir)
+    with pinned_auto_threads(info.get("threads")):  # "auto" as the run began, not as the machine is now
+        fed = build_federation(cfg, data_root=info.get("data_root"), run_dir=run_dir)
         restore_ledger(fed, restore_server(fed.server, run_dir))
         progress(f"resuming {run_dir.name} after round {fed.server.round}")
         return continue_run(fed, run_dir, start_round=fed.server.round + 1, stop_after=stop_after, progress=progress)

@@ -374,7 +374,7 @@ class Server:
             "run_id": run_id_of(self.run_dir),
             # the row rule each group's aggregator applied: a run resumes under its own rule
             # even when a plugin's default changes (as changed_rows' did in session 9)
-            "changed_rows": {g: list(getattr(a, "changed_rows", ())) for g, a in self.aggregators.items()},
+            "changed_rows": {g: list(a.changed_rows) for g, a in self.aggregators.items()},
         }
         return save_checkpoint(checkpoint_path(self.run_dir, self.round), tensors, meta)
 
@@ -398,7 +398,6 @@ class Server:
         recorded = meta.get("changed_rows") or {}  # none: written before the rule existed
         for group, agg in self.aggregators.items():
             agg.load_state_dict(agg_states.get(group, {}))
-            if hasattr(agg, "changed_rows"):
-                agg.changed_rows = list(recorded.get(group, ()))
+            agg.changed_rows = list(recorded.get(group, ()))
         if self.run_dir is not None:
             self.backend.load_personal(self.run_dir, self.round)

@@ -66,6 +66,7 @@ from .checkpoint import (
     flatten_components,
     load_checkpoint,
     round_checkpoints,
+    run_info,
     save_checkpoint,
     write_json_atomic,
 )
@@ -160,12 +161,12 @@ def forget(
     # The federation without the institution, on the data every institution had (a
     # partitioner splits by the full list of institutions).
     catalogue = get_catalogue()
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    data = load_data(cfg, catalogue, run_info.get("data_root"))
+    info = run_info(run_dir)
+    data = load_data(cfg, catalogue, info.get("data_root"))
     data.pop(institution, None)
     new_config = {**config, "institutions": remaining}
     # "auto" threads as the run began: the retrained rounds round as a fresh run would
-    with pinned_auto_threads(run_info.get("threads")):
+    with pinned_auto_threads(info.get("threads")):
         fed = build_federation(load_config(new_config), catalogue, data=data)
 
         # The state to restart from: round first - 1 (a fresh server holds the initial one).
@@ -211,7 +212,7 @@ def forget(
         try:
             # The new run folder: what the original had before `first`, without the institution.
             write_json_atomic(out_dir / "config.json", to_dict(fed.config))
-            write_json_atomic(out_dir / "run.json", {**run_info, "threads": resolve_threads(fed.config.federation.threads), "forgotten_from": str(run_dir), "created": datetime.now().isoformat()})
+            write_json_atomic(out_dir / "run.json", {**info, "threads": resolve_threads(fed.config.federation.threads), "forgotten_from": str(run_dir), "created": datetime.now().isoformat()})
             if (run_dir / "data_report.json").exists():
                 report = json.loads((run_dir / "data_report.json").read_text())
                 write_json_atomic(out_dir / "data_report.json", {n: r for n, r in report.items() if n != institution})
