@@ -61,6 +61,36 @@ def test_featurizer_handles_any_split_without_knowing_the_dataset():
     assert f(other).shape == x.shape
 
 
+def test_classical_features_take_an_encoders_wide_features():
+    """Interaction logs where the next response depends only on the next question's own
+    difficulty (200 question ids): the generic featurizer keeps the id as a number and
+    learns nothing; the sequence encoder's wide features carry its one-hot, as the
+    logistic model of knowledge tracing does. 0/1 columns are never rescaled."""
+    from experts.tasks.common import auc
+    from plugins.encoders.sequence import InteractionEncoder
+
+    g = torch.Generator().manual_seed(0)
+    ids = 200
+    difficulty = torch.randn(ids, generator=g) * 2
+
+    def logs(n):
+        q = torch.randint(0, ids, (n,), generator=g)
+        y = (torch.rand(n, generator=g) < torch.sigmoid(-difficulty[q])).float()
+        seq = {"skill": torch.randint(0, ids, (n, 6), generator=g), "correct": torch.randint(0, 2, (n, 6), generator=g), "query_skill": q}
+        return {"interactions": seq, "targets": {"r": y}}
+
+    train, test = logs(4000), logs(2000)
+    encoder = InteractionEncoder(d_model=8, num_skills=ids, max_len=8)
+    aucs = {}
+    for name, encoders in (("generic", None), ("wide", {"interactions": encoder})):
+        f = Featurizer().fit([train], encoders)
+        model = fit_predict("logistic", f(train), train["targets"]["r"], 1.0, 1)
+        aucs[name] = auc(model(f(test)), test["targets"]["r"])
+    assert aucs["generic"] < 0.6 < 0.7 < aucs["wide"], aucs
+    hot = Featurizer().fit([train], {"interactions": encoder})(train)[:, 2 * ids : 3 * ids]  # the query one-hot
+    assert set(hot.unique().tolist()) == {0.0, 1.0}
+
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baselines_share_one_interface(name):
     b = BASELINES[name]

@@ -4,10 +4,19 @@ response correctness and multi-label tasks (one per label), ridge regression for
 regression tasks; pooled over every institution with the task, or each institution on
 its own. The L2 strength is chosen on validation from a small grid; test is read once.
 
-Features are built from any split without knowing the dataset: every numeric input
-leaf is flattened (NaN -> 0 plus a missing indicator for columns that have NaNs),
-small categorical columns are one-hot encoded, texts become length and vocabulary
-statistics, and a modality's ``present`` mask zeroes its features (plus an indicator).
+Features: a modality whose encoder offers wide features (``m3tfed.WideFeatures``: what
+the encoder says a linear model should read, the same vector a task's wide term reads)
+gets those: for the built-in encoders a row's numbers and one-hot categories, an
+image's pixels, a text's length and vocabulary statistics, and for interaction logs the
+PFA features with the next question's id one-hot (the "question one-hot + recent
+accuracy" logistic model of knowledge tracing). Any other modality is featurized
+without knowing the dataset: every numeric input leaf is flattened (NaN -> 0 plus a
+missing indicator for columns that have NaNs), small categorical columns are one-hot
+encoded, texts become length and vocabulary statistics. A modality's ``present`` mask
+zeroes its features (plus an indicator). The learner chooses on validation between
+standardized columns (0/1 columns, one-hots and indicators, left as they are:
+standardizing a rare id's one-hot would make its column huge and its L2 penalty void)
+and the features as they come, and the L2 strength.
 Which learner a task gets follows its head: integer targets -> softmax regression;
 float targets of a higher-is-better head (AUC, F1 on 0/1 labels) -> logistic per
 column; float targets of a lower-is-better head (RMSE) -> ridge. Predictions come out in
@@ -21,27 +30,44 @@ from typing import Any
 import torch
 
 from ...data import num_samples
+from ...interfaces import WideFeatures
 from ...modules import text_statistics
 from ..build import Federation
 from ..evaluation import Metrics
 from .base import BaselineContext, Results
 
-L2_GRID = (1e-3, 1e-1, 10.0)
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MAX_ONE_HOT = 32  # categorical columns with more values stay numeric
 
 
 class Featurizer:
-    """Fixed-width features for every modality seen in the fitting splits."""
+    """Fixed-width features for every modality seen in the fitting splits; ``encoders``
+    (modality -> encoder) lends the wide features of those that offer them.
+    ``standardize``: centre and scale every column that is not 0/1, or leave all as
+    they come (the learner chooses on validation: on question-level logs the raw
+    PFA counts won, on the UCI grades standardized columns)."""
 
-    def fit(self, splits: list[dict[str, Any]]) -> Featurizer:
+    def __init__(self, standardize: bool = True):
+        self.standardize = standardize
+
+    def fit(self, splits: list[dict[str, Any]], encoders: dict[str, Any] | None = None) -> Featurizer:
+        self.wide = {m: e for m, e in (encoders or {}).items() if isinstance(e, WideFeatures)}
         self.layout: dict[str, list[tuple[str, Any]]] = {}  # modality -> [(leaf path, how)]
         for split in splits:
             for mod, tree in split.items():
                 if mod in ("targets", "present") or mod in self.layout:
                     continue
+                if mod in self.wide:
+                    self.layout[mod] = [((), ("wide", int(self.wide[mod].wide_width)))]
+                    continue
                 self.layout[mod] = [(path, _how(leaf, [_leaf(s[mod], path) for s in splits if mod in s])) for path, leaf in _leaves(tree)]
         raw = torch.cat([self._raw(s) for s in splits])
-        self.mean, self.std = raw.mean(0), raw.std(0).clamp_min(1e-6)
+        if self.standardize:
+            binary = ((raw == 0) | (raw == 1)).all(0)
+            self.mean = torch.where(binary, 0.0, raw.mean(0))
+            self.std = torch.where(binary, 1.0, raw.std(0).clamp_min(1e-6))
+        else:
+            self.mean, self.std = torch.zeros(raw.shape[1]), torch.ones(raw.shape[1])
         return self
 
     def __call__(self, split: dict[str, Any]) -> torch.Tensor:
@@ -52,10 +78,19 @@ class Featurizer:
         cols = []
         for mod, leaves in self.layout.items():
             present = split.get("present", {}).get(mod, torch.ones(n, dtype=torch.bool)) if mod in split else torch.zeros(n, dtype=torch.bool)
-            feats = [_encode(_leaf(split[mod], path) if mod in split else None, how, n) for path, how in leaves]
+            feats = [self._encode(mod, _leaf(split[mod], path) if mod in split else None, how, n) for path, how in leaves]
             cols.append(torch.cat(feats, 1) * present.float().unsqueeze(1))
             cols.append(present.float().unsqueeze(1))
         return torch.cat(cols, 1)
+
+    def _encode(self, mod: str, leaf: Any, how: Any, n: int) -> torch.Tensor:
+        if how[0] != "wide":
+            return _encode(leaf, how, n)
+        if leaf is None:
+            return torch.zeros(n, how[1])
+        with torch.no_grad():
+            feats = self.wide[mod].wide_features(leaf).float().cpu()
+        return feats.nan_to_num(0.0)  # an absent sample's inputs may be NaN; its present mask zeroes it
 
 
 def _leaves(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
@@ -171,21 +206,21 @@ class _Classical:
 
     def _fit_group(self, task: str, group: list, out: dict) -> None:
         head = group[0].model().tasks[task].head
-        feat = Featurizer().fit([i.data.train for i in group])
-        xs = torch.cat([feat(i.data.train)[_labelled(i.data.train, task)] for i in group])
+        encoders = {m: slot.encoder for i in group for m, slot in i.model().encoders.items()}
         ys = torch.cat([_targets(i.data.train, task)[_labelled(i.data.train, task)] for i in group])
         kind, dim = learner_kind(head, ys)
         best = None
-        for l2 in L2_GRID:
-            model = fit_predict(kind, xs, ys, l2, dim)
-            loss = 0.0
-            for i in group:
-                ok = _labelled(i.data.val, task)
-                loss += float(head.loss(model(feat(i.data.val)[ok]), _targets(i.data.val, task)[ok]))
-            if best is None or loss < best[0]:
-                best = (loss, model)
+        for standardize in (True, False):
+            feat = Featurizer(standardize).fit([i.data.train for i in group], encoders)
+            xs = torch.cat([feat(i.data.train)[_labelled(i.data.train, task)] for i in group])
+            vals = [(feat(i.data.val)[_labelled(i.data.val, task)], _targets(i.data.val, task)[_labelled(i.data.val, task)]) for i in group]
+            for l2 in L2_GRID:
+                model = fit_predict(kind, xs, ys, l2, dim)
+                loss = sum(float(head.loss(model(x), y)) for x, y in vals)
+                if best is None or loss < best[0]:
+                    best = (loss, feat, model)
         for i in group:
-            out[i.name][task] = (feat, best[1], head)
+            out[i.name][task] = (best[1], best[2], head)
 
     @staticmethod
     def _metrics_on(inst: Any, split: dict[str, Any], fitted: dict[str, Any]) -> Metrics:
