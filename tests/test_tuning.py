@@ -192,10 +192,10 @@ def test_grid_and_point_settings_are_checked():
         run_job(tiny_config_dict(), overrides=["evaluation.grid.lr=[0.1]"], name="x", runs_dir="/nonexistent", progress=quiet)
 
 
-def test_protocol_adds_a_2x2_grid_around_the_config_and_every_core():
+def test_protocol_adds_a_2x2_grid_up_from_the_config_and_every_core():
     grid = [o for o in protocol_overrides(None, ["federation.lr=0.004", "federation.local_steps=6"]) if o.startswith("evaluation.grid")]
     cfg = load_config(None, ["federation.lr=0.004", "federation.local_steps=6", *grid])
-    assert cfg.evaluation.grid.lr == [0.004, 0.008] and cfg.evaluation.grid.local_steps == [3, 6]
+    assert cfg.evaluation.grid.lr == [0.004, 0.008] and cfg.evaluation.grid.local_steps == [6, 12]
     own = protocol_overrides(None, ["evaluation.grid.lr=[0.1]"])
     assert not any(o.startswith("evaluation.grid") for o in own)  # a config's own grid wins
     assert build_parser().parse_args(["run", "--workers", "2"]).workers == 2
