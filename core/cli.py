@@ -100,11 +100,12 @@ def _has_grid(config: str | None, overrides: list[str]) -> bool:
 
 def protocol_overrides(config: str | None, overrides: list[str]) -> list[str]:
     """The protocol's overrides for this config: every baseline, and (unless the config
-    or ``--set`` has a grid) a 2 x 2 grid from the config's point up: learning rate x
-    {1, 2} and local steps x {1, 2}, for every deep method alike. Until session 10 the
-    steps were x {1/2, 1}; every method of the default federation's protocol run chose
-    the corner with the most work per round (lr x 2, steps x 1), so the grid is open
-    upwards now (docs/results.md, "Learning quality" 11)."""
+    or ``--set`` has a grid) a grid from the config's point up, for every deep method
+    alike: learning rate x {1, 2} and, unless the config sets ``local_epochs``, local
+    steps x {1, 2}. Until session 10 the steps were x {1/2, 1}: on the default federation
+    every deep method chose the larger, its validation loss falling steeply from the
+    smaller (docs/results.md, "Learning quality" 11). The larger steps double that
+    point's training work."""
     from .federation.config import load_config
 
     cfg = load_config(config, overrides)

@@ -54,7 +54,7 @@ def _shape(x: Any) -> str:
     return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _device(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module) -> torch.device:
     for t in module.parameters():
         return t.device
     for t in module.buffers():
@@ -169,7 +169,7 @@ def check_encoder_module(
         if inputs is None:
             gen = torch.Generator().manual_seed(SEED)
             inputs = _call(spec, f"example_input({batch_size})", module.example_input, batch_size, gen)
-        out = _call(spec, "forward(example_input)", module, to_device(inputs, _device(module)))
+        out = _call(spec, "forward(example_input)", module, to_device(inputs, module_device(module)))
     tokens, _ = check_tokens(out, d_model, spec.kind, spec.name, spec.package, batch_size)
     if tokens.shape[1] < 1:
         raise _fail(spec, f"tokens has T = 0 for a batch of {batch_size}; return at least one (masked) token")
@@ -177,7 +177,7 @@ def check_encoder_module(
         raise _fail(spec, "tokens contain NaN or inf (padding positions too: attention would spread them)")
     if callable(getattr(module, "wide_features", None)):  # m3tfed.WideFeatures
         with checking(module), torch.no_grad():
-            feats = _call(spec, "wide_features(example_input)", module.wide_features, to_device(inputs, _device(module)))
+            feats = _call(spec, "wide_features(example_input)", module.wide_features, to_device(inputs, module_device(module)))
         width = getattr(module, "wide_width", None)
         if not isinstance(feats, torch.Tensor) or not feats.is_floating_point() or list(feats.shape) != [batch_size, width]:
             raise _fail(spec, f"wide_features must return a float [B, wide_width] = [{batch_size}, {width}] tensor, got {_shape(feats)}")
@@ -192,7 +192,7 @@ def check_expert_module(spec: ExpertSpec, module: nn.Module, d_model: int, n_tok
     on which other tokens came with it. Returns the output."""
     dtype = _float_dtype(module)
     gen = torch.Generator().manual_seed(SEED)
-    x = torch.randn(n_tokens, d_model, generator=gen).to(_device(module), dtype)
+    x = torch.randn(n_tokens, d_model, generator=gen).to(module_device(module), dtype)
     with checking(module), torch.no_grad():
         out = _call(spec, f"forward([{n_tokens}, {d_model}])", module, x)
         if not isinstance(out, torch.Tensor) or list(out.shape) != [n_tokens, d_model]:
@@ -286,7 +286,7 @@ def check_router_module(
     """Route ``[n_tokens, d_model]`` with every expert allowed and with the last one
     masked (or with ``expert_masks``); each result must pass :func:`check_routing`.
     Returns the Routing results."""
-    device = _device(module)
+    device = module_device(module)
     gen = torch.Generator().manual_seed(SEED)
     x = torch.randn(n_tokens, d_model, generator=gen).to(device, _float_dtype(module))
     results = []
@@ -314,7 +314,7 @@ def check_task_module(spec: TaskSpec, module: nn.Module, d_model: int, batch_siz
     primary = getattr(module, "primary_metric", None)
     if not isinstance(getattr(module, "higher_is_better", None), bool):
         raise _fail(spec, f"higher_is_better must be a bool, got {getattr(module, 'higher_is_better', None)!r}")
-    device = _device(module)
+    device = module_device(module)
     gen = torch.Generator().manual_seed(SEED)
     tokens = torch.randn(batch_size, seq_len, d_model, generator=gen).to(device, _float_dtype(module))
     mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)

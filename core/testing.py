@@ -231,7 +231,7 @@ def check_encoder(
     spec = resolve_spec("encoder", spec)
 
     def forward(module: nn.Module, gen: torch.Generator):
-        inputs = contracts.to_device(module.example_input(batch_size, gen), contracts._device(module))
+        inputs = contracts.to_device(module.example_input(batch_size, gen), contracts.module_device(module))
         return module(inputs)
 
     def loss_fn(module, gen):
@@ -253,7 +253,7 @@ def check_expert(
     spec = resolve_spec("expert", spec)
 
     def forward(module, gen):
-        x = torch.randn(n_tokens, d_model, generator=gen).to(contracts._device(module), contracts._float_dtype(module))
+        x = torch.randn(n_tokens, d_model, generator=gen).to(contracts.module_device(module), contracts._float_dtype(module))
         return module(x)
 
     return _run_kit(
@@ -275,10 +275,10 @@ def check_router(
         masks += [torch.arange(num_experts) < num_experts - 1, torch.arange(num_experts) == 0]
 
     def tokens(module, gen):
-        return torch.randn(n_tokens, d_model, generator=gen).to(contracts._device(module), contracts._float_dtype(module))
+        return torch.randn(n_tokens, d_model, generator=gen).to(contracts.module_device(module), contracts._float_dtype(module))
 
     def loss_fn(module, gen):
-        routing = module(tokens(module, gen), masks[0].to(contracts._device(module)))
+        routing = module(tokens(module, gen), masks[0].to(contracts.module_device(module)))
         loss = _weighted(routing.weight, gen)
         for value in (getattr(routing, "aux_losses", None) or {}).values():
             loss = loss + value
@@ -307,7 +307,7 @@ def check_task(
     spec = resolve_spec("task", spec)
 
     def inputs(module, gen):
-        device = contracts._device(module)
+        device = contracts.module_device(module)
         tokens = torch.randn(batch_size, seq_len, d_model, generator=gen).to(device, contracts._float_dtype(module))
         mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
         mask[0, 1:] = False  # one sample with a single real token

@@ -86,9 +86,26 @@ def test_classical_features_take_an_encoders_wide_features():
         f = Featurizer().fit([train], encoders)
         model = fit_predict("logistic", f(train), train["targets"]["r"], 1.0, 1)
         aucs[name] = auc(model(f(test)), test["targets"]["r"])
-    assert aucs["generic"] < 0.6 < 0.7 < aucs["wide"], aucs
+    assert aucs["generic"] < 0.6 and aucs["wide"] > 0.7, aucs
     hot = Featurizer().fit([train], {"interactions": encoder})(train)[:, 2 * ids : 3 * ids]  # the query one-hot
     assert set(hot.unique().tolist()) == {0.0, 1.0}
+
+
+def test_classical_features_fall_back_where_wide_features_do_not_apply():
+    """Text held as token ids (a text encoder's wide features read words): the generic
+    features, as before; a column constant in training is not blown up elsewhere."""
+    from plugins.encoders.text import TextEncoder
+
+    n = 5
+    ids = {"input_ids": torch.arange(n * 4).reshape(n, 4), "attention_mask": torch.ones(n, 4, dtype=torch.long)}
+    split = {"text": ids, "tab": {"numeric": torch.full((n, 1), 2.0)}, "targets": {"t": torch.zeros(n)}}
+    f = Featurizer().fit([split], {"text": TextEncoder(d_model=8)})
+    assert "text" not in f.wide and f(split).shape == Featurizer().fit([split])(split).shape
+    words = {"text": ["a b", "c", "d e f", "g", "h i"], "targets": split["targets"]}
+    g = Featurizer().fit([words], {"text": TextEncoder(d_model=8)})
+    assert "text" in g.wide and g(words).shape == (n, 4 + 1)
+    other = {**split, "tab": {"numeric": torch.full((n, 1), 3.0)}}
+    assert f(other)[:, -2].abs().max() < 2  # 3.0 against a training constant 2.0: 1, not 1e6
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))

@@ -196,6 +196,10 @@ def test_protocol_adds_a_2x2_grid_up_from_the_config_and_every_core():
     grid = [o for o in protocol_overrides(None, ["federation.lr=0.004", "federation.local_steps=6"]) if o.startswith("evaluation.grid")]
     cfg = load_config(None, ["federation.lr=0.004", "federation.local_steps=6", *grid])
     assert cfg.evaluation.grid.lr == [0.004, 0.008] and cfg.evaluation.grid.local_steps == [6, 12]
+    one = [o for o in protocol_overrides(None, ["federation.local_steps=1"]) if "local_steps" in o]
+    assert one == ["evaluation.grid.local_steps=[1, 2]"]
+    epochs = protocol_overrides(None, ["federation.local_epochs=1.0"])
+    assert not any("grid.local_steps" in o for o in epochs)  # epochs set the steps: lr only
     own = protocol_overrides(None, ["evaluation.grid.lr=[0.1]"])
     assert not any(o.startswith("evaluation.grid") for o in own)  # a config's own grid wins
     assert build_parser().parse_args(["run", "--workers", "2"]).workers == 2

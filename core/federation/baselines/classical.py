@@ -25,10 +25,14 @@ the head's own format (logits or values), so its metrics apply unchanged.
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from typing import Any
 
 import torch
 
+from ...contracts import module_device, to_device
 from ...data import num_samples
 from ...interfaces import WideFeatures
 from ...modules import text_statistics
@@ -38,42 +42,61 @@ from .base import BaselineContext, Results
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MAX_ONE_HOT = 32  # categorical columns with more values stay numeric
+# Dense wide features above this many cells (rows x columns, 4 bytes each) would not fit
+# a worker's memory a few times over; such a modality gets the generic features instead.
+MAX_WIDE_CELLS = 50_000_000
 
 
 class Featurizer:
     """Fixed-width features for every modality seen in the fitting splits; ``encoders``
-    (modality -> encoder) lends the wide features of those that offer them.
-    ``standardize``: centre and scale every column that is not 0/1, or leave all as
-    they come (the learner chooses on validation: on question-level logs the raw
-    PFA counts won, on the UCI grades standardized columns)."""
+    (modality -> encoder) lends the wide features of those that offer them and accept
+    the data (a text encoder refuses token ids: that modality is featurized generically).
+    ``standardize``: centre and scale every column whose training values are not all
+    0 or 1, or leave every column as it comes (the learner chooses on validation:
+    docs/results.md, "Learning quality" 11)."""
 
     def __init__(self, standardize: bool = True):
         self.standardize = standardize
 
     def fit(self, splits: list[dict[str, Any]], encoders: dict[str, Any] | None = None) -> Featurizer:
-        self.wide = {m: e for m, e in (encoders or {}).items() if isinstance(e, WideFeatures)}
+        self.fit_raw(splits, encoders)
+        return self
+
+    def fit_raw(self, splits: list[dict[str, Any]], encoders: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """Fit, and return the fitting splits' raw features (computed once)."""
+        wide = {m: e for m, e in (encoders or {}).items() if isinstance(e, WideFeatures)}
+        self.wide: dict[str, Any] = {}
         self.layout: dict[str, list[tuple[str, Any]]] = {}  # modality -> [(leaf path, how)]
         for split in splits:
             for mod, tree in split.items():
                 if mod in ("targets", "present") or mod in self.layout:
                     continue
-                if mod in self.wide:
-                    self.layout[mod] = [((), ("wide", int(self.wide[mod].wide_width)))]
+                if mod in wide and _takes(wide[mod], mod, tree, sum(num_samples(s) for s in splits if mod in s)):
+                    self.wide[mod] = wide[mod]
+                    self.layout[mod] = [((), ("wide", int(wide[mod].wide_width)))]
                     continue
                 self.layout[mod] = [(path, _how(leaf, [_leaf(s[mod], path) for s in splits if mod in s])) for path, leaf in _leaves(tree)]
-        raw = torch.cat([self._raw(s) for s in splits])
-        if self.standardize:
-            binary = ((raw == 0) | (raw == 1)).all(0)
-            self.mean = torch.where(binary, 0.0, raw.mean(0))
-            self.std = torch.where(binary, 1.0, raw.std(0).clamp_min(1e-6))
-        else:
-            self.mean, self.std = torch.zeros(raw.shape[1]), torch.ones(raw.shape[1])
-        return self
+        fitted = [self.raw(s) for s in splits]
+        raw = torch.cat(fitted)
+        binary = ((raw == 0) | (raw == 1)).all(0)
+        std = raw.std(0) if len(raw) > 1 else torch.ones(raw.shape[1])
+        self.mean = torch.where(binary, 0.0, raw.mean(0))
+        self.std = torch.where(binary | (std < 1e-6), 1.0, std)  # a constant column stays put, not x 1e6
+        return fitted
+
+    def scaled(self, standardize: bool) -> Featurizer:
+        """The same fitted features, standardized or as they come."""
+        out = copy.copy(self)
+        out.standardize = standardize
+        return out
+
+    def scale(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mean) / self.std if self.standardize else raw
 
     def __call__(self, split: dict[str, Any]) -> torch.Tensor:
-        return (self._raw(split) - self.mean) / self.std
+        return self.scale(self.raw(split))
 
-    def _raw(self, split: dict[str, Any]) -> torch.Tensor:
+    def raw(self, split: dict[str, Any]) -> torch.Tensor:
         n = num_samples(split)
         cols = []
         for mod, leaves in self.layout.items():
@@ -88,9 +111,29 @@ class Featurizer:
             return _encode(leaf, how, n)
         if leaf is None:
             return torch.zeros(n, how[1])
-        with torch.no_grad():
-            feats = self.wide[mod].wide_features(leaf).float().cpu()
-        return feats.nan_to_num(0.0)  # an absent sample's inputs may be NaN; its present mask zeroes it
+        return _wide(self.wide[mod], leaf)
+
+
+def _wide(encoder: Any, leaf: Any) -> torch.Tensor:
+    """``encoder.wide_features`` on CPU data: the inputs go to the encoder's device (a
+    model on a GPU), the features come back to the CPU."""
+    with torch.no_grad():
+        feats = encoder.wide_features(to_device(leaf, module_device(encoder))).float().cpu()
+    return feats.nan_to_num(0.0)  # an absent sample's inputs may be NaN; its present mask zeroes it
+
+
+def _takes(encoder: Any, mod: str, leaf: Any, rows: int) -> bool:
+    """Whether the learner reads ``mod`` through ``encoder``'s wide features: the encoder
+    accepts this data (tried on it) and the dense features stay within MAX_WIDE_CELLS."""
+    width = int(encoder.wide_width)
+    if rows * width > MAX_WIDE_CELLS:
+        warnings.warn(f"classical learners: {mod!r}'s wide features ({width} columns x {rows} rows) exceed MAX_WIDE_CELLS = {MAX_WIDE_CELLS:.0e}; {mod!r} is featurized generically", stacklevel=3)
+        return False
+    try:
+        _wide(encoder, leaf)
+    except (ValueError, TypeError, KeyError):  # e.g. a text encoder given token ids
+        return False
+    return True
 
 
 def _leaves(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
@@ -209,15 +252,17 @@ class _Classical:
         encoders = {m: slot.encoder for i in group for m, slot in i.model().encoders.items()}
         ys = torch.cat([_targets(i.data.train, task)[_labelled(i.data.train, task)] for i in group])
         kind, dim = learner_kind(head, ys)
+        fitted = Featurizer()
+        train_raw = torch.cat([raw[_labelled(i.data.train, task)] for raw, i in zip(fitted.fit_raw([i.data.train for i in group], encoders), group)])
+        val_raw = [(fitted.raw(i.data.val)[_labelled(i.data.val, task)], _targets(i.data.val, task)[_labelled(i.data.val, task)]) for i in group]
         best = None
         for standardize in (True, False):
-            feat = Featurizer(standardize).fit([i.data.train for i in group], encoders)
-            xs = torch.cat([feat(i.data.train)[_labelled(i.data.train, task)] for i in group])
-            vals = [(feat(i.data.val)[_labelled(i.data.val, task)], _targets(i.data.val, task)[_labelled(i.data.val, task)]) for i in group]
+            feat = fitted.scaled(standardize)
+            xs = feat.scale(train_raw)
             for l2 in L2_GRID:
                 model = fit_predict(kind, xs, ys, l2, dim)
-                loss = sum(float(head.loss(model(x), y)) for x, y in vals)
-                if best is None or loss < best[0]:
+                loss = sum(float(head.loss(model(feat.scale(x)), y)) for x, y in val_raw if len(y))
+                if best is None or (math.isfinite(loss) and not loss >= best[0]):
                     best = (loss, feat, model)
         for i in group:
             out[i.name][task] = (best[1], best[2], head)
