@@ -63,6 +63,13 @@ def test_selection_by_modality_task_and_compute():
     # max_experts overrides the compute default
     cfg.institutions[0].max_experts = 2
     assert resolve_selection(cfg, cfg.institutions[0], cat) == by["high_school"][:2]
+    # "shared": institutions sharing a modality take the same specialists, in the same order
+    shared = load_config(None, ["federation.specialists=shared"])
+    sel = {i.name: resolve_selection(shared, i, cat) for i in shared.institutions}
+    tabular = {n: [e for e in s if e.startswith("tabular")] for n, s in sel.items()}
+    assert all(t == ["tabular_0", "tabular_1", "tabular_2"][: len(t)] for t in tabular.values())
+    assert len({e for t in tabular.values() for e in t}) < 3  # spread used all three
+    assert sorted(sel["rural_school"]) == ["small_0", "small_1"] and all(len(s) == 4 for n, s in sel.items() if n != "rural_school")
 
 
 def test_selecting_an_expert_for_a_missing_modality_is_an_error():
