@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ...contracts import module_device, to_device
-from ...data import num_samples
+from ...data import num_samples, take
 from ...interfaces import WideFeatures
 from ...modules import text_statistics
 from ..build import Federation
@@ -71,7 +71,7 @@ class Featurizer:
             for mod, tree in split.items():
                 if mod in ("targets", "present") or mod in self.layout:
                     continue
-                if mod in wide and _takes(wide[mod], mod, tree, sum(num_samples(s) for s in splits if mod in s)):
+                if mod in wide and _takes(wide[mod], mod, take(tree, torch.arange(min(2, num_samples(split)))), sum(num_samples(s) for s in splits if mod in s)):
                     self.wide[mod] = wide[mod]
                     self.layout[mod] = [((), ("wide", int(wide[mod].wide_width)))]
                     continue
@@ -122,15 +122,17 @@ def _wide(encoder: Any, leaf: Any) -> torch.Tensor:
     return feats.nan_to_num(0.0)  # an absent sample's inputs may be NaN; its present mask zeroes it
 
 
-def _takes(encoder: Any, mod: str, leaf: Any, rows: int) -> bool:
+def _takes(encoder: Any, mod: str, rows_of: Any, rows: int) -> bool:
     """Whether the learner reads ``mod`` through ``encoder``'s wide features: the encoder
-    accepts this data (tried on it) and the dense features stay within MAX_WIDE_CELLS."""
+    accepts this kind of data (tried on ``rows_of``, a split's first rows: the features of
+    every row are computed once, by :meth:`Featurizer.raw`) and the dense features of all
+    ``rows`` stay within MAX_WIDE_CELLS."""
     width = int(encoder.wide_width)
     if rows * width > MAX_WIDE_CELLS:
         warnings.warn(f"classical learners: {mod!r}'s wide features ({width} columns x {rows} rows) exceed MAX_WIDE_CELLS = {MAX_WIDE_CELLS:.0e}; {mod!r} is featurized generically", stacklevel=3)
         return False
     try:
-        _wide(encoder, leaf)
+        _wide(encoder, rows_of)
     except (ValueError, TypeError, KeyError):  # e.g. a text encoder given token ids
         return False
     return True
