@@ -94,8 +94,7 @@ PROTOCOL_OVERRIDES = [
 def _has_grid(config: str | None, overrides: list[str]) -> bool:
     from .federation.config import load_config
 
-    grid = load_config(config, overrides).evaluation.grid
-    return bool(grid.lr or grid.local_steps)
+    return load_config(config, overrides).evaluation.grid.is_set()
 
 
 def protocol_overrides(config: str | None, overrides: list[str]) -> list[str]:
@@ -109,8 +108,7 @@ def protocol_overrides(config: str | None, overrides: list[str]) -> list[str]:
     from .federation.config import load_config
 
     cfg = load_config(config, overrides)
-    grid = cfg.evaluation.grid
-    if grid.lr or grid.local_steps:
+    if cfg.evaluation.grid.is_set():
         return PROTOCOL_OVERRIDES
     f = cfg.federation
     out = [*PROTOCOL_OVERRIDES, f"evaluation.grid.lr=[{f.lr!r}, {2 * f.lr!r}]"]

@@ -115,6 +115,10 @@ class TuningGrid:
             if any(v <= 0 for v in values) or len(set(values)) != len(values):
                 raise ConfigError(f"{path}.{key}", f"expected distinct positive values, got {values}")
 
+    def is_set(self) -> bool:
+        """Whether any value is to be tuned (else every method runs at the config's point)."""
+        return bool(self.lr or self.local_steps)
+
     def points(self) -> list[GridPoint]:
         """Every point of the grid (one unset point when the grid is empty)."""
         return [GridPoint(lr, steps) for lr in self.lr or [None] for steps in self.local_steps or [None]]

@@ -98,7 +98,7 @@ def run_job(
     cfg = load_config(config, overrides)
     if tested_from and not baselines_only:
         raise ValueError("tested_from reads the federated MoE's test from a tuning run: it needs baselines_only=True (no rounds here)")
-    if has_grid(cfg):
+    if cfg.evaluation.grid.is_set():
         raise ConfigError("evaluation.grid", "a tuning grid is run by run_seeds (`m3tfed run --seeds N` or --protocol), which tunes on the first seed")
     name = name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if not IDENTIFIER.fullmatch(name):  # it becomes a folder: never one outside runs_dir
@@ -383,7 +383,7 @@ def run_seeds(
     if workers < 0:
         raise ConfigError("--workers", f"must be >= 0 (0 = every usable core), got {workers}")
     seed_list = [cfg.seed + i for i in range(seeds)]
-    points = [resolved(cfg, p) for p in cfg.evaluation.grid.points()] if has_grid(cfg) else []
+    points = [resolved(cfg, p) for p in cfg.evaluation.grid.points()] if cfg.evaluation.grid.is_set() else []
     # In parallel, a seed's methods run in two processes of about equal work (the federated
     # MoE's half, the other baselines): 3 seeds on 2 cores take 3 half-runs' time, not 2 runs'.
     workers = workers or usable_cores()
@@ -477,10 +477,6 @@ def join_halves(run_dir: Path, cfg: FederationConfig, first: dict[str, Any], sec
         routing = json.loads((run_dir / "routing.json").read_text())["tokens"]
         write_figures(run_dir, cfg, curves, out["summary"], routing)
     return out
-
-
-def has_grid(cfg: FederationConfig) -> bool:
-    return bool(cfg.evaluation.grid.lr or cfg.evaluation.grid.local_steps)
 
 
 def resolved(cfg: FederationConfig, point: Any) -> dict[str, Any]:
