@@ -84,7 +84,7 @@ class FederationSettings:
     personalize_steps: int = setting(20, ge=0, doc="local fine-tuning of router + heads for the `personalized` model")
     fairness_q: float = setting(0.0, ge=0, doc="q-FFL-style fairness: each update weighs by its institution's training loss to the power q (0 = off)")
     fairness_loss: Literal["raw", "relative"] = setting("raw", doc="the loss `fairness_q` weighs by: as reported, or relative to the institution's first reported loss (task scales cancel)")
-    specialists: Literal["spread", "shared"] = setting("spread", doc="institutions sharing a modality or task: `spread` starts each at its own offset in that tag's specialists (every specialist gets trainers); `shared` gives them the same ones (each expert learns from more institutions; validation loss lower in 6 of 8 seed x federation runs; under the protocol better on question-level logs, worse on the default federation: docs/results.md, Learning quality 11)")
+    specialists: Literal["spread", "shared", "grouped"] = setting("spread", doc="institutions sharing a modality or task: `spread` starts each at its own offset in that tag's specialists (every specialist gets trainers); `shared` gives them the same ones (each expert learns from more institutions; validation loss lower in 6 of 8 seed x federation runs; under the protocol better on question-level logs, worse on the default federation: docs/results.md, Learning quality 11); `grouped` shares among institutions with the same modalities and tasks and spreads across different ones")
     threads: Threads = setting("auto", ge=0, doc="torch CPU threads per process (m3tfed.threads): \"auto\" = OMP_NUM_THREADS if set, else the cores idle at start; 0 = every usable core")
 
 
@@ -343,9 +343,13 @@ def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue:
         # before anything gets a second one; the budget then cuts the tail.
         # "spread": each institution starts its queues at its own offset, so institutions
         # sharing a modality spread over that modality's specialists instead of all taking
-        # the first; "shared": all take the same, so each expert learns from all of them.
+        # the first; "shared": all take the same, so each expert learns from all of them;
+        # "grouped": an institution takes the offset of the first with its modalities and
+        # tasks, so like institutions share and unlike ones spread.
         chosen = []
-        offset = index if cfg.federation.specialists == "spread" else 0
+        offset = {"spread": index, "shared": 0, "grouped": next(
+            i for i, x in enumerate(cfg.institutions)
+            if set(x.modalities) == have_m and set(x.tasks) == have_t)}[cfg.federation.specialists]
         queues = [q[offset % len(q):] + q[: offset % len(q)] for q in [*specific.values(), general]]
         while any(queues):
             for q in queues:
