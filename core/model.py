@@ -146,6 +146,8 @@ class ModelOutput(NamedTuple):
     aux_loss: torch.Tensor  # weighted sum of the routers' auxiliary losses
     aux_losses: dict[str, torch.Tensor]
     tokens_per_expert: torch.Tensor  # [E] long, summed over layers (global expert order)
+    # eval mode only: modality -> [E] long, its tokens' assignments summed over layers
+    tokens_per_modality: dict[str, torch.Tensor] = {}
 
 
 class EncoderSlot(nn.Module):
@@ -237,12 +239,13 @@ class Block(nn.Module):
         self.attn = Attention(d_model, n_heads, dropout)
         self.moe = moe
 
-    def forward(self, x, mask, task_embed, expert_mask):
+    def forward(self, x, mask, task_embed, expert_mask, source=None, n_sources=0):
         x = x + self.attn(self.norm1(x), mask)
         h = self.norm2(x)[mask]  # route real tokens only: [N, d]
         # The router sees the token plus the task, so routing can differ per task.
         router_input = h + task_embed
-        out = self.moe(h, router_input=router_input, expert_mask=expert_mask, task=task_embed)
+        out = self.moe(h, router_input=router_input, expert_mask=expert_mask, task=task_embed,
+                       token_source=None if source is None else source[mask], n_sources=n_sources)
         x = x.clone()
         x[mask] = x[mask] + out.y
         return x, out
@@ -348,15 +351,16 @@ class M3TModel(nn.Module):
         return pred
 
     # -- forward -----------------------------------------------------------------
-    def embed(self, batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``[B, T, d]`` and mask for the modalities present in ``batch``.
+    def embed(self, batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens ``[B, T, d]``, mask and source ``[T]`` (0 for the task token, 1 + the
+        encoder's index for a modality's tokens) for the modalities present in ``batch``.
 
         ``batch["present"][modality]`` (``[B]`` bool, optional) marks samples that have
         that modality; a modality absent from ``batch`` is absent for every sample.
         """
         present = batch.get("present", {})
-        parts, masks = [], []
-        for m, slot in self.encoders.items():
+        parts, masks, sources = [], [], [0]
+        for i, (m, slot) in enumerate(self.encoders.items()):
             if m not in batch:
                 continue
             tokens, mask = slot(batch[m])
@@ -364,28 +368,37 @@ class M3TModel(nn.Module):
                 mask = mask & present[m].to(mask.device).bool().unsqueeze(1)
             parts.append(tokens)
             masks.append(mask)
+            sources += [i + 1] * tokens.shape[1]
         if not parts:
             raise ValueError(f"batch has none of this model's modalities {list(self.encoders)}; keys: {sorted(batch)}")
         B = parts[0].shape[0]
         task_token = self.tasks[task].embed.expand(B, 1, -1)
         x = torch.cat([task_token, *parts], dim=1)
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), *masks], dim=1)
-        return x, mask
+        return x, mask, torch.tensor(sources, device=x.device)
 
     def forward(self, batch: dict[str, Any], task: str) -> ModelOutput:
         if task not in self.tasks:
             raise KeyError(f"task {task!r} is not built in this model; built: {list(self.tasks)}")
-        x, mask = self.embed(batch, task)
+        x, mask, source = self.embed(batch, task)
         task_embed = self.tasks[task].embed
         aux: dict[str, torch.Tensor] = {}
         counts = torch.zeros(len(self.expert_names), dtype=torch.long)
+        # In eval, also count where each modality's tokens go (routing_stats' per-token
+        # I(modality; expert)); training skips the bookkeeping.
+        by_source = None if self.training else source.expand(mask.shape)
+        n_sources = 1 + len(self.encoders)
+        per_source = torch.zeros(n_sources, len(self.expert_names), dtype=torch.long)
         for block in self.layers:
-            x, out = block(x, mask, task_embed, self.expert_mask)
+            x, out = block(x, mask, task_embed, self.expert_mask, by_source, n_sources)
             for k, v in out.aux_losses.items():
                 aux[k] = aux.get(k, 0.0) + v / len(self.layers)
             tpe = out.stats.get("tokens_per_expert")
             if tpe is not None:
                 counts += tpe.detach().to(counts.device).long()
+            tps = out.stats.get("tokens_per_source_expert")
+            if tps is not None:
+                per_source += tps.to(per_source.device)
         x = self.norm(x)
         slot = self.tasks[task]
         with blame("task", slot.plugin, slot.package, slot.path, "head forward"):
@@ -394,7 +407,8 @@ class M3TModel(nn.Module):
             pred = self._add_wide(batch, slot, pred)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
-        return ModelOutput(pred, aux_loss, aux, counts)
+        by_modality = {} if by_source is None else {m: per_source[i + 1] for i, m in enumerate(self.encoders)}
+        return ModelOutput(pred, aux_loss, aux, counts, by_modality)
 
     def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
         out = self(batch, task)

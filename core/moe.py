@@ -124,10 +124,12 @@ class MoELayer(nn.Module):
         slot_of_expert[torch.tensor(expert_of_slot, dtype=torch.long)] = torch.arange(len(expert_names))
         self.register_buffer("slot_of_expert", slot_of_expert, persistent=False)
 
-    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None, task: torch.Tensor | None = None) -> MoEOutput:
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None, task: torch.Tensor | None = None, token_source: torch.Tensor | None = None, n_sources: int = 0) -> MoEOutput:
         """``x [N, d]`` (valid tokens only); ``router_input [N, d]`` defaults to ``x``;
         ``expert_mask [E]`` bool further restricts the experts built here; ``task [d]``
-        (the task embedding) goes to a router that declares ``takes_task``."""
+        (the task embedding) goes to a router that declares ``takes_task``;
+        ``token_source [N]`` (long, < ``n_sources``: where each token came from) adds
+        ``stats["tokens_per_source_expert"]`` ``[n_sources, E]``, assignments counted."""
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"MoELayer expects x [N, {self.d_model}], got {list(x.shape)}")
         mask = self.local_mask
@@ -144,6 +146,10 @@ class MoELayer(nn.Module):
         stats = dict(routing.stats or {})
         stats["tokens_per_expert"] = torch.tensor(counts, dtype=torch.long)
         stats["dispatch"] = "+".join(sorted(modes)) or "none"
+        if token_source is not None:
+            E = len(self.expert_names)
+            pair = token_source[routing.token_index] * E + routing.expert_index
+            stats["tokens_per_source_expert"] = torch.bincount(pair, minlength=n_sources * E).view(n_sources, E)
         return MoEOutput(y, dict(routing.aux_losses or {}), stats)
 
     # -- dispatch ------------------------------------------------------------------

@@ -170,6 +170,11 @@ def test_main_job_smoke_writes_its_files(tmp_path, capsys):
     experts = routing["experts"]
     rural = dict(zip(experts, routing["tokens"]["rural_school"]["grade"]))
     assert len(experts) == 13 and {e for e, n in rural.items() if n} <= {"small_0", "small_1"} and sum(rural.values()) > 0
+    # per modality too: every institution's modalities, each with tokens routed
+    by_modality = routing["tokens_by_modality"]
+    assert {n: set(m) for n, m in by_modality.items()} == {i["name"]: set(i["modalities"]) for i in cfg["institutions"]}
+    assert all(sum(c) > 0 for m in by_modality.values() for c in m.values())
+    assert {"modality", "modality_within_institution"} <= set(metrics["routing_mutual_information"])
     table = capsys.readouterr().out
     assert "grade — rmse (lower is better)" in table and "worst" in table
     assert out["communication"]["bytes_up"] > 0

@@ -397,12 +397,20 @@ def test_mutual_information_of_routing():
         "x": {"grade": [8, 0, 2, 0], "dropout": [0, 8, 2, 0]},  # x's tasks route apart
         "y": {"grade": [0, 0, 5, 5]},
     }
-    mi = routing_mutual_information(counts, modalities={"x": ["tabular"], "y": ["tabular", "text"]})
+    by_modality = {
+        "x": {"tabular": [9, 9, 2, 0]},  # one modality: nothing to tell apart
+        "y": {"tabular": [0, 0, 6, 0], "text": [0, 0, 0, 6]},  # y's modalities route apart
+    }
+    mi = routing_mutual_information(counts, by_modality)
     assert 0 < mi["task"]["normalized"] < 1 and mi["institution"]["normalized"] > 0.5
     # within x: I(task; expert) = 0.8 bits over 20 of 30 tokens; y has one task (0 bits)
     within = mutual_information(counts["x"]) * 20 / 30
     assert mi["task_within_institution"]["bits"] == pytest.approx(within)
-    assert mi["modality_set"]["bits"] == pytest.approx(mi["institution"]["bits"])
+    # within y: 1 bit over 12 of 32 tokens; x adds 0 bits
+    assert mi["modality_within_institution"]["bits"] == pytest.approx(12 / 32)
+    assert mi["modality_within_institution"]["normalized"] == pytest.approx(12 / 32)
+    assert 0 < mi["modality"]["bits"] < 1
+    assert set(routing_mutual_information(counts)) == {"task", "institution", "task_within_institution"}
     with pytest.raises(ValueError, match="one count per expert"):
         mutual_information({"a": [1, 2], "b": [1]})
 

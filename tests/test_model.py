@@ -46,6 +46,28 @@ def test_unselected_experts_are_not_built_and_get_no_tokens(setup):
     assert out.aux_loss.item() > 0
 
 
+def test_eval_counts_each_modalitys_tokens_per_expert(setup):
+    cfg, data = setup
+    torch.manual_seed(0)
+    mods = ["tabular", "interactions", "text"]
+    model = M3TModel(cfg.model, modalities=mods, tasks=["grade"]).eval()
+    batch = model_inputs(take(data.train, torch.arange(8)))
+    assert not all(p.all() for p in batch["present"].values())  # some samples lack a modality
+    with torch.no_grad():
+        out = model(batch, "grade")
+        valid = {}  # real tokens of each modality: the encoder's mask and the sample's presence
+        for m in mods:
+            _, mask = model.encoders[m](batch[m])
+            valid[m] = int((mask & batch["present"][m].bool().unsqueeze(1)).sum()) if m in batch["present"] else int(mask.sum())
+    assert list(out.tokens_per_modality) == mods
+    k, layers = cfg.model.router.options["k"], cfg.model.n_layers  # eval: topk drops nothing
+    assert {m: int(c.sum()) for m, c in out.tokens_per_modality.items()} == {m: v * k * layers for m, v in valid.items()}
+    # the rest of the assignments are the task tokens', one per sample
+    assert int(out.tokens_per_expert.sum()) == (8 + sum(valid.values())) * k * layers
+    assert sum(out.tokens_per_modality.values()).le(out.tokens_per_expert).all()
+    assert model.train()(batch, "grade").tokens_per_modality == {}  # training skips it
+
+
 def test_a_missing_modality_does_not_influence_that_sample(setup):
     cfg, data = setup
     torch.manual_seed(0)

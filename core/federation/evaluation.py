@@ -61,12 +61,15 @@ def lowest(scores: Iterable[float]) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model: Any, tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> tuple[Metrics, dict[str, list[int]]]:
-    """Metrics per task on ``split`` and the tokens routed to each expert per task. In
-    eval mode routers drop nothing, so a sample's prediction does not depend on its batch."""
+def evaluate_model(model: Any, tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> tuple[Metrics, dict[str, dict[str, list[int]]]]:
+    """Metrics per task on ``split`` and the routing: ``{"tasks": task -> tokens routed
+    to each expert, "modalities": modality -> the same for that modality's tokens, over
+    every task}``. In eval mode routers drop nothing, so a sample's prediction does not
+    depend on its batch."""
     was_training = model.training
     model.eval()
     metrics, routing = {}, {}
+    by_modality: dict[str, torch.Tensor] = {}
     try:
         for task in tasks:
             preds, targets = [], []
@@ -76,13 +79,15 @@ def evaluate_model(model: Any, tasks: list[str], split: dict[str, Any], batch_si
                 preds.append(out.pred)
                 targets.append(batch["targets"][task])
                 counts += out.tokens_per_expert
+                for m, c in out.tokens_per_modality.items():
+                    by_modality[m] = by_modality.get(m, 0) + c
             head = model.tasks[task].head
             pred, target = torch.cat(preds), torch.cat(targets)
             metrics[task] = {"loss": float(head.loss(pred, target)), **head.metrics(pred, target)}
             routing[task] = counts.tolist()
     finally:
         model.train(was_training)
-    return metrics, routing
+    return metrics, {"tasks": routing, "modalities": {m: c.tolist() for m, c in by_modality.items()}}
 
 
 class FinalTest:
@@ -102,7 +107,7 @@ class FinalTest:
         # the first seed's test read (federation/tested.py).
         self.scored: dict[str, dict[str, tuple[Any, dict]]] | None = {} if keep_scored else None
 
-    def evaluate(self, method: str, institution: Any, model: Any) -> tuple[Metrics, dict[str, list[int]]]:
+    def evaluate(self, method: str, institution: Any, model: Any) -> tuple[Metrics, dict[str, dict[str, list[int]]]]:
         out = self.evaluate_with(method, institution, lambda split: evaluate_model(model, institution.config.tasks, split))
         if self.scored is not None:
             state = {c: model.component_state(c) for c in model.component_names()}

@@ -147,10 +147,17 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tun
     if routing:
         parts.append("<h2>Expert usage per institution × task</h2>")
         parts.append(_png(lambda b: plots.expert_usage(b, routing["tokens"], routing["experts"])))
-        mi = routing_mutual_information(routing["tokens"])
-        labels = {"task": "I(task; expert)", "institution": "I(institution; expert)", "task_within_institution": "I(task; expert | institution)"}
+        by_modality = routing.get("tokens_by_modality")  # absent from runs before it was recorded
+        if by_modality:
+            parts.append("<h2>Expert usage per institution × modality</h2>")
+            parts.append(_png(lambda b: plots.expert_usage(b, by_modality, routing["experts"], of="modality")))
+        mi = routing_mutual_information(routing["tokens"], by_modality)
+        labels = {
+            "task": "I(task; expert)", "institution": "I(institution; expert)", "task_within_institution": "I(task; expert | institution)",
+            "modality": "I(modality; expert)", "modality_within_institution": "I(modality; expert | institution)",
+        }  # fmt: skip
         parts.append(_table(["mutual information", "bits", "normalized"], [[labels[k], f"{v['bits']:.4f}", f"{v['normalized']:.4f}"] for k, v in mi.items()]))
-        parts.append("<p class=note>Routing specializes by task when I(task; expert | institution) is well above 0; I(institution; expert) also reflects which experts each institution holds.</p>")
+        parts.append("<p class=note>Routing specializes by task (modality) when I(task; expert | institution) (I(modality; expert | institution)) is well above 0: within one institution, tokens of different tasks (modalities) go to different experts. I(institution; expert) also reflects which experts each institution holds. Counted on the first seed's test data, per token and layer.</p>")
 
     # Each deep method's learning rate and local steps, and the grid they were chosen on.
     points = metrics[0].get("points") or {}

@@ -317,9 +317,10 @@ class Institution:
         return done.loss, done.tokens
 
     # -- evaluation --------------------------------------------------------------
-    def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
+    def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
         """Metrics per task on ``"val"`` or ``"train"``, and tokens routed to each expert
-        per task. The test split is read once, at the end, through ``FinalTest`` only."""
+        per task and per modality (``evaluate_model``). The test split is read once, at
+        the end, through ``FinalTest`` only."""
         if split not in ("train", "val"):
             raise ValueError(f"{self.name}: evaluate reads 'train' or 'val', not {split!r}; the test split is read once at the end (m3tfed.federation.evaluation.FinalTest)")
         return evaluate_model(model, self.config.tasks, getattr(self.data, split), batch_size)

@@ -290,6 +290,9 @@ def finish(
     results = {m: results[m] for m in sorted(results, key=order.index)}
     summary = summarize(fed, results)
     comparison = compare(summary) if "fed_moe" in results else {}
+    # fed_moe's test routing: tokens per expert by institution x task and x modality
+    tokens = {n: r["tasks"] for n, r in routing.items()}
+    by_modality = {n: r["modalities"] for n, r in routing.items()}
     out = {
         "name": cfg.name,
         "rounds": cfg.rounds,
@@ -301,7 +304,7 @@ def finish(
         "communication": communication,
         "history": history,
         "kept_round": kept_round,
-        "routing_mutual_information": routing_mutual_information(routing),  # does routing specialize by task?
+        "routing_mutual_information": routing_mutual_information(tokens, by_modality),  # does routing specialize?
         "split": final.split,  # "val" in a tuning run: every table above is on validation
         # method -> the tuning run its test was read from (the first seed of a tuned protocol)
         "tested_from": {m: Path(d).name for m, d in (tested_from or {}).items()},
@@ -317,9 +320,9 @@ def finish(
     write_json_atomic(run_dir / "metrics.json", out)
     if tuning:
         return out
-    write_json_atomic(run_dir / "routing.json", {"experts": cfg.model.expert_names, "tokens": routing})
+    write_json_atomic(run_dir / "routing.json", {"experts": cfg.model.expert_names, "tokens": tokens, "tokens_by_modality": by_modality})
     if cfg.evaluation.plots:
-        write_figures(run_dir, cfg, curves, summary, routing)
+        write_figures(run_dir, cfg, curves, summary, tokens)
     if echo:
         print(format_table(summary))
         print("\nfed_moe against each method (one seed: mean relative advantage over institutions, share of institutions where the point estimate is better; no interval):")

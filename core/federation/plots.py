@@ -44,20 +44,21 @@ def learning_curves(path: Path | IO[bytes], curves: list[dict], summary: dict[st
     return save(fig, path)
 
 
-def expert_usage(path: Path | IO[bytes], routing: dict, experts: list[str]) -> Path | IO[bytes]:
-    """Rows: institution/task; columns: experts; cells: share of routed tokens."""
+def expert_usage(path: Path | IO[bytes], routing: dict, experts: list[str], of: str = "task") -> Path | IO[bytes]:
+    """Rows: institution/task (or institution/modality, ``of="modality"``); columns:
+    experts; cells: share of routed tokens."""
     labels, rows = [], []
-    for name, per_task in routing.items():
-        for task, counts in per_task.items():
+    for name, per_label in routing.items():
+        for label, counts in per_label.items():
             total = sum(counts) or 1
-            labels.append(f"{name}/{task}")
+            labels.append(f"{name}/{label}")
             rows.append([c / total for c in counts])
     fig, ax = plt.subplots(figsize=(1 + 0.7 * len(experts), 0.9 + 0.3 * len(labels)))
     im = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     fig.colorbar(im, ax=ax, label="share of tokens")
-    ax.set_title("expert usage (test data, share of each row's tokens)")
+    ax.set_title(f"expert usage per {of} (test data, share of each row's tokens)")
     return save(fig, path)
 
 

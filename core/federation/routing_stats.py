@@ -10,9 +10,11 @@ the global expert order. From the pooled counts:
   hold different experts, which selection alone causes);
 - ``I(task; expert | institution)``: within each institution, whether its tasks route
   differently; the specialization an institution's own heatmap rows show.
-- ``I(modality set; expert)``: grouped by the institution's set of modalities. The
-  routing statistics count tokens per expert, not per encoder, so this is a proxy for
-  modality, not a per-token measure.
+- ``I(modality; expert)`` and ``I(modality; expert | institution)``: the same per
+  token, from ``routing.json``'s ``tokens_by_modality`` (institution -> modality ->
+  tokens of that modality routed to each expert, over every task; the model counts
+  them in eval mode). Within an institution: do its modalities' tokens go to
+  different experts? (An institution with one modality adds 0.)
 
 Each value is in bits, with its normalized form (divided by the entropy of the label,
 so 1 = the expert determines the label, whatever the number of labels).
@@ -73,26 +75,28 @@ def _pool(counts: Counts, label) -> dict[str, list[float]]:
     return pooled
 
 
-def routing_mutual_information(
-    counts: Counts, modalities: Mapping[str, Sequence[str]] | None = None
-) -> dict[str, dict[str, float]]:
-    """The measures of the module docstring; ``modalities`` (institution -> its
-    modalities) adds the modality-set proxy."""
+def _within(groups: Counts) -> dict[str, float]:
+    """I(label; expert | group) = sum_g p(g) I(label; expert | g), and its normalized
+    form averaged the same way, from ``group -> label -> tokens per expert``."""
+    total = sum(sum(sum(r) for r in rows.values()) for rows in groups.values())
+    bits = norm = 0.0
+    for rows in groups.values():
+        weight = sum(sum(r) for r in rows.values()) / total if total else 0.0
+        part = _with_normalized(rows)
+        bits += weight * part["bits"]
+        norm += weight * part["normalized"]
+    return {"bits": bits, "normalized": norm}
+
+
+def routing_mutual_information(counts: Counts, by_modality: Counts | None = None) -> dict[str, dict[str, float]]:
+    """The measures of the module docstring; ``by_modality`` (institution -> modality ->
+    tokens per expert) adds the two modality measures."""
     out = {
         "task": _with_normalized(_pool(counts, lambda i, t: t)),
         "institution": _with_normalized(_pool(counts, lambda i, t: i)),
+        "task_within_institution": _within(counts),
     }
-    # I(task; expert | institution) = sum_i p(i) I(task; expert | i)
-    total = sum(sum(sum(r) for r in tasks.values()) for tasks in counts.values())
-    cond_bits = cond_norm = 0.0
-    for tasks in counts.values():
-        weight = sum(sum(r) for r in tasks.values()) / total if total else 0.0
-        part = _with_normalized(tasks)
-        cond_bits += weight * part["bits"]
-        cond_norm += weight * part["normalized"]
-    out["task_within_institution"] = {"bits": cond_bits, "normalized": cond_norm}
-    if modalities is not None:
-        out["modality_set"] = _with_normalized(
-            _pool(counts, lambda i, t: "+".join(sorted(modalities[i])))
-        )
+    if by_modality:
+        out["modality"] = _with_normalized(_pool(by_modality, lambda i, m: m))
+        out["modality_within_institution"] = _within(by_modality)
     return out
