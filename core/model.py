@@ -80,6 +80,7 @@ class ModelConfig:
     )
     # Switch uses 1e-2 for load balancing, ST-MoE 1e-3 for the z-loss.
     aux_loss_weights: dict[str, float] = setting(factory=lambda: {"load_balance": 1e-2, "router_z": 1e-3}, ge=0, doc="router auxiliary loss -> weight")
+    route_by_modality: bool = setting(False, doc="a modality's tokens go only to the experts tagged with that modality or with none (the general ones), as modality experts do in VLMo and BEiT-3; the task token to any. Off: the router picks among all the institution's experts")
 
     def __post_init__(self) -> None:
         # A task given as a bare PluginConfig (Python API) is a task without a wide term.
@@ -239,13 +240,13 @@ class Block(nn.Module):
         self.attn = Attention(d_model, n_heads, dropout)
         self.moe = moe
 
-    def forward(self, x, mask, task_embed, expert_mask, source=None, n_sources=0):
+    def forward(self, x, mask, task_embed, expert_mask, source=None, n_sources=0, source_masks=None):
         x = x + self.attn(self.norm1(x), mask)
         h = self.norm2(x)[mask]  # route real tokens only: [N, d]
         # The router sees the token plus the task, so routing can differ per task.
         router_input = h + task_embed
         out = self.moe(h, router_input=router_input, expert_mask=expert_mask, task=task_embed,
-                       token_source=None if source is None else source[mask], n_sources=n_sources)
+                       token_source=None if source is None else source[mask], n_sources=n_sources, source_masks=source_masks)
         x = x.clone()
         x[mask] = x[mask] + out.y
         return x, out
@@ -318,6 +319,11 @@ class M3TModel(nn.Module):
             self.layers.append(Block(d, config.n_heads, config.dropout, MoELayer(d, self.expert_names, local, router)))
         self.norm = nn.LayerNorm(d)
         self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)
+        # route_by_modality: row 0 (the task token) may use any expert, row 1 + i (the
+        # tokens of encoder i) those tagged with its modality or untagged by modality.
+        tags = {e.name: expert_tags(e, cat.get("expert", e.plugin))[0] for e in config.experts}
+        rows = [[True] * len(self.expert_names)] + [[not tags[n] or m in tags[n] for n in self.expert_names] for m in modalities]
+        self.register_buffer("source_masks", torch.tensor(rows) if config.route_by_modality else None, persistent=False)
 
     def _wide_width(self, modality: str, cat: Catalogue, where: str) -> int:
         """The width of ``modality``'s wide features, from its encoder (its contract
@@ -386,11 +392,11 @@ class M3TModel(nn.Module):
         counts = torch.zeros(len(self.expert_names), dtype=torch.long)
         # In eval, also count where each modality's tokens go (routing_stats' per-token
         # I(modality; expert)); training skips the bookkeeping.
-        by_source = None if self.training else source.expand(mask.shape)
+        by_source = None if self.training and self.source_masks is None else source.expand(mask.shape)
         n_sources = 1 + len(self.encoders)
         per_source = torch.zeros(n_sources, len(self.expert_names), dtype=torch.long)
         for block in self.layers:
-            x, out = block(x, mask, task_embed, self.expert_mask, by_source, n_sources)
+            x, out = block(x, mask, task_embed, self.expert_mask, by_source, n_sources, self.source_masks)
             for k, v in out.aux_losses.items():
                 aux[k] = aux.get(k, 0.0) + v / len(self.layers)
             tpe = out.stats.get("tokens_per_expert")
@@ -407,7 +413,7 @@ class M3TModel(nn.Module):
             pred = self._add_wide(batch, slot, pred)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
-        by_modality = {} if by_source is None else {m: per_source[i + 1] for i, m in enumerate(self.encoders)}
+        by_modality = {} if self.training else {m: per_source[i + 1] for i, m in enumerate(self.encoders)}
         return ModelOutput(pred, aux_loss, aux, counts, by_modality)
 
     def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:

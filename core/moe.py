@@ -124,12 +124,15 @@ class MoELayer(nn.Module):
         slot_of_expert[torch.tensor(expert_of_slot, dtype=torch.long)] = torch.arange(len(expert_names))
         self.register_buffer("slot_of_expert", slot_of_expert, persistent=False)
 
-    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None, task: torch.Tensor | None = None, token_source: torch.Tensor | None = None, n_sources: int = 0) -> MoEOutput:
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None, task: torch.Tensor | None = None, token_source: torch.Tensor | None = None, n_sources: int = 0, source_masks: torch.Tensor | None = None) -> MoEOutput:
         """``x [N, d]`` (valid tokens only); ``router_input [N, d]`` defaults to ``x``;
         ``expert_mask [E]`` bool further restricts the experts built here; ``task [d]``
         (the task embedding) goes to a router that declares ``takes_task``;
         ``token_source [N]`` (long, < ``n_sources``: where each token came from) adds
-        ``stats["tokens_per_source_expert"]`` ``[n_sources, E]``, assignments counted."""
+        ``stats["tokens_per_source_expert"]`` ``[n_sources, E]``, assignments counted;
+        ``source_masks [n_sources, E]`` bool restricts each source's tokens further (a
+        source left with no expert keeps the layer's mask): the router runs once per
+        source present, and the experts once on all tokens."""
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"MoELayer expects x [N, {self.d_model}], got {list(x.shape)}")
         mask = self.local_mask
@@ -138,10 +141,10 @@ class MoELayer(nn.Module):
         if not bool(mask.any()):
             raise ValueError(f"no expert is both selected and built here; built: {list(self.experts)}")
         inp = x if router_input is None else router_input
-        if task is not None and getattr(self.router, "takes_task", False):
-            routing = self.router(inp, mask, task=task)
+        if source_masks is None or token_source is None:
+            routing = self._route(inp, mask, task)
         else:
-            routing = self.router(inp, mask)
+            routing = self._route_by_source(inp, mask, task, token_source, source_masks)
         y, counts, modes = self._dispatch(x, routing, mask)
         stats = dict(routing.stats or {})
         stats["tokens_per_expert"] = torch.tensor(counts, dtype=torch.long)
@@ -151,6 +154,25 @@ class MoELayer(nn.Module):
             pair = token_source[routing.token_index] * E + routing.expert_index
             stats["tokens_per_source_expert"] = torch.bincount(pair, minlength=n_sources * E).view(n_sources, E)
         return MoEOutput(y, dict(routing.aux_losses or {}), stats)
+
+    def _route(self, inp: torch.Tensor, mask: torch.Tensor, task: torch.Tensor | None) -> Routing:
+        if task is not None and getattr(self.router, "takes_task", False):
+            return self.router(inp, mask, task=task)
+        return self.router(inp, mask)
+
+    def _route_by_source(self, inp: torch.Tensor, mask: torch.Tensor, task: torch.Tensor | None, source: torch.Tensor, source_masks: torch.Tensor) -> Routing:
+        """One routing over every token: each source's tokens routed among its experts.
+        Aux losses are the sources' weighted by their tokens (each is a mean over them)."""
+        parts, aux, N = [], {}, inp.shape[0]
+        for s in torch.unique(source).tolist():
+            rows = (source == s).nonzero().squeeze(1)
+            allowed = mask & source_masks[s].to(mask.device)
+            r = self._route(inp[rows], allowed if bool(allowed.any()) else mask, task)
+            parts.append((rows[r.token_index], r.expert_index, r.weight))
+            for k, v in (r.aux_losses or {}).items():
+                aux[k] = aux.get(k, 0.0) + v * (len(rows) / N)
+        token_index, expert_index, weight = (torch.cat(t) for t in zip(*parts))
+        return Routing(token_index, expert_index, weight, aux, {})
 
     # -- dispatch ------------------------------------------------------------------
     def _dispatch(self, x: torch.Tensor, routing: Routing, mask: torch.Tensor) -> tuple[torch.Tensor, list[int], set[str]]:

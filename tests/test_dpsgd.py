@@ -113,6 +113,15 @@ def test_other_routers_fall_back_to_the_loop():
         fit("batched")
 
 
+def test_routing_by_modality_takes_the_per_sample_loop():
+    # the router runs once per modality's tokens, which the batched path does not split
+    inst, net, params, loss_of, batch = setup(route_by_modality=True)
+    with pytest.raises(UnsupportedModel, match="route_by_modality"):
+        batched_per_sample_grads(net, loss_of, batch, params)
+    grads = loop_grads(net, loss_of, batch, params)
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
 def test_clipping_and_noise_act_on_the_batched_per_sample_grads():
     _, net, params, loss_of, batch = setup()
     grads = batched_per_sample_grads(net, loss_of, batch, params)

@@ -68,6 +68,25 @@ def test_eval_counts_each_modalitys_tokens_per_expert(setup):
     assert model.train()(batch, "grade").tokens_per_modality == {}  # training skips it
 
 
+def test_route_by_modality_keeps_each_modalitys_tokens_on_its_experts(setup):
+    cfg, data = setup
+    torch.manual_seed(0)
+    cfg.model.route_by_modality = True
+    try:
+        model = M3TModel(cfg.model, modalities=["tabular", "interactions", "text"], tasks=["grade"]).eval()
+    finally:
+        cfg.model.route_by_modality = False
+    tags = {e.name: set(e.modalities) for e in cfg.model.experts}
+    with torch.no_grad():
+        out = model(model_inputs(take(data.train, torch.arange(8))), "grade")
+    specialists_used = set()
+    for m, counts in out.tokens_per_modality.items():
+        used = {model.expert_names[i] for i, c in enumerate(counts.tolist()) if c}
+        assert used and all(not tags[e] or m in tags[e] for e in used), (m, used)
+        specialists_used |= {e for e in used if tags[e]}
+    assert len(specialists_used) >= 3  # the tabular, logs and text specialists serve their own
+
+
 def test_a_missing_modality_does_not_influence_that_sample(setup):
     cfg, data = setup
     torch.manual_seed(0)

@@ -60,6 +60,28 @@ def test_layer_matches_naive_reference(router, dispatch):
         assert "stacked" in out.stats["dispatch"]  # the SwiGLU and low-rank groups stack
 
 
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_routing_by_source_routes_each_sources_tokens_among_its_experts(router):
+    layer = hetero_layer(router).eval()
+    x = torch.randn(12, D)
+    source = torch.tensor([0, 1, 2] * 4)
+    masks = torch.tensor([
+        [True] * 6,  # source 0: any expert
+        [True, False, False, False, True, False],  # source 1: s0, l0
+        [False, False, True, False, False, False],  # source 2: only "far", not built here
+    ])  # fmt: skip
+    out = layer(x, token_source=source, n_sources=3, source_masks=masks)
+    per_source = out.stats["tokens_per_source_expert"]
+    assert per_source[1, [1, 2, 3, 5]].sum() == 0 and per_source[1].sum() > 0
+    assert per_source[:, 2].sum() == 0  # an unbuilt expert never; source 2 keeps the layer's mask
+    assert per_source.sum(0).tolist() == out.stats["tokens_per_expert"].tolist()
+    # each source's outputs are what the layer gives its tokens alone, among its experts
+    for s, allowed in enumerate(masks):
+        rows = (source == s).nonzero().squeeze(1)
+        alone = layer(x[rows], expert_mask=allowed if bool((allowed & layer.local_mask).any()) else None)
+        torch.testing.assert_close(out.y[rows], alone.y, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("router", ["topk", "soft"])
 def test_stacked_fast_path_equals_loop_outputs_and_gradients(router):
     torch.manual_seed(0)

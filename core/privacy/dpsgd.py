@@ -238,6 +238,8 @@ class _PerSampleTrace:
     def __init__(self, model: nn.Module, params: list[torch.nn.Parameter], batch_size: int, rerun: set[nn.Module] = frozenset()):
         if not isinstance(model, M3TModel):
             raise UnsupportedModel(f"the batched path knows the M3T model only, got {type(model).__name__}")
+        if model.source_masks is not None:  # the router runs once per modality's tokens
+            raise UnsupportedModel("model.route_by_modality: per-sample routing is implemented for one router call per layer")
         self.model, self.B, self.rerun = model, batch_size, rerun
         self.wanted = {p for p in params if p.requires_grad}
         self.acc: dict[torch.nn.Parameter, torch.Tensor] = {}
