@@ -80,7 +80,7 @@ class ModelConfig:
     )
     # Switch uses 1e-2 for load balancing, ST-MoE 1e-3 for the z-loss.
     aux_loss_weights: dict[str, float] = setting(factory=lambda: {"load_balance": 1e-2, "router_z": 1e-3}, ge=0, doc="router auxiliary loss -> weight")
-    route_by_modality: bool = setting(False, doc="a modality's tokens go only to the experts tagged with that modality or with none (the general ones), as modality experts do in VLMo and BEiT-3; the task token to any. Off: the router picks among all the institution's experts")
+    route_by_modality: bool = setting(False, doc="a modality's tokens go only to the institution's experts tagged with that modality or with none (the general ones), as modality experts do in VLMo and BEiT-3 (a modality with none of them selected routes among all); the task token to any. Off: the router picks among all the institution's experts. DP-SGD then takes its per-sample loop")
 
     def __post_init__(self) -> None:
         # A task given as a bare PluginConfig (Python API) is a task without a wide term.
@@ -320,10 +320,13 @@ class M3TModel(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.register_buffer("expert_mask", torch.tensor([n in experts for n in self.expert_names]), persistent=False)
         # route_by_modality: row 0 (the task token) may use any expert, row 1 + i (the
-        # tokens of encoder i) those tagged with its modality or untagged by modality.
-        tags = {e.name: expert_tags(e, cat.get("expert", e.plugin))[0] for e in config.experts}
-        rows = [[True] * len(self.expert_names)] + [[not tags[n] or m in tags[n] for n in self.expert_names] for m in modalities]
-        self.register_buffer("source_masks", torch.tensor(rows) if config.route_by_modality else None, persistent=False)
+        # tokens of encoder i) the selected ones tagged with its modality or untagged.
+        masks = None
+        if config.route_by_modality:
+            tags = {n: expert_tags(by_name[n], cat.get("expert", by_name[n].plugin))[0] for n in experts}
+            rows = [[True] * len(self.expert_names)] + [[n in tags and (not tags[n] or m in tags[n]) for n in self.expert_names] for m in modalities]
+            masks = torch.tensor(rows)
+        self.register_buffer("source_masks", masks, persistent=False)
 
     def _wide_width(self, modality: str, cat: Catalogue, where: str) -> int:
         """The width of ``modality``'s wide features, from its encoder (its contract
@@ -357,9 +360,9 @@ class M3TModel(nn.Module):
         return pred
 
     # -- forward -----------------------------------------------------------------
-    def embed(self, batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens ``[B, T, d]``, mask and source ``[T]`` (0 for the task token, 1 + the
-        encoder's index for a modality's tokens) for the modalities present in ``batch``.
+    def embed(self, batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Tokens ``[B, T, d]``, mask and each position's source (0 for the task token,
+        1 + the encoder's index for a modality's tokens) for the modalities in ``batch``.
 
         ``batch["present"][modality]`` (``[B]`` bool, optional) marks samples that have
         that modality; a modality absent from ``batch`` is absent for every sample.
@@ -381,7 +384,7 @@ class M3TModel(nn.Module):
         task_token = self.tasks[task].embed.expand(B, 1, -1)
         x = torch.cat([task_token, *parts], dim=1)
         mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), *masks], dim=1)
-        return x, mask, torch.tensor(sources, device=x.device)
+        return x, mask, sources
 
     def forward(self, batch: dict[str, Any], task: str) -> ModelOutput:
         if task not in self.tasks:
@@ -392,9 +395,12 @@ class M3TModel(nn.Module):
         counts = torch.zeros(len(self.expert_names), dtype=torch.long)
         # In eval, also count where each modality's tokens go (routing_stats' per-token
         # I(modality; expert)); training skips the bookkeeping.
-        by_source = None if self.training and self.source_masks is None else source.expand(mask.shape)
-        n_sources = 1 + len(self.encoders)
-        per_source = torch.zeros(n_sources, len(self.expert_names), dtype=torch.long)
+        counting = not self.training
+        by_source = None
+        if counting or self.source_masks is not None:
+            by_source = torch.tensor(source, device=x.device).expand(mask.shape)
+        n_sources = 1 + len(self.encoders) if counting else 0
+        per_source = torch.zeros(1 + len(self.encoders), len(self.expert_names), dtype=torch.long)
         for block in self.layers:
             x, out = block(x, mask, task_embed, self.expert_mask, by_source, n_sources, self.source_masks)
             for k, v in out.aux_losses.items():
@@ -413,7 +419,7 @@ class M3TModel(nn.Module):
             pred = self._add_wide(batch, slot, pred)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
-        by_modality = {} if self.training else {m: per_source[i + 1] for i, m in enumerate(self.encoders)}
+        by_modality = {m: per_source[i + 1] for i, m in enumerate(self.encoders)} if counting else {}
         return ModelOutput(pred, aux_loss, aux, counts, by_modality)
 
     def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:

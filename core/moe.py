@@ -128,11 +128,11 @@ class MoELayer(nn.Module):
         """``x [N, d]`` (valid tokens only); ``router_input [N, d]`` defaults to ``x``;
         ``expert_mask [E]`` bool further restricts the experts built here; ``task [d]``
         (the task embedding) goes to a router that declares ``takes_task``;
-        ``token_source [N]`` (long, < ``n_sources``: where each token came from) adds
-        ``stats["tokens_per_source_expert"]`` ``[n_sources, E]``, assignments counted;
-        ``source_masks [n_sources, E]`` bool restricts each source's tokens further (a
-        source left with no expert keeps the layer's mask): the router runs once per
-        source present, and the experts once on all tokens."""
+        ``token_source [N]`` (long: where each token came from) with ``n_sources > 0``
+        adds ``stats["tokens_per_source_expert"]`` ``[n_sources, E]``, assignments
+        counted; with ``source_masks [S, E]`` bool it restricts each source's tokens
+        further (a source left with no expert keeps the layer's mask): the router runs
+        once per source present, and the experts once on all tokens."""
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"MoELayer expects x [N, {self.d_model}], got {list(x.shape)}")
         mask = self.local_mask
@@ -141,7 +141,7 @@ class MoELayer(nn.Module):
         if not bool(mask.any()):
             raise ValueError(f"no expert is both selected and built here; built: {list(self.experts)}")
         inp = x if router_input is None else router_input
-        if source_masks is None or token_source is None:
+        if source_masks is None or token_source is None or x.shape[0] == 0:
             routing = self._route(inp, mask, task)
         else:
             routing = self._route_by_source(inp, mask, task, token_source, source_masks)
@@ -149,7 +149,7 @@ class MoELayer(nn.Module):
         stats = dict(routing.stats or {})
         stats["tokens_per_expert"] = torch.tensor(counts, dtype=torch.long)
         stats["dispatch"] = "+".join(sorted(modes)) or "none"
-        if token_source is not None:
+        if token_source is not None and n_sources > 0:
             E = len(self.expert_names)
             pair = token_source[routing.token_index] * E + routing.expert_index
             stats["tokens_per_source_expert"] = torch.bincount(pair, minlength=n_sources * E).view(n_sources, E)
@@ -162,7 +162,8 @@ class MoELayer(nn.Module):
 
     def _route_by_source(self, inp: torch.Tensor, mask: torch.Tensor, task: torch.Tensor | None, source: torch.Tensor, source_masks: torch.Tensor) -> Routing:
         """One routing over every token: each source's tokens routed among its experts.
-        Aux losses are the sources' weighted by their tokens (each is a mean over them)."""
+        Aux losses are the sources' weighted by their share of the tokens; the router's
+        other statistics (drops, gate entropy) are per call and not kept."""
         parts, aux, N = [], {}, inp.shape[0]
         for s in torch.unique(source).tolist():
             rows = (source == s).nonzero().squeeze(1)

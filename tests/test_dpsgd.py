@@ -120,6 +120,11 @@ def test_routing_by_modality_takes_the_per_sample_loop():
         batched_per_sample_grads(net, loss_of, batch, params)
     grads = loop_grads(net, loss_of, batch, params)
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    with pytest.warns(UserWarning, match="one backward per sample"):  # "auto" takes the loop
+        dp_sgd_fit(
+            net, params, inst.data.train, loss_of, torch.optim.SGD(params, lr=0.0), 1, 1.0, 1.0, 0.5,
+            RDPAccountant(), torch.Generator().manual_seed(0), per_sample="auto",
+        )
 
 
 def test_clipping_and_noise_act_on_the_batched_per_sample_grads():

@@ -75,6 +75,8 @@ def test_routing_by_source_routes_each_sources_tokens_among_its_experts(router):
     assert per_source[1, [1, 2, 3, 5]].sum() == 0 and per_source[1].sum() > 0
     assert per_source[:, 2].sum() == 0  # an unbuilt expert never; source 2 keeps the layer's mask
     assert per_source.sum(0).tolist() == out.stats["tokens_per_expert"].tolist()
+    empty = layer(x[:0], token_source=source[:0], n_sources=3, source_masks=masks)
+    assert empty.y.shape == (0, D) and empty.stats["tokens_per_source_expert"].sum() == 0
     # each source's outputs are what the layer gives its tokens alone, among its experts
     for s, allowed in enumerate(masks):
         rows = (source == s).nonzero().squeeze(1)

@@ -9,6 +9,7 @@ import struct
 import subprocess
 
 from conftest import tiny_config_dict
+from m3tfed.federation.html_report import write_report
 from m3tfed.federation.lifecycle import run_job
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -40,6 +41,15 @@ def test_report_html_renders_its_plots_and_tables_without_console_errors(tmp_pat
     mi = json.loads((tmp_path / "r" / "metrics.json").read_text())["routing_mutual_information"]
     assert set(mi) == {"task", "institution", "task_within_institution", "modality", "modality_within_institution"}
     assert all(v["bits"] >= 0 and 0 <= v["normalized"] <= 1 + 1e-9 for v in mi.values()), mi
+    # a run folder from before per-modality counts (routing.json without them) still renders
+    routing_file = tmp_path / "r" / "routing.json"
+    routing = json.loads(routing_file.read_text())
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "r", old)
+    (old / "routing.json").write_text(json.dumps({k: v for k, v in routing.items() if k != "tokens_by_modality"}))
+    old_page = write_report(old / "report.html", [old]).read_text()
+    assert "<td>I(task; expert | institution)</td>" in old_page and "<td>I(modality; expert)</td>" not in old_page
+    assert "<td>I(modality; expert)</td>" in page
 
     dom = chromium("--dump-dom", report.as_uri(), profile=tmp_path / "p1")
     assert dom.returncode == 0, dom.stderr[-2000:]

@@ -1,8 +1,9 @@
 """Does routing specialize? Mutual information between what a token is and its expert.
 
-Input: the routing statistics a run records (``routing.json``'s ``tokens``, from
-:meth:`Institution.evaluate`): institution -> task -> tokens routed to each expert, in
-the global expert order. From the pooled counts:
+Input: the routing statistics a run records (``routing.json``'s ``tokens``, the
+``"tasks"`` part of what :func:`~m3tfed.federation.evaluation.evaluate_model` returns):
+institution -> task -> tokens routed to each expert, in the global expert order. From
+the pooled counts:
 
 - ``I(task; expert)``: how much knowing the task tells about which expert a token goes
   to (0 = every task uses the experts in the same proportions);

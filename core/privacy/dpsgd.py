@@ -36,8 +36,8 @@ to compute it (``per_sample=``):
   failing falls back to the loop with a warning.
 
 ``"auto"`` (the default) takes the batched path where it applies and the loop elsewhere
-(other routers, noisy routing, batch-coupled layers such as BatchNorm, experts that mix
-rows).
+(other routers, noisy routing, ``model.route_by_modality``, batch-coupled layers such
+as BatchNorm, experts that mix rows).
 
 :class:`DPSGDTrainer` is the :class:`~m3tfed.interfaces.LocalTrainer` ``Institution``
 picks when its policy says ``dp = "sample"``.
