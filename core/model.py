@@ -240,13 +240,13 @@ class Block(nn.Module):
         self.attn = Attention(d_model, n_heads, dropout)
         self.moe = moe
 
-    def forward(self, x, mask, task_embed, expert_mask, source=None, n_sources=0, source_masks=None):
+    def forward(self, x, mask, task_embed, expert_mask, token_source=None, n_sources=0, source_masks=None):
         x = x + self.attn(self.norm1(x), mask)
         h = self.norm2(x)[mask]  # route real tokens only: [N, d]
         # The router sees the token plus the task, so routing can differ per task.
         router_input = h + task_embed
         out = self.moe(h, router_input=router_input, expert_mask=expert_mask, task=task_embed,
-                       token_source=None if source is None else source[mask], n_sources=n_sources, source_masks=source_masks)
+                       token_source=token_source, n_sources=n_sources, source_masks=source_masks)
         x = x.clone()
         x[mask] = x[mask] + out.y
         return x, out
@@ -396,21 +396,20 @@ class M3TModel(nn.Module):
         # In eval, also count where each modality's tokens go (routing_stats' per-token
         # I(modality; expert)); training skips the bookkeeping.
         counting = not self.training
-        by_source = None
+        token_source = None  # the source of each real token, in the MoE layers' row order
         if counting or self.source_masks is not None:
-            by_source = torch.tensor(source, device=x.device).expand(mask.shape)
+            token_source = torch.tensor(source, device=x.device).expand(mask.shape)[mask]
         n_sources = 1 + len(self.encoders) if counting else 0
-        per_source = torch.zeros(1 + len(self.encoders), len(self.expert_names), dtype=torch.long)
+        per_source = torch.zeros(n_sources, len(self.expert_names), dtype=torch.long) if counting else None
         for block in self.layers:
-            x, out = block(x, mask, task_embed, self.expert_mask, by_source, n_sources, self.source_masks)
+            x, out = block(x, mask, task_embed, self.expert_mask, token_source, n_sources, self.source_masks)
             for k, v in out.aux_losses.items():
                 aux[k] = aux.get(k, 0.0) + v / len(self.layers)
             tpe = out.stats.get("tokens_per_expert")
             if tpe is not None:
                 counts += tpe.detach().to(counts.device).long()
-            tps = out.stats.get("tokens_per_source_expert")
-            if tps is not None:
-                per_source += tps.to(per_source.device)
+            if counting:
+                per_source += out.stats["tokens_per_source_expert"].to(per_source.device)
         x = self.norm(x)
         slot = self.tasks[task]
         with blame("task", slot.plugin, slot.package, slot.path, "head forward"):

@@ -347,9 +347,10 @@ def resolve_selection(cfg: FederationConfig, inst: InstitutionConfig, catalogue:
         # "grouped": an institution takes the offset of the first with its modalities and
         # tasks, so like institutions share and unlike ones spread.
         chosen = []
-        offset = {"spread": index, "shared": 0, "grouped": next(
-            i for i, x in enumerate(cfg.institutions)
-            if set(x.modalities) == have_m and set(x.tasks) == have_t)}[cfg.federation.specialists]
+        mode = cfg.federation.specialists
+        offset = index if mode == "spread" else 0 if mode == "shared" else next(
+            i for i, x in enumerate(cfg.institutions) if set(x.modalities) == have_m and set(x.tasks) == have_t
+        )
         queues = [q[offset % len(q):] + q[: offset % len(q)] for q in [*specific.values(), general]]
         while any(queues):
             for q in queues:
