@@ -80,7 +80,7 @@ class ModelConfig:
     )
     # Switch uses 1e-2 for load balancing, ST-MoE 1e-3 for the z-loss.
     aux_loss_weights: dict[str, float] = setting(factory=lambda: {"load_balance": 1e-2, "router_z": 1e-3}, ge=0, doc="router auxiliary loss -> weight")
-    route_by_modality: bool = setting(False, doc="a modality's tokens go only to the institution's experts tagged with that modality or with none (the general ones), as modality experts do in VLMo and BEiT-3 (a modality with none of them selected routes among all); the task token to any; DP-SGD then takes its per-sample loop. Off: the router picks among all the institution's experts")
+    route_by_modality: bool = setting(True, doc="a modality's tokens go only to the institution's experts tagged with that modality or with none (the general ones), as modality experts do in VLMo and BEiT-3 (a modality with none of them selected routes among all); the task token to any. Off: the router picks among all the institution's experts")
 
     def __post_init__(self) -> None:
         # A task given as a bare PluginConfig (Python API) is a task without a wide term.

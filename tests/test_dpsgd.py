@@ -113,14 +113,19 @@ def test_other_routers_fall_back_to_the_loop():
         fit("batched")
 
 
-def test_routing_by_modality_takes_the_per_sample_loop():
-    # the router runs once per modality's tokens, which the batched path does not split
-    inst, net, params, loss_of, batch = setup(route_by_modality=True)
-    with pytest.raises(UnsupportedModel, match="route_by_modality"):
-        batched_per_sample_grads(net, loss_of, batch, params)
-    grads = loop_grads(net, loss_of, batch, params)
-    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    with pytest.warns(UserWarning, match="one backward per sample"):  # "auto" takes the loop
+@pytest.mark.parametrize("institution", ["university", "high_school", "online_tutor"])
+def test_batched_per_sample_grads_equal_the_loop_when_routing_by_modality(institution):
+    # The MoE layer routes each modality's tokens in their own router call; the batched
+    # pass must route each sample's tokens of each source as that sample alone would,
+    # with a capacity tight enough to drop tokens.
+    inst, net, params, loss_of, batch = setup(institution, route_by_modality=True, router={"plugin": "topk", "options": {"k": 2, "capacity_factor": 0.5}})
+    selected = net.expert_mask.nonzero().squeeze(1)
+    assert not net.source_masks[:, selected].all()  # some source is restricted here
+    fast = batched_per_sample_grads(net, loss_of, batch, params)
+    assert_same(net, params, fast, loop_grads(net, loss_of, batch, params))
+    assert not any("_route_by_source" in vars(m) for m in net.modules())  # the method is the class's again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" keeps the batched path
         dp_sgd_fit(
             net, params, inst.data.train, loss_of, torch.optim.SGD(params, lr=0.0), 1, 1.0, 1.0, 0.5,
             RDPAccountant(), torch.Generator().manual_seed(0), per_sample="auto",

@@ -71,11 +71,8 @@ def test_eval_counts_each_modalitys_tokens_per_expert(setup):
 def test_route_by_modality_keeps_each_modalitys_tokens_on_its_experts(setup):
     cfg, data = setup
     torch.manual_seed(0)
-    cfg.model.route_by_modality = True
-    try:
-        model = M3TModel(cfg.model, modalities=["tabular", "interactions", "text"], tasks=["grade"]).eval()
-    finally:
-        cfg.model.route_by_modality = False
+    assert cfg.model.route_by_modality  # the default
+    model = M3TModel(cfg.model, modalities=["tabular", "interactions", "text"], tasks=["grade"]).eval()
     tags = {e.name: set(e.modalities) for e in cfg.model.experts}
     with torch.no_grad():
         out = model(model_inputs(take(data.train, torch.arange(8))), "grade")

@@ -36,8 +36,10 @@ to compute it (``per_sample=``):
   failing falls back to the loop with a warning.
 
 ``"auto"`` (the default) takes the batched path where it applies and the loop elsewhere
-(other routers, noisy routing, ``model.route_by_modality``, batch-coupled layers such
-as BatchNorm, experts that mix rows).
+(other routers, noisy routing, batch-coupled layers such as BatchNorm, experts that
+mix rows). Under ``model.route_by_modality`` the MoE layer routes each source's tokens
+separately; the batched pass does the same per sample (each sample's tokens of a source
+with that sample's capacity, aux losses weighted by the source's share of the sample).
 
 :class:`DPSGDTrainer` is the :class:`~m3tfed.interfaces.LocalTrainer` ``Institution``
 picks when its policy says ``dp = "sample"``.
@@ -238,8 +240,6 @@ class _PerSampleTrace:
     def __init__(self, model: nn.Module, params: list[torch.nn.Parameter], batch_size: int, rerun: set[nn.Module] = frozenset()):
         if not isinstance(model, M3TModel):
             raise UnsupportedModel(f"the batched path knows the M3T model only, got {type(model).__name__}")
-        if model.source_masks is not None:  # the router runs once per modality's tokens
-            raise UnsupportedModel("model.route_by_modality: per-sample routing is implemented for one router call per layer")
         self.model, self.B, self.rerun = model, batch_size, rerun
         self.wanted = {p for p in params if p.requires_grad}
         self.acc: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -250,6 +250,7 @@ class _PerSampleTrace:
         self.recorded: list[dict[str, Any]] = []
         self._handles: list[Any] = []
         self._dispatch: list[tuple[MoELayer, str]] = []
+        self._by_source: list[MoELayer] = []  # layers whose per-source routing is replaced
 
     def __enter__(self) -> _PerSampleTrace:
         try:
@@ -264,7 +265,9 @@ class _PerSampleTrace:
             h.remove()
         for moe, dispatch in self._dispatch:
             moe.dispatch = dispatch
-        self._handles, self._dispatch = [], []
+        for moe in self._by_source:
+            del moe._route_by_source  # the class's method again
+        self._handles, self._dispatch, self._by_source = [], [], []
 
     def add(self, p: torch.Tensor, g: torch.Tensor) -> None:
         """Add ``g [B, *p.shape]`` (a fresh tensor: it may be kept and added to)."""
@@ -322,10 +325,34 @@ class _PerSampleTrace:
         state: dict[str, Routing] = {}
 
         def route(mod, args, out):
-            state["routing"] = self._route(mod, args)
+            routing, per_sample = self._route(mod, args[0], args[1] if len(args) > 1 else None, self.tokens)
+            state["routing"] = routing._replace(aux_losses={k: v.mean() for k, v in per_sample.items()})
+            return state["routing"]
+
+        def route_by_source(inp, mask, task, source, source_masks):
+            # MoELayer._route_by_source, per sample: each source's tokens of a sample are
+            # routed as that sample alone would route them, and a sample's aux losses are
+            # its sources' weighted by their share of its tokens.
+            tokens, parts, aux = self.tokens, [], {}
+            if tokens is None or tokens.sample.numel() != inp.shape[0]:
+                raise UnsupportedModel("router input rows do not match the block's real tokens")
+            per_sample = torch.bincount(tokens.sample, minlength=self.B).clamp_min(1)
+            for s in torch.unique(source).tolist():
+                rows = (source == s).nonzero().squeeze(1)
+                allowed = mask & source_masks[s].to(mask.device)
+                sub = _Rows(tokens.sample[rows], self.B)
+                r, per = self._route(router, inp[rows], allowed if bool(allowed.any()) else mask, sub)
+                parts.append((rows[r.token_index], r.expert_index, r.weight, r.stats["assignment_sample"]))
+                share = torch.bincount(sub.sample, minlength=self.B) / per_sample
+                for k, v in per.items():
+                    aux[k] = aux.get(k, 0.0) + v * share
+            token_index, expert_index, weight, sample = (torch.cat(t) for t in zip(*parts))
+            state["routing"] = Routing(token_index, expert_index, weight, {k: v.mean() for k, v in aux.items()}, {"assignment_sample": sample})
             return state["routing"]
 
         self._handles.append(router.register_forward_hook(route))
+        moe._route_by_source = route_by_source  # shadows the method for this pass only
+        self._by_source.append(moe)
         for name, expert in moe.experts.items():
             e = moe.expert_names.index(name)
 
@@ -500,13 +527,13 @@ class _PerSampleTrace:
         return per
 
     # -- per-sample top-k routing --------------------------------------------------
-    def _route(self, router: nn.Module, args: tuple) -> Routing:
-        """The softmax top-k gate rule (:data:`PER_SAMPLE_RULE`) with each sample's tokens routed as if alone:
-        the same per-token top-k, but capacity ``capacity(N_b)`` and the drop priority
-        (first choices, then token order) within each sample, and aux losses computed
-        per sample and averaged (so the batch loss stays the mean of sample losses)."""
-        x, expert_mask = args[0], args[1] if len(args) > 1 else None
-        B, tokens = self.B, self.tokens
+    def _route(self, router: nn.Module, x: torch.Tensor, expert_mask: torch.Tensor | None, tokens: _Rows | None) -> tuple[Routing, dict[str, torch.Tensor]]:
+        """The softmax top-k gate rule (:data:`PER_SAMPLE_RULE`) over rows ``x`` whose
+        samples are ``tokens``, with each sample's tokens routed as if alone: the same
+        per-token top-k, but capacity ``capacity(N_b)`` and the drop priority (first
+        choices, then token order) within each sample. Also returns the aux losses per
+        sample (``[B]`` each): their mean keeps the batch loss the mean of sample losses."""
+        B = self.B
         if tokens is None or tokens.sample.numel() != x.shape[0]:
             raise UnsupportedModel("router input rows do not match the block's real tokens")
         s = tokens.sample
@@ -556,7 +583,7 @@ class _PerSampleTrace:
             p = self.task_embed
             x.register_hook(lambda g: self.add(p, tokens.sum(g)))
         stats = {"tokens_per_expert": torch.bincount(expert, minlength=E), "assignment_sample": sample}
-        return Routing(token, expert, weight, {"load_balance": load_balance.mean(), "router_z": router_z.mean()}, stats)
+        return Routing(token, expert, weight, {}, stats), {"load_balance": load_balance, "router_z": router_z}
 
 
 def _detach(tree: Any) -> Any:
