@@ -13,6 +13,7 @@ config's ``validate``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -306,7 +307,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (value parsed as TOML, else taken as a string)."""
+    """``data`` with ``key.path=value`` overrides applied (value parsed as TOML, else taken
+    as a string); ``data`` itself is left as it was."""
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "an override must look like key.path=value")

@@ -70,12 +70,14 @@ def test_selection_by_modality_task_and_compute():
     assert all(t == ["tabular_0", "tabular_1", "tabular_2"][: len(t)] for t in tabular.values())
     assert len({e for t in tabular.values() for e in t}) < 3  # spread used all three
     assert sorted(sel["rural_school"]) == ["small_0", "small_1"] and all(len(s) == 4 for n, s in sel.items() if n != "rural_school")
-    # "grouped": like institutions (same modalities and tasks) share, unlike ones spread;
-    # the default federation's six are all unlike, so it selects as "spread" does
-    grouped = load_config(None, ["federation.specialists=grouped"])
-    assert {i.name: resolve_selection(grouped, i, cat) for i in grouped.institutions} == by
+    # "grouped" (the default): like institutions (same modalities and tasks) share,
+    # unlike ones spread; the default federation's six are all unlike, so it selects as
+    # "spread" does
+    assert cfg.federation.specialists == "grouped"
+    spread = load_config(None, ["federation.specialists=spread"])
+    assert {i.name: resolve_selection(spread, i, cat) for i in spread.institutions} == by
     twins = cfg_with(lambda d: d["institutions"][2].update(modalities=d["institutions"][1]["modalities"], tasks=d["institutions"][1]["tasks"]))
-    spread, grouped = load_config(twins), load_config(twins, ["federation.specialists=grouped"])
+    spread, grouped = load_config(twins, ["federation.specialists=spread"]), load_config(twins)
     assert resolve_selection(spread, spread.institutions[2], cat) != resolve_selection(spread, spread.institutions[1], cat)
     assert resolve_selection(grouped, grouped.institutions[2], cat) == resolve_selection(grouped, grouped.institutions[1], cat)
     assert resolve_selection(grouped, grouped.institutions[3], cat) == resolve_selection(spread, spread.institutions[3], cat)
@@ -91,6 +93,8 @@ def test_selecting_an_expert_for_a_missing_modality_is_an_error():
 
 def test_override_syntax():
     assert apply_overrides({}, ["a.b=3", "c=hello", "d=[1, 2]"]) == {"a": {"b": 3}, "c": "hello", "d": [1, 2]}
+    given = {"a": {"b": 1}}
+    assert apply_overrides(given, ["a.b=2"]) == {"a": {"b": 2}} and given == {"a": {"b": 1}}  # the caller's dict is untouched
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["nonsense"])
 
