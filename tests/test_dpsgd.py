@@ -77,10 +77,13 @@ def test_batched_per_sample_grads_cover_a_task_s_wide_term():
         assert wide and float(wide[0].abs().max()) > 0
 
 
-def test_each_sample_is_routed_alone_even_when_capacity_drops_tokens():
+@pytest.mark.parametrize("by_modality", [False, True])
+def test_each_sample_is_routed_alone_even_when_capacity_drops_tokens(by_modality):
     # A tight capacity: the batch's routing (capacity from all its tokens, priority by
-    # batch position) differs from each sample's own, so only per-sample routing matches.
-    _, net, params, loss_of, batch = setup(router={"plugin": "topk", "options": {"k": 2, "capacity_factor": 0.5}})
+    # batch position) differs from each sample's own, so only per-sample routing matches
+    # (one router call per layer, or one per modality's tokens).
+    _, net, params, loss_of, batch = setup(route_by_modality=by_modality, router={"plugin": "topk", "options": {"k": 2, "capacity_factor": 0.5}})
+    assert (net.source_masks is not None) == by_modality
     fast = batched_per_sample_grads(net, loss_of, batch, params)
     ref = loop_grads(net, loss_of, batch, params)
     assert_same(net, params, fast, ref)

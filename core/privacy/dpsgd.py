@@ -25,7 +25,7 @@ to compute it (``per_sample=``):
   hooks then turn activations and their gradients into per-sample parameter
   gradients. What makes the batch independent: the top-k router is replaced, for this
   pass, by one that routes each sample's tokens with that sample's own capacity and
-  priority order and averages per-sample aux losses (``_route_per_sample``); experts
+  priority order and averages per-sample aux losses (``_PerSampleTrace._route``); experts
   run on their tokens row by row (``dispatch="loop"``). Per-sample gradients come from
   closed forms for ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding``, the router gate
   and the modality/task embeddings (rows of expert inputs are mapped to their sample
@@ -232,7 +232,7 @@ class _PerSampleTrace:
     """Hooks that, during one batched pass, make every sample independent (per-sample
     routing, row-wise expert dispatch) and collect per-sample parameter gradients in
     ``acc`` (parameter -> ``[B, *shape]``). A context manager: leaving it removes every
-    hook and restores the MoE layers' dispatch setting.
+    hook and restores the MoE layers' dispatch setting and per-source routing.
 
     ``rerun``: modules whose parameters (all of them, their children's included) come
     from re-running the module per sample rather than from the hooks inside it."""
@@ -266,7 +266,7 @@ class _PerSampleTrace:
         for moe, dispatch in self._dispatch:
             moe.dispatch = dispatch
         for moe in self._by_source:
-            del moe._route_by_source  # the class's method again
+            vars(moe).pop("_route_by_source", None)  # the class's method again
         self._handles, self._dispatch, self._by_source = [], [], []
 
     def add(self, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -351,8 +351,8 @@ class _PerSampleTrace:
             return state["routing"]
 
         self._handles.append(router.register_forward_hook(route))
-        moe._route_by_source = route_by_source  # shadows the method for this pass only
         self._by_source.append(moe)
+        moe._route_by_source = route_by_source  # shadows the method for this pass only
         for name, expert in moe.experts.items():
             e = moe.expert_names.index(name)
 
