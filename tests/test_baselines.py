@@ -158,7 +158,7 @@ def test_centralized_gives_a_shared_head_the_gradient_of_institutions_that_share
 def test_personalized_keeps_a_fine_tune_only_where_it_lowers_validation_loss(lr, kept):
     """A fine-tune that diverges (lr 1e4) is undone at every institution: the personalized
     model is then the federated MoE's; a sane one is kept where validation says so."""
-    from m3tfed.federation.baselines.common import fine_tune_if_better, val_loss
+    from m3tfed.federation.baselines.common import fine_tune_if_better
     from m3tfed.federation.build import build_federation
 
     fed = build_federation(load_config(tiny_config_dict(rounds=1, n=24)))
@@ -166,9 +166,9 @@ def test_personalized_keeps_a_fine_tune_only_where_it_lowers_validation_loss(lr,
     outcomes = []
     for inst in fed.institutions.values():
         model = inst.load(fed.server.state)
-        before, state = val_loss(inst, model), {c: model.component_state(c) for c in model.component_names()}
+        before, state = inst.validation_loss(model), {c: model.component_state(c) for c in model.component_names()}
         took = fine_tune_if_better(inst, model, 4, lr, 0, only=lambda c: c == "router" or c.startswith("task."))
-        after = val_loss(inst, model)
+        after = inst.validation_loss(model)
         assert after <= before  # never worse on validation
         if not took:  # undone: exactly the model it started from
             assert all(torch.equal(v, model.component_state(c)[k]) for c, s in state.items() for k, v in s.items())

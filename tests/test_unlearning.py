@@ -99,9 +99,10 @@ def three_institution_run(tmp_path, rounds=3, policy=None):
     """community_college trains a superset of what the two others train, and is offline
     in round 1, so its first contribution is in round 2."""
     d = tiny_config_dict(rounds=rounds)
-    # Persisted optimizer moments, like personal parts, restart at the rollback round
-    # (only the newest are kept), so "touched" is compared where there are none.
+    # Persisted optimizer moments and personal models, like personal parts, restart at the
+    # rollback round (only the newest are kept), so "touched" is compared where there are none.
     d["federation"]["optimizer_state"] = "fresh"
+    d["federation"]["personal_model"] = "none"
     cc = {
         "name": "community_college",
         "modalities": ["tabular", "interactions", "text"],

@@ -27,18 +27,22 @@ from ..messages import ComponentUpdate, State, TrainJob, TrainResult
 from ..model import M3TModel, ModelConfig
 from ..privacy.dp import privacy_report
 from ..privacy.dpsgd import DPSGDTrainer
-from ..seeds import seed_for  # noqa: F401  (where the federation's modules import it from)
+from ..seeds import seed_for  # (the federation's modules import it from here too)
 from ..specs import Catalogue
 from ..threads import apply_threads
 from ..training import PlainTrainer
+from .checkpoint import flatten_components, unflatten_components
 from .config import FederationSettings, InstitutionConfig
-from .evaluation import evaluate_model
+from .evaluation import evaluate_model, institution_score
 from .zero import ShardedTrainer
 
 # The key in ``Institution.personal_state`` under which an institution keeps its own
 # optimizer state between rounds (``federation.optimizer_state = "persist"``). It is not a
 # model component, so it is never sent, and it is checkpointed with the personal state.
 OPTIMIZER_STATE = "optimizer"
+# Where it keeps its Ditto personal model (``federation.personal_model = "ditto"``): every
+# component, flattened ("component::param"), and that model's optimizer state. Never sent.
+PERSONAL_MODEL, PERSONAL_OPTIMIZER = "personal_model", "personal_optimizer"
 
 
 @contextlib.contextmanager
@@ -171,7 +175,16 @@ class Institution:
     def keeps_state(self) -> bool:
         """Whether it holds state of its own between rounds (personal components, or its
         optimizer's moments), which its checkpoints must carry."""
-        return bool(self.config.personal) or self.settings.optimizer_state == "persist"
+        return bool(self.config.personal) or self.settings.optimizer_state == "persist" or self.trains_personal_model
+
+    @property
+    def trains_personal_model(self) -> bool:
+        """Whether it trains a Ditto personal model (``federation.personal_model``): not
+        under sample-level DP-SGD, whose guarantee covers every model it trains, nor with
+        DeepSpeed, whose model is sharded over ranks (the personal one trains here)."""
+        policy = getattr(self.privacy, "policy", None)
+        dp_sgd = policy is not None and policy.dp == "sample"
+        return self.settings.personal_model == "ditto" and self.config.deepspeed is None and not dp_sgd
 
     def is_personal(self, component: str) -> bool:
         return component in self.config.personal
@@ -213,9 +226,18 @@ class Institution:
         return {c: state[c] for c in self.component_names() if not self.is_personal(c)}
 
     def tested_model(self, shared: State) -> M3TModel:
-        """Its model as tested: ``shared`` (the federation's kept state) with its personal
-        parts, or the shared state of its own kept round (``evaluation.keep = "each"``)."""
-        return self.load(shared if self.kept_shared is None else self.kept_shared)
+        """Its model as tested (and validated): ``shared`` (the federation's kept state) with
+        its personal parts, or the shared state of its own kept round (``evaluation.keep =
+        "each"``). With a Ditto personal model, whichever of the two has the lower loss on
+        its validation split (the choice an institution makes on its own data)."""
+        shared = shared if self.kept_shared is None else self.kept_shared
+        model = self.load(shared)
+        if PERSONAL_MODEL not in self.personal_state:
+            return model
+        federation_loss = self.validation_loss(model)
+        for comp, state in unflatten_components(self.personal_state[PERSONAL_MODEL]).items():
+            model.load_component_state(comp, state)
+        return model if self.validation_loss(model) <= federation_loss else self.load(shared)
 
     def load(self, shared: State) -> M3TModel:
         """Put ``shared`` and this institution's personal state into its model."""
@@ -260,6 +282,7 @@ class Institution:
         if self.privacy is not None:
             self.privacy.begin_round(job.round, job.steps)  # raises PrivacyBudgetSpent: nothing is trained or sent
         model = self.load(job.components)
+        ditto_anchor = {c: model.component_state(c) for c in model.component_names()} if self.trains_personal_model else None
         sent = {c: s for c, s in job.components.items() if not self.is_personal(c)}
         moments = None
         if self.settings.optimizer_state == "persist" and self.trainer.keeps_optimizer_state:
@@ -281,11 +304,26 @@ class Institution:
         for comp in self.config.personal:
             if comp in model.component_names():
                 self.personal_state[comp] = model.component_state(comp)
+        if ditto_anchor is not None:
+            self.train_personal_model(model, ditto_anchor, job, deadline=start + job.timeout_s)
         for stage in self.stages:
             updates = stage.process(updates, RoundContext(job.round, institution=self.name, privacy=self.privacy))
         if withhold:  # loss, sample count and routing are statistics of the students' data
             return TrainResult(self.name, job.round, updates, 0, None, {}, time.perf_counter() - start, details=done.details)
         return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=done.details)
+
+    def train_personal_model(self, model: M3TModel, received: State, job: TrainJob, deadline: float) -> None:
+        """Ditto's personal step (Li et al. 2021, Algorithm 1): its own model v, every
+        component, trained for the job's steps on its loss + (lambda/2)||v - w||^2, where w
+        is the model it received this round (v starts as that model). v stays here."""
+        s = self.settings
+        own = self.personal_state.get(PERSONAL_MODEL)
+        for comp, state in (unflatten_components(own) if own else received).items():
+            model.load_component_state(comp, state)
+        moments = self.personal_state.setdefault(PERSONAL_OPTIMIZER, {}) if s.optimizer_state == "persist" and self.in_process_trainer.keeps_optimizer_state else None
+        mu = dict.fromkeys(received, s.personal_lambda)
+        self.fit(model, job.steps, job.lr, seed_for(job.seed, PERSONAL_MODEL), anchor=received, proximal_mu=mu, deadline=deadline, optimizer_state=moments)
+        self.personal_state[PERSONAL_MODEL] = flatten_components({c: model.component_state(c) for c in model.component_names()})
 
     def withholds_statistics(self) -> bool:
         """Under differential privacy or secure aggregation nothing computed from this
@@ -317,6 +355,11 @@ class Institution:
         return done.loss, done.tokens
 
     # -- evaluation --------------------------------------------------------------
+    def validation_loss(self, model: M3TModel) -> float:
+        """Its summed task losses on its validation split (what choices minimise)."""
+        metrics, _ = self.evaluate(model, "val")
+        return institution_score(metrics)
+
     def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
         """Metrics per task on ``"val"`` or ``"train"``, and tokens routed to each expert
         per task and per modality (``evaluate_model``). The test split is read once, at

@@ -694,7 +694,7 @@ def validate(fed: Federation, limit: int | None = None) -> tuple[dict[str, Metri
         split = inst.data.val
         if limit is not None and num_samples(split) > limit:
             split = take(split, torch.arange(limit))  # val is shuffled once by the source
-        metrics[name], routing[name] = evaluate_model(inst.load(fed.server.state), inst.config.tasks, split)
+        metrics[name], routing[name] = evaluate_model(inst.tested_model(fed.server.state), inst.config.tasks, split)
     return metrics, routing
 
 

@@ -26,8 +26,9 @@ Two scopes:
   out is not replayed unless it fails again.
 
 Personal components are not in server checkpoints (each institution keeps only its
-newest), so the remaining institutions' personal parts, and their optimizer moments under
-``federation.optimizer_state = "persist"``, restart from their initial values at the
+newest), so the remaining institutions' personal parts, their optimizer moments under
+``federation.optimizer_state = "persist"`` and their personal models
+(``federation.personal_model``), restart from their initial values at the
 restart round; X's personal state is not carried over. With personal state, scope
 ``touched`` therefore differs from a run without X in those parts too.
 

@@ -33,7 +33,7 @@ from ..build import Federation
 from ..institution import seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
-from .common import federation_at, val_loss
+from .common import federation_at
 
 MIX = 4  # institutions per step (fewer when the federation has fewer)
 
@@ -157,7 +157,7 @@ class Centralized:
             if rnd % cfg.evaluation.every and rnd != cfg.rounds:
                 continue
             score = sum(
-                pooled.read(k, lambda inst=inst: val_loss(inst, pooled.model))
+                pooled.read(k, lambda inst=inst: inst.validation_loss(pooled.model))
                 for k, inst in enumerate(insts)
             ) / len(insts)
             curve.append({"round": rnd, "val_loss": score})

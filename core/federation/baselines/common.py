@@ -13,27 +13,21 @@ from typing import Any
 
 from ..build import Federation, build_federation
 from ..config import FederationConfig
-from ..evaluation import institution_score, kept_now, mean_score
+from ..evaluation import kept_now, mean_score
 from ..institution import Institution
 from .base import BaselineContext
 
 State = dict[str, dict[str, Any]]
 
 
-def val_loss(inst: Institution, model: Any) -> float:
-    """An institution's summed task losses on its validation split (what choices minimise)."""
-    metrics, _ = inst.evaluate(model, "val")
-    return institution_score(metrics)
-
-
 def fine_tune_if_better(inst: Institution, model: Any, steps: int, lr: float, seed: int, only: Callable[[str], bool] | None = None) -> bool:
     """Fine-tune ``model`` on ``inst``'s own data (``only`` the components it selects)
     and keep the result only if it lowers the institution's validation loss, else put
     the model back: the choice is made on validation. Returns whether it was kept."""
-    before = val_loss(inst, model)
+    before = inst.validation_loss(model)
     saved = {c: model.component_state(c) for c in model.component_names()}
     inst.fit(model, steps, lr, seed, only=only)
-    if val_loss(inst, model) <= before:
+    if inst.validation_loss(model) <= before:
         return True
     for c, s in saved.items():
         model.load_component_state(c, s)
@@ -75,14 +69,14 @@ def train_variant(
     lowest validation loss, or the round with the lowest mean (every
     ``evaluation.every`` rounds and after the last). ``after_round`` runs after each
     round (Ditto's personal step); ``model_of(variant, institution)`` gives the model an
-    institution is judged by (default: the global state with its personal parts);
+    institution is judged by (default: as the federated MoE's: ``Institution.tested_model``);
     ``carry`` is state the baseline keeps beside the federation per institution (Ditto's
     personal models), kept and restored with it. Returns the variant holding the kept
     state (an institution's model as tested: ``Institution.tested_model``), the kept
     round (per institution with ``keep = "each"``) and the validation curve."""
     data = {n: i.data for n, i in fed.institutions.items()}
     variant = build_federation(cfg, fed.server.catalogue, data=data)
-    model_of = model_of or (lambda v, name: v.institutions[name].load(v.server.state))
+    model_of = model_of or (lambda v, name: v.institutions[name].tested_model(v.server.state))
     every, keep = fed.config.evaluation.every, fed.config.evaluation.keep
     kept: dict[str, int] = {}
     snaps: dict[str, dict[str, Any]] = {}
@@ -93,7 +87,7 @@ def train_variant(
             after_round(variant, rnd)
         if rnd % every and rnd != cfg.rounds:
             continue
-        scores = {n: val_loss(inst, model_of(variant, n)) for n, inst in variant.institutions.items()}
+        scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": mean_score(scores)})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {curve[-1]['val_loss']:.4f}")
         if improved := kept_now(keep, earlier, scores):  # the rule of the federated MoE's run

@@ -30,6 +30,7 @@ def dense_config(cfg: FederationConfig, aggregator: PluginConfig | None = None) 
     if "changed_rows" in rule:
         agg.options.setdefault("changed_rows", rule["changed_rows"])
     dense.aggregation = {"default": agg}
+    dense.federation.personal_model = "none"  # a personal model is Ditto's (the ditto baseline)
     for inst in dense.institutions:
         inst.experts, inst.compute, inst.max_experts = ["dense"], "base", None
     keep_personal(dense, lambda c: not c.startswith("expert."))  # the one dense expert is shared

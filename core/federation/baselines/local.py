@@ -10,7 +10,7 @@ from ..build import Federation
 from ..institution import Institution, seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
-from .common import federation_at, val_loss
+from .common import federation_at
 
 
 class Local:
@@ -32,7 +32,7 @@ class Local:
                 alone.fit(model, inst.local_steps(), cfg.federation.lr, seed_for(cfg.seed, "local", name, rnd))
                 if rnd % every and rnd != cfg.rounds:
                     continue
-                score = val_loss(alone, model)
+                score = alone.validation_loss(model)
                 curves.setdefault(rnd, []).append(score)
                 if kept is None or score < best:  # a NaN score (diverged) keeps the first state
                     best, kept = score, {c: model.component_state(c) for c in model.component_names()}

@@ -1,0 +1,103 @@
+"""Ditto's personal model as a form of the federated MoE (``federation.personal_model``):
+each institution trains its own copy of its whole model next to the shared one; the copy
+never leaves it, is checkpointed with its personal state, and is the model it is
+validated and tested with."""
+
+import json
+
+import torch
+from conftest import tiny_config_dict
+from m3tfed.federation.baselines.dense_fedavg import dense_config
+from m3tfed.federation.build import build_federation
+from m3tfed.federation.checkpoint import unflatten_components
+from m3tfed.federation.config import load_config
+from m3tfed.federation.institution import PERSONAL_MODEL, PERSONAL_OPTIMIZER
+from m3tfed.federation.lifecycle import resume_job, run_job
+
+
+def federation(**federation):
+    return build_federation(load_config(tiny_config_dict(**federation)))
+
+
+def distance(a: dict, b: dict) -> float:
+    return sum(float((a[c][k] - b[c][k]).norm() ** 2) for c in a for k in a[c]) ** 0.5
+
+
+def test_the_personal_model_stays_at_the_institution_and_is_the_model_tested():
+    plain, ditto = federation(personal_model="none"), federation(personal_model="ditto")
+    plain.server.run_round(1)
+    ditto.server.run_round(1)
+    # the shared training and what is sent are unchanged: the server ends the round equal
+    for comp, state in plain.server.state.items():
+        for k, v in state.items():
+            assert torch.equal(v, ditto.server.state[comp][k]), (comp, k)
+    served = []
+    for name, inst in ditto.institutions.items():
+        own = unflatten_components(inst.personal_state[PERSONAL_MODEL])
+        assert set(own) == set(inst.component_names())  # every component, not only personal ones
+        assert PERSONAL_MODEL not in ditto.server.state and PERSONAL_OPTIMIZER not in ditto.server.state
+        shared = inst.load(ditto.server.state)  # training loads the federation's model
+        federation_loss = inst.validation_loss(shared)
+        assert distance({c: shared.component_state(c) for c in own}, own) > 0, name
+        tested = inst.tested_model(ditto.server.state)
+        tested_state = {c: tested.component_state(c) for c in own}
+        # tested: the personal model where its validation loss is no higher, else the federation's
+        personal_loss = inst.validation_loss(tested) if distance(tested_state, own) == 0 else None
+        assert personal_loss is None or personal_loss <= federation_loss, name
+        assert personal_loss is not None or inst.validation_loss(tested) == federation_loss, name
+        served.append(personal_loss is not None)
+    assert any(served)
+    # a personal model that got worse (here: scrambled) is not the one tested
+    inst = ditto.institutions["university"]
+    own = unflatten_components(inst.personal_state[PERSONAL_MODEL])
+    inst.personal_state[PERSONAL_MODEL] = {f"{c}::{k}": torch.randn_like(v) * 3 for c, st in own.items() for k, v in st.items()}
+    tested = inst.tested_model(ditto.server.state)
+    assert inst.validation_loss(tested) == inst.validation_loss(inst.load(ditto.server.state))
+    # it trained its own optimizer: the round's steps, beside the shared model's moments
+    steps = {float(v) for k, v in ditto.institutions["university"].personal_state[PERSONAL_OPTIMIZER].items() if k.endswith("/step")}
+    assert steps == {2.0}
+
+
+def test_lambda_pulls_the_personal_model_toward_the_received_one():
+    """Ditto's (lambda/2)||v - w||^2: a larger lambda keeps v closer to the model received."""
+    far = {}
+    for lam in (1e-3, 100.0):
+        fed = federation(personal_model="ditto", personal_lambda=lam, local_steps=6)
+        start = {c: {k: v.clone() for k, v in s.items()} for c, s in fed.server.state.items()}
+        fed.server.run_round(1)
+        inst = fed.institutions["university"]
+        own = unflatten_components(inst.personal_state[PERSONAL_MODEL])
+        far[lam] = distance({c: s for c, s in own.items() if not inst.is_personal(c)}, start)
+    assert far[100.0] < 0.6 * far[1e-3], far
+
+
+def test_a_run_with_personal_models_resumes_to_the_same_tested_results(tmp_path):
+    cfg = tiny_config_dict(rounds=3, personal_model="ditto")
+    run_job(cfg, name="full", runs_dir=tmp_path, progress=lambda m: None, echo=False)
+    run_job(cfg, name="split", runs_dir=tmp_path, stop_after=2, progress=lambda m: None, echo=False)
+    resume_job(tmp_path / "split", progress=lambda m: None)
+    full, split = (json.loads((tmp_path / n / "metrics.json").read_text())["results"]["fed_moe"] for n in ("full", "split"))
+    assert full == split
+    plain = run_job(tiny_config_dict(rounds=3, personal_model="none"), name="plain", runs_dir=tmp_path, progress=lambda m: None, echo=False)
+    assert plain["results"]["fed_moe"] != full  # the tested model is the personal one
+
+
+def test_dense_baselines_train_no_personal_model():
+    cfg = load_config(tiny_config_dict(personal_model="ditto"))
+    assert dense_config(cfg).federation.personal_model == "none"  # Ditto is its own baseline
+
+
+def test_dp_sgd_and_deepspeed_institutions_train_no_personal_model():
+    """Under sample-level DP-SGD every model an institution trains is DP-SGD's; a DeepSpeed
+    institution's model is sharded over ranks. Neither trains a personal model."""
+    d = tiny_config_dict(personal_model="ditto")
+    d["institutions"][0]["policy"] = {"dp": "sample", "epsilon": 8.0}
+    fed = build_federation(load_config(d))
+    fed.server.run_round(1)
+    dp_sgd, *others = fed.institutions.values()
+    assert not dp_sgd.trains_personal_model and PERSONAL_MODEL not in dp_sgd.personal_state
+    assert all(i.trains_personal_model and PERSONAL_MODEL in i.personal_state for i in others)
+    d = tiny_config_dict(personal_model="ditto")
+    d["institutions"][1]["deepspeed"] = {"processes": 2}
+    sharded = build_federation(load_config(d)).institutions[d["institutions"][1]["name"]]
+    assert not sharded.trains_personal_model
