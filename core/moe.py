@@ -23,6 +23,7 @@ plugin manager), or multi-device expert parallelism.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -55,6 +56,16 @@ def _stack_signature(module: nn.Module) -> tuple | None:
         return None
     params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters())
     return (type(module), params) if params else None
+
+
+def source_groups(source: torch.Tensor, mask: torch.Tensor, source_masks: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each source present in ``source [N]``: its token rows and the experts they may
+    take (``mask`` and the source's row of ``source_masks``; a source left with no expert
+    keeps ``mask``). Routing by source is this loop, in the layer and in DP-SGD's trace."""
+    for s in torch.unique(source).tolist():
+        rows = (source == s).nonzero().squeeze(1)
+        allowed = mask & source_masks[s].to(mask.device)
+        yield rows, allowed if bool(allowed.any()) else mask
 
 
 class MoELayer(nn.Module):
@@ -165,10 +176,8 @@ class MoELayer(nn.Module):
         Aux losses are the sources' weighted by their share of the tokens; the router's
         other statistics (drops, gate entropy) are per call and not kept."""
         parts, aux, N = [], {}, inp.shape[0]
-        for s in torch.unique(source).tolist():
-            rows = (source == s).nonzero().squeeze(1)
-            allowed = mask & source_masks[s].to(mask.device)
-            r = self._route(inp[rows], allowed if bool(allowed.any()) else mask, task)
+        for rows, allowed in source_groups(source, mask, source_masks):
+            r = self._route(inp[rows], allowed, task)
             parts.append((rows[r.token_index], r.expert_index, r.weight))
             for k, v in (r.aux_losses or {}).items():
                 aux[k] = aux.get(k, 0.0) + v * (len(rows) / N)

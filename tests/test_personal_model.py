@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config_dict
 from m3tfed.federation.baselines.dense_fedavg import dense_config
 from m3tfed.federation.build import build_federation
-from m3tfed.federation.checkpoint import unflatten_components
+from m3tfed.federation.checkpoint import load_checkpoint, personal_path, unflatten_components
 from m3tfed.federation.config import load_config
 from m3tfed.federation.institution import PERSONAL_MODEL, PERSONAL_OPTIMIZER
 from m3tfed.federation.lifecycle import resume_job, run_job
@@ -101,3 +101,47 @@ def test_dp_sgd_and_deepspeed_institutions_train_no_personal_model():
     d["institutions"][1]["deepspeed"] = {"processes": 2}
     sharded = build_federation(load_config(d)).institutions[d["institutions"][1]["name"]]
     assert not sharded.trains_personal_model
+
+
+def test_running_out_of_time_in_the_personal_step_keeps_the_rounds_update(monkeypatch):
+    from m3tfed.errors import InstitutionTimeout
+    from m3tfed.federation.institution import Institution
+
+    def out_of_time(self, *args, **kwargs):
+        raise InstitutionTimeout(f"{self.name} ran past its time limit")
+
+    plain = federation(personal_model="none")
+    plain.server.run_round(1)
+    monkeypatch.setattr(Institution, "train_personal_model", out_of_time)
+    late = federation(personal_model="ditto")
+    rep = late.server.run_round(1)
+    assert not rep.dropped and len(rep.succeeded) == len(late.institutions)
+    for comp, state in plain.server.state.items():
+        assert all(torch.equal(v, late.server.state[comp][k]) for k, v in state.items()), comp
+    assert all(PERSONAL_MODEL not in i.personal_state for i in late.institutions.values())
+
+
+def test_a_run_saved_before_personal_models_resumes_without_them(tmp_path):
+    """A config.json without ``personal_model`` was written when no institution trained
+    one: resume continues it so (a default that trained one would change the method
+    mid-run, and the resumed checkpoint's config would no longer match)."""
+    run_job(tiny_config_dict(rounds=2, personal_model="none"), name="old", runs_dir=tmp_path, stop_after=1, progress=lambda m: None)
+    path = tmp_path / "old" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["federation"]["personal_model"]
+    path.write_text(json.dumps(saved))
+    resume_job(tmp_path / "old", progress=lambda m: None)
+    done = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    for name in done["selections"]:
+        tensors, _ = load_checkpoint(personal_path(tmp_path / "old", name, 2))
+        assert tensors and not any(k.startswith(PERSONAL_MODEL) for k in tensors), name
+
+
+def test_the_kept_round_is_tested_with_its_own_personal_model_or_none():
+    from m3tfed.federation.lifecycle import kept_personal
+
+    later = {PERSONAL_MODEL: {"a::w": torch.ones(1)}, PERSONAL_OPTIMIZER: {}, "task.grade": {"w": torch.ones(1)}}
+    # kept before the institution first trained: no personal model then, its head as kept
+    assert kept_personal(later, {"task.grade": {"w": torch.zeros(1)}}) == {"task.grade": {"w": torch.zeros(1)}}
+    kept = {PERSONAL_MODEL: {"a::w": torch.zeros(1)}}
+    assert kept_personal(later, kept)[PERSONAL_MODEL] is kept[PERSONAL_MODEL]

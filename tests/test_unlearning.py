@@ -14,6 +14,7 @@ from m3tfed.federation.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    personal_path,
     write_json_atomic,
 )
 from m3tfed.federation.config import load_config
@@ -95,14 +96,14 @@ def test_forget_rolls_back_and_retrains_only_what_the_institution_touched(six, c
     assert "rural_school" not in json.loads((out / "metrics.json").read_text())["selections"]
 
 
-def three_institution_run(tmp_path, rounds=3, policy=None):
+def three_institution_run(tmp_path, rounds=3, policy=None, personal_model="none"):
     """community_college trains a superset of what the two others train, and is offline
     in round 1, so its first contribution is in round 2."""
     d = tiny_config_dict(rounds=rounds)
     # Persisted optimizer moments and personal models, like personal parts, restart at the
     # rollback round (only the newest are kept), so "touched" is compared where there are none.
     d["federation"]["optimizer_state"] = "fresh"
-    d["federation"]["personal_model"] = "none"
+    d["federation"]["personal_model"] = personal_model
     cc = {
         "name": "community_college",
         "modalities": ["tabular", "interactions", "text"],
@@ -329,3 +330,15 @@ def test_erasure_on_request_removes_the_states_kept_for_testing(tmp_path):
     assert (tmp_path / "orig" / "kept" / d["institutions"][2]["name"]).is_dir()
     rec = forget(tmp_path / "orig", d["institutions"][2]["name"], progress=quiet)
     assert "kept" in rec["erased_from_source"] and not (tmp_path / "orig" / "kept").exists()
+
+
+def test_erasure_on_request_removes_the_others_personal_state_it_influenced(tmp_path):
+    """From its first contribution on, the others' personal snapshots (here their Ditto
+    personal models, pulled toward a shared model it influenced) go with the checkpoints."""
+    run, _ = three_institution_run(tmp_path, rounds=3, policy={"forget_on_request": True}, personal_model="ditto")
+    others = ("high_school", "university")
+    assert all(personal_path(run, n, 3).exists() for n in others)  # each keeps its newest
+    rec = forget(run, "community_college", out_dir=tmp_path / "out", progress=quiet)
+    for n in others:
+        assert not any((run / "institutions" / n).glob("round_*")), n
+        assert str(personal_path(run, n, 3).relative_to(run)) in rec["erased_from_source"]

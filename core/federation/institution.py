@@ -173,8 +173,8 @@ class Institution:
 
     @property
     def keeps_state(self) -> bool:
-        """Whether it holds state of its own between rounds (personal components, or its
-        optimizer's moments), which its checkpoints must carry."""
+        """Whether it holds state of its own between rounds (personal components, its
+        optimizer's moments, its personal model), which its checkpoints must carry."""
         return bool(self.config.personal) or self.settings.optimizer_state == "persist" or self.trains_personal_model
 
     @property
@@ -210,6 +210,7 @@ class Institution:
             "experts": list(self.experts),
             "components": self.component_names(),
             "personal": list(c.personal),
+            "keeps_state": self.keeps_state,  # a resumed coordinator asks it to restore its snapshot
             "local_steps": self.local_steps(),
             # the sample count is computed from the data: withheld like a reply's counts
             **({} if self.withholds_statistics() else {"num_train": self.data.num_train}),
@@ -304,10 +305,11 @@ class Institution:
         for comp in self.config.personal:
             if comp in model.component_names():
                 self.personal_state[comp] = model.component_state(comp)
-        if ditto_anchor is not None:
-            self.train_personal_model(model, ditto_anchor, job, deadline=start + job.timeout_s)
         for stage in self.stages:
             updates = stage.process(updates, RoundContext(job.round, institution=self.name, privacy=self.privacy))
+        if ditto_anchor is not None:  # last, in the time left: running out keeps the round's update
+            with contextlib.suppress(InstitutionTimeout):
+                self.train_personal_model(model, ditto_anchor, job, deadline=start + job.timeout_s)
         if withhold:  # loss, sample count and routing are statistics of the students' data
             return TrainResult(self.name, job.round, updates, 0, None, {}, time.perf_counter() - start, details=done.details)
         return TrainResult(self.name, job.round, updates, self.data.num_train, loss, tokens, time.perf_counter() - start, details=done.details)
@@ -315,7 +317,8 @@ class Institution:
     def train_personal_model(self, model: M3TModel, received: State, job: TrainJob, deadline: float) -> None:
         """Ditto's personal step (Li et al. 2021, Algorithm 1): its own model v, every
         component, trained for the job's steps on its loss + (lambda/2)||v - w||^2, where w
-        is the model it received this round (v starts as that model). v stays here."""
+        is the model it received this round (v starts as that model). v stays here; it and
+        its optimizer state change only when the step completes."""
         s = self.settings
         own = self.personal_state.get(PERSONAL_MODEL)
         for comp, state in (unflatten_components(own) if own else received).items():
@@ -346,8 +349,8 @@ class Institution:
         only: Callable[[str], bool] | None = None,
         optimizer_state: dict[str, torch.Tensor] | None = None,
     ) -> tuple[float, dict[str, int]]:
-        """Local training in this process outside a round's job (baselines,
-        personalization), by :attr:`in_process_trainer`: DP-SGD under a sample-level
+        """Local training in this process beside a round's job (baselines,
+        personalization, the personal model), by :attr:`in_process_trainer`: DP-SGD under a sample-level
         policy, plain otherwise (:class:`~m3tfed.interfaces.LocalRun` says what each
         argument does). Returns the mean loss and the tokens routed to each expert."""
         run = LocalRun(steps, lr, seed, anchor, proximal_mu or {}, deadline, only, optimizer_state)

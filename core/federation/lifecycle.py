@@ -61,6 +61,7 @@ from .evaluation import (
     kept_now,
     validation_score,
 )
+from .institution import PERSONAL_MODEL, PERSONAL_OPTIMIZER
 from .report import across_seeds, compare, format_seeds_table, format_table, merge_halves, summarize
 from .routing_stats import routing_mutual_information
 from .server import RoundReport, Server
@@ -739,12 +740,20 @@ def load_kept(fed: Federation, run_dir: Path) -> int | dict[str, int]:
             tensors, meta = load_checkpoint(Path(run_dir) / KEPT / name)
             owners = split_owners(tensors)
             inst.kept_shared = unflatten_components(owners.get("@server", {}))
-            inst.personal_state = {**inst.personal_state, **unflatten_components(owners.get(name, {}))}
+            inst.personal_state = kept_personal(inst.personal_state, unflatten_components(owners.get(name, {})))
             rounds[name] = int(meta["round"])
         return rounds
     tensors, meta = load_checkpoint(Path(run_dir) / KEPT)
     owners = split_owners(tensors)
     fed.server.state = {**fed.server.state, **unflatten_components(owners.get("@server", {}))}
     for name, inst in fed.institutions.items():
-        inst.personal_state = {**inst.personal_state, **unflatten_components(owners.get(name, {}))}
+        inst.personal_state = kept_personal(inst.personal_state, unflatten_components(owners.get(name, {})))
     return int(meta["round"])
+
+
+def kept_personal(current: dict, kept: dict) -> dict:
+    """An institution's personal state as of its kept round: what the kept checkpoint holds,
+    over the current state, except a personal model the kept round did not have yet (it had
+    not trained by then): a later one must not be tested with the kept round's state."""
+    later = {k: v for k, v in current.items() if k not in (PERSONAL_MODEL, PERSONAL_OPTIMIZER)}
+    return {**later, **kept}

@@ -66,6 +66,7 @@ from .checkpoint import (
     checkpoint_path,
     flatten_components,
     load_checkpoint,
+    personal_path,
     round_checkpoints,
     run_info,
     save_checkpoint,
@@ -263,11 +264,15 @@ def _curve_without(entry: dict[str, Any], institution: str) -> dict[str, Any]:
 def erase_from_source(run_dir: Path, institution: str, first: int, last: int) -> list[str]:
     """The erasure an institution with ``forget_on_request`` is owed, done rather than
     recorded: once the run without it is written, every checkpoint of ``run_dir`` that
-    carries its influence (rounds ``first`` .. ``last``) and its personal state are
-    deleted, and ``erased.json`` marks the folder so it is neither resumed nor forgotten
+    carries its influence (rounds ``first`` .. ``last``, the server's and the other
+    institutions' personal snapshots) and its personal state are deleted, and ``erased.json`` marks the folder so it is neither resumed nor forgotten
     from again. Returns what was removed (paths relative to ``run_dir``)."""
     removed = [checkpoint_path(run_dir, rnd) for rnd in range(first, last + 1)]
     removed.append(run_dir / "institutions" / institution)
+    # the others' personal state from then on was trained from models it influenced
+    # (personal parts, optimizer moments, personal models pulled toward the shared one)
+    others = [p.name for p in (run_dir / "institutions").glob("*") if p.name != institution]
+    removed += [personal_path(run_dir, other, rnd) for other in sorted(others) for rnd in range(first, last + 1)]
     removed.append(run_dir / KEPT)  # the states chosen for testing: its personal parts, its influence
     gone = []
     write_json_atomic(run_dir / ERASED_FILE, {"institution": institution, "rounds": [first, last], "created": datetime.now().isoformat()})

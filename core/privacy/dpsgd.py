@@ -67,7 +67,7 @@ from ..errors import Instrumentation
 from ..interfaces import LocalFit, LocalRun
 from ..model import Block, EncoderSlot, M3TModel, TaskSlot
 from ..modules import active_mask
-from ..moe import MoELayer
+from ..moe import MoELayer, source_groups
 from ..specs import Routing
 from ..training import PlainTrainer, make_optimizer, proximal_terms, timeout, tokens_by_expert
 
@@ -337,11 +337,9 @@ class _PerSampleTrace:
             if tokens is None or tokens.sample.numel() != inp.shape[0]:
                 raise UnsupportedModel("router input rows do not match the block's real tokens")
             per_sample = torch.bincount(tokens.sample, minlength=self.B).clamp_min(1)
-            for s in torch.unique(source).tolist():
-                rows = (source == s).nonzero().squeeze(1)
-                allowed = mask & source_masks[s].to(mask.device)
+            for rows, allowed in source_groups(source, mask, source_masks):
                 sub = _Rows(tokens.sample[rows], self.B)
-                r, per = self._route(router, inp[rows], allowed if bool(allowed.any()) else mask, sub)
+                r, per = self._route(router, inp[rows], allowed, sub)
                 parts.append((rows[r.token_index], r.expert_index, r.weight, r.stats["assignment_sample"]))
                 share = torch.bincount(sub.sample, minlength=self.B) / per_sample
                 for k, v in per.items():

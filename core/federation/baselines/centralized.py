@@ -15,8 +15,8 @@ batch_size/MIX took 2.2x the federation's time for the same samples, small passe
 dearer per sample, and reached about the same validation loss: docs/results.md.)
 
 What an institution keeps personal in the federation (its router, its heads) it keeps
-here too, with its own optimizer state, so this differs from the federation only in
-where the data is. Early stopping: the pooled model is validated every
+here too, with its own optimizer state, so this differs from the federation without
+personal models (``federation.personal_model = "none"``) only in where the data is. Early stopping: the pooled model is validated every
 ``evaluation.every`` rounds' worth of steps and the best state is the one tested."""
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``dense_fedavg``: a dense feed-forward (one expert as wide as the k active experts)
 trained with FedAvg on the same data and rounds. Each institution keeps the personal
-parts the dense model has (its task heads, encoders, router), so the comparison with
-the federated MoE is MoE versus dense, not personalization versus none; the round kept is
-chosen on validation."""
+parts the dense model has (its task heads, encoders, router), so against the federated
+MoE without personal models it is MoE versus dense, not personalization versus none
+(the dense counterpart of its Ditto personal models is the ``ditto`` baseline); the
+round kept is chosen on validation."""
 
 from __future__ import annotations
 

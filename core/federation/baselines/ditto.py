@@ -1,7 +1,13 @@
 """``ditto``: Ditto (Li et al. 2021). Dense FedAvg trains the global model; after each
 round every institution also trains its own personal model v for the same local steps
 on its loss + (lambda/2)||v - w_global||^2. Each institution is judged by its v; the
-round kept is chosen on validation. ``lambda`` = 0.1 (the middle of the paper's grid)."""
+round kept is chosen on validation. ``lambda`` = 0.1 (the middle of the paper's grid).
+
+It differs from the federated MoE's own Ditto form (``federation.personal_model``, which
+this dense model turns off): that one trains v inside each sampled institution's round
+from the model it received, keeps v's optimizer moments, and tests whichever of v and the
+federation's model is lower on validation; here v trains after aggregation with a fresh
+optimizer, under DP-SGD too, and is always the one tested."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``personalized``: the federated MoE after a short local fine-tune of each
-institution's router and task heads (its personal gate), from the kept global state,
+institution's router and task heads (its personal gate), from the model it is tested with,
 kept only where it lowers that institution's validation loss (as FedAvg + fine-tuning
 does). At a learning rate / local steps of its own (``evaluation.tuned``), it first
 trains its own federated MoE at that point (round kept on validation)."""

@@ -247,7 +247,9 @@ class FlowerBackend:
 
     # -- personal state stays on the nodes ------------------------------------------------
     def _holders(self) -> list[str]:
-        return [n for n in self.nodes if self.capabilities[n].get("personal") and n not in self.excluded]
+        # personal parts, optimizer moments or a personal model (a node of before that key: its parts)
+        caps = self.capabilities
+        return [n for n in self.nodes if caps[n].get("keeps_state", bool(caps[n].get("personal"))) and n not in self.excluded]
 
     def save_personal(self, run_dir: Path, rnd: int) -> None:
         """Nothing to send: each node snapshots its personal state for every round it
