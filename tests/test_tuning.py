@@ -314,6 +314,16 @@ def test_a_seed_splits_into_two_halves_of_about_equal_work():
     assert split_work(EvaluationSettings(baselines=[], personalize=True)) == (["personalized"], [])  # nothing to split
 
 
+def test_the_federated_moe_weighs_twice_with_personal_models():
+    """The time left counts a personal model's second training per round."""
+    from m3tfed.federation.baselines import BASELINES, federated_work, work_of
+
+    plain, ditto = (load_config(tiny_config_dict(personal_model=p)) for p in ("none", "ditto"))
+    assert (federated_work(plain), federated_work(ditto)) == (1.0, 2.0)
+    assert work_of(["local"], federated_work(ditto)) == 2.0 + BASELINES["local"].cost
+    assert work_of(["local"], federated=False) == BASELINES["local"].cost
+
+
 def test_time_left_weighs_each_run_by_its_expected_work(monkeypatch):
     """A half-run is expected to take half a run's time: after a whole run of 100 s, a
     half not started is 50 s left, not another 100 s."""

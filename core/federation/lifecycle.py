@@ -37,7 +37,7 @@ from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..threads import pinned_auto_threads, resolve_threads, usable_cores
-from .baselines import BASELINES, BaselineContext, configured, split_work, work_of
+from .baselines import BASELINES, BaselineContext, configured, federated_work, split_work, work_of
 from .baselines.common import config_at, kept_text
 from .build import Federation, build_federation, privacy_ledger, restore_ledger
 from .checkpoint import (
@@ -407,7 +407,8 @@ def run_seeds(
     labels = [f"grid point {k + 1}/{len(points)} (lr {p['lr']:g}, {p['local_steps']} steps)" for k, p in enumerate(points)]
     tuned = [b.name for b in configured(cfg.evaluation) if b.name in TUNED_METHODS]
     untuned = [b.name for b in configured(cfg.evaluation) if b.name not in TUNED_METHODS]
-    weights = [work_of(tuned)] * len(points)  # each run's expected work, for the time left
+    fed_work = federated_work(cfg)
+    weights = [work_of(tuned, fed_work)] * len(points)  # each run's expected work, for the time left
     # The grid runs on the first seed, whose run is then read from the tuning runs.
     tested_seed = seed_list[0] if points else None
     for i, s in enumerate(seed_list):
@@ -416,7 +417,7 @@ def run_seeds(
             weights.append(work_of(untuned, federated=False) + 0.05)
             continue
         labels += [f"seed {s} ({i + 1}/{seeds}) part {k}/2" for k in (1, 2)] if split else [f"seed {s} ({i + 1}/{seeds})"]
-        weights += [work_of(halves[0]), work_of(halves[1], federated=False)] if split else [work_of([*halves[0], *halves[1]])]
+        weights += [work_of(halves[0], fed_work), work_of(halves[1], federated=False)] if split else [work_of([*halves[0], *halves[1]], fed_work)]
     tracker = RunsProgress(labels, workers, progress, weights)
     t0, cpu0, load0 = time.perf_counter(), cpu_seconds(), _load()
     with Runs(data_root, workers, tracker) as run_all:

@@ -31,10 +31,17 @@ def configured(evaluation) -> list[Baseline]:
     return [b for name, b in BASELINES.items() if name in wanted]
 
 
-def work_of(names: list[str], federated: bool = True) -> float:
-    """About how much work the methods ``names`` are, in federated MoE trainings (the
-    federated MoE itself is 1 when ``federated``): :attr:`Baseline.cost` summed."""
+def work_of(names: list[str], federated: float = 1.0) -> float:
+    """About how much work the methods ``names`` are, in federated MoE trainings without
+    personal models, plus ``federated``, the federated MoE's own (0: not run; 2 with
+    personal models, :func:`federated_work`): :attr:`Baseline.cost` summed."""
     return float(federated) + sum(BASELINES[n].cost for n in names)
+
+
+def federated_work(cfg) -> float:
+    """The federated MoE's work in those units: 2 when every institution also trains a
+    personal model (``federation.personal_model``), else 1."""
+    return 2.0 if cfg.federation.personal_model == "ditto" else 1.0
 
 
 def split_work(evaluation) -> tuple[list[str], list[str]]:
