@@ -80,6 +80,10 @@ def test_a_run_with_personal_models_resumes_to_the_same_tested_results(tmp_path)
     assert full == split
     plain = run_job(tiny_config_dict(rounds=3, personal_model="none"), name="plain", runs_dir=tmp_path, progress=lambda m: None, echo=False)
     assert plain["results"]["fed_moe"] != full  # the tested model is the personal one
+    # which model each institution was tested with is recorded; without personal models, nothing
+    tested_with = json.loads((tmp_path / "full" / "metrics.json").read_text())["tested_with"]
+    assert set(tested_with) == set(full) and set(tested_with.values()) <= {"personal", "federation"}
+    assert "personal" in tested_with.values() and plain["tested_with"] == {}
 
 
 def test_dense_baselines_train_no_personal_model():

@@ -156,6 +156,9 @@ class Institution:
         # evaluation.keep = "each": the shared state of the round of its own lowest
         # validation loss, the one it is tested with (None: the federation's kept state)
         self.kept_shared: State | None = None
+        # What its last tested_model() was: "personal" (its personal model), "federation",
+        # or None without a personal model; the run records it beside its test results.
+        self.tested_with: str | None = None
         # Its privacy state is set by build_federation when its policy asks for anything:
         # it refuses to train once its budget is spent. Until then, no policy; and the
         # local trainers (pick_trainers) follow from the config and that state.
@@ -234,11 +237,14 @@ class Institution:
         shared = shared if self.kept_shared is None else self.kept_shared
         model = self.load(shared)
         if PERSONAL_MODEL not in self.personal_state:
+            self.tested_with = None
             return model
         federation_loss = self.validation_loss(model)
         for comp, state in unflatten_components(self.personal_state[PERSONAL_MODEL]).items():
             model.load_component_state(comp, state)
-        return model if self.validation_loss(model) <= federation_loss else self.load(shared)
+        personal = self.validation_loss(model) <= federation_loss
+        self.tested_with = "personal" if personal else "federation"
+        return model if personal else self.load(shared)
 
     def load(self, shared: State) -> M3TModel:
         """Put ``shared`` and this institution's personal state into its model."""

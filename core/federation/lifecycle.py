@@ -254,6 +254,7 @@ def finish(
     cpu: dict[str, float] = {}
     routing: dict[str, dict] = {}
     kept_round = None
+    tested_with: dict[str, str] = {}  # institution -> the model fed_moe tested: "personal" or "federation"
     history = [to_dict(r) for r in fed.server.history]
     communication = {"bytes_down": sum(r.bytes_down for r in fed.server.history), "bytes_up": sum(r.bytes_up for r in fed.server.history)}
     ctx = BaselineContext(final=final, progress=progress)
@@ -262,6 +263,7 @@ def finish(
         kept_round = load_kept(fed, run_dir)
         progress(f"  testing the state of {kept_text(kept_round)}" + (" (lowest validation loss)" if cfg.evaluation.keep != "last" else ""))
         results["fed_moe"], routing = read_test_once(fed, final)
+        tested_with = {n: i.tested_with for n, i in fed.institutions.items() if i.tested_with is not None}
         seconds["fed_moe"], cpu["fed_moe"] = fed_time
     for method, tuning_run in (tested_from or {}).items():
         progress(f"  method {method}: testing the state its tuning run kept ({Path(tuning_run).name})")
@@ -277,6 +279,7 @@ def finish(
             ctx.curves[method] = curve
         if method == "fed_moe":  # its rounds are the tuning run's (and its privacy ledger)
             routing, kept_round, history, communication = method_routing, done["kept_round"], done["history"], done["communication"]
+            tested_with = done.get("tested_with", {})
             curves = json.loads((Path(tuning_run) / "curves.json").read_text())
             write_json_atomic(run_dir / "curves.json", curves)
             if (Path(tuning_run) / LEDGER_FILE).exists():
@@ -305,6 +308,7 @@ def finish(
         "communication": communication,
         "history": history,
         "kept_round": kept_round,
+        "tested_with": tested_with,  # with personal models: which one each institution was tested with
         "routing_mutual_information": routing_mutual_information(tokens, by_modality),  # does routing specialize?
         "split": final.split,  # "val" in a tuning run: every table above is on validation
         # method -> the tuning run its test was read from (the first seed of a tuned protocol)
