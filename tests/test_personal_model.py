@@ -46,6 +46,10 @@ def test_the_personal_model_stays_at_the_institution_and_is_the_model_tested():
         assert personal_loss is None or personal_loss <= federation_loss, name
         assert personal_loss is not None or inst.validation_loss(tested) == federation_loss, name
         served.append(personal_loss is not None)
+        # the choice's own evaluation of the chosen model is what callers reuse
+        chosen = inst.tested(ditto.server.state)
+        assert chosen.served == ("personal" if served[-1] else "federation")
+        assert chosen.val[0] == inst.evaluate(chosen.model, "val")[0]
     assert any(served)
     # a personal model that got worse (here: scrambled) is not the one tested
     inst = ditto.institutions["university"]
@@ -84,6 +88,18 @@ def test_a_run_with_personal_models_resumes_to_the_same_tested_results(tmp_path)
     tested_with = json.loads((tmp_path / "full" / "metrics.json").read_text())["tested_with"]
     assert set(tested_with) == set(full) and set(tested_with.values()) <= {"personal", "federation"}
     assert "personal" in tested_with.values() and plain["tested_with"] == {}
+
+
+def test_the_ditto_baseline_is_dense_fedavg_with_the_personal_model_form(tmp_path):
+    """Its shared training is dense FedAvg's bit for bit (v never leaves), and each
+    institution is validated with the lower of its v and the shared model: round by round
+    its mean validation loss is at most dense FedAvg's, lower where some v was better."""
+    d = tiny_config_dict(rounds=3)
+    d["evaluation"].update(baselines=["dense_fedavg", "ditto"])
+    out = run_job(d, name="ditto", runs_dir=tmp_path, progress=lambda m: None, echo=False)
+    dense, ditto = ([p["val_loss"] for p in out["method_curves"][m]] for m in ("dense_fedavg", "ditto"))
+    assert len(dense) == len(ditto) == 3
+    assert all(b <= a for a, b in zip(dense, ditto)) and any(b < a for a, b in zip(dense, ditto)), (dense, ditto)
 
 
 def test_dense_baselines_train_no_personal_model():

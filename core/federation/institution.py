@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -136,6 +136,16 @@ def default_accelerator():
 _ACCELERATOR = None
 
 
+class Tested(NamedTuple):
+    """An institution's model as tested (:meth:`Institution.tested`): ``val`` holds its
+    validation metrics and routing where choosing it computed them (None otherwise), and
+    ``served`` which model it is with a personal model ("personal" or "federation")."""
+
+    model: M3TModel
+    val: tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]] | None = None
+    served: str | None = None
+
+
 class Institution:
     def __init__(
         self,
@@ -156,9 +166,6 @@ class Institution:
         # evaluation.keep = "each": the shared state of the round of its own lowest
         # validation loss, the one it is tested with (None: the federation's kept state)
         self.kept_shared: State | None = None
-        # What its last tested_model() was: "personal" (its personal model), "federation",
-        # or None without a personal model; the run records it beside its test results.
-        self.tested_with: str | None = None
         # Its privacy state is set by build_federation when its policy asks for anything:
         # it refuses to train once its budget is spent. Until then, no policy; and the
         # local trainers (pick_trainers) follow from the config and that state.
@@ -229,22 +236,31 @@ class Institution:
         """The components of a server state its model takes (all but its personal ones)."""
         return {c: state[c] for c in self.component_names() if not self.is_personal(c)}
 
-    def tested_model(self, shared: State) -> M3TModel:
+    def tested(self, shared: State) -> Tested:
         """Its model as tested (and validated): ``shared`` (the federation's kept state) with
         its personal parts, or the shared state of its own kept round (``evaluation.keep =
         "each"``). With a Ditto personal model, whichever of the two has the lower loss on
-        its validation split (the choice an institution makes on its own data)."""
+        its validation split (the choice an institution makes on its own data), with the
+        chosen one's validation results, so that no caller evaluates it a third time."""
         shared = shared if self.kept_shared is None else self.kept_shared
         model = self.load(shared)
         if PERSONAL_MODEL not in self.personal_state:
-            self.tested_with = None
-            return model
-        federation_loss = self.validation_loss(model)
+            return Tested(model)
+        federation = self.evaluate(model, "val")
         for comp, state in unflatten_components(self.personal_state[PERSONAL_MODEL]).items():
             model.load_component_state(comp, state)
-        personal = self.validation_loss(model) <= federation_loss
-        self.tested_with = "personal" if personal else "federation"
-        return model if personal else self.load(shared)
+        personal = self.evaluate(model, "val")
+        if institution_score(personal[0]) <= institution_score(federation[0]):
+            return Tested(model, personal, "personal")
+        return Tested(self.load(shared), federation, "federation")
+
+    def tested_model(self, shared: State) -> M3TModel:
+        """The model of :meth:`tested`."""
+        return self.tested(shared).model
+
+    def validation_loss(self, model: M3TModel) -> float:
+        """Its summed task losses on its validation split (what choices minimise)."""
+        return institution_score(self.evaluate(model, "val")[0])
 
     def load(self, shared: State) -> M3TModel:
         """Put ``shared`` and this institution's personal state into its model."""
@@ -364,11 +380,6 @@ class Institution:
         return done.loss, done.tokens
 
     # -- evaluation --------------------------------------------------------------
-    def validation_loss(self, model: M3TModel) -> float:
-        """Its summed task losses on its validation split (what choices minimise)."""
-        metrics, _ = self.evaluate(model, "val")
-        return institution_score(metrics)
-
     def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
         """Metrics per task on ``"val"`` or ``"train"``, and tokens routed to each expert
         per task and per modality (``evaluate_model``). The test split is read once, at

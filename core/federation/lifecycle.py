@@ -262,8 +262,7 @@ def finish(
         progress(f"evaluating: federated MoE and {', '.join(b.name for b in configured(cfg.evaluation))}")
         kept_round = load_kept(fed, run_dir)
         progress(f"  testing the state of {kept_text(kept_round)}" + (" (lowest validation loss)" if cfg.evaluation.keep != "last" else ""))
-        results["fed_moe"], routing = read_test_once(fed, final)
-        tested_with = {n: i.tested_with for n, i in fed.institutions.items() if i.tested_with is not None}
+        results["fed_moe"], routing, tested_with = read_test_once(fed, final)
         seconds["fed_moe"], cpu["fed_moe"] = fed_time
     for method, tuning_run in (tested_from or {}).items():
         progress(f"  method {method}: testing the state its tuning run kept ({Path(tuning_run).name})")
@@ -697,10 +696,15 @@ def validate(fed: Federation, limit: int | None = None) -> tuple[dict[str, Metri
     """Every institution's metrics on (the first ``limit`` samples of) its validation split."""
     metrics, routing = {}, {}
     for name, inst in fed.institutions.items():
+        tested = inst.tested(fed.server.state)
         split = inst.data.val
-        if limit is not None and num_samples(split) > limit:
+        if limit is None or num_samples(split) <= limit:
+            if tested.val is not None:  # choosing it evaluated it on the whole split already
+                metrics[name], routing[name] = tested.val
+                continue
+        else:
             split = take(split, torch.arange(limit))  # val is shuffled once by the source
-        metrics[name], routing[name] = evaluate_model(inst.tested_model(fed.server.state), inst.config.tasks, split)
+        metrics[name], routing[name] = evaluate_model(tested.model, inst.config.tasks, split)
     return metrics, routing
 
 
@@ -709,12 +713,16 @@ def scores_of(entry: dict) -> dict[str, float]:
     return {n: institution_score(tasks) for n, tasks in entry["metrics"].items()}
 
 
-def read_test_once(fed: Federation, final: FinalTest, method: str = "fed_moe") -> tuple[dict[str, Metrics], dict]:
-    """The federation's one read of every institution's test split, as ``method``."""
-    metrics, routing = {}, {}
+def read_test_once(fed: Federation, final: FinalTest, method: str = "fed_moe") -> tuple[dict[str, Metrics], dict, dict[str, str]]:
+    """The federation's one read of every institution's test split, as ``method``, and
+    which model each institution with a personal model was tested with."""
+    metrics, routing, served = {}, {}, {}
     for name, inst in fed.institutions.items():
-        metrics[name], routing[name] = final.evaluate(method, inst, inst.tested_model(fed.server.state))
-    return metrics, routing
+        tested = inst.tested(fed.server.state)
+        metrics[name], routing[name] = final.evaluate(method, inst, tested.model)
+        if tested.served is not None:
+            served[name] = tested.served
+    return metrics, routing, served
 
 
 KEPT = "kept"  # run_dir/kept/: the state early stopping keeps (shared + every personal part)
