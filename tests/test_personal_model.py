@@ -90,16 +90,28 @@ def test_a_run_with_personal_models_resumes_to_the_same_tested_results(tmp_path)
     assert "personal" in tested_with.values() and plain["tested_with"] == {}
 
 
-def test_the_ditto_baseline_is_dense_fedavg_with_the_personal_model_form(tmp_path):
-    """Its shared training is dense FedAvg's bit for bit (v never leaves), and each
-    institution is validated with the lower of its v and the shared model: round by round
-    its mean validation loss is at most dense FedAvg's, lower where some v was better."""
-    d = tiny_config_dict(rounds=3)
+def test_serving_the_personal_model_always_tests_it_even_where_it_is_worse():
+    fed = federation(personal_model="ditto", personal_serve="personal")
+    fed.server.run_round(1)
+    inst = fed.institutions["university"]
+    inst.personal_state[PERSONAL_MODEL] = {k: torch.randn_like(v) * 3 for k, v in inst.personal_state[PERSONAL_MODEL].items()}
+    tested = inst.tested(fed.server.state)
+    own = unflatten_components(inst.personal_state[PERSONAL_MODEL])
+    assert tested.served == "personal" and tested.val is None
+    assert distance({c: tested.model.component_state(c) for c in own}, own) == 0
+    assert inst.validation_loss(tested.model) > inst.validation_loss(inst.load(fed.server.state))
+
+
+def test_the_ditto_baseline_is_dense_fedavg_with_a_personal_model_served_always(tmp_path):
+    """Ditto as published: the dense model, each institution tested with its personal
+    model v. v never leaves, so its shared training is dense FedAvg's; its validation
+    curve and test results are v's, not the shared model's."""
+    d = tiny_config_dict(rounds=2)
     d["evaluation"].update(baselines=["dense_fedavg", "ditto"])
     out = run_job(d, name="ditto", runs_dir=tmp_path, progress=lambda m: None, echo=False)
     dense, ditto = ([p["val_loss"] for p in out["method_curves"][m]] for m in ("dense_fedavg", "ditto"))
-    assert len(dense) == len(ditto) == 3
-    assert all(b <= a for a, b in zip(dense, ditto)) and any(b < a for a, b in zip(dense, ditto)), (dense, ditto)
+    assert len(dense) == len(ditto) == 2 and all(a != b for a, b in zip(dense, ditto)), (dense, ditto)
+    assert all(out["results"]["ditto"][n] != out["results"]["dense_fedavg"][n] for n in out["results"]["ditto"])
 
 
 def test_dense_baselines_train_no_personal_model():

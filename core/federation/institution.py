@@ -239,16 +239,19 @@ class Institution:
     def tested(self, shared: State) -> Tested:
         """Its model as tested (and validated): ``shared`` (the federation's kept state) with
         its personal parts, or the shared state of its own kept round (``evaluation.keep =
-        "each"``). With a Ditto personal model, whichever of the two has the lower loss on
-        its validation split (the choice an institution makes on its own data), with the
-        chosen one's validation results, so that no caller evaluates it a third time."""
+        "each"``). With a Ditto personal model, that model (``personal_serve =
+        "personal"``) or whichever of the two has the lower loss on its validation split
+        (``"lower"``: the choice an institution makes on its own data), with the chosen
+        one's validation results, so that no caller evaluates it a third time."""
         shared = shared if self.kept_shared is None else self.kept_shared
         model = self.load(shared)
         if PERSONAL_MODEL not in self.personal_state:
             return Tested(model)
-        federation = self.evaluate(model, "val")
+        federation = self.evaluate(model, "val") if self.settings.personal_serve == "lower" else None
         for comp, state in unflatten_components(self.personal_state[PERSONAL_MODEL]).items():
             model.load_component_state(comp, state)
+        if federation is None:
+            return Tested(model, None, "personal")
         personal = self.evaluate(model, "val")
         if institution_score(personal[0]) <= institution_score(federation[0]):
             return Tested(model, personal, "personal")

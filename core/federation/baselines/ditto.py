@@ -4,10 +4,11 @@ federation with the federated MoE's personal-model form (``federation.personal_m
 the shared model as in dense FedAvg and its own personal model v for the same local steps
 on its loss + (lambda/2)||v - w||^2, w the model it received, lambda the federation's
 ``personal_lambda`` (0.1, the middle of the paper's grid); v keeps its optimizer moments
-and never leaves. Each institution is tested with whichever of v and the shared model is
-lower on its validation split (the paper serves v always), the round kept on validation.
-So the federated MoE with its Ditto form and this baseline differ by the model alone.
-Institutions under sample-level DP-SGD or DeepSpeed train no v (``trains_personal_model``)."""
+and never leaves. Each institution is tested with its v, as in the paper
+(``personal_serve = "personal"``), at the round kept on validation. With the same
+``personal_serve``, the federated MoE's Ditto form and this baseline differ by the model
+alone. Institutions under sample-level DP-SGD or DeepSpeed train no v
+(``trains_personal_model``) and are tested with the shared model."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class Ditto:
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         cfg = dense_config(config_at(fed.config, self.name))
-        cfg.federation.personal_model = "ditto"
+        cfg.federation.personal_model, cfg.federation.personal_serve = "ditto", "personal"
         variant, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "Ditto")
         ctx.progress(f"  Ditto: keeping {kept_text(kept)}")
         return {n: ctx.final.evaluate(self.name, inst, inst.tested_model(variant.server.state))[0] for n, inst in variant.institutions.items()}
