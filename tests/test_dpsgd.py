@@ -180,7 +180,7 @@ def test_dp_sgd_fit_trains_with_batched_per_sample_grads():
 
 
 def test_a_proximal_pull_is_added_to_the_noisy_gradient_unclipped():
-    """FedProx under DP-SGD: mu (w - w0) joins the step after clipping and
+    """FedProx and Ditto under DP-SGD: mu (w - w0) joins the step after clipping and
     noise (it reads no data), so with the same noise the two runs differ by lr mu (w - w0)."""
     inst, net, params, loss_of, _ = setup()
     start = [p.detach().clone() for p in params]

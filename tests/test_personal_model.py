@@ -102,10 +102,9 @@ def test_serving_the_personal_model_always_tests_it_even_where_it_is_worse():
     assert inst.validation_loss(tested.model) > inst.validation_loss(inst.load(fed.server.state))
 
 
-def test_the_ditto_baseline_is_dense_fedavg_with_a_personal_model_served_always(tmp_path):
-    """Ditto as published: the dense model, each institution tested with its personal
-    model v. v never leaves, so its shared training is dense FedAvg's; its validation
-    curve and test results are v's, not the shared model's."""
+def test_the_ditto_baseline_tests_each_institution_with_its_personal_model(tmp_path):
+    """Ditto as published: dense FedAvg, each institution tested with its personal model
+    v, so its validation curve and test results are v's, not the shared model's."""
     d = tiny_config_dict(rounds=2)
     d["evaluation"].update(baselines=["dense_fedavg", "ditto"])
     out = run_job(d, name="ditto", runs_dir=tmp_path, progress=lambda m: None, echo=False)

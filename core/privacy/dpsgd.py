@@ -641,7 +641,7 @@ def dp_sgd_fit(
 ) -> tuple[float, torch.Tensor]:
     """``steps`` DP-SGD steps on Poisson-sampled batches of ``split``.
 
-    ``proximal``: (parameter, anchor, mu) terms (FedProx) whose gradient
+    ``proximal``: (parameter, anchor, mu) terms (FedProx, Ditto) whose gradient
     ``mu (w - w0)`` is added after clipping and noise: it reads no data, so it costs no
     privacy and must not be clipped with the data's gradient.
 
@@ -720,7 +720,7 @@ class DPSGDTrainer:
     institution's noise multiplier, clip norm, sample rate and accountant, and Poisson
     sampling and noise from its own (secret) generator, never the server's job seed.
     Each call charges the accountant one step per optimizer step and closes the round
-    (``InstitutionPrivacy.end_round``). A fresh optimizer every call; a FedProx
+    (``InstitutionPrivacy.end_round``). A fresh optimizer every call; a FedProx or Ditto
     pull (``LocalRun.anchor``) is added to the noisy gradient.
 
     ``LocalRun.only`` (personalizing a few components for this institution's own

@@ -55,11 +55,23 @@ def federation_at(fed: Federation, method: str) -> Federation:
     return build_federation(cfg, fed.server.catalogue, data={n: i.data for n, i in fed.institutions.items()})
 
 
-def train_variant(fed: Federation, cfg: FederationConfig, ctx: BaselineContext, label: str) -> tuple[Federation, int | dict[str, int], list[dict[str, float]]]:
+def train_variant(
+    fed: Federation,
+    cfg: FederationConfig,
+    ctx: BaselineContext,
+    label: str,
+    after_round: Callable[[Federation, int], None] | None = None,
+    model_of: Callable[[Federation, str], Any] | None = None,
+    carry: dict[str, Any] | None = None,
+) -> tuple[Federation, int | dict[str, int], list[dict[str, float]]]:
     """Build ``cfg`` as a federation on ``fed``'s data, run its rounds and keep, as the
     federated MoE's run does (``evaluation.keep``), each institution's state of its own
     lowest validation loss, or the round with the lowest mean (every
-    ``evaluation.every`` rounds and after the last). Returns the variant holding the kept
+    ``evaluation.every`` rounds and after the last). ``after_round`` runs after each
+    round (Ditto's personal step); ``model_of(variant, institution)`` gives the model an
+    institution is judged by (default: as the federated MoE's, ``Institution.tested``);
+    ``carry`` is state the baseline keeps beside the federation per institution (Ditto's
+    personal models), kept and restored with it. Returns the variant holding the kept
     state (an institution's model as tested: ``Institution.tested_model``), the kept
     round (per institution with ``keep = "each"``) and the validation curve."""
     data = {n: i.data for n, i in fed.institutions.items()}
@@ -70,18 +82,23 @@ def train_variant(fed: Federation, cfg: FederationConfig, ctx: BaselineContext, 
     curve, earlier = [], []
     for rnd in range(1, cfg.rounds + 1):
         variant.server.run_round(rnd)
+        if after_round is not None:
+            after_round(variant, rnd)
         if rnd % every and rnd != cfg.rounds:
             continue
-        scores = {n: validation_score_of(inst, variant.server.state) for n, inst in variant.institutions.items()}
+        if model_of is None:
+            scores = {n: validation_score_of(inst, variant.server.state) for n, inst in variant.institutions.items()}
+        else:
+            scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": mean_score(scores)})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {curve[-1]['val_loss']:.4f}")
         if improved := kept_now(keep, earlier, scores):  # the rule of the federated MoE's run
             shared = copy.deepcopy(variant.server.state)  # one copy per kept round, shared by its institutions
             for name in improved:
-                kept[name], snaps[name] = rnd, snapshot(variant, name, shared)
+                kept[name], snaps[name] = rnd, snapshot(variant, name, shared, carry)
         earlier.append(scores)
     for name, snap in snaps.items():
-        restore(variant, name, snap, each=keep == "each")
+        restore(variant, name, snap, carry, each=keep == "each")
     return variant, (kept if keep == "each" else next(iter(kept.values()))), curve
 
 
@@ -100,23 +117,29 @@ def kept_text(kept: int | dict[str, int]) -> str:
     return f"each institution its own round ({lo}-{hi})" if lo != hi else f"round {lo} (each institution's own)"
 
 
-def snapshot(fed: Federation, name: str, shared: State) -> dict[str, Any]:
+def snapshot(fed: Federation, name: str, shared: State, carry: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything one institution's evaluation depends on: its part of ``shared`` (a copy
-    of the server state) and a copy of its personal state (personal parts, optimizer
-    moments, personal model)."""
+    of the server state) and copies of its personal state (personal parts, optimizer
+    moments, personal model) and carried state."""
     inst = fed.institutions[name]
-    return {"shared": inst.shared_part(shared), "personal": copy.deepcopy(inst.personal_state)}
+    return {
+        "shared": inst.shared_part(shared),
+        "personal": copy.deepcopy(inst.personal_state),
+        "carry": copy.deepcopy(carry.get(name)) if carry is not None else None,
+    }
 
 
-def restore(fed: Federation, name: str, snap: dict[str, Any], each: bool) -> None:
-    """Put an institution's snapshot back: its personal state, and the shared state it is
-    tested with (its own with ``each``, else the server's)."""
+def restore(fed: Federation, name: str, snap: dict[str, Any], carry: dict[str, Any] | None, each: bool) -> None:
+    """Put an institution's snapshot back: its personal and carried state, and the shared
+    state it is tested with (its own with ``each``, else the server's)."""
     inst = fed.institutions[name]
     if each:
         inst.kept_shared = snap["shared"]
     else:
         fed.server.state = {**fed.server.state, **snap["shared"]}
     inst.personal_state = snap["personal"]
+    if carry is not None and snap["carry"] is not None:
+        carry[name] = snap["carry"]
 
 
 def keep_personal(cfg: FederationConfig, exists: Callable[[str], bool]) -> None:
