@@ -45,11 +45,22 @@ class PluginConfig:
 class TaskConfig(PluginConfig):
     """A task head plus, optionally, a linear term on raw inputs (wide and deep)."""
 
-    wide: list[str] = setting(
-        factory=list,
+    wide: list[str] | None = setting(
+        None,
         doc="modalities whose raw features (the encoder's `wide_features`) feed a linear term added to this head's output; "
-        "zero at start, part of component `task.<task>`",
+        "zero at start, part of component `task.<task>`. Unset: the task plugin's default (`TaskSpec.wide`; `next_response` "
+        "reads `interactions`) where the model's encoder of that modality offers wide features; [] for none",
     )
+
+
+def wide_modalities(config: ModelConfig, task: str, cat: Catalogue) -> list[str]:
+    """The modalities whose wide features ``task``'s linear term reads: the config's
+    ``wide``, or where it is unset the task plugin's default (``TaskSpec.wide``) among the
+    model's encoders (``M3TModel`` skips one whose encoder offers no wide features)."""
+    tc = config.tasks[task]
+    if tc.wide is not None:
+        return list(tc.wide)
+    return [m for m in cat.get("task", tc.plugin).wide if m in config.encoders]
 
 
 @dataclass
@@ -95,7 +106,7 @@ class ModelConfig:
             if not getattr(self, key):
                 raise ConfigError(f"{path}.{key}", f"at least one entry is required in model.{key}")
         for t, tc in self.tasks.items():
-            unknown = [m for m in tc.wide if m not in self.encoders]
+            unknown = [m for m in tc.wide or [] if m not in self.encoders]
             if unknown:
                 raise ConfigError(f"{path}.tasks.{t}.wide", f"{unknown[0]!r} is not in model.encoders; known: {', '.join(self.encoders)}")
         names = [e.name for e in self.experts]
@@ -300,11 +311,12 @@ class M3TModel(nn.Module):
             pc = config.tasks[t]
             spec = cat.get("task", pc.plugin)
             self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}")
-            for m in pc.wide:
+            for m in wide_modalities(config, t, cat):
                 where = f"model.tasks.{t}.wide"
                 if m not in wide_widths:
-                    wide_widths[m] = self._wide_width(m, cat, where)
-                self.tasks[t].add_wide(m, wide_widths[m], d, where, can_run=check_contracts)
+                    wide_widths[m] = self._wide_width(m, cat, where, required=pc.wide is not None)
+                if wide_widths[m] is not None:
+                    self.tasks[t].add_wide(m, wide_widths[m], d, where, can_run=check_contracts)
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -328,11 +340,13 @@ class M3TModel(nn.Module):
             masks = torch.tensor(rows)
         self.register_buffer("source_masks", masks, persistent=False)
 
-    def _wide_width(self, modality: str, cat: Catalogue, where: str) -> int:
+    def _wide_width(self, modality: str, cat: Catalogue, where: str, required: bool = True) -> int | None:
         """The width of ``modality``'s wide features, from its encoder (its contract
-        check covers them). An institution without the modality builds the encoder only
-        to read the width, so that every copy of a shared head has the same parameters:
-        unchecked, and without drawing from torch's global generator."""
+        check covers them); None where the encoder offers none and the term is only the
+        task plugin's default (``required`` False). An institution without the modality
+        builds the encoder only to read the width, so that every copy of a shared head
+        has the same parameters: unchecked, and without drawing from torch's global
+        generator."""
         path, pc = f"model.encoders.{modality}", self.config.encoders[modality]
         spec = cat.get("encoder", pc.plugin)
         if modality in self.encoders:
@@ -341,6 +355,8 @@ class M3TModel(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 encoder = _build(spec, path, self.config.d_model, pc.options, check=False)
         if not isinstance(encoder, WideFeatures):
+            if not required:
+                return None
             raise ConfigError(where, f"encoder plugin {spec.name!r} of {modality!r} offers no wide features (`wide_width`, `wide_features`)")
         return int(encoder.wide_width)
 

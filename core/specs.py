@@ -84,9 +84,14 @@ class ExpertSpec(Spec):
 @dataclass(frozen=True)
 class TaskSpec(Spec):
     """A task: ``build(d_model, **options)`` returns a :class:`m3tfed.TaskHead` (head
-    module + loss + metrics + label spec)."""
+    module + loss + metrics + label spec).
+
+    ``wide``: modalities whose wide features (``m3tfed.WideFeatures``) the task's linear
+    term reads when the config leaves ``model.tasks.<t>.wide`` unset, where the model has
+    an encoder for the modality that offers them."""
 
     kind: ClassVar[str] = "task"
+    wide: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -245,8 +245,37 @@ def test_the_contract_check_holds_an_encoder_to_its_wide_width():
         check_encoder_module(spec, OffByOne(16, n_numeric=2, cardinalities=(3,)), 16)
 
 
-def test_a_task_given_as_a_plugin_config_has_no_wide_term():
+def test_a_task_given_as_a_plugin_config_takes_its_plugin_s_default_wide_term():
     cfg = config(score={"plugin": "regression"})
     api = ModelConfig(d_model=16, n_heads=2, n_layers=1, encoders=cfg.encoders, experts=cfg.experts, tasks={"score": PluginConfig("regression")})
-    assert isinstance(api.tasks["score"], TaskConfig) and api.tasks["score"].wide == []
-    assert len(M3TModel(api, modalities=["tabular"]).tasks["score"].wide) == 0
+    assert isinstance(api.tasks["score"], TaskConfig) and api.tasks["score"].wide is None
+    assert len(M3TModel(api, modalities=["tabular"]).tasks["score"].wide) == 0  # regression declares none
+
+
+class NoWideSequence(NoWideEncoder):
+    """An interaction-log encoder that offers no wide features."""
+
+    modality = "interactions"
+
+
+class NoWideSequencePlugin:
+    __name__ = "no_wide_sequence_pkg"
+
+    @hookimpl
+    def register_encoders(self, register):
+        register(EncoderSpec(name="no_wide_sequence", build=NoWideSequence, version="1", license="MIT", modality="interactions"))
+
+
+def test_next_response_reads_the_log_s_wide_features_unless_told_otherwise():
+    """Its plugin's default (``TaskSpec.wide``): a logistic model of the log beside the
+    deep head where the log's encoder offers one; ``wide = []`` turns it off, and an
+    encoder without wide features leaves the default term out instead of failing."""
+    assert get_catalogue().get("task", "next_response").wide == ("interactions",)
+    default = M3TModel(config(nr={"plugin": "next_response"}), modalities=["interactions"])
+    assert list(default.tasks["nr"].wide) == ["interactions"]
+    assert default.tasks["nr"].wide["interactions"].in_features == InteractionEncoder(16, num_skills=4, max_len=4).wide_width
+    assert len(M3TModel(config(nr={"plugin": "next_response", "wide": []}), modalities=["interactions"]).tasks["nr"].wide) == 0
+    cfg = config(nr={"plugin": "next_response"})
+    cfg.encoders["interactions"] = PluginConfig("no_wide_sequence")
+    model = M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWideSequencePlugin()]))
+    assert len(model.tasks["nr"].wide) == 0

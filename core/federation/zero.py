@@ -43,7 +43,7 @@ import torch
 from ..config import to_dict
 from ..errors import InstitutionTimeout
 from ..interfaces import LocalFit, LocalRun
-from ..model import M3TModel
+from ..model import M3TModel, wide_modalities
 from ..threads import env_threads
 from .checkpoint import load_checkpoint, save_checkpoint, unflatten_components
 
@@ -206,7 +206,7 @@ def plugins_of(institution: Institution) -> list[tuple[str, str, str]]:
     named = [("router", cfg.router.plugin)]
     named += [("encoder", cfg.encoders[m].plugin) for m in institution.config.modalities]
     # a wide term reads an encoder's width even where the institution lacks the modality
-    named += [("encoder", cfg.encoders[m].plugin) for t in institution.config.tasks for m in cfg.tasks[t].wide]
+    named += [("encoder", cfg.encoders[m].plugin) for t in institution.config.tasks for m in wide_modalities(cfg, t, catalogue)]
     named += [("task", cfg.tasks[t].plugin) for t in institution.config.tasks]
     by_name = {e.name: e for e in cfg.experts}
     named += [("expert", by_name[e].plugin) for e in institution.experts]
