@@ -313,7 +313,7 @@ class M3TModel(nn.Module):
             self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}")
             for m in wide_modalities(config, t, cat):
                 where = f"model.tasks.{t}.wide"
-                if m not in wide_widths:
+                if wide_widths.get(m) is None:  # asked again: an explicit term must fail where a default was skipped
                     wide_widths[m] = self._wide_width(m, cat, where, required=pc.wide is not None)
                 if wide_widths[m] is not None:
                     self.tasks[t].add_wide(m, wide_widths[m], d, where, can_run=check_contracts)

@@ -16,7 +16,7 @@ from m3tfed.federation import checkpoint
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.checkpoint import load_checkpoint, round_checkpoints
 from m3tfed.federation.config import load_config
-from m3tfed.federation.lifecycle import resume_job, run_job
+from m3tfed.federation.lifecycle import resumable_config, resume_job, run_job
 
 QUIET = {"progress": lambda m: None}
 
@@ -159,7 +159,7 @@ def test_a_run_written_before_a_setting_existed_resumes(tmp_path):
     behaviour. A setting the old run did set still has to match."""
     d = small_config()
     for task in d["model"]["tasks"].values():
-        task.pop("wide", None)
+        task["wide"] = []  # a run of that time: no task had a wide term
     run_job(d, name="r", runs_dir=tmp_path, stop_after=1, **QUIET)
 
     def drop_wide(config):
@@ -174,6 +174,9 @@ def test_a_run_written_before_a_setting_existed_resumes(tmp_path):
     tensors, meta = load_checkpoint(latest)
     shutil.rmtree(latest)
     checkpoint.save_checkpoint(latest, tensors, {**meta, "config": drop_wide(meta["config"])})
+    # a task saved without `wide` is read as it was written (none), not as the task
+    # plugin's default that an unset `wide` means today
+    assert all(t.wide == [] for t in resumable_config(tmp_path / "r").model.tasks.values())
     out = resume_job(tmp_path / "r", **QUIET)
     assert len(out["history"]) == 2 and out["results"]["fed_moe"]
 

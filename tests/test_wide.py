@@ -279,3 +279,8 @@ def test_next_response_reads_the_log_s_wide_features_unless_told_otherwise():
     cfg.encoders["interactions"] = PluginConfig("no_wide_sequence")
     model = M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWideSequencePlugin()]))
     assert len(model.tasks["nr"].wide) == 0
+    # a term the config asks for still fails there, also after a task whose default was skipped
+    cfg = config(nr={"plugin": "next_response"}, asked={"plugin": "next_response", "wide": ["interactions"]})
+    cfg.encoders["interactions"] = PluginConfig("no_wide_sequence")
+    with pytest.raises(ConfigError, match=r"model\.tasks\.asked\.wide: encoder plugin 'no_wide_sequence' of 'interactions' offers no wide features"):
+        M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWideSequencePlugin()]))

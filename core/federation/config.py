@@ -8,6 +8,7 @@ what an institution trains is decided in one place.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -275,6 +276,24 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     else:
         data = load_toml(source)
     return from_dict(FederationConfig, apply_overrides(data, overrides or []))
+
+
+def as_written(saved: Any) -> Any:
+    """A run folder's saved config as the version that wrote it meant it: a task saved
+    without ``wide`` (before December 2026, when every config.json began to carry it)
+    had no wide term, where an unset ``wide`` now takes the task plugin's default."""
+    tasks = saved.get("model", {}).get("tasks") if isinstance(saved, dict) else None
+    if not isinstance(tasks, dict):
+        return saved
+    old = {t: {**tc, "wide": []} for t, tc in tasks.items() if isinstance(tc, dict) and "wide" not in tc}
+    if not old:
+        return saved
+    return {**saved, "model": {**saved["model"], "tasks": {**tasks, **old}}}
+
+
+def load_saved_config(run_dir: Path) -> FederationConfig:
+    """The config a run folder was written with (``config.json``, :func:`as_written`)."""
+    return load_config(as_written(json.loads((Path(run_dir) / "config.json").read_text())))
 
 
 # docs/federation.md carries the config table between these markers; a test checks it is

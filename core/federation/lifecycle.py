@@ -52,7 +52,7 @@ from .checkpoint import (
     unflatten_components,
     write_json_atomic,
 )
-from .config import TUNED_METHODS, FederationConfig, load_config
+from .config import TUNED_METHODS, FederationConfig, load_config, load_saved_config
 from .evaluation import (
     FinalTest,
     Metrics,
@@ -141,7 +141,7 @@ def resumable_config(run_dir: Path) -> FederationConfig:
         raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
     if (run_dir / ERASED_FILE).exists():
         raise CheckpointError(f"{run_dir}: an institution was erased from this run on its request ({ERASED_FILE}); continue the run folder forget wrote instead")
-    return load_config(json.loads((run_dir / "config.json").read_text()))
+    return load_saved_config(run_dir)
 
 
 def restore_server(server: Server, run_dir: Path) -> PrivacyLedger | None:

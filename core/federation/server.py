@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     unflatten_components,
 )
-from .config import FederationConfig
+from .config import FederationConfig, as_written
 from .institution import seed_for
 
 log = logging.getLogger("m3tfed.federation")
@@ -43,10 +43,11 @@ log = logging.getLogger("m3tfed.federation")
 
 def with_defaults(saved: Any) -> Any:
     """A checkpoint's config as this version reads it: a setting added since it was
-    written takes its default (which keeps the old behaviour), so an older run resumes
-    unless something it did set differs. Unreadable: left as it is (the check names it)."""
+    written takes its default (which keeps the old behaviour; ``as_written`` for a
+    default that does not), so an older run resumes unless something it did set
+    differs. Unreadable: left as it is (the check names it)."""
     try:
-        return to_dict(from_dict(FederationConfig, saved))
+        return to_dict(from_dict(FederationConfig, as_written(saved)))
     except M3TError:
         return saved
 
