@@ -9,7 +9,7 @@ from the model it received and keeps v's optimizer moments; here v trains after
 aggregation, toward the new global model, with a fresh optimizer, under DP-SGD too, and
 is always the one tested. The baseline ran as that form on the dense model in session 14
 (one loop for both): on the question-level logs' test its mean AUC fell from 0.704 to
-0.689 (v always) and 0.691 (the lower of v and the shared model), so the stronger,
+0.688 (v always) and 0.691 (the lower of v and the shared model), so the stronger,
 published variant stays the baseline (docs/results.md, Learning quality 15)."""
 
 from __future__ import annotations
