@@ -201,12 +201,19 @@ class NoWideEncoder(ModalityEncoder):
         return torch.randn(batch_size, 2, generator=generator)
 
 
+class NoWideSequence(NoWideEncoder):
+    """An interaction-log encoder that offers no wide features."""
+
+    modality = "interactions"
+
+
 class NoWidePlugin:
     __name__ = "no_wide_pkg"
 
     @hookimpl
     def register_encoders(self, register):
         register(EncoderSpec(name="no_wide", build=NoWideEncoder, version="1", license="MIT", modality="tabular"))
+        register(EncoderSpec(name="no_wide_sequence", build=NoWideSequence, version="1", license="MIT", modality="interactions"))
 
 
 def test_a_wide_modality_must_be_an_encoder_that_offers_wide_features():
@@ -252,20 +259,6 @@ def test_a_task_given_as_a_plugin_config_takes_its_plugin_s_default_wide_term():
     assert len(M3TModel(api, modalities=["tabular"]).tasks["score"].wide) == 0  # regression declares none
 
 
-class NoWideSequence(NoWideEncoder):
-    """An interaction-log encoder that offers no wide features."""
-
-    modality = "interactions"
-
-
-class NoWideSequencePlugin:
-    __name__ = "no_wide_sequence_pkg"
-
-    @hookimpl
-    def register_encoders(self, register):
-        register(EncoderSpec(name="no_wide_sequence", build=NoWideSequence, version="1", license="MIT", modality="interactions"))
-
-
 def test_next_response_reads_the_log_s_wide_features_unless_told_otherwise():
     """Its plugin's default (``TaskSpec.wide``): a logistic model of the log beside the
     deep head where the log's encoder offers one; ``wide = []`` turns it off, and an
@@ -277,10 +270,10 @@ def test_next_response_reads_the_log_s_wide_features_unless_told_otherwise():
     assert len(M3TModel(config(nr={"plugin": "next_response", "wide": []}), modalities=["interactions"]).tasks["nr"].wide) == 0
     cfg = config(nr={"plugin": "next_response"})
     cfg.encoders["interactions"] = PluginConfig("no_wide_sequence")
-    model = M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWideSequencePlugin()]))
+    model = M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWidePlugin()]))
     assert len(model.tasks["nr"].wide) == 0
     # a term the config asks for still fails there, also after a task whose default was skipped
     cfg = config(nr={"plugin": "next_response"}, asked={"plugin": "next_response", "wide": ["interactions"]})
     cfg.encoders["interactions"] = PluginConfig("no_wide_sequence")
     with pytest.raises(ConfigError, match=r"model\.tasks\.asked\.wide: encoder plugin 'no_wide_sequence' of 'interactions' offers no wide features"):
-        M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWideSequencePlugin()]))
+        M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWidePlugin()]))
