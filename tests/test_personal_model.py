@@ -176,3 +176,25 @@ def test_the_kept_round_is_tested_with_its_own_personal_model_or_none():
     assert kept_personal(later, {"task.grade": {"w": torch.zeros(1)}}) == {"task.grade": {"w": torch.zeros(1)}}
     kept = {PERSONAL_MODEL: {"a::w": torch.zeros(1)}}
     assert kept_personal(later, kept)[PERSONAL_MODEL] is kept[PERSONAL_MODEL]
+
+
+def test_a_validation_round_with_personal_models_evaluates_each_institution_twice(monkeypatch):
+    """Choosing between the personal and the federation's model evaluates both on the
+    validation split; ``validate`` reuses the chosen one's results (a third pass only
+    where ``val_samples`` cuts the split)."""
+    import m3tfed.federation.institution as institution
+    import m3tfed.federation.lifecycle as lifecycle
+
+    fed = federation(personal_model="ditto")
+    fed.server.run_round(1)
+    calls = []
+    for module in (institution, lifecycle):
+        real = module.evaluate_model
+        monkeypatch.setattr(module, "evaluate_model", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    metrics, _ = lifecycle.validate(fed)
+    assert len(calls) == 2 * len(fed.institutions)
+    for name, inst in fed.institutions.items():  # the reused results are the chosen model's
+        assert metrics[name] == inst.evaluate(inst.tested_model(fed.server.state), "val")[0]
+    calls.clear()
+    lifecycle.validate(fed, limit=1)
+    assert len(calls) == 3 * len(fed.institutions)
