@@ -291,9 +291,14 @@ def as_written(saved: Any) -> Any:
     return {**saved, "model": {**saved["model"], "tasks": {**tasks, **old}}}
 
 
-def load_saved_config(run_dir: Path) -> FederationConfig:
+def saved_config(run_dir: Path) -> dict[str, Any]:
     """The config a run folder was written with (``config.json``, :func:`as_written`)."""
-    return load_config(as_written(json.loads((Path(run_dir) / "config.json").read_text())))
+    return as_written(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def load_saved_config(run_dir: Path) -> FederationConfig:
+    """:func:`saved_config`, loaded."""
+    return load_config(saved_config(run_dir))
 
 
 # docs/federation.md carries the config table between these markers; a test checks it is

@@ -236,22 +236,23 @@ class Institution:
         """The components of a server state its model takes (all but its personal ones)."""
         return {c: state[c] for c in self.component_names() if not self.is_personal(c)}
 
-    def tested(self, shared: State) -> Tested:
+    def tested(self, shared: State, validated: bool = False) -> Tested:
         """Its model as tested (and validated): ``shared`` (the federation's kept state) with
         its personal parts, or the shared state of its own kept round (``evaluation.keep =
         "each"``). With a Ditto personal model, that model (``personal_serve =
         "personal"``) or whichever of the two has the lower loss on its validation split
         (``"lower"``: the choice an institution makes on its own data), with the chosen
-        one's validation results, so that no caller evaluates it a third time."""
+        one's validation results, so that no caller evaluates it a third time.
+        ``validated``: ``val`` is filled in any case (one pass where no choice made it)."""
         shared = shared if self.kept_shared is None else self.kept_shared
         model = self.load(shared)
         if PERSONAL_MODEL not in self.personal_state:
-            return Tested(model)
+            return Tested(model, self.evaluate(model, "val") if validated else None)
         federation = self.evaluate(model, "val") if self.settings.personal_serve == "lower" else None
         for comp, state in unflatten_components(self.personal_state[PERSONAL_MODEL]).items():
             model.load_component_state(comp, state)
         if federation is None:
-            return Tested(model, None, "personal")
+            return Tested(model, self.evaluate(model, "val") if validated else None, "personal")
         personal = self.evaluate(model, "val")
         if institution_score(personal[0]) <= institution_score(federation[0]):
             return Tested(model, personal, "personal")

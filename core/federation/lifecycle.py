@@ -696,15 +696,12 @@ def validate(fed: Federation, limit: int | None = None) -> tuple[dict[str, Metri
     """Every institution's metrics on (the first ``limit`` samples of) its validation split."""
     metrics, routing = {}, {}
     for name, inst in fed.institutions.items():
-        tested = inst.tested(fed.server.state)
         split = inst.data.val
         if limit is None or num_samples(split) <= limit:
-            if tested.val is not None:  # choosing it evaluated it on the whole split already
-                metrics[name], routing[name] = tested.val
-                continue
+            metrics[name], routing[name] = inst.tested(fed.server.state, validated=True).val
         else:
             split = take(split, torch.arange(limit))  # val is shuffled once by the source
-        metrics[name], routing[name] = evaluate_model(tested.model, inst.config.tasks, split)
+            metrics[name], routing[name] = evaluate_model(inst.tested_model(fed.server.state), inst.config.tasks, split)
     return metrics, routing
 
 

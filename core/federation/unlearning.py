@@ -72,7 +72,7 @@ from .checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from .config import as_written, load_config
+from .config import load_config, saved_config
 from .lifecycle import KEPT, continue_run, print_progress
 
 FORGOTTEN_FILE = "forgotten.json"
@@ -120,7 +120,7 @@ def forget(
         raise CheckpointError(f"{run_dir}: an institution was already erased from this run ({ERASED_FILE}); forget from the run folder that forget wrote")
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir} is not a run folder: config.json is missing")
-    config = as_written(json.loads((run_dir / "config.json").read_text()))
+    config = saved_config(run_dir)
     cfg = load_config(config)
     names = [i.name for i in cfg.institutions]
     if institution not in names:

@@ -86,8 +86,8 @@ def train_variant(
             after_round(variant, rnd)
         if rnd % every and rnd != cfg.rounds:
             continue
-        if model_of is None:
-            scores = {n: validation_score_of(inst, variant.server.state) for n, inst in variant.institutions.items()}
+        if model_of is None:  # the validation results the choice of the tested model computed
+            scores = {n: institution_score(inst.tested(variant.server.state, validated=True).val[0]) for n, inst in variant.institutions.items()}
         else:
             scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": mean_score(scores)})
@@ -100,13 +100,6 @@ def train_variant(
     for name, snap in snaps.items():
         restore(variant, name, snap, carry, each=keep == "each")
     return variant, (kept if keep == "each" else next(iter(kept.values()))), curve
-
-
-def validation_score_of(inst: Institution, shared: State) -> float:
-    """The validation loss of ``inst``'s model as tested, from the evaluation that chose
-    it where there was one (a personal model), else from one pass."""
-    tested = inst.tested(shared)
-    return institution_score(tested.val[0]) if tested.val is not None else inst.validation_loss(tested.model)
 
 
 def kept_text(kept: int | dict[str, int]) -> str:
