@@ -308,7 +308,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` with ``key.path=value`` overrides applied (value parsed as TOML, else taken
-    as a string); ``data`` itself is left as it was."""
+    as a string); ``data`` itself is left as it was. In a list of named tables (the
+    institutions, the model's experts) a path part picks the entry of that ``name``:
+    ``institutions.rural_school.personal=["router"]``."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -318,11 +320,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        node = data
+        node: Any = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {}) if isinstance(node, dict) else _named_entry(node, part, ".".join(parts[:i]))
+            if not isinstance(node, (dict, list)):
                 raise ConfigError(key, f"{part!r} is not a table")
+        if isinstance(node, list):
+            raise ConfigError(key, f"{'.'.join(parts[:-1])!r} is a list: name an entry, e.g. {'.'.join(parts[:-1])}.<name>.{parts[-1]}")
         node[parts[-1]] = value
     return data
+
+
+def _named_entry(entries: list[Any], name: str, path: str) -> dict[str, Any]:
+    """The table named ``name`` in the list at ``path``, for an override's path."""
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    names = [e["name"] for e in entries if isinstance(e, dict) and "name" in e]
+    raise ConfigError(f"{path}.{name}", f"no entry named {name!r}; entries: {', '.join(names) or 'none with a name'}")

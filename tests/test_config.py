@@ -99,6 +99,22 @@ def test_override_syntax():
         apply_overrides({}, ["nonsense"])
 
 
+def test_override_names_an_entry_of_a_list():
+    given = {"institutions": [{"name": "a", "tasks": ["grade"]}, {"name": "b", "tasks": ["grade"]}]}
+    out = apply_overrides(given, ['institutions.b.personal=["router"]'])
+    assert out["institutions"] == [{"name": "a", "tasks": ["grade"]}, {"name": "b", "tasks": ["grade"], "personal": ["router"]}]
+    assert "personal" not in given["institutions"][1]  # the caller's lists are untouched
+    with pytest.raises(ConfigError, match="no entry named 'c'; entries: a, b") as err:
+        apply_overrides(given, ["institutions.c.personal=[]"])
+    assert err.value.path == "institutions.c"
+    with pytest.raises(ConfigError, match="name an entry"):
+        apply_overrides(given, ["institutions.personal=[]"])
+    # the CLI's path: the override reaches the loaded config
+    cfg = load_config(None, ['institutions.rural_school.personal=["router"]', "model.experts.small_0.options.rank=4"])
+    assert next(i for i in cfg.institutions if i.name == "rural_school").personal == ["router"]
+    assert next(e for e in cfg.model.experts if e.name == "small_0").options["rank"] == 4
+
+
 def test_example_configs_load_and_build():
     from pathlib import Path
 
