@@ -18,7 +18,9 @@ _DEFAULT: dict[str, Any] = {
         "d_model": 32,
         "n_layers": 2,
         "n_heads": 4,
-        "router": {"plugin": "topk", "options": {"k": 2, "capacity_factor": 1.5}},
+        # No capacity limit (0): training drops no token, as evaluation never does; lower
+        # validation loss in 6 of 9 seed x federation runs (docs/results.md, Learning quality 16).
+        "router": {"plugin": "topk", "options": {"k": 2, "capacity_factor": 0}},
         "encoders": {
             "tabular": {"plugin": "tabular", "options": {"n_numeric": 6, "cardinalities": [5, 2, 2]}},
             "text": {"plugin": "text", "options": {"max_length": 160, "max_tokens": 8}},

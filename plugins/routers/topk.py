@@ -28,7 +28,10 @@ class TopKRouter(Router):
             active experts, so an institution that selected one expert still routes.
         capacity_factor: capacity = ceil(capacity_factor * N * k / E_active)
             assignments per expert in training (default 1.25, Switch's training
-            value). ``None`` or 0 means no limit; eval mode never limits.
+            value). ``None`` or 0 means no limit; eval mode never limits. m3tfed's
+            shipped configs use 0: with every expert in one process the limit
+            balances little and drops tokens in training that evaluation keeps
+            (docs/results.md, Learning quality 16).
         renormalize: rescale each token's top-k weights to sum to 1 (default False,
             as in Switch/GShard: the weights stay the softmax probabilities). Done
             before capacity drops, so a dropped assignment never inflates the others.
