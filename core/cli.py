@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federation (default: the embedded synthetic one)")
     run.add_argument("config", nargs="?", default=None, help="TOML config (default: the embedded synthetic federation)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set rounds=20")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set rounds=20; an institution or expert by its name: --set institutions.rural_school.personal='[\"router\"]'")
     run.add_argument("--name", default=None, help="run name (default: config name + time)")
     run.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs/)")
     run.add_argument("--data", default=None, help="root folder for data sources that read files")

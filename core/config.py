@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -323,19 +324,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node: Any = data
         parts = key.strip().split(".")
         for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {}) if isinstance(node, dict) else _named_entry(node, part, ".".join(parts[:i]))
+            node = node.setdefault(part, {}) if isinstance(node, dict) else _named_entry(node, part, key, ".".join(parts[:i]))
             if not isinstance(node, (dict, list)):
                 raise ConfigError(key, f"{part!r} is not a table")
         if isinstance(node, list):
-            raise ConfigError(key, f"{'.'.join(parts[:-1])!r} is a list: name an entry, e.g. {'.'.join(parts[:-1])}.<name>.{parts[-1]}")
+            _named_entry(node, parts[-1], key, ".".join(parts[:-1]))  # refuses a list of values or an unknown name
+            raise ConfigError(key, f"{parts[-1]!r} is an entry of {'.'.join(parts[:-1])!r}: set a key inside it, {key}.<key>=...")
         node[parts[-1]] = value
     return data
 
 
-def _named_entry(entries: list[Any], name: str, path: str) -> dict[str, Any]:
-    """The table named ``name`` in the list at ``path``, for an override's path."""
+def _named_entry(entries: list[Any], name: str, key: str, path: str) -> dict[str, Any]:
+    """The table named ``name`` in the list at ``path``, for the override of ``key``."""
+    names = [str(e["name"]) for e in entries if isinstance(e, dict) and "name" in e]
+    if not names:
+        raise ConfigError(key, f"{path!r} is a list of values, not of named tables: set it whole, {path}=[...]")
     for entry in entries:
-        if isinstance(entry, dict) and entry.get("name") == name:
+        if isinstance(entry, dict) and str(entry.get("name")) == name:
             return entry
-    names = [e["name"] for e in entries if isinstance(e, dict) and "name" in e]
-    raise ConfigError(f"{path}.{name}", f"no entry named {name!r}; entries: {', '.join(names) or 'none with a name'}")
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(key, f"{path!r} has no entry named {name!r}{hint}; entries: {', '.join(names)}")

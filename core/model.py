@@ -81,7 +81,7 @@ class ModelConfig:
     n_layers: int = setting(2, ge=1, doc="transformer blocks, each with a MoE feed-forward")
     n_heads: int = setting(4, ge=1, doc="attention heads; must divide d_model")
     dropout: float = setting(0.0, ge=0, lt=1)
-    router: PluginConfig = setting(factory=lambda: PluginConfig("topk", {"k": 2}), doc="router plugin (component `router`)")
+    router: PluginConfig = setting(factory=lambda: PluginConfig("topk", {"k": 2, "capacity_factor": 0}), doc="router plugin (component `router`); the default routes with no capacity limit, as the shipped configs do (docs/results.md, Learning quality 16)")
     encoders: dict[str, PluginConfig] = field(
         default_factory=dict, metadata={"doc": "modality -> encoder plugin (component `encoder.<modality>`)", "key": "modality", "rule": Rule(min_items=1, identifier=True)}
     )

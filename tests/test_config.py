@@ -106,9 +106,16 @@ def test_override_names_an_entry_of_a_list():
     assert "personal" not in given["institutions"][1]  # the caller's lists are untouched
     with pytest.raises(ConfigError, match="no entry named 'c'; entries: a, b") as err:
         apply_overrides(given, ["institutions.c.personal=[]"])
-    assert err.value.path == "institutions.c"
-    with pytest.raises(ConfigError, match="name an entry"):
-        apply_overrides(given, ["institutions.personal=[]"])
+    assert err.value.path == "institutions.c.personal"  # the whole key, as given
+    with pytest.raises(ConfigError, match="did you mean 'rural'"):
+        apply_overrides({"institutions": [{"name": "rural"}]}, ["institutions.rurl.tasks=[]"])
+    with pytest.raises(ConfigError, match="'b' is an entry of 'institutions': set a key inside it"):
+        apply_overrides(given, ["institutions.b=1"])
+    with pytest.raises(ConfigError, match="list of values, not of named tables: set it whole, institutions.b.tasks="):
+        apply_overrides(given, ["institutions.b.tasks.x=1"])
+    with pytest.raises(ConfigError, match="'tasks' is not a table"):
+        apply_overrides({"institutions": [{"name": "a", "tasks": 3}]}, ["institutions.a.tasks.x=1"])
+    assert apply_overrides({"l": [{"name": 1}]}, ["l.1.y=2"]) == {"l": [{"name": 1, "y": 2}]}  # a TOML name read as a number
     # the CLI's path: the override reaches the loaded config
     cfg = load_config(None, ['institutions.rural_school.personal=["router"]', "model.experts.small_0.options.rank=4"])
     assert next(i for i in cfg.institutions if i.name == "rural_school").personal == ["router"]

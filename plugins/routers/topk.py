@@ -29,9 +29,9 @@ class TopKRouter(Router):
         capacity_factor: capacity = ceil(capacity_factor * N * k / E_active)
             assignments per expert in training (default 1.25, Switch's training
             value). ``None`` or 0 means no limit; eval mode never limits. m3tfed's
-            shipped configs use 0: with every expert in one process the limit
-            balances little and drops tokens in training that evaluation keeps
-            (docs/results.md, Learning quality 16).
+            shipped configs use 0: with every expert in one process there is no
+            per-device buffer to bound, so the limit only drops training tokens
+            that evaluation keeps (docs/results.md, Learning quality 16).
         renormalize: rescale each token's top-k weights to sum to 1 (default False,
             as in Switch/GShard: the weights stay the softmax probabilities). Done
             before capacity drops, so a dropped assignment never inflates the others.
