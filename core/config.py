@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import re
 import types
@@ -26,7 +25,7 @@ from typing import Any, TypeVar
 
 import tomllib
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -342,6 +341,4 @@ def _named_entry(entries: list[Any], name: str, key: str, path: str) -> dict[str
     for entry in entries:
         if isinstance(entry, dict) and str(entry.get("name")) == name:
             return entry
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(key, f"{path!r} has no entry named {name!r}{hint}; entries: {', '.join(names)}")
+    raise ConfigError(key, f"{path!r} has no entry named {name!r}{did_you_mean(name, names)}; entries: {', '.join(names)}")

@@ -10,7 +10,6 @@ spec does not know where it was found (the plugin manager fills ``package``).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import reprlib
 from collections.abc import Callable, Mapping
@@ -19,7 +18,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from .errors import ConfigError, M3TError, UnknownPluginError
+from .errors import ConfigError, M3TError, UnknownPluginError, did_you_mean
 
 # Parameter counts in metadata are declared for a module built at this width, so that
 # one number in registry.toml can be checked against the real module.
@@ -292,9 +291,7 @@ def check_options(
     takes = [p.name for p in params[positional:] if p.kind in named and p.name not in taken]
     for key in options:
         if key not in takes:
-            close = difflib.get_close_matches(key, takes, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
                 f"{path}.{key}",
-                f"{plugin_label(spec)} takes no option {key!r}{hint}; its options: {', '.join(takes) or 'none'}",
+                f"{plugin_label(spec)} takes no option {key!r}{did_you_mean(key, takes)}; its options: {', '.join(takes) or 'none'}",
             )

@@ -7,14 +7,13 @@ what an institution trains is decided in one place.
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..config import apply_overrides, from_dict, load_toml, schema_markdown, setting
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..messages import COMPONENT_GROUPS, component_group
 from ..model import ExpertConfig, ModelConfig, PluginConfig, expert_tags
 from ..privacy.policy import PolicyConfig, resolve_policies
@@ -207,7 +206,7 @@ class FederationConfig:
             own = self.components(inst)
             for c in inst.personal:
                 if c not in own:
-                    raise ConfigError(f"institutions[{i}].personal", f"{c!r} names no component of {inst.name!r}{_close(c, own)}; its components: {', '.join(sorted(own))}")
+                    raise ConfigError(f"institutions[{i}].personal", f"{c!r} names no component of {inst.name!r}{did_you_mean(c, sorted(own))}; its components: {', '.join(sorted(own))}")
             cohorts = inst.policy.min_cohort
             for key in cohorts if isinstance(cohorts, dict) else ():
                 # groups and "default" are checked by PolicyConfig; one component must exist
@@ -215,7 +214,7 @@ class FederationConfig:
                     everything = self.components()
                     raise ConfigError(
                         f"institutions[{i}].policy.min_cohort.{key}",
-                        f"{key!r} names no component of the model{_close(key, everything)}; components: {', '.join(sorted(everything))}",
+                        f"{key!r} names no component of the model{did_you_mean(key, sorted(everything))}; components: {', '.join(sorted(everything))}",
                     )
         policies = resolve_policies(self)  # profiles, budgets, cohorts vs federation size
         for i, inst in enumerate(self.institutions):
@@ -258,11 +257,6 @@ def local_epochs_leak(names: list[str]) -> str:
         "batch_size, and that count leaves in the clear (the steps the server asks for, the privacy "
         "ledger, the round's duration); set federation.local_steps instead"
     )
-
-
-def _close(name: str, known: set[str]) -> str:
-    match = difflib.get_close_matches(name, sorted(known), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> FederationConfig:
