@@ -17,7 +17,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from .config import Rule, setting
 from .contracts import build_module, check_module, check_tokens
 from .errors import ConfigError, ContractError, Instrumentation
 from .interfaces import WideFeatures
+from .modules import column_scales
 from .moe import MoELayer
 from .plugin_manager import get_catalogue
 from .specs import Catalogue, ExpertSpec, Spec, check_options
@@ -50,6 +51,20 @@ class TaskConfig(PluginConfig):
         doc="modalities whose raw features (the encoder's `wide_features`) feed a linear term added to this head's output; "
         "zero at start, part of component `task.<task>`. Unset: the task plugin's default (`TaskSpec.wide`; `next_response` "
         "reads `interactions`) where the model's encoder of that modality offers wide features; [] for none",
+    )
+    wide_fit: Literal["joint", "residual"] = setting(
+        "joint",
+        doc="how the wide term learns: `joint`, with the deep head, on the loss of their sum; `residual`, on the deep head's "
+        "residual (the sum's loss with the deep prediction held fixed) while the deep head learns on its own loss, as if there "
+        "were no term: the term then takes no signal from the representation the shared parts learn (the essays' term: "
+        "docs/results.md, Learning quality 17)",
+    )
+    wide_scale: Literal["none", "local"] = setting(
+        "none",
+        doc="`local`: the wide features are centred and scaled by the mean and spread of each institution's own training split, "
+        "computed there and never sent (as FedBN keeps normalization statistics local); columns holding only 0 and 1 stay as "
+        "they are. For dense features that vary little (text statistics), not for sparse counts. An institution under "
+        "sample-level DP-SGD uses the features as they come: statistics of its whole split are outside DP-SGD's per-sample guarantee",
     )
 
 
@@ -160,6 +175,7 @@ class ModelOutput(NamedTuple):
     tokens_per_expert: torch.Tensor  # [E] long, summed over layers (global expert order)
     # eval mode only: modality -> [E] long, its tokens' assignments summed over layers
     tokens_per_modality: dict[str, torch.Tensor] = {}
+    deep_pred: torch.Tensor | None = None  # the head's output before the wide term (None: no term)
 
 
 class EncoderSlot(nn.Module):
@@ -181,14 +197,16 @@ class EncoderSlot(nn.Module):
 class TaskSlot(nn.Module):
     """A task head plus its task embedding (the task token, also added to router input)
     and its wide term: one linear map per ``wide`` modality from that encoder's raw
-    features to the head's output, zero at start so the head begins as configured."""
+    features to the head's output, zero at start so the head begins as configured;
+    ``wide_fit`` and ``wide_scale`` as the task's config says (:class:`TaskConfig`)."""
 
-    def __init__(self, head: nn.Module, d_model: int, name: str = "?", package: str = "", path: str = "model.tasks"):
+    def __init__(self, head: nn.Module, d_model: int, name: str = "?", package: str = "", path: str = "model.tasks", wide_fit: str = "joint", wide_scale: str = "none"):
         super().__init__()
         self.head = head
         self.embed = nn.Parameter(torch.randn(d_model) * 0.02)
         self.wide = nn.ModuleDict()
         self.plugin, self.package, self.path = name, package, path
+        self.wide_fit, self.wide_scale = wide_fit, wide_scale
 
     def add_wide(self, modality: str, width: int, d_model: int, where: str, can_run: bool) -> None:
         """A zero linear map ``[B, width] -> the head's output``, sized by the head's
@@ -310,13 +328,21 @@ class M3TModel(nn.Module):
         for t in tasks:
             pc = config.tasks[t]
             spec = cat.get("task", pc.plugin)
-            self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}")
+            self.tasks[t] = TaskSlot(_build(spec, f"model.tasks.{t}", d, pc.options, check=check_contracts), d, spec.name, spec.package, f"model.tasks.{t}", pc.wide_fit, pc.wide_scale)
             for m in wide_modalities(config, t, cat):
                 where = f"model.tasks.{t}.wide"
                 if wide_widths.get(m) is None:  # asked again: an explicit term must fail where a default was skipped
                     wide_widths[m] = self._wide_width(m, cat, where, required=pc.wide is not None)
                 if wide_widths[m] is not None:
                     self.tasks[t].add_wide(m, wide_widths[m], d, where, can_run=check_contracts)
+            for key, value, default in (("wide_fit", pc.wide_fit, "joint"), ("wide_scale", pc.wide_scale, "none")):
+                if value != default and not len(self.tasks[t].wide):
+                    raise ConfigError(f"model.tasks.{t}.{key}", f"{value!r} applies to a wide term, and task {t!r} has none (set model.tasks.{t}.wide)")
+        # modality -> (mean, scale) of its wide features at the institution this model
+        # serves now (its own training split's: wide_statistics), for the tasks whose
+        # wide_scale is "local". Set by whoever loads an institution into the model; not a
+        # parameter or buffer, so it is in no component state and never leaves.
+        self.wide_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -360,16 +386,40 @@ class M3TModel(nn.Module):
             raise ConfigError(where, f"encoder plugin {spec.name!r} of {modality!r} offers no wide features (`wide_width`, `wide_features`)")
         return int(encoder.wide_width)
 
+    def wide_statistics(self, split: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each wide feature's mean and scale (:func:`column_scales`) over the samples of
+        ``split`` (an institution's training split) that have the modality, for the
+        modalities a ``wide_scale = "local"`` term reads: what :attr:`wide_stats` holds."""
+        present = split.get("present", {})
+        out = {}
+        for m in sorted({m for slot in self.tasks.values() if slot.wide_scale == "local" for m in slot.wide}):
+            if m not in split or m not in self.encoders:
+                continue
+            with torch.no_grad():
+                feats = self._wide_features(split, m).float().cpu()
+            if m in present:
+                feats = feats[present[m].bool().cpu()]
+            if len(feats):
+                out[m] = column_scales(feats)
+        return out
+
+    def _wide_features(self, batch: dict[str, Any], m: str) -> torch.Tensor:
+        enc = self.encoders[m]
+        with blame("encoder", enc.plugin, enc.package, enc.path, "wide_features"):
+            return enc.encoder.wide_features(batch[m])
+
     def _add_wide(self, batch: dict[str, Any], slot: TaskSlot, pred: torch.Tensor) -> torch.Tensor:
         """``pred`` plus the task's linear terms on the raw features of the wide
-        modalities this batch has; a sample without a modality gets no term from it."""
+        modalities this batch has (scaled by :attr:`wide_stats` where the task's
+        ``wide_scale`` is "local"); a sample without a modality gets no term from it."""
         present = batch.get("present", {})
         for m, linear in slot.wide.items():
             if m not in batch or m not in self.encoders:
                 continue
-            enc = self.encoders[m]
-            with blame("encoder", enc.plugin, enc.package, enc.path, "wide_features"):
-                feats = enc.encoder.wide_features(batch[m]).to(linear.weight.device, linear.weight.dtype)
+            feats = self._wide_features(batch, m).to(linear.weight.device, linear.weight.dtype)
+            if slot.wide_scale == "local" and m in self.wide_stats:
+                mean, scale = (t.to(feats.device, feats.dtype) for t in self.wide_stats[m])
+                feats = (feats - mean) / scale
             if m in present:  # where, not a product: an absent sample's NaN stays out
                 feats = torch.where(present[m].to(feats.device).bool().unsqueeze(1), feats, 0.0)
             pred = pred + linear(feats).reshape(pred.shape)
@@ -430,18 +480,27 @@ class M3TModel(nn.Module):
         slot = self.tasks[task]
         with blame("task", slot.plugin, slot.package, slot.path, "head forward"):
             pred = slot.head(x, mask)
+        deep = None
         if len(slot.wide):
-            pred = self._add_wide(batch, slot, pred)
+            deep, pred = pred, self._add_wide(batch, slot, pred)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
         by_modality = {m: per_source[i + 1] for i, m in enumerate(self.encoders)} if counting else {}
-        return ModelOutput(pred, aux_loss, aux, counts, by_modality)
+        return ModelOutput(pred, aux_loss, aux, counts, by_modality, deep)
 
     def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
         out = self(batch, task)
         slot = self.tasks[task]
         with blame("task", slot.plugin, slot.package, slot.path, "loss"):
-            loss = slot.head.loss(out.pred, target)
+            if slot.wide_fit == "residual" and out.deep_pred is not None:
+                # The wide term on the sum's loss with the deep prediction held fixed; the
+                # deep head on its own loss, added as (own - own.detach()): the gradient of
+                # its own loss, no value, so the loss reported stays the prediction's.
+                deep = out.deep_pred
+                own = slot.head.loss(deep, target)
+                loss = slot.head.loss(out.pred - deep + deep.detach(), target) + (own - own.detach())
+            else:
+                loss = slot.head.loss(out.pred, target)
         return loss + out.aux_loss, out
 
     # -- federation view ----------------------------------------------------------

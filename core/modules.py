@@ -32,6 +32,16 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
+def column_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each column of ``raw`` ``[n, k]`` to standardize by,
+    except that a column holding only 0 and 1 (a one-hot, an indicator) keeps mean 0 and
+    scale 1, so that a rare one stays 1 rather than becoming huge (its L2 penalty, or its
+    weight's step size, would be void), and a constant column keeps scale 1."""
+    binary = ((raw == 0) | (raw == 1)).all(0)
+    std = raw.std(0) if len(raw) > 1 else torch.ones(raw.shape[1])
+    return torch.where(binary, 0.0, raw.mean(0)), torch.where(binary | (std < 1e-6), 1.0, std)
+
+
 def text_statistics(texts: list[str]) -> torch.Tensor:
     """``[n, 4]`` float per text: characters, words, mean word length, distinct words per
     word (what a linear model reads from an essay without a vocabulary)."""

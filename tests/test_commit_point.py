@@ -160,12 +160,14 @@ def test_a_run_written_before_a_setting_existed_resumes(tmp_path):
     d = small_config()
     for task in d["model"]["tasks"].values():
         task["wide"] = []  # a run of that time: no task had a wide term
+        task.pop("wide_fit", None), task.pop("wide_scale", None)
     run_job(d, name="r", runs_dir=tmp_path, stop_after=1, **QUIET)
 
-    def drop_wide(config):
+    def drop_wide(config):  # and the wide term's settings, added later still
         config = json.loads(json.dumps(config))
         for task in config["model"]["tasks"].values():
-            task.pop("wide")
+            for key in ("wide", "wide_fit", "wide_scale"):
+                task.pop(key)
         return config
 
     path = tmp_path / "r" / "config.json"

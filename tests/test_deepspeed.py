@@ -47,6 +47,11 @@ def trained(tmp_path_factory):
     inst = fed.institutions["essay_school"]
     job = fed.server.make_job("essay_school", 1, 0)
     job.steps, job.timeout_s = STEPS, 600.0
+    # The essays' wide term already predicting, on text statistics scaled by the
+    # institution's own (wide_scale = "local"): step 0 matches only if the ranks scale so.
+    assert set(inst.wide_statistics()) == {"text"}
+    with torch.no_grad():
+        job.components["task.essay_score"]["tasks.essay_score.wide.text.weight"].fill_(0.3)
     # FedProx on one component: its anchor term reads parameters outside their forward.
     job.proximal_mu = {"trunk": 0.05}
     model = inst.load(job.components)

@@ -59,12 +59,17 @@ def test_batched_per_sample_grads_equal_the_loop(institution):
 
 def test_batched_per_sample_grads_cover_a_task_s_wide_term():
     """The wide term's linear maps (``model.tasks.<t>.wide``) get their per-sample
-    gradients from the batched pass too, equal to the loop's."""
+    gradients from the batched pass too, equal to the loop's: fitted jointly (grade,
+    symbol) or to the deep head's residual (the default essays' term, which an
+    institution under DP-SGD reads unscaled)."""
     d = tiny_config_dict(rounds=1)
     d["model"]["tasks"]["grade"]["wide"] = ["tabular"]
     d["model"]["tasks"]["symbol"]["wide"] = ["image"]
+    assert d["model"]["tasks"]["essay_score"]["wide_fit"] == "residual"
     fed = build_federation(load_config(d))
-    for name in ("math_academy", "university"):
+    with torch.no_grad():  # a residual term that predicts something already
+        fed.server.state["task.essay_score"]["tasks.essay_score.wide.text.weight"].fill_(0.1)
+    for name in ("math_academy", "university", "community_college"):
         inst = fed.institutions[name]
         net = inst.load(fed.server.state)
         net.train()
@@ -75,6 +80,9 @@ def test_batched_per_sample_grads_cover_a_task_s_wide_term():
         assert_same(net, params, fast, loop_grads(net, loss_of, batch, params))
         wide = [g for p, g in zip(params, fast) if p is net.tasks["grade"].wide["tabular"].weight]
         assert wide and float(wide[0].abs().max()) > 0
+        if "essay_score" in net.tasks:
+            essay = [g for p, g in zip(params, fast) if p is net.tasks["essay_score"].wide["text"].weight]
+            assert essay and float(essay[0].abs().max()) > 0
 
 
 @pytest.mark.parametrize("by_modality", [False, True])

@@ -277,3 +277,76 @@ def test_next_response_reads_the_log_s_wide_features_unless_told_otherwise():
     cfg.encoders["interactions"] = PluginConfig("no_wide_sequence")
     with pytest.raises(ConfigError, match=r"model\.tasks\.asked\.wide: encoder plugin 'no_wide_sequence' of 'interactions' offers no wide features"):
         M3TModel(cfg, modalities=["interactions"], catalogue=catalogue_from([NoWidePlugin()]))
+
+
+# -- how the term learns (wide_fit) and what it reads (wide_scale) ---------------------
+def _grads(model, batch, y):
+    loss, _ = model.loss(batch, "score", y)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, grads) if g is not None}
+
+
+def test_a_residual_wide_term_leaves_the_deep_head_learning_as_without_it():
+    """``wide_fit = "residual"``: every deep parameter's gradient is the one of the same
+    model with no term; the term's own gradient is the joint fit's (the sum's loss), so
+    it learns the deep head's residual. Jointly fitted, the deep gradients move."""
+    torch.manual_seed(0)
+    batch = {"tabular": M3TModel(config(score={"plugin": "regression"})).encoders["tabular"].encoder.example_input(8, torch.Generator().manual_seed(1))}
+    y = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for fit in (None, "joint", "residual"):
+        torch.manual_seed(3)
+        task = {"plugin": "regression"} if fit is None else {"plugin": "regression", "wide": ["tabular"], "wide_fit": fit}
+        model = M3TModel(config(score=task), modalities=["tabular"])
+        if fit is not None:
+            with torch.no_grad():  # a term that already predicts something
+                model.tasks["score"].wide["tabular"].weight.copy_(torch.linspace(-1, 1, 8))
+        grads[fit] = _grads(model, batch, y)
+    term = "tasks.score.wide.tabular.weight"
+    plain, joint, residual = grads[None], grads["joint"], grads["residual"]
+    assert set(residual) == set(plain) | {term}
+    assert all(torch.allclose(residual[n], g, atol=1e-6) for n, g in plain.items())
+    assert not all(torch.allclose(joint[n], g, atol=1e-6) for n, g in plain.items())
+    assert torch.allclose(residual[term], joint[term], atol=1e-6) and float(residual[term].abs().max()) > 0
+    # the loss it reports (training curves, q-FFL's weights) is the prediction's, as joint's
+    reported, out = model.loss(batch, "score", y)
+    assert float(reported) == pytest.approx(float(model.tasks["score"].head.loss(out.pred, y) + out.aux_loss), rel=1e-6)
+
+
+def test_local_wide_scale_centres_and_scales_by_the_training_split_and_leaves_0_1_columns():
+    cfg = config(score={"plugin": "regression", "wide": ["tabular"], "wide_scale": "local"})
+    model = M3TModel(cfg, modalities=["tabular"]).eval()
+    numeric = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, float("nan")], [7.0, 10.0]])
+    split = {"tabular": {"numeric": numeric, "categorical": torch.tensor([[0], [1], [2], [0]])}}
+    stats = model.wide_statistics(split)
+    mean, scale = stats["tabular"]
+    raw = model.encoders["tabular"].encoder.wide_features(split["tabular"])
+    # columns: 2 numbers (NaN -> 0), 2 missing indicators, the category's one-hot (+ missing)
+    assert torch.allclose(mean[:2], raw[:, :2].mean(0)) and torch.allclose(scale[:2], raw[:, :2].std(0))
+    assert torch.equal(mean[2:], torch.zeros(6)) and torch.equal(scale[2:], torch.ones(6))
+    assert float(mean[0]) == 4.0 and float(scale[0]) == pytest.approx(2.5820, abs=1e-4)
+
+    with torch.no_grad():
+        model.tasks["score"].wide["tabular"].weight.fill_(1.0)
+    as_they_come = model(split, "score").pred
+    model.wide_stats = stats
+    scaled = model(split, "score").pred - as_they_come + raw.sum(1)  # the deep head's part cancels
+    assert torch.allclose(scaled, ((raw - mean) / scale).sum(1), atol=1e-5)
+    # only the tasks that ask for it are scaled
+    plain = M3TModel(config(score={"plugin": "regression", "wide": ["tabular"]}), modalities=["tabular"])
+    assert plain.wide_statistics(split) == {}
+
+
+def test_samples_without_the_modality_do_not_count_in_the_statistics():
+    model = M3TModel(config(score={"plugin": "regression", "wide": ["tabular"], "wide_scale": "local"}), modalities=["tabular"])
+    numeric = torch.tensor([[1.0, 0.5], [3.0, 0.5], [100.0, 0.5]])
+    split = {"tabular": {"numeric": numeric, "categorical": torch.zeros(3, 1, dtype=torch.long)}, "present": {"tabular": torch.tensor([True, True, False])}}
+    mean, _ = model.wide_statistics(split)["tabular"]
+    assert float(mean[0]) == 2.0
+
+
+@pytest.mark.parametrize("key,value", [("wide_fit", "residual"), ("wide_scale", "local")])
+def test_a_wide_setting_without_a_wide_term_is_a_config_error(key, value):
+    with pytest.raises(ConfigError, match=rf"model\.tasks\.score\.{key}: '{value}' applies to a wide term, and task 'score' has none"):
+        M3TModel(config(score={"plugin": "regression", "wide": [], key: value}))

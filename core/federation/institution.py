@@ -166,6 +166,7 @@ class Institution:
         # evaluation.keep = "each": the shared state of the round of its own lowest
         # validation loss, the one it is tested with (None: the federation's kept state)
         self.kept_shared: State | None = None
+        self._wide_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # computed on first use
         # Its privacy state is set by build_federation when its policy asks for anything:
         # it refuses to train once its budget is spent. Until then, no policy; and the
         # local trainers (pick_trainers) follow from the config and that state.
@@ -176,7 +177,27 @@ class Institution:
         return self.config.name
 
     def model(self) -> M3TModel:
-        return self.pool.get(self.config.modalities, self.config.tasks, self.experts)
+        """Its model: the pool's for its selection (shared with institutions of the same
+        selection, which load their own state into it), holding its wide statistics."""
+        model = self.pool.get(self.config.modalities, self.config.tasks, self.experts)
+        if self._wide_stats is None:
+            # Under sample-level DP-SGD its features go in as they come: statistics of every
+            # training sample would reach each sample's gradient, beyond DP-SGD's bound.
+            self._wide_stats = {} if self.trains_under_dp_sgd else model.wide_statistics(self.data.train)
+        model.wide_stats = self._wide_stats
+        return model
+
+    def wide_statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The mean and scale of the wide features its ``wide_scale = "local"`` terms read,
+        over its own training split (:meth:`M3TModel.wide_statistics`), computed once here
+        and never sent; none under sample-level DP-SGD."""
+        return self.model().wide_stats
+
+    @property
+    def trains_under_dp_sgd(self) -> bool:
+        """Whether its policy is sample-level DP (every model it trains is DP-SGD's)."""
+        policy = getattr(self.privacy, "policy", None)
+        return policy is not None and policy.dp == "sample"
 
     def component_names(self) -> list[str]:
         return self.model().component_names()
@@ -192,9 +213,7 @@ class Institution:
         """Whether it trains a Ditto personal model (``federation.personal_model``): not
         under sample-level DP-SGD, whose guarantee covers every model it trains, nor with
         DeepSpeed, whose model is sharded over ranks (the personal one trains here)."""
-        policy = getattr(self.privacy, "policy", None)
-        dp_sgd = policy is not None and policy.dp == "sample"
-        return self.settings.personal_model == "ditto" and self.config.deepspeed is None and not dp_sgd
+        return self.settings.personal_model == "ditto" and self.config.deepspeed is None and not self.trains_under_dp_sgd
 
     def is_personal(self, component: str) -> bool:
         return component in self.config.personal
@@ -295,6 +314,7 @@ class Institution:
     @privacy.setter
     def privacy(self, state: Any) -> None:
         self._privacy = state
+        self._wide_stats = None  # whether it may compute them follows from the policy
         self.trainer, self.in_process_trainer = pick_trainers(self.config, state)
 
     def train(self, job: TrainJob) -> TrainResult:

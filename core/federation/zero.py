@@ -159,6 +159,8 @@ def fit_sharded(institution: Institution, model: M3TModel, run: LocalRun) -> Sha
         "plugins": plugins_of(institution),
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "anchored": anchored,
+        # its wide statistics (wide_scale = "local"), computed from its split in this process
+        "wide_stats": {m: [mean.tolist(), scale.tolist()] for m, (mean, scale) in institution.wide_statistics().items()},
         "steps": run.steps,
         "lr": run.lr,
         "seed": run.seed % (1 << 63),

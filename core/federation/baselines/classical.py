@@ -35,7 +35,7 @@ import torch
 from ...contracts import module_device, to_device
 from ...data import num_samples, take
 from ...interfaces import WideFeatures
-from ...modules import text_statistics
+from ...modules import column_scales, text_statistics
 from ..build import Federation
 from ..evaluation import Metrics
 from .base import BaselineContext, Results
@@ -77,11 +77,7 @@ class Featurizer:
                     continue
                 self.layout[mod] = [(path, _how(leaf, [_leaf(s[mod], path) for s in splits if mod in s])) for path, leaf in _leaves(tree)]
         fitted = [self.raw(s) for s in splits]
-        raw = torch.cat(fitted)
-        binary = ((raw == 0) | (raw == 1)).all(0)
-        std = raw.std(0) if len(raw) > 1 else torch.ones(raw.shape[1])
-        self.mean = torch.where(binary, 0.0, raw.mean(0))
-        self.std = torch.where(binary | (std < 1e-6), 1.0, std)  # a constant column stays put, not x 1e6
+        self.mean, self.std = column_scales(torch.cat(fitted))
         return fitted
 
     def scaled(self, standardize: bool) -> Featurizer:
