@@ -55,16 +55,18 @@ class TaskConfig(PluginConfig):
     wide_fit: Literal["joint", "residual"] = setting(
         "joint",
         doc="how the wide term learns: `joint`, with the deep head, on the loss of their sum; `residual`, on the deep head's "
-        "residual (the sum's loss with the deep prediction held fixed) while the deep head learns on its own loss, as if there "
-        "were no term: the term then takes no signal from the representation the shared parts learn (the essays' term: "
-        "docs/results.md, Learning quality 17)",
+        "residual (the sum's loss with the deep prediction held fixed) while the deep head learns on its own loss, exactly as "
+        "with no term: the deep head and the shared parts get no gradient through the term, so it cannot take over what they "
+        "would learn (the essays' term: docs/results.md, Learning quality 17)",
     )
     wide_scale: Literal["none", "local"] = setting(
         "none",
         doc="`local`: the wide features are centred and scaled by the mean and spread of each institution's own training split, "
         "computed there and never sent (as FedBN keeps normalization statistics local); columns holding only 0 and 1 stay as "
-        "they are. For dense features that vary little (text statistics), not for sparse counts. An institution under "
-        "sample-level DP-SGD uses the features as they come: statistics of its whole split are outside DP-SGD's per-sample guarantee",
+        "they are. For dense features that vary little (text statistics), not for sparse counts. An institution without "
+        "statistics leaves the term out (it adds nothing to its predictions and learns nothing there): one under sample-level "
+        "DP-SGD (statistics of its whole split would reach every sample's gradient, beyond DP-SGD's per-sample bound), or one "
+        "with no training sample of the modality",
     )
 
 
@@ -175,7 +177,9 @@ class ModelOutput(NamedTuple):
     tokens_per_expert: torch.Tensor  # [E] long, summed over layers (global expert order)
     # eval mode only: modality -> [E] long, its tokens' assignments summed over layers
     tokens_per_modality: dict[str, torch.Tensor] = {}
-    deep_pred: torch.Tensor | None = None  # the head's output before the wide term (None: no term)
+    # with a wide term that applied to the batch: the head's output before it, and the term's
+    deep_pred: torch.Tensor | None = None
+    wide_pred: torch.Tensor | None = None
 
 
 class EncoderSlot(nn.Module):
@@ -340,9 +344,10 @@ class M3TModel(nn.Module):
                     raise ConfigError(f"model.tasks.{t}.{key}", f"{value!r} applies to a wide term, and task {t!r} has none (set model.tasks.{t}.wide)")
         # modality -> (mean, scale) of its wide features at the institution this model
         # serves now (its own training split's: wide_statistics), for the tasks whose
-        # wide_scale is "local". Set by whoever loads an institution into the model; not a
-        # parameter or buffer, so it is in no component state and never leaves.
-        self.wide_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # wide_scale is "local"; a modality left out: that term is left out there. Set by
+        # whoever loads an institution into the model (None until then: a local term
+        # refuses to run); not a parameter or buffer, so in no component state, never sent.
+        self.wide_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
         by_name = {e.name: e for e in config.experts}
         slots = {e.name: f"model.experts[{i}]" for i, e in enumerate(config.experts)}
@@ -408,22 +413,30 @@ class M3TModel(nn.Module):
         with blame("encoder", enc.plugin, enc.package, enc.path, "wide_features"):
             return enc.encoder.wide_features(batch[m])
 
-    def _add_wide(self, batch: dict[str, Any], slot: TaskSlot, pred: torch.Tensor) -> torch.Tensor:
+    def _add_wide(self, batch: dict[str, Any], slot: TaskSlot, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``pred`` plus the task's linear terms on the raw features of the wide
         modalities this batch has (scaled by :attr:`wide_stats` where the task's
-        ``wide_scale`` is "local"); a sample without a modality gets no term from it."""
+        ``wide_scale`` is "local"), and those terms' sum (None: none applied); a sample
+        without a modality gets no term from it."""
         present = batch.get("present", {})
+        wide = None
         for m, linear in slot.wide.items():
             if m not in batch or m not in self.encoders:
                 continue
+            scaled = slot.wide_scale == "local"
+            if scaled and self.wide_stats is None:
+                raise RuntimeError(f"{slot.path}.wide_scale = 'local' needs the statistics of the institution this model serves (M3TModel.wide_stats, set by Institution.model())")
+            if scaled and m not in self.wide_stats:
+                continue  # none at this institution (DP-SGD, or no training sample of m): no term
             feats = self._wide_features(batch, m).to(linear.weight.device, linear.weight.dtype)
-            if slot.wide_scale == "local" and m in self.wide_stats:
+            if scaled:
                 mean, scale = (t.to(feats.device, feats.dtype) for t in self.wide_stats[m])
                 feats = (feats - mean) / scale
             if m in present:  # where, not a product: an absent sample's NaN stays out
                 feats = torch.where(present[m].to(feats.device).bool().unsqueeze(1), feats, 0.0)
-            pred = pred + linear(feats).reshape(pred.shape)
-        return pred
+            term = linear(feats).reshape(pred.shape)
+            pred, wide = pred + term, term if wide is None else wide + term
+        return pred, wide
 
     # -- forward -----------------------------------------------------------------
     def embed(self, batch: dict[str, Any], task: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -480,25 +493,25 @@ class M3TModel(nn.Module):
         slot = self.tasks[task]
         with blame("task", slot.plugin, slot.package, slot.path, "head forward"):
             pred = slot.head(x, mask)
-        deep = None
+        deep = wide = None
         if len(slot.wide):
-            deep, pred = pred, self._add_wide(batch, slot, pred)
+            deep = pred
+            pred, wide = self._add_wide(batch, slot, pred)
         weights = self.config.aux_loss_weights
         aux_loss = sum((weights.get(k, 0.0) * v for k, v in aux.items()), torch.zeros(()))
         by_modality = {m: per_source[i + 1] for i, m in enumerate(self.encoders)} if counting else {}
-        return ModelOutput(pred, aux_loss, aux, counts, by_modality, deep)
+        return ModelOutput(pred, aux_loss, aux, counts, by_modality, deep, wide)
 
     def loss(self, batch: dict[str, Any], task: str, target: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
         out = self(batch, task)
         slot = self.tasks[task]
         with blame("task", slot.plugin, slot.package, slot.path, "loss"):
-            if slot.wide_fit == "residual" and out.deep_pred is not None:
+            if slot.wide_fit == "residual" and out.wide_pred is not None:
                 # The wide term on the sum's loss with the deep prediction held fixed; the
-                # deep head on its own loss, added as (own - own.detach()): the gradient of
-                # its own loss, no value, so the loss reported stays the prediction's.
-                deep = out.deep_pred
-                own = slot.head.loss(deep, target)
-                loss = slot.head.loss(out.pred - deep + deep.detach(), target) + (own - own.detach())
+                # deep head on its own loss, added as (own - own.detach()): its gradient
+                # exactly, no value, so the loss reported stays the prediction's.
+                own = slot.head.loss(out.deep_pred, target)
+                loss = slot.head.loss(out.deep_pred.detach() + out.wide_pred, target) + (own - own.detach())
             else:
                 loss = slot.head.loss(out.pred, target)
         return loss + out.aux_loss, out

@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
     job.steps, job.timeout_s = STEPS, 600.0
     # The essays' wide term already predicting, on text statistics scaled by the
     # institution's own (wide_scale = "local"): step 0 matches only if the ranks scale so.
-    assert set(inst.wide_statistics()) == {"text"}
+    assert set(inst.wide_stats) == {"text"}
     with torch.no_grad():
         job.components["task.essay_score"]["tasks.essay_score.wide.text.weight"].fill_(0.3)
     # FedProx on one component: its anchor term reads parameters outside their forward.

@@ -60,8 +60,8 @@ def test_batched_per_sample_grads_equal_the_loop(institution):
 def test_batched_per_sample_grads_cover_a_task_s_wide_term():
     """The wide term's linear maps (``model.tasks.<t>.wide``) get their per-sample
     gradients from the batched pass too, equal to the loop's: fitted jointly (grade,
-    symbol) or to the deep head's residual (the default essays' term, which an
-    institution under DP-SGD reads unscaled)."""
+    symbol) or to the deep head's residual (the default essays' term, on scaled features:
+    the institution here has no policy, so it has its statistics)."""
     d = tiny_config_dict(rounds=1)
     d["model"]["tasks"]["grade"]["wide"] = ["tabular"]
     d["model"]["tasks"]["symbol"]["wide"] = ["image"]

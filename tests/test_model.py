@@ -21,6 +21,7 @@ def test_forward_every_task_and_component_names(setup):
     cfg, data = setup
     torch.manual_seed(0)
     model = M3TModel(cfg.model, modalities=["tabular", "interactions", "text"], tasks=["grade", "dropout", "essay_score"])
+    model.wide_stats = model.wide_statistics(data.train)  # the essays' term scales by its institution's
     batch = take(data.train, torch.arange(8))
     shapes = {t: tuple(model(model_inputs(batch), t).pred.shape) for t in ["grade", "dropout", "essay_score"]}
     assert shapes == {"grade": (8,), "dropout": (8, 2), "essay_score": (8, 2)}

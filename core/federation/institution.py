@@ -179,19 +179,24 @@ class Institution:
     def model(self) -> M3TModel:
         """Its model: the pool's for its selection (shared with institutions of the same
         selection, which load their own state into it), holding its wide statistics."""
-        model = self.pool.get(self.config.modalities, self.config.tasks, self.experts)
-        if self._wide_stats is None:
-            # Under sample-level DP-SGD its features go in as they come: statistics of every
-            # training sample would reach each sample's gradient, beyond DP-SGD's bound.
-            self._wide_stats = {} if self.trains_under_dp_sgd else model.wide_statistics(self.data.train)
-        model.wide_stats = self._wide_stats
+        model = self._pooled()
+        model.wide_stats = self.wide_stats
         return model
 
-    def wide_statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _pooled(self) -> M3TModel:
+        return self.pool.get(self.config.modalities, self.config.tasks, self.experts)
+
+    @property
+    def wide_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The mean and scale of the wide features its ``wide_scale = "local"`` terms read,
         over its own training split (:meth:`M3TModel.wide_statistics`), computed once here
-        and never sent; none under sample-level DP-SGD."""
-        return self.model().wide_stats
+        and never sent. None under sample-level DP-SGD, whose local terms are then left
+        out: statistics of every training sample would reach each sample's gradient,
+        beyond DP-SGD's per-sample bound. Also for the models other than :meth:`model`
+        that serve it (the centralized bound's, a tested state's, DeepSpeed ranks')."""
+        if self._wide_stats is None:
+            self._wide_stats = {} if self.trains_under_dp_sgd else self._pooled().wide_statistics(self.data.train)
+        return self._wide_stats
 
     @property
     def trains_under_dp_sgd(self) -> bool:
@@ -200,7 +205,7 @@ class Institution:
         return policy is not None and policy.dp == "sample"
 
     def component_names(self) -> list[str]:
-        return self.model().component_names()
+        return self._pooled().component_names()
 
     @property
     def keeps_state(self) -> bool:

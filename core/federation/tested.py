@@ -89,7 +89,7 @@ def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalT
             if frozen_sha256(model) != spec["frozen_sha256"]:
                 raise CheckpointError(f"{where}: {name}'s model has other frozen weights than the one the tuning run scored")
         model = models[k]
-        model.wide_stats = inst.wide_statistics()
+        model.wide_stats = inst.wide_stats
         for comp, state in unflatten_components(owners.get(name, {})).items():
             model.load_component_state(comp, state)
         metrics[name], routing[name] = final.evaluate(method, inst, model)

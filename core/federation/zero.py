@@ -160,7 +160,7 @@ def fit_sharded(institution: Institution, model: M3TModel, run: LocalRun) -> Sha
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "anchored": anchored,
         # its wide statistics (wide_scale = "local"), computed from its split in this process
-        "wide_stats": {m: [mean.tolist(), scale.tolist()] for m, (mean, scale) in institution.wide_statistics().items()},
+        "wide_stats": {m: [mean.tolist(), scale.tolist()] for m, (mean, scale) in institution.wide_stats.items()},
         "steps": run.steps,
         "lr": run.lr,
         "seed": run.seed % (1 << 63),

@@ -142,7 +142,7 @@ def run(folder: Path, rank: int, world: int) -> None:
             config, spec["modalities"], spec["tasks"], spec["experts"], catalogue=catalogue,
             check_contracts=False,  # checked by the institution's process before launch
         )
-    model.wide_stats = {m: (torch.tensor(mean), torch.tensor(scale)) for m, (mean, scale) in spec.get("wide_stats", {}).items()}
+    model.wide_stats = {m: (torch.tensor(mean), torch.tensor(scale)) for m, (mean, scale) in spec["wide_stats"].items()}
     clock.lap("build_s")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if trainable != set(spec["trainable"]):

@@ -110,7 +110,7 @@ class PooledTrainer:
         """Institution ``k``'s own values of its personal components loaded in the pooled
         model for the block (``keep``: what the block changed becomes its own values),
         and its wide statistics (``wide_scale = "local"``: its own split's, as in the federation)."""
-        self.model.wide_stats = self.insts[k].wide_statistics()
+        self.model.wide_stats = self.insts[k].wide_stats
         comps = self.personal[k]
         shared_values = {c: self.model.component_state(c) for c in comps}
         for c in comps:
