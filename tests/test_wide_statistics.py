@@ -62,11 +62,11 @@ def test_under_dp_sgd_an_institution_leaves_the_scaled_term_out():
     assert cc.trains_under_dp_sgd and cc.wide_stats == {} and set(hs.wide_stats) == {"text"}
     with torch.no_grad():
         fed.server.state["task.essay_score"]["tasks.essay_score.wide.text.weight"].fill_(0.5)
-    batch = {k: v for k, v in cc.data.train.items() if k != "targets"}
-    out = cc.load(fed.server.state).eval()(batch, "essay_score")
-    assert out.wide_pred is None and torch.equal(out.pred, out.deep_pred)  # the term adds nothing there
-    out = hs.load(fed.server.state).eval()({k: v for k, v in hs.data.train.items() if k != "targets"}, "essay_score")
-    assert out.wide_pred is not None and float(out.wide_pred.abs().max()) > 0
+    with torch.no_grad():
+        out = cc.load(fed.server.state).eval()({k: v for k, v in cc.data.train.items() if k != "targets"}, "essay_score")
+        assert out.wide_pred is None and torch.equal(out.pred, out.deep_pred)  # the term adds nothing there
+        out = hs.load(fed.server.state).eval()({k: v for k, v in hs.data.train.items() if k != "targets"}, "essay_score")
+        assert out.wide_pred is not None and float(out.wide_pred.abs().max()) > 0
     result = cc.train(fed.server.make_job("community_college", 1, 0))  # DP-SGD trains with it left out
     assert result.updates and cc.privacy.epsilon() > 0
     # the policy decides: set after the statistics were computed, it clears them
