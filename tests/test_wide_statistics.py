@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_config_dict
+from m3tfed.data import model_inputs
 from m3tfed.federation.baselines.centralized import PooledTrainer
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
@@ -63,9 +64,9 @@ def test_under_dp_sgd_an_institution_leaves_the_scaled_term_out():
     with torch.no_grad():
         fed.server.state["task.essay_score"]["tasks.essay_score.wide.text.weight"].fill_(0.5)
     with torch.no_grad():
-        out = cc.load(fed.server.state).eval()({k: v for k, v in cc.data.train.items() if k != "targets"}, "essay_score")
+        out = cc.load(fed.server.state).eval()(model_inputs(cc.data.train), "essay_score")
         assert out.wide_pred is None and torch.equal(out.pred, out.deep_pred)  # the term adds nothing there
-        out = hs.load(fed.server.state).eval()({k: v for k, v in hs.data.train.items() if k != "targets"}, "essay_score")
+        out = hs.load(fed.server.state).eval()(model_inputs(hs.data.train), "essay_score")
         assert out.wide_pred is not None and float(out.wide_pred.abs().max()) > 0
     result = cc.train(fed.server.make_job("community_college", 1, 0))  # DP-SGD trains with it left out
     assert result.updates and cc.privacy.epsilon() > 0
@@ -78,7 +79,7 @@ def test_a_model_no_institution_was_loaded_into_refuses_a_local_term():
     fed = build_federation(load_config(tiny_config_dict(rounds=1)))
     hs = fed.institutions["high_school"]
     model = M3TModel(fed.config.model, ["tabular", "text"], ["grade", "essay_score"], hs.experts)
-    batch = {k: v for k, v in hs.data.train.items() if k != "targets"}
+    batch = model_inputs(hs.data.train)
     with pytest.raises(RuntimeError, match=r"model\.tasks\.essay_score\.wide_scale = 'local' needs the statistics"):
         model(batch, "essay_score")
     model.wide_stats = hs.wide_stats

@@ -200,9 +200,9 @@ class Institution:
 
     @property
     def trains_under_dp_sgd(self) -> bool:
-        """Whether its policy is sample-level DP (every model it trains is DP-SGD's)."""
-        policy = getattr(self.privacy, "policy", None)
-        return policy is not None and policy.dp == "sample"
+        """Whether its policy is sample-level DP: :func:`pick_trainers` gave it DP-SGD,
+        and every model it trains is DP-SGD's."""
+        return isinstance(self.in_process_trainer, DPSGDTrainer)
 
     def component_names(self) -> list[str]:
         return self._pooled().component_names()
