@@ -534,6 +534,16 @@ class M3TModel(nn.Module):
         """The trainable tensors of one component, keyed by parameter name."""
         return {n: p.detach().clone() for n, p in self._component_params().get(component, {}).items()}
 
+    def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every component's trainable tensors (copies), by component: what a method keeps
+        of a model and puts back."""
+        return {c: self.component_state(c) for c in self.component_names()}
+
+    def load_trainable_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Load the components ``state`` holds (as :meth:`trainable_state` gives them)."""
+        for component, tensors in state.items():
+            self.load_component_state(component, tensors)
+
     def load_component_state(self, component: str, state: dict[str, torch.Tensor]) -> None:
         params = self._component_params().get(component, {})
         for name, value in state.items():

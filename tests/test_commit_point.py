@@ -168,6 +168,7 @@ def test_a_run_written_before_a_setting_existed_resumes(tmp_path):
         for task in config["model"]["tasks"].values():
             for key in ("wide", "wide_fit", "wide_scale"):
                 task.pop(key)
+        config["evaluation"].pop("average")  # and the averaged state (session 17)
         return config
 
     path = tmp_path / "r" / "config.json"
@@ -179,6 +180,7 @@ def test_a_run_written_before_a_setting_existed_resumes(tmp_path):
     # a task saved without `wide` is read as it was written (none), not as the task
     # plugin's default that an unset `wide` means today
     assert all(t.wide == [] for t in resumable_config(tmp_path / "r").model.tasks.values())
+    assert resumable_config(tmp_path / "r").evaluation.average == 0  # no averaged state then
     out = resume_job(tmp_path / "r", **QUIET)
     assert len(out["history"]) == 2 and out["results"]["fed_moe"]
 

@@ -191,10 +191,10 @@ def test_a_validation_round_with_personal_models_evaluates_each_institution_twic
     for module in (institution, lifecycle):
         real = module.evaluate_model
         monkeypatch.setattr(module, "evaluate_model", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
-    metrics, _ = lifecycle.validate(fed)
+    metrics, _ = lifecycle.validate(fed, fed.server.state)
     assert len(calls) == 2 * len(fed.institutions)
     for name, inst in fed.institutions.items():  # the reused results are the chosen model's
         assert metrics[name] == inst.evaluate(inst.tested_model(fed.server.state), "val")[0]
     calls.clear()
-    lifecycle.validate(fed, limit=1)
+    lifecycle.validate(fed, fed.server.state, limit=1)
     assert len(calls) == 3 * len(fed.institutions)

@@ -304,7 +304,7 @@ def test_a_non_finite_metric_is_reported_as_the_worst_not_skipped():
     for m in fed.institutions["high_school"].model().modules():
         if isinstance(m, NaNAtEvaluation):
             m.armed = True
-    results = {"fed_moe": validate(fed)[0]}
+    results = {"fed_moe": validate(fed, fed.server.state)[0]}
     grade = summarize(fed, results)["grade"]
     assert math.isnan(grade["institutions"]["high_school"]["fed_moe"])
     assert math.isfinite(grade["institutions"]["university"]["fed_moe"])

@@ -307,7 +307,7 @@ def test_a_forgotten_run_keeps_the_best_of_its_retrained_rounds(tmp_path, monkey
     scores = {"original": {1: 0.5, 2: 0.6, 3: 0.6, 4: 0.6}, "forgotten": {2: 0.9, 3: 0.7, 4: 0.8}}
     phase = ["original"]
 
-    def scripted(fed, limit=None):
+    def scripted(fed, shared, limit=None):  # the averaged state scores the same: never kept
         s = scores[phase[0]][fed.server.round]
         return {n: {t: {"loss": s} for t in i.config.tasks[:1]} for n, i in fed.institutions.items()}, {}
 

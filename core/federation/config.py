@@ -138,6 +138,12 @@ class EvaluationSettings:
     every: int = setting(1, ge=1, doc="rounds between validation passes (learning curves, early stopping); the last round is always evaluated")
     val_samples: int | None = setting(None, ge=1, doc="validation samples per institution per pass (unset = all)")
     keep: Literal["each", "best", "last"] = setting("each", doc="`each`: every institution is tested with the round of its own lowest validation loss (that round's shared state and its personal parts), as `local` keeps each institution's best round; `best`: the round with the lowest mean validation loss, for every institution; `last`: the last")
+    average: float = setting(
+        0.5,
+        ge=0,
+        lt=1,
+        doc="each evaluated round also validates the trained state averaged over rounds (an exponential average with this weight on the past: the server's shared state; `local`'s, the centralized bound's and Ditto's own models), and an institution keeps the averaged state where its validation loss is lower (one choice for all unless `keep = \"each\"`); 0 = off",
+    )
     workers: int = setting(1, ge=0, doc="runs (seeds, grid points) at once, each in a process of its own; 0 = every usable core")
     grid: TuningGrid = setting(factory=TuningGrid, doc="shared tuning grid of the deep methods, chosen on validation on the first seed; empty = no tuning")
     tuned: dict[str, GridPoint] = field(
@@ -275,8 +281,14 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 def as_written(saved: Any) -> Any:
     """A run folder's saved config as the version that wrote it meant it: a task saved
     without ``wide`` (before December 2026, when every config.json began to carry it)
-    had no wide term, where an unset ``wide`` now takes the task plugin's default."""
-    tasks = saved.get("model", {}).get("tasks") if isinstance(saved, dict) else None
+    had no wide term, where an unset ``wide`` now takes the task plugin's default; a run
+    saved without ``evaluation.average`` (before session 17) validated no averaged state."""
+    if not isinstance(saved, dict):
+        return saved
+    evaluation = saved.get("evaluation")
+    if isinstance(evaluation, dict) and "average" not in evaluation:
+        saved = {**saved, "evaluation": {**evaluation, "average": 0.0}}
+    tasks = saved.get("model", {}).get("tasks")
     if not isinstance(tasks, dict):
         return saved
     old = {t: {**tc, "wide": []} for t, tc in tasks.items() if isinstance(tc, dict) and "wide" not in tc}

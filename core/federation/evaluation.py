@@ -55,6 +55,30 @@ def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float]) 
     return [n for n, score in now.items() if score < lowest(e[n] for e in earlier if n in e)]
 
 
+def exponential_average(average: dict[str, dict[str, Any]] | None, state: dict[str, dict[str, Any]], beta: float) -> dict[str, dict[str, Any]]:
+    """``beta * average + (1 - beta) * state``, component by component and tensor by
+    tensor (``state`` itself, copied, when there is no average yet; tensors that are not
+    floating point are ``state``'s): the trained state averaged over rounds (Polyak and
+    Ruppert; SWA), which validation scores beside each round's own state
+    (``evaluation.average``). An average of states already computed and released is
+    post-processing: it costs no privacy."""
+    if average is None:
+        return {c: {k: v.detach().clone() for k, v in tensors.items()} for c, tensors in state.items()}
+    return {
+        c: {k: torch.lerp(average[c][k], v, 1 - beta) if v.is_floating_point() and k in average.get(c, {}) else v.detach().clone() for k, v in tensors.items()}
+        for c, tensors in state.items()
+    }
+
+
+def averaged_wins(keep: str, round_scores: dict[str, float], averaged_scores: dict[str, float]) -> set[str]:
+    """The institutions a round's averaged state (:func:`exponential_average`) stands in
+    for that round's own state: with ``keep = "each"`` each whose averaged score is lower,
+    otherwise all or none (one state for every institution), as the mean is lower."""
+    if keep == "each":
+        return {n for n, score in averaged_scores.items() if score < round_scores[n]}
+    return set(averaged_scores) if mean_score(averaged_scores) < mean_score(round_scores) else set()
+
+
 def lowest(scores: Iterable[float]) -> float:
     """The lowest score that is not NaN (inf when there is none)."""
     return min((v for v in scores if v == v), default=float("inf"))
@@ -110,7 +134,7 @@ class FinalTest:
     def evaluate(self, method: str, institution: Any, model: Any) -> tuple[Metrics, dict[str, dict[str, list[int]]]]:
         out = self.evaluate_with(method, institution, lambda split: evaluate_model(model, institution.config.tasks, split))
         if self.scored is not None:
-            state = {c: model.component_state(c) for c in model.component_names()}
+            state = model.trainable_state()
             self.scored.setdefault(method, {})[institution.name] = (model, state)
         return out
 

@@ -334,7 +334,7 @@ class Institution:
         if self.privacy is not None:
             self.privacy.begin_round(job.round, job.steps)  # raises PrivacyBudgetSpent: nothing is trained or sent
         model = self.load(job.components)
-        ditto_anchor = {c: model.component_state(c) for c in model.component_names()} if self.trains_personal_model else None
+        ditto_anchor = model.trainable_state() if self.trains_personal_model else None
         sent = {c: s for c, s in job.components.items() if not self.is_personal(c)}
         moments = None
         if self.settings.optimizer_state == "persist" and self.trainer.keeps_optimizer_state:
@@ -377,7 +377,7 @@ class Institution:
         moments = self.personal_state.setdefault(PERSONAL_OPTIMIZER, {}) if s.optimizer_state == "persist" and self.in_process_trainer.keeps_optimizer_state else None
         mu = dict.fromkeys(received, s.personal_lambda)
         self.fit(model, job.steps, job.lr, seed_for(job.seed, PERSONAL_MODEL), anchor=received, proximal_mu=mu, deadline=deadline, optimizer_state=moments)
-        self.personal_state[PERSONAL_MODEL] = flatten_components({c: model.component_state(c) for c in model.component_names()})
+        self.personal_state[PERSONAL_MODEL] = flatten_components(model.trainable_state())
 
     def withholds_statistics(self) -> bool:
         """Under differential privacy or secure aggregation nothing computed from this

@@ -35,6 +35,7 @@ import torch
 from ..config import IDENTIFIER, to_dict
 from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
+from ..messages import State
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..threads import pinned_auto_threads, resolve_threads, usable_cores
 from .baselines import BASELINES, BaselineContext, configured, federated_work, split_work, work_of
@@ -56,6 +57,7 @@ from .config import TUNED_METHODS, FederationConfig, load_config, load_saved_con
 from .evaluation import (
     FinalTest,
     Metrics,
+    averaged_wins,
     evaluate_model,
     institution_score,
     kept_now,
@@ -196,13 +198,19 @@ def continue_run(
         rnd = rep.round
         entry: dict[str, Any] = {"round": rnd, "loss": rep.loss}
         if rnd % ev.every == 0 or rnd == cfg.rounds:
-            entry["metrics"], _ = validate(fed, ev.val_samples)
+            entry["metrics"], _ = validate(fed, fed.server.state, ev.val_samples)
+            averaged: set[str] = set()
+            if fed.server.averaged is not None:
+                other, _ = validate(fed, fed.server.averaged, ev.val_samples)
+                averaged = averaged_wins(ev.keep, scores_of(entry), scores_of({"metrics": other}))
+                entry["metrics"].update({n: other[n] for n in averaged})
+                entry["averaged"] = sorted(averaged)  # whose figures are the averaged state's
             entry["val_loss"] = validation_score(entry["metrics"])
             # an entry without a val_loss does not compete: a forgotten run's copied
             # curves, whose states the new folder does not keep (unlearning._curve_without)
             earlier = [scores_of(c) for c in curves if "val_loss" in c]
             if improved := kept_now(ev.keep, earlier, scores_of(entry)):
-                save_kept(fed, run_dir, rnd, improved)
+                save_kept(fed, run_dir, rnd, improved, averaged)
         curves.append(entry)
         write_json_atomic(curves_path, curves)
         progress(rep.summary(cfg.rounds, f", val loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""))
@@ -692,16 +700,17 @@ def _clock(seconds: float) -> str:
 
 
 # -- validation and early stopping ---------------------------------------------------------
-def validate(fed: Federation, limit: int | None = None) -> tuple[dict[str, Metrics], dict]:
-    """Every institution's metrics on (the first ``limit`` samples of) its validation split."""
+def validate(fed: Federation, shared: State, limit: int | None = None) -> tuple[dict[str, Metrics], dict]:
+    """Every institution's metrics on (the first ``limit`` samples of) its validation
+    split, tested with the shared state ``shared`` (the server's, or its average)."""
     metrics, routing = {}, {}
     for name, inst in fed.institutions.items():
         split = inst.data.val
         if limit is None or num_samples(split) <= limit:
-            metrics[name], routing[name] = inst.tested(fed.server.state, validated=True).val
+            metrics[name], routing[name] = inst.tested(shared, validated=True).val
         else:
             split = take(split, torch.arange(limit))  # val is shuffled once by the source
-            metrics[name], routing[name] = evaluate_model(inst.tested_model(fed.server.state), inst.config.tasks, split)
+            metrics[name], routing[name] = evaluate_model(inst.tested_model(shared), inst.config.tasks, split)
     return metrics, routing
 
 
@@ -725,20 +734,24 @@ def read_test_once(fed: Federation, final: FinalTest, method: str = "fed_moe") -
 KEPT = "kept"  # run_dir/kept/: the state early stopping keeps (shared + every personal part)
 
 
-def save_kept(fed: Federation, run_dir: Path, rnd: int, names: list[str]) -> None:
-    """Write the current state as the one to test for the institutions ``names``. With
+def save_kept(fed: Federation, run_dir: Path, rnd: int, names: list[str], averaged: set[str] = frozenset()) -> None:
+    """Write the current state as the one to test for the institutions ``names``: the
+    server's shared state, or its average over rounds for those in ``averaged``. With
     ``evaluation.keep = "each"`` each institution has its own checkpoint under ``kept/``
     (the shared components it takes and its personal ones); otherwise one checkpoint
     holds the server's components and every institution's personal ones (round
     checkpoints keep only the latest personal state)."""
+    server = fed.server
     if fed.config.evaluation.keep != "each":
-        tensors = join_owners({"@server": fed.server.state, **{n: i.personal_state for n, i in fed.institutions.items()}})
-        save_checkpoint(Path(run_dir) / KEPT, tensors, {"round": rnd})
+        shared = server.averaged if averaged else server.state
+        tensors = join_owners({"@server": shared, **{n: i.personal_state for n, i in fed.institutions.items()}})
+        save_checkpoint(Path(run_dir) / KEPT, tensors, {"round": rnd, "averaged": bool(averaged)})
         return
     for name in names:
         inst = fed.institutions[name]
-        tensors = join_owners({"@server": inst.shared_part(fed.server.state), name: inst.personal_state})
-        save_checkpoint(Path(run_dir) / KEPT / name, tensors, {"round": rnd})
+        shared = server.averaged if name in averaged else server.state
+        tensors = join_owners({"@server": inst.shared_part(shared), name: inst.personal_state})
+        save_checkpoint(Path(run_dir) / KEPT / name, tensors, {"round": rnd, "averaged": name in averaged})
 
 
 def load_kept(fed: Federation, run_dir: Path) -> int | dict[str, int]:

@@ -36,9 +36,12 @@ from .checkpoint import (
     unflatten_components,
 )
 from .config import FederationConfig, as_written
+from .evaluation import exponential_average
 from .institution import seed_for
 
 log = logging.getLogger("m3tfed.federation")
+
+AVERAGED_PREFIX = "averaged::"  # a checkpoint's keys of Server.averaged
 
 
 def with_defaults(saved: Any) -> Any:
@@ -78,7 +81,7 @@ def initial_state(config: FederationConfig, catalogue: Catalogue) -> State:
     """Every component of the full model (all modalities, tasks and experts), seeded."""
     torch.manual_seed(config.seed)
     model = M3TModel(config.model, catalogue=catalogue)
-    return {c: model.component_state(c) for c in model.component_names()}
+    return model.trainable_state()
 
 
 def tensor_bytes(state: State) -> int:
@@ -216,6 +219,9 @@ class Server:
     declared_examples: dict[str, float] = field(default_factory=dict)  # its capabilities' num_train
     run_dir: Path | None = None
     round: int = 0
+    # the state averaged over rounds (evaluation.average; None when off or before round 1):
+    # validated beside each round's state, never sent
+    averaged: State | None = None
 
     def __post_init__(self) -> None:
         if not self.state:
@@ -337,6 +343,8 @@ class Server:
             contributors[comp] = names
             self.contributions += [(rnd, n, comp) for n in names]
         # Components nobody trained keep their state and version.
+        if beta := self.config.evaluation.average:
+            self.averaged = exponential_average(self.averaged, self.state, beta)
         report = RoundReport(
             round=rnd,
             sampled=sampled,
@@ -365,6 +373,8 @@ class Server:
         tensors = flatten_components(self.state)
         for group, agg in self.aggregators.items():
             tensors.update({f"aggregator::{group}::{k}": v for k, v in agg.state_dict().items()})
+        if self.averaged is not None:
+            tensors.update({f"{AVERAGED_PREFIX}{k}": v for k, v in flatten_components(self.averaged).items()})
         meta = {
             "round": self.round,
             "versions": self.versions,
@@ -383,14 +393,17 @@ class Server:
         if self.run_dir is not None:
             check_resumable(self.run_dir, {**meta, "config": with_defaults(meta.get("config"))}, to_dict(self.config))
         agg_states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        plain = {}
+        plain, averaged = {}, {}
         for k, v in tensors.items():
             if k.startswith("aggregator::"):
                 _, group, rest = k.split("::", 2)
                 agg_states[group][rest] = v
+            elif k.startswith(AVERAGED_PREFIX):
+                averaged[k.removeprefix(AVERAGED_PREFIX)] = v
             else:
                 plain[k] = v
         self.state = unflatten_components(plain)
+        self.averaged = unflatten_components(averaged) if averaged and self.config.evaluation.average else None
         self.versions = dict(meta["versions"])
         self.contributions = [tuple(c) for c in meta["contributions"]]
         self.initialized = set(meta["initialized"])

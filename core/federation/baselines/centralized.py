@@ -17,7 +17,9 @@ dearer per sample, and reached about the same validation loss: docs/results.md.)
 What an institution keeps personal in the federation (its router, its heads) it keeps
 here too, with its own optimizer state, so this differs from the federation without
 personal models (``federation.personal_model = "none"``) only in where the data is. Early stopping: the pooled model is validated every
-``evaluation.every`` rounds' worth of steps and the best state is the one tested."""
+``evaluation.every`` rounds' worth of steps, with its average over rounds
+(``evaluation.average``) as the federation's state is, and the best state is the one
+tested."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from ...data import iterate_batches, model_inputs
 from ...model import M3TModel, component_of
 from ...training import make_optimizer
 from ..build import Federation
+from ..evaluation import exponential_average
 from ..institution import seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
@@ -128,6 +131,10 @@ class PooledTrainer:
         with self.own_values(k):
             return read()
 
+    def validation_score(self) -> float:
+        """The mean over institutions of their validation loss, each with its own values."""
+        return sum(self.read(k, lambda inst=inst: inst.validation_loss(self.model)) for k, inst in enumerate(self.insts)) / len(self.insts)
+
 
 def num_rows(batch: dict) -> int:
     return len(next(iter(batch["targets"].values())))
@@ -151,28 +158,28 @@ class Centralized:
         weights = torch.tensor([float(inst.local_steps()) for inst in insts])
         # The federation's batches per round, MIX to a step.
         steps = max(1, round(sum(inst.local_steps() for inst in insts) / mix))
-        best, kept, curve = float("inf"), None, []
+        best, kept, curve, average = float("inf"), None, [], None
         for rnd in range(1, cfg.rounds + 1):
             for _ in range(steps):
                 drawn = torch.multinomial(weights, mix, replacement=False, generator=gen).tolist()
                 pooled.step([(k, next(batches[k])) for k in drawn])
+            current = pooled.model.trainable_state()
+            if beta := cfg.evaluation.average:  # the pooled model averaged over rounds, as the server's state is
+                average = exponential_average(average, current, beta)
             if rnd % cfg.evaluation.every and rnd != cfg.rounds:
                 continue
-            score = sum(
-                pooled.read(k, lambda inst=inst: inst.validation_loss(pooled.model))
-                for k, inst in enumerate(insts)
-            ) / len(insts)
+            score, state = pooled.validation_score(), current
+            if average is not None:
+                pooled.model.load_trainable_state(average)
+                if (other := pooled.validation_score()) < score:
+                    score, state = other, average
+                pooled.model.load_trainable_state(current)  # training goes on from the round's own state
             curve.append({"round": rnd, "val_loss": score})
             ctx.progress(f"  centralized: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
             if kept is None or score < best:  # a NaN score (diverged) keeps the first state
-                best = score
-                kept = (
-                    {c: pooled.model.component_state(c) for c in pooled.model.component_names()},
-                    copy.deepcopy(pooled.own_state),
-                )
+                best, kept = score, (state, copy.deepcopy(pooled.own_state))
         shared_state, pooled.own_state = kept
-        for c, s in shared_state.items():
-            pooled.model.load_component_state(c, s)
+        pooled.model.load_trainable_state(shared_state)
         ctx.curves[self.name] = curve
         return {
             inst.name: pooled.read(

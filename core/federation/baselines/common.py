@@ -13,7 +13,7 @@ from typing import Any
 
 from ..build import Federation, build_federation
 from ..config import FederationConfig
-from ..evaluation import institution_score, kept_now, mean_score
+from ..evaluation import averaged_wins, institution_score, kept_now, mean_score
 from ..institution import Institution
 from .base import BaselineContext
 
@@ -25,12 +25,11 @@ def fine_tune_if_better(inst: Institution, model: Any, steps: int, lr: float, se
     and keep the result only if it lowers the institution's validation loss, else put
     the model back: the choice is made on validation. Returns whether it was kept."""
     before = inst.validation_loss(model)
-    saved = {c: model.component_state(c) for c in model.component_names()}
+    saved = model.trainable_state()
     inst.fit(model, steps, lr, seed, only=only)
     if inst.validation_loss(model) <= before:
         return True
-    for c, s in saved.items():
-        model.load_component_state(c, s)
+    model.load_trainable_state(saved)
     return False
 
 
@@ -67,7 +66,8 @@ def train_variant(
     """Build ``cfg`` as a federation on ``fed``'s data, run its rounds and keep, as the
     federated MoE's run does (``evaluation.keep``), each institution's state of its own
     lowest validation loss, or the round with the lowest mean (every
-    ``evaluation.every`` rounds and after the last). ``after_round`` runs after each
+    ``evaluation.every`` rounds and after the last), a round's server state or its
+    average over rounds (``evaluation.average``; with ``model_of``, the caller's to offer). ``after_round`` runs after each
     round (Ditto's personal step); ``model_of(variant, institution)`` gives the model an
     institution is judged by (default: as the federated MoE's, ``Institution.tested``);
     ``carry`` is state the baseline keeps beside the federation per institution (Ditto's
@@ -86,20 +86,32 @@ def train_variant(
             after_round(variant, rnd)
         if rnd % every and rnd != cfg.rounds:
             continue
+        averaged: set[str] = set()
         if model_of is None:  # the validation results the choice of the tested model computed
-            scores = {n: institution_score(inst.tested(variant.server.state, validated=True).val[0]) for n, inst in variant.institutions.items()}
+            scores = validation_scores(variant, variant.server.state)
+            if variant.server.averaged is not None:  # as the federated MoE's run validates it
+                other = validation_scores(variant, variant.server.averaged)
+                averaged = averaged_wins(keep, scores, other)
+                scores.update({n: other[n] for n in averaged})
         else:
             scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": mean_score(scores)})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {curve[-1]['val_loss']:.4f}")
         if improved := kept_now(keep, earlier, scores):  # the rule of the federated MoE's run
-            shared = copy.deepcopy(variant.server.state)  # one copy per kept round, shared by its institutions
+            # one copy per kept round (and of its average), shared by its institutions
+            shared = copy.deepcopy(variant.server.state)
+            average = copy.deepcopy(variant.server.averaged) if averaged & set(improved) else None
             for name in improved:
-                kept[name], snaps[name] = rnd, snapshot(variant, name, shared, carry)
+                kept[name], snaps[name] = rnd, snapshot(variant, name, average if name in averaged else shared, carry)
         earlier.append(scores)
     for name, snap in snaps.items():
         restore(variant, name, snap, carry, each=keep == "each")
     return variant, (kept if keep == "each" else next(iter(kept.values()))), curve
+
+
+def validation_scores(fed: Federation, shared: State) -> dict[str, float]:
+    """Each institution's validation score tested with the shared state ``shared``."""
+    return {n: institution_score(inst.tested(shared, validated=True).val[0]) for n, inst in fed.institutions.items()}
 
 
 def kept_text(kept: int | dict[str, int]) -> str:

@@ -1,7 +1,8 @@
 """``ditto``: Ditto (Li et al. 2021). Dense FedAvg trains the global model; after each
 round every institution also trains its own personal model v for the same local steps
-on its loss + (lambda/2)||v - w_global||^2. Each institution is judged by its v; the
-round kept is chosen on validation. ``lambda`` = 0.1 (the middle of the paper's grid).
+on its loss + (lambda/2)||v - w_global||^2. Each institution is judged by its v (or v
+averaged over rounds where that validates lower, ``evaluation.average``, as every method
+may); the round kept is chosen on validation. ``lambda`` = 0.1 (the middle of the paper's grid).
 
 It differs from the federated MoE's own Ditto form (``federation.personal_model``, which
 this dense model turns off): that one trains v inside each sampled institution's round
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..build import Federation
+from ..evaluation import exponential_average
 from ..institution import seed_for
 from .base import BaselineContext, Results
 from .common import config_at, kept_text, train_variant
@@ -32,24 +34,35 @@ class Ditto:
 
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         cfg = dense_config(config_at(fed.config, self.name))
-        own: dict[str, Any] = {}  # institution -> its personal model v (every component)
+        beta = cfg.evaluation.average
+        # institution -> its personal model v (every component), and v averaged over rounds
+        # (evaluation.average: as the federation's state is; None when off)
+        own: dict[str, dict[str, Any]] = {}
 
         def personal_step(variant: Federation, rnd: int) -> None:
             for name, inst in variant.institutions.items():
                 model = inst.load(variant.server.state)
-                global_w = {c: model.component_state(c) for c in model.component_names()}
-                for c, s in own.get(name, global_w).items():  # v starts at the first global model
-                    model.load_component_state(c, s)
+                global_w = model.trainable_state()
+                model.load_trainable_state(own[name]["v"] if name in own else global_w)  # v starts at the first global model
                 mu = dict.fromkeys(global_w, LAMBDA)
                 inst.fit(model, inst.local_steps(), cfg.federation.lr, seed_for(cfg.seed, "ditto", name, rnd), anchor=global_w, proximal_mu=mu)
-                own[name] = {c: model.component_state(c) for c in model.component_names()}
-                for c, s in global_w.items():  # leave the pool model as the global one
-                    model.load_component_state(c, s)
+                v = model.trainable_state()
+                average = exponential_average(own[name]["average"] if name in own else None, v, beta) if beta else None
+                own[name] = {"v": v, "average": average}
+                model.load_trainable_state(global_w)  # leave the pool model as the global one
 
         def judged(variant: Federation, name: str):
-            model = variant.institutions[name].model()
-            for c, s in own[name].items():
-                model.load_component_state(c, s)
+            """v, or v averaged over rounds where that has the lower validation loss."""
+            inst, mine = variant.institutions[name], own[name]
+            model = inst.model()
+            model.load_trainable_state(mine["v"])
+            if mine["average"] is None:
+                return model
+            score = inst.validation_loss(model)
+            model.load_trainable_state(mine["average"])
+            if inst.validation_loss(model) < score:
+                return model
+            model.load_trainable_state(mine["v"])
             return model
 
         variant, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "Ditto", after_round=personal_step, model_of=judged, carry=own)

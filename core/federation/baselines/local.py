@@ -1,6 +1,7 @@
 """``local``: each institution alone — the same architecture, initial weights and steps
 as in the federation (``rounds`` x its local steps), on its own data only. It validates
-after every ``evaluation.every`` rounds' worth of steps and keeps its best state."""
+after every ``evaluation.every`` rounds' worth of steps, and its state averaged over
+rounds (``evaluation.average``) as the federation's is, and keeps its best state."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 
 from ..build import Federation
 from ..institution import Institution, seed_for
+from ..evaluation import exponential_average
 from ..server import initial_state
 from .base import BaselineContext, Results
 from .common import federation_at
@@ -27,17 +29,24 @@ class Local:
         for name, inst in fed.institutions.items():
             alone = Institution(dataclasses.replace(inst.config, personal=[]), inst.data, inst.experts, inst.settings, inst.pool)
             model = alone.load(init)
-            best, kept = float("inf"), None
+            best, kept, average = float("inf"), None, None
             for rnd in range(1, cfg.rounds + 1):
                 alone.fit(model, inst.local_steps(), cfg.federation.lr, seed_for(cfg.seed, "local", name, rnd))
+                current = model.trainable_state()
+                if beta := cfg.evaluation.average:  # its state averaged over rounds, as the server's is
+                    average = exponential_average(average, current, beta)
                 if rnd % every and rnd != cfg.rounds:
                     continue
-                score = alone.validation_loss(model)
+                score, state = alone.validation_loss(model), current
+                if average is not None:
+                    model.load_trainable_state(average)
+                    if (other := alone.validation_loss(model)) < score:
+                        score, state = other, average
+                    model.load_trainable_state(current)  # training goes on from the round's own state
                 curves.setdefault(rnd, []).append(score)
                 if kept is None or score < best:  # a NaN score (diverged) keeps the first state
-                    best, kept = score, {c: model.component_state(c) for c in model.component_names()}
-            for c, s in kept.items():
-                model.load_component_state(c, s)
+                    best, kept = score, state
+            model.load_trainable_state(kept)
             out[name] = ctx.final.evaluate(self.name, alone, model)[0]
         ctx.curves[self.name] = [{"round": r, "val_loss": sum(v) / len(v)} for r, v in sorted(curves.items())]
         return out

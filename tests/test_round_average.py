@@ -1,0 +1,105 @@
+"""The trained state averaged over rounds (``evaluation.average``): validated beside each
+round's own state and kept where it validates lower; it changes nothing in training."""
+
+import json
+
+import torch
+from conftest import tiny_config_dict
+from m3tfed.federation.baselines import BASELINES, BaselineContext
+from m3tfed.federation.build import build_federation
+from m3tfed.federation.checkpoint import checkpoint_path, load_checkpoint, split_owners
+from m3tfed.federation.config import load_config
+from m3tfed.federation.evaluation import FinalTest, averaged_wins, exponential_average, institution_score
+from m3tfed.federation.lifecycle import KEPT, run_job
+from m3tfed.federation.server import AVERAGED_PREFIX
+
+QUIET = {"progress": lambda m: None, "echo": False}
+
+
+def test_the_average_weighs_the_past_by_beta():
+    a = {"c": {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([1])}}
+    b = {"c": {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor([5])}}
+    first = exponential_average(None, a, 0.7)
+    assert torch.equal(first["c"]["w"], a["c"]["w"]) and first["c"]["w"] is not a["c"]["w"]  # a copy
+    out = exponential_average(first, b, 0.7)
+    assert torch.allclose(out["c"]["w"], torch.tensor([0.7 * 1 + 0.3 * 3, 0.7 * 2 + 0.3 * 6]))
+    assert torch.equal(out["c"]["n"], b["c"]["n"])  # not floating point: the latest value
+    assert torch.equal(first["c"]["w"], a["c"]["w"])  # the earlier average is left as it was
+
+
+def test_the_average_stands_in_per_institution_or_for_all():
+    rounds = {"a": 1.0, "b": 1.0}
+    assert averaged_wins("each", rounds, {"a": 0.5, "b": 1.2}) == {"a"}
+    assert averaged_wins("best", rounds, {"a": 0.5, "b": 1.2}) == {"a", "b"}  # mean 0.85 < 1
+    assert averaged_wins("best", rounds, {"a": 0.9, "b": 1.2}) == set()
+    assert averaged_wins("each", rounds, dict(rounds)) == set()  # a tie keeps the round's own state
+
+
+def config(average: float, rounds: int = 4) -> dict:
+    d = tiny_config_dict(rounds=rounds, n=16)
+    d["evaluation"]["average"] = average
+    return d
+
+
+def scores(entry: dict) -> dict[str, float]:
+    return {n: institution_score(tasks) for n, tasks in entry["metrics"].items()}
+
+
+def test_the_federated_moe_keeps_the_average_where_it_validates_lower(tmp_path):
+    # 6 rounds: by then the average is the lower at some institutions' kept rounds
+    off = run_job(config(0.0, rounds=6), name="off", runs_dir=tmp_path, **QUIET)
+    on = run_job(config(0.5, rounds=6), name="on", runs_dir=tmp_path, **QUIET)
+    # training is the same: every round's loss (and so its state)
+    assert [h["loss"] for h in on["history"]] == [h["loss"] for h in off["history"]]
+    curves = {k: json.loads((tmp_path / k / "curves.json").read_text()) for k in ("off", "on")}
+    picked = 0
+    for e_off, e_on in zip(curves["off"], curves["on"], strict=True):
+        own, with_average = scores(e_off), scores(e_on)
+        for name in own:  # each figure is the lower of the two states'; ties keep the round's
+            if name in e_on["averaged"]:
+                assert with_average[name] < own[name]
+                picked += 1
+            else:
+                assert with_average[name] == own[name]
+    assert picked  # some institution validates lower with the average in this run
+    # the round checkpoints carry the average: after round 2, half round 1's state and half round 2's
+    ck = {r: load_checkpoint(checkpoint_path(tmp_path / "on", r))[0] for r in (1, 2)}
+    averaged_keys = [k for k in ck[2] if k.startswith(AVERAGED_PREFIX)]
+    assert averaged_keys
+    for key in averaged_keys:
+        plain = key.removeprefix(AVERAGED_PREFIX)
+        if ck[2][key].is_floating_point():
+            assert torch.allclose(ck[2][key], 0.5 * ck[1][plain] + 0.5 * ck[2][plain], atol=1e-6), plain
+    # what an institution is tested with is its kept round's state, or that round's average
+    kinds = set()
+    for name, rnd in on["kept_round"].items():
+        tensors, meta = load_checkpoint(tmp_path / "on" / KEPT / name)
+        kinds.add(meta["averaged"])
+        prefix = AVERAGED_PREFIX if meta["averaged"] else ""
+        shared = split_owners(tensors)["@server"]
+        round_state = load_checkpoint(checkpoint_path(tmp_path / "on", rnd))[0]
+        assert shared and all(torch.equal(v, round_state[prefix + k]) for k, v in shared.items()), name
+        entry = next(e for e in curves["on"] if e["round"] == rnd)
+        assert meta["averaged"] == (name in entry["averaged"])
+    assert kinds == {True, False}  # some institutions are tested with the average, some not
+    assert on["results"]["fed_moe"].keys() == off["results"]["fed_moe"].keys()
+
+
+def baseline_curves(method: str, average: float) -> tuple[dict, list[dict]]:
+    d = config(average)
+    d["institutions"] = d["institutions"][:4]
+    ctx = BaselineContext(final=FinalTest("val"), progress=lambda m: None)
+    out = BASELINES[method].run(build_federation(load_config(d)), ctx)
+    return out, ctx.curves[method]
+
+
+def test_every_method_with_rounds_may_keep_its_average():
+    """The same candidate for every method that has rounds: local's, Ditto's and the
+    centralized bound's own models, and the server state of the dense baselines. Its
+    validation curve is never above the run without it (the same training), and lower
+    somewhere."""
+    for method in ("local", "dense_fedavg", "ditto", "centralized"):
+        (_, off), (_, on) = baseline_curves(method, 0.0), baseline_curves(method, 0.5)
+        assert [e["round"] for e in on] == [e["round"] for e in off]
+        assert all(a["val_loss"] <= b["val_loss"] + 1e-12 for a, b in zip(on, off)), method
+        assert any(a["val_loss"] < b["val_loss"] for a, b in zip(on, off)), method
