@@ -9,7 +9,12 @@ from m3tfed.federation.baselines import BASELINES, BaselineContext
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.checkpoint import checkpoint_path, load_checkpoint, split_owners
 from m3tfed.federation.config import load_config
-from m3tfed.federation.evaluation import FinalTest, averaged_wins, exponential_average, institution_score
+from m3tfed.federation.evaluation import (
+    FinalTest,
+    averaged_wins,
+    exponential_average,
+    institution_score,
+)
 from m3tfed.federation.lifecycle import KEPT, run_job
 from m3tfed.federation.server import AVERAGED_PREFIX
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..build import Federation
-from ..institution import Institution, seed_for
 from ..evaluation import exponential_average
+from ..institution import Institution, seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
 from .common import federation_at
