@@ -19,6 +19,7 @@ from m3tfed.federation.checkpoint import (
 )
 from m3tfed.federation.config import load_config
 from m3tfed.federation.lifecycle import resume_job, run_job
+from m3tfed.federation.server import AVERAGED_PREFIX
 from m3tfed.federation.unlearning import forget
 
 
@@ -173,6 +174,10 @@ def test_forgetting_equals_a_run_without_the_institution(tmp_path):
         for comp, params in fresh.server.state.items():
             for k, v in params.items():
                 assert torch.equal(state[comp][k], v), (rec["scope"], comp, k)
+        # and the state averaged over rounds: as if it had never joined too
+        assert fresh.server.averaged and all(
+            torch.equal(tensors[f"{AVERAGED_PREFIX}{comp}::{k}"], v) for comp, params in fresh.server.averaged.items() for k, v in params.items()
+        ), rec["scope"]
         assert [tuple(c) for c in meta["contributions"]] == fresh.server.contributions
     # round 1 (before it contributed) is carried over, without its name
     m1 = load_checkpoint(checkpoint_path(tmp_path / "touched", 1))[1]
@@ -342,3 +347,11 @@ def test_erasure_on_request_removes_the_others_personal_state_it_influenced(tmp_
     for n in others:
         assert not any((run / "institutions" / n).glob("round_*")), n
         assert str(personal_path(run, n, 3).relative_to(run)) in rec["erased_from_source"]
+
+
+def test_a_forgotten_institution_leaves_no_name_in_the_copied_curves():
+    from m3tfed.federation.unlearning import _curve_without
+
+    entry = {"round": 1, "val_loss": 0.5, "metrics": {"a": {"t": {"loss": 1.0}}, "b": {"t": {"loss": 0.0}}}, "averaged": ["a", "b"]}
+    out = _curve_without(entry, "a")
+    assert out == {"round": 1, "metrics": {"b": {"t": {"loss": 0.0}}}, "averaged": ["b"]}

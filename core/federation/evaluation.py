@@ -75,8 +75,29 @@ def averaged_wins(keep: str, round_scores: dict[str, float], averaged_scores: di
     for that round's own state: with ``keep = "each"`` each whose averaged score is lower,
     otherwise all or none (one state for every institution), as the mean is lower."""
     if keep == "each":
-        return {n for n, score in averaged_scores.items() if score < round_scores[n]}
-    return set(averaged_scores) if mean_score(averaged_scores) < mean_score(round_scores) else set()
+        return {n for n, score in averaged_scores.items() if lower(score, round_scores[n])}
+    return set(averaged_scores) if lower(mean_score(averaged_scores), mean_score(round_scores)) else set()
+
+
+def lower(score: float, than: float) -> bool:
+    """``score < than``, where NaN (diverged) is higher than any number."""
+    return score < than or (than != than and score == score)
+
+
+def lower_of(model: Any, current: dict, average: dict | None, score: Callable[[], float]) -> tuple[float, dict]:
+    """The lower validation ``score()`` of ``model`` holding ``current`` (its trainable
+    state, as it is) and holding ``average`` (that state averaged over rounds; None:
+    only ``current``), with that state. The model is left holding ``current``: training
+    goes on from the round's own state."""
+    own = score()
+    if average is None:
+        return own, current
+    model.load_trainable_state(average)
+    try:
+        averaged = score()
+    finally:
+        model.load_trainable_state(current)
+    return (averaged, average) if lower(averaged, own) else (own, current)
 
 
 def lowest(scores: Iterable[float]) -> float:

@@ -200,7 +200,7 @@ def continue_run(
         if rnd % ev.every == 0 or rnd == cfg.rounds:
             entry["metrics"], _ = validate(fed, fed.server.state, ev.val_samples)
             averaged: set[str] = set()
-            if fed.server.averaged is not None:
+            if fed.server.averaged is not None and rnd > 1:  # after round 1 it is that round's state
                 other, _ = validate(fed, fed.server.averaged, ev.val_samples)
                 averaged = averaged_wins(ev.keep, scores_of(entry), scores_of({"metrics": other}))
                 entry["metrics"].update({n: other[n] for n in averaged})

@@ -74,6 +74,7 @@ from .checkpoint import (
 )
 from .config import load_config, saved_config
 from .lifecycle import KEPT, continue_run, print_progress
+from .server import AVERAGED_PREFIX
 
 FORGOTTEN_FILE = "forgotten.json"
 AGGREGATOR_PREFIX = f"aggregator{SEP}"
@@ -182,7 +183,10 @@ def forget(
         def rolled_back(key: str) -> bool:
             # "comp::param", or "aggregator::group::comp::..." (FedOpt's moments are per
             # component); aggregator state tied to no component may hold the institution's
-            # updates, so it goes back too
+            # updates, so it goes back too; so does the state averaged over rounds, whole (each
+            # of its components mixes every round's, the institution's rounds included)
+            if key.startswith(AVERAGED_PREFIX):
+                return True
             owner = (key.split(SEP, 2)[2] if key.startswith(AGGREGATOR_PREFIX) else key).split(SEP, 1)[0]
             return owner in rolled or owner not in components
 
@@ -258,6 +262,8 @@ def _curve_without(entry: dict[str, Any], institution: str) -> dict[str, Any]:
     out = {k: v for k, v in entry.items() if k != "val_loss"}
     if "metrics" in out:
         out["metrics"] = {n: m for n, m in out["metrics"].items() if n != institution}
+    if "averaged" in out:  # whose figures were the averaged state's: a bit of its validation data
+        out["averaged"] = [n for n in out["averaged"] if n != institution]
     return out
 
 

@@ -32,7 +32,7 @@ from ...data import iterate_batches, model_inputs
 from ...model import M3TModel, component_of
 from ...training import make_optimizer
 from ..build import Federation
-from ..evaluation import exponential_average
+from ..evaluation import exponential_average, lower_of
 from ..institution import seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
@@ -168,12 +168,7 @@ class Centralized:
                 average = exponential_average(average, current, beta)
             if rnd % cfg.evaluation.every and rnd != cfg.rounds:
                 continue
-            score, state = pooled.validation_score(), current
-            if average is not None:
-                pooled.model.load_trainable_state(average)
-                if (other := pooled.validation_score()) < score:
-                    score, state = other, average
-                pooled.model.load_trainable_state(current)  # training goes on from the round's own state
+            score, state = lower_of(pooled.model, current, average if rnd > 1 else None, pooled.validation_score)
             curve.append({"round": rnd, "val_loss": score})
             ctx.progress(f"  centralized: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
             if kept is None or score < best:  # a NaN score (diverged) keeps the first state

@@ -89,7 +89,7 @@ def train_variant(
         averaged: set[str] = set()
         if model_of is None:  # the validation results the choice of the tested model computed
             scores = validation_scores(variant, variant.server.state)
-            if variant.server.averaged is not None:  # as the federated MoE's run validates it
+            if variant.server.averaged is not None and rnd > 1:  # as the federated MoE's run validates it
                 other = validation_scores(variant, variant.server.averaged)
                 averaged = averaged_wins(keep, scores, other)
                 scores.update({n: other[n] for n in averaged})

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..build import Federation
-from ..evaluation import exponential_average
+from ..evaluation import exponential_average, lower_of
 from ..institution import seed_for
 from .base import BaselineContext, Results
 from .common import config_at, kept_text, train_variant
@@ -52,17 +52,13 @@ class Ditto:
                 model.load_trainable_state(global_w)  # leave the pool model as the global one
 
         def judged(variant: Federation, name: str):
-            """v, or v averaged over rounds where that has the lower validation loss."""
+            """v, or v averaged over rounds where that has the lower validation loss (each
+            institution its own choice, whatever evaluation.keep)."""
             inst, mine = variant.institutions[name], own[name]
             model = inst.model()
             model.load_trainable_state(mine["v"])
-            if mine["average"] is None:
-                return model
-            score = inst.validation_loss(model)
-            model.load_trainable_state(mine["average"])
-            if inst.validation_loss(model) < score:
-                return model
-            model.load_trainable_state(mine["v"])
+            _, chosen = lower_of(model, mine["v"], mine["average"], lambda: inst.validation_loss(model))
+            model.load_trainable_state(chosen)
             return model
 
         variant, kept, ctx.curves[self.name] = train_variant(fed, cfg, ctx, "Ditto", after_round=personal_step, model_of=judged, carry=own)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..build import Federation
-from ..evaluation import exponential_average
+from ..evaluation import exponential_average, lower_of
 from ..institution import Institution, seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
@@ -37,12 +37,7 @@ class Local:
                     average = exponential_average(average, current, beta)
                 if rnd % every and rnd != cfg.rounds:
                     continue
-                score, state = alone.validation_loss(model), current
-                if average is not None:
-                    model.load_trainable_state(average)
-                    if (other := alone.validation_loss(model)) < score:
-                        score, state = other, average
-                    model.load_trainable_state(current)  # training goes on from the round's own state
+                score, state = lower_of(model, current, average if rnd > 1 else None, lambda: alone.validation_loss(model))
                 curves.setdefault(rnd, []).append(score)
                 if kept is None or score < best:  # a NaN score (diverged) keeps the first state
                     best, kept = score, state
