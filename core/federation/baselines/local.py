@@ -37,7 +37,7 @@ class Local:
                     average = exponential_average(average, current, beta)
                 if rnd % every and rnd != cfg.rounds:
                     continue
-                score, state = lower_of(model, current, average if rnd > 1 else None, lambda: alone.validation_loss(model))
+                score, state = lower_of(model, current, average if rnd > 1 else None, lambda alone=alone, model=model: alone.validation_loss(model))
                 curves.setdefault(rnd, []).append(score)
                 if kept is None or score < best:  # a NaN score (diverged) keeps the first state
                     best, kept = score, state
