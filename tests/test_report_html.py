@@ -47,7 +47,11 @@ def test_report_html_renders_its_plots_and_tables_without_console_errors(tmp_pat
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "r", old)
     (old / "routing.json").write_text(json.dumps({k: v for k, v in routing.items() if k != "tokens_by_modality"}))
+    config = json.loads((old / "config.json").read_text())
+    del config["evaluation"]["average"]  # and from before the averaged state (session 17)
+    (old / "config.json").write_text(json.dumps(config))
     old_page = write_report(old / "report.html", [old]).read_text()
+    assert "<code>evaluation.average</code>" in page and "<code>evaluation.average</code>" not in old_page
     assert "<td>I(task; expert | institution)</td>" in old_page and "<td>I(modality; expert)</td>" not in old_page
     assert "<td>I(modality; expert)</td>" in page
 

@@ -100,6 +100,11 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tun
         for method, points in (m.get("method_curves") or {}).items():
             method_curves.setdefault(method, []).append([(p["round"], p["val_loss"]) for p in points])
     parts.append("<h2>Learning curves (validation)</h2>")
+    if any(((_read(d, "config.json") or {}).get("evaluation") or {}).get("average") for d in run_dirs):
+        parts.append(
+            "<p class=note>A round's figure is, per institution, the lower of the round's own state and the state averaged over"
+            " rounds (<code>evaluation.average</code>): the two candidates the kept state is chosen from.</p>"
+        )
     parts.append(_png(lambda b: plots.validation_loss_curves(b, method_curves)))
     first_curves = _read(run_dirs[0], "curves.json") or []
     if any("metrics" in c for c in first_curves):
