@@ -182,19 +182,19 @@ def test_a_validation_round_with_personal_models_evaluates_each_institution_twic
     """Choosing between the personal and the federation's model evaluates both on the
     validation split; ``validate`` reuses the chosen one's results (a third pass only
     where ``val_samples`` cuts the split)."""
+    import m3tfed.federation.evaluation as evaluation
     import m3tfed.federation.institution as institution
-    import m3tfed.federation.lifecycle as lifecycle
 
     fed = federation(personal_model="ditto")
     fed.server.run_round(1)
     calls = []
-    for module in (institution, lifecycle):
+    for module in (institution, evaluation):
         real = module.evaluate_model
         monkeypatch.setattr(module, "evaluate_model", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
-    metrics, _ = lifecycle.validate(fed, fed.server.state)
+    metrics, _ = evaluation.validate(fed, fed.server.state)
     assert len(calls) == 2 * len(fed.institutions)
     for name, inst in fed.institutions.items():  # the reused results are the chosen model's
         assert metrics[name] == inst.evaluate(inst.tested_model(fed.server.state), "val")[0]
     calls.clear()
-    lifecycle.validate(fed, fed.server.state, limit=1)
+    evaluation.validate(fed, fed.server.state, limit=1)
     assert len(calls) == 3 * len(fed.institutions)

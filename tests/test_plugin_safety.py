@@ -23,7 +23,7 @@ from m3tfed import (
 from m3tfed.errors import FederationError
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.federation.lifecycle import validate
+from m3tfed.federation.evaluation import validate
 from m3tfed.federation.report import summarize
 from m3tfed.model import M3TModel
 from m3tfed.plugin_manager import PluginManager, catalogue_from

@@ -295,7 +295,7 @@ def test_a_forgotten_run_keeps_the_best_of_its_retrained_rounds(tmp_path, monkey
     # metrics but their states are not in the new folder: they must not compete, or a
     # retrained round that beats the first retrained one but not an original round is
     # never kept (it happened under keep = "each" and "best").
-    from m3tfed.federation import lifecycle
+    from m3tfed.federation import evaluation
     from m3tfed.federation.institution import Institution
 
     d = tiny_config_dict(rounds=4, n=16)
@@ -317,7 +317,7 @@ def test_a_forgotten_run_keeps_the_best_of_its_retrained_rounds(tmp_path, monkey
         return {n: {t: {"loss": s} for t in i.config.tasks[:1]} for n, i in fed.institutions.items()}, {}
 
     monkeypatch.setattr(Institution, "train", offline_in_round_1)
-    monkeypatch.setattr(lifecycle, "validate", scripted)
+    monkeypatch.setattr(evaluation, "validate", scripted)
     run_job(d, name="orig", runs_dir=tmp_path, progress=quiet, echo=False)
     phase[0] = "forgotten"
     rec = forget(tmp_path / "orig", victim, scope="touched", progress=quiet)

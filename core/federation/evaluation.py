@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..data import eval_batches, model_inputs
+from ..data import eval_batches, model_inputs, num_samples, take
 from ..errors import M3TError
 
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
@@ -98,6 +98,35 @@ def lower_of(model: Any, current: dict, average: dict | None, score: Callable[[]
     finally:
         model.load_trainable_state(current)
     return (averaged, average) if lower(averaged, own) else (own, current)
+
+
+def validate(fed: Any, shared: dict, limit: int | None = None) -> tuple[dict[str, Metrics], dict]:
+    """Every institution's metrics on (the first ``limit`` samples of) its validation
+    split, and its routing, tested with the shared state ``shared`` (the server's, or its
+    average over rounds) and its personal parts as they are."""
+    metrics, routing = {}, {}
+    for name, inst in fed.institutions.items():
+        split = inst.data.val
+        if limit is None or num_samples(split) <= limit:
+            metrics[name], routing[name] = inst.tested(shared, validated=True).val
+        else:
+            split = take(split, torch.arange(limit))  # val is shuffled once by the source
+            metrics[name], routing[name] = evaluate_model(inst.tested_model(shared), inst.config.tasks, split)
+    return metrics, routing
+
+
+def validate_round(fed: Any, keep: str, limit: int | None = None) -> tuple[dict[str, Metrics], set[str] | None]:
+    """A federation's validation after a round, every method with a server alike: each
+    institution's metrics (:func:`validate`) with the round's state, or with the state
+    averaged over rounds (``evaluation.average``) for the institutions in the returned
+    set, where :func:`averaged_wins`. The set is None when no average was validated: off,
+    or after round 1, when the average is that round's state."""
+    metrics, _ = validate(fed, fed.server.state, limit)
+    if fed.server.averaged is None or fed.server.round <= 1:
+        return metrics, None
+    other, _ = validate(fed, fed.server.averaged, limit)
+    averaged = averaged_wins(keep, {n: institution_score(t) for n, t in metrics.items()}, {n: institution_score(t) for n, t in other.items()})
+    return {**metrics, **{n: other[n] for n in averaged}}, averaged
 
 
 def lowest(scores: Iterable[float]) -> float:

@@ -30,12 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import IDENTIFIER, to_dict
-from ..data import num_samples, take
 from ..errors import CheckpointError, ConfigError
-from ..messages import State
 from ..privacy.ledger import LEDGER_FILE, PrivacyLedger
 from ..threads import pinned_auto_threads, resolve_threads, usable_cores
 from .baselines import BASELINES, BaselineContext, configured, federated_work, split_work, work_of
@@ -57,10 +53,9 @@ from .config import TUNED_METHODS, FederationConfig, load_config, load_saved_con
 from .evaluation import (
     FinalTest,
     Metrics,
-    averaged_wins,
-    evaluate_model,
     institution_score,
     kept_now,
+    validate_round,
     validation_score,
 )
 from .institution import PERSONAL_MODEL, PERSONAL_OPTIMIZER
@@ -198,19 +193,15 @@ def continue_run(
         rnd = rep.round
         entry: dict[str, Any] = {"round": rnd, "loss": rep.loss}
         if rnd % ev.every == 0 or rnd == cfg.rounds:
-            entry["metrics"], _ = validate(fed, fed.server.state, ev.val_samples)
-            averaged: set[str] = set()
-            if fed.server.averaged is not None and rnd > 1:  # after round 1 it is that round's state
-                other, _ = validate(fed, fed.server.averaged, ev.val_samples)
-                averaged = averaged_wins(ev.keep, scores_of(entry), scores_of({"metrics": other}))
-                entry["metrics"].update({n: other[n] for n in averaged})
+            entry["metrics"], averaged = validate_round(fed, ev.keep, ev.val_samples)
+            if averaged is not None:
                 entry["averaged"] = sorted(averaged)  # whose figures are the averaged state's
             entry["val_loss"] = validation_score(entry["metrics"])
             # an entry without a val_loss does not compete: a forgotten run's copied
             # curves, whose states the new folder does not keep (unlearning._curve_without)
             earlier = [scores_of(c) for c in curves if "val_loss" in c]
             if improved := kept_now(ev.keep, earlier, scores_of(entry)):
-                save_kept(fed, run_dir, rnd, improved, averaged)
+                save_kept(fed, run_dir, rnd, improved, averaged or set())
         curves.append(entry)
         write_json_atomic(curves_path, curves)
         progress(rep.summary(cfg.rounds, f", val loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""))
@@ -700,20 +691,6 @@ def _clock(seconds: float) -> str:
 
 
 # -- validation and early stopping ---------------------------------------------------------
-def validate(fed: Federation, shared: State, limit: int | None = None) -> tuple[dict[str, Metrics], dict]:
-    """Every institution's metrics on (the first ``limit`` samples of) its validation
-    split, tested with the shared state ``shared`` (the server's, or its average)."""
-    metrics, routing = {}, {}
-    for name, inst in fed.institutions.items():
-        split = inst.data.val
-        if limit is None or num_samples(split) <= limit:
-            metrics[name], routing[name] = inst.tested(shared, validated=True).val
-        else:
-            split = take(split, torch.arange(limit))  # val is shuffled once by the source
-            metrics[name], routing[name] = evaluate_model(inst.tested_model(shared), inst.config.tasks, split)
-    return metrics, routing
-
-
 def scores_of(entry: dict) -> dict[str, float]:
     """A curve entry's validation score per institution."""
     return {n: institution_score(tasks) for n, tasks in entry["metrics"].items()}

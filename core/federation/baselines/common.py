@@ -13,7 +13,7 @@ from typing import Any
 
 from ..build import Federation, build_federation
 from ..config import FederationConfig
-from ..evaluation import averaged_wins, institution_score, kept_now, mean_score
+from ..evaluation import institution_score, kept_now, mean_score, validate_round
 from ..institution import Institution
 from .base import BaselineContext
 
@@ -87,12 +87,9 @@ def train_variant(
         if rnd % every and rnd != cfg.rounds:
             continue
         averaged: set[str] = set()
-        if model_of is None:  # the validation results the choice of the tested model computed
-            scores = validation_scores(variant, variant.server.state)
-            if variant.server.averaged is not None and rnd > 1:  # as the federated MoE's run validates it
-                other = validation_scores(variant, variant.server.averaged)
-                averaged = averaged_wins(keep, scores, other)
-                scores.update({n: other[n] for n in averaged})
+        if model_of is None:  # as the federated MoE's run validates (and its average)
+            metrics, with_average = validate_round(variant, keep)
+            scores, averaged = {n: institution_score(t) for n, t in metrics.items()}, with_average or set()
         else:
             scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": mean_score(scores)})
@@ -107,11 +104,6 @@ def train_variant(
     for name, snap in snaps.items():
         restore(variant, name, snap, carry, each=keep == "each")
     return variant, (kept if keep == "each" else next(iter(kept.values()))), curve
-
-
-def validation_scores(fed: Federation, shared: State) -> dict[str, float]:
-    """Each institution's validation score tested with the shared state ``shared``."""
-    return {n: institution_score(inst.tested(shared, validated=True).val[0]) for n, inst in fed.institutions.items()}
 
 
 def kept_text(kept: int | dict[str, int]) -> str:
