@@ -14,6 +14,7 @@ from m3tfed.federation.evaluation import (
     averaged_wins,
     exponential_average,
     institution_score,
+    kept_now,
 )
 from m3tfed.federation.lifecycle import KEPT, run_job
 from m3tfed.federation.server import AVERAGED_PREFIX
@@ -122,3 +123,59 @@ def test_every_method_with_rounds_may_keep_its_average():
         assert [e["round"] for e in on] == [e["round"] for e in off]
         assert all(a["val_loss"] <= b["val_loss"] + 1e-12 for a, b in zip(on, off)), method
         assert any(a["val_loss"] < b["val_loss"] for a, b in zip(on, off)), method
+
+
+def test_a_group_chooses_by_its_mean():
+    groups = {"a": "g", "b": "g", "c": "h"}
+    earlier = [{"a": 1.0, "b": 2.0, "c": 1.0}]
+    # a is lower alone, but its group's mean (1.25 + 1.75) / 2 = 1.5 is level with 1.5: not kept
+    assert kept_now("group", earlier, {"a": 0.5, "b": 2.5, "c": 0.9}, groups) == ["c"]
+    assert kept_now("each", earlier, {"a": 0.5, "b": 2.5, "c": 0.9}) == ["a", "c"]
+    assert kept_now("group", earlier, {"a": 1.2, "b": 1.7, "c": 1.1}, groups) == ["a", "b"]  # b kept with its group
+    # the averaged state stands in for a whole group, by the group's means
+    assert averaged_wins("group", {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.7, "b": 1.1, "c": 1.2}, groups) == {"a", "b"}
+    assert averaged_wins("each", {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.7, "b": 1.1, "c": 1.2}) == {"a"}
+
+
+def same_group_config(keep: str) -> dict:
+    d = config(0.5, rounds=6)
+    d["evaluation"]["keep"] = keep
+    uni = next(i for i in d["institutions"] if i["name"] == "university")
+    uni["tasks"], uni["modalities"] = ["grade"], ["tabular"]  # the rural school's tasks and modality
+    return d
+
+
+def test_institutions_with_the_same_tasks_and_modalities_choose_their_round_together(tmp_path):
+    """keep = "group" (the default): the university and the rural school serve the same
+    task from the same modality, so both are tested at the round (and candidate) where
+    their mean validation loss is lowest; alone (keep = "each") they choose apart."""
+    rounds = {}
+    for keep in ("group", "each"):
+        out = run_job(same_group_config(keep), name=keep, runs_dir=tmp_path, **QUIET)
+        curves = json.loads((tmp_path / keep / "curves.json").read_text())
+        rounds[keep] = out["kept_round"]
+        if keep == "group":
+            pair = [(scores(e)["university"] + scores(e)["rural_school"]) / 2 for e in curves]
+            assert rounds[keep]["university"] == rounds[keep]["rural_school"] == curves[pair.index(min(pair))]["round"]
+            assert all(("university" in e.get("averaged", ())) == ("rural_school" in e.get("averaged", ())) for e in curves)
+    assert rounds["each"]["university"] != rounds["each"]["rural_school"]  # apart, they differ here
+
+
+def test_local_chooses_by_the_same_rule(monkeypatch):
+    """Training alone, a group also stops together (a choice on pooled validation scores,
+    as the tuning grid's): local's rule is the federation's."""
+    import m3tfed.federation.baselines.local as local
+
+    for keep in ("group", "each"):
+        calls = []
+        real = local.kept_now
+        monkeypatch.setattr(local, "kept_now", lambda *a, real=real, calls=calls: calls.append((a[0], real(*a))) or calls[-1][1])
+        d = same_group_config(keep)
+        ctx = BaselineContext(final=FinalTest("val"), progress=lambda m: None)
+        BASELINES["local"].run(build_federation(load_config(d)), ctx)
+        assert {rule for rule, _ in calls} == {keep}
+        last = {n: r for r, (_, names) in enumerate(calls, 1) for n in names}  # every round evaluated
+        if keep == "group":
+            assert last["university"] == last["rural_school"]
+        else:
+            assert last["university"] != last["rural_school"]

@@ -42,12 +42,30 @@ def mean_score(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float]) -> list[str]:
+def choice_groups(institutions: Iterable[Any]) -> dict[str, tuple]:
+    """Who chooses together under ``evaluation.keep = "group"`` (institution config ->
+    its group): the institutions serving the same tasks from the same modalities, whose
+    validation losses measure the same thing on like data."""
+    return {i.name: (tuple(sorted(i.tasks)), tuple(sorted(i.modalities))) for i in institutions}
+
+
+def pooled(scores: dict[str, float], groups: dict[str, tuple]) -> dict[str, float]:
+    """Each institution's score replaced by the mean of its group's (those in ``scores``)."""
+    members: dict[tuple, list[float]] = {}
+    for n, score in scores.items():
+        members.setdefault(groups[n], []).append(score)
+    return {n: sum(members[groups[n]]) / len(members[groups[n]]) for n in scores}
+
+
+def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float], groups: dict[str, tuple] | None = None) -> list[str]:
     """The institutions whose kept state an evaluated round replaces, given each earlier
     evaluated round's scores and this one's (institution -> score): with ``best`` all of
     them when the mean score is the lowest so far, with ``last`` all, with ``each`` those
-    whose own score is the lowest so far. The first evaluated round is always kept; a NaN
-    score (diverged) is never the lowest."""
+    whose own score is the lowest so far, with ``group`` those whose group's mean score
+    (:func:`choice_groups`, :func:`pooled`) is. The first evaluated round is always kept;
+    a NaN score (diverged) is never the lowest."""
+    if keep == "group":
+        return kept_now("each", [pooled(e, groups) for e in earlier], pooled(now, groups))
     if keep == "last" or not earlier:
         return list(now)
     if keep == "best":
@@ -70,10 +88,13 @@ def exponential_average(average: dict[str, dict[str, Any]] | None, state: dict[s
     }
 
 
-def averaged_wins(keep: str, round_scores: dict[str, float], averaged_scores: dict[str, float]) -> set[str]:
+def averaged_wins(keep: str, round_scores: dict[str, float], averaged_scores: dict[str, float], groups: dict[str, tuple] | None = None) -> set[str]:
     """The institutions a round's averaged state (:func:`exponential_average`) stands in
     for that round's own state: with ``keep = "each"`` each whose averaged score is lower,
-    otherwise all or none (one state for every institution), as the mean is lower."""
+    with ``group`` each whose group's mean is, otherwise all or none (one state for every
+    institution), as the mean is lower."""
+    if keep == "group":
+        return averaged_wins("each", pooled(round_scores, groups), pooled(averaged_scores, groups))
     if keep == "each":
         return {n for n, score in averaged_scores.items() if lower(score, round_scores[n])}
     return set(averaged_scores) if lower(mean_score(averaged_scores), mean_score(round_scores)) else set()
@@ -125,7 +146,8 @@ def validate_round(fed: Any, keep: str, limit: int | None = None) -> tuple[dict[
     if fed.server.averaged is None or fed.server.round <= 1:
         return metrics, None
     other, _ = validate(fed, fed.server.averaged, limit)
-    averaged = averaged_wins(keep, {n: institution_score(t) for n, t in metrics.items()}, {n: institution_score(t) for n, t in other.items()})
+    scores = [{n: institution_score(t) for n, t in m.items()} for m in (metrics, other)]
+    averaged = averaged_wins(keep, *scores, choice_groups(fed.config.institutions))
     return {**metrics, **{n: other[n] for n in averaged}}, averaged
 
 

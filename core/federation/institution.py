@@ -163,8 +163,9 @@ class Institution:
         self.stages = stages or []  # institution-side update stages (clip, local DP, compress)
         self.weight_experts_by = weight_experts_by
         self.personal_state: State = {}
-        # evaluation.keep = "each": the shared state of the round of its own lowest
-        # validation loss, the one it is tested with (None: the federation's kept state)
+        # evaluation.keep = "group" / "each": the shared state of its own kept round (its
+        # group's or its own lowest validation loss), the one it is tested with (None: the
+        # federation's kept state)
         self.kept_shared: State | None = None
         self._wide_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # computed on first use
         # Its privacy state is set by build_federation when its policy asks for anything:
@@ -263,7 +264,7 @@ class Institution:
     def tested(self, shared: State, validated: bool = False) -> Tested:
         """Its model as tested (and validated): ``shared`` (the federation's kept state) with
         its personal parts, or the shared state of its own kept round (``evaluation.keep =
-        "each"``). With a Ditto personal model, that model (``personal_serve =
+        "group"`` or ``"each"``). With a Ditto personal model, that model (``personal_serve =
         "personal"``) or whichever of the two has the lower loss on its validation split
         (``"lower"``: the choice an institution makes on its own data), with the chosen
         one's validation results, so that no caller evaluates it a third time.
@@ -294,7 +295,7 @@ class Institution:
         """Put ``shared`` and this institution's personal state into its model."""
         if self.kept_shared is not None and shared is not self.kept_shared:
             # a method that loaded the federation's state here would test the wrong round
-            raise RuntimeError(f"{self.name}: it keeps the state of a round of its own (evaluation.keep = 'each'): load it with tested_model()")
+            raise RuntimeError(f"{self.name}: it keeps the state of a round of its own (evaluation.keep = 'group' or 'each'): load it with tested_model()")
         model = self.model()
         for comp in model.component_names():
             if self.is_personal(comp):

@@ -4,8 +4,9 @@ write the run folder.
 
 The protocol: each ``evaluation.every`` rounds (and after the last) every institution's
 validation split is evaluated; that is the learning curve, and each institution keeps
-the state of the round of its own lowest validation loss (``evaluation.keep``; or one
-round for all, ``run_dir/kept``, early stopping). Only then is
+the state of the round where its group's mean validation loss is lowest (institutions
+with the same tasks and modalities; ``evaluation.keep``: or its own, or one round for
+all, ``run_dir/kept``, early stopping). Only then is
 the test split read, once per method and institution (:class:`.evaluation.FinalTest`).
 
 Not for: building a federation (:mod:`.build`), baselines (:mod:`.baselines`) or the
@@ -53,6 +54,7 @@ from .config import TUNED_METHODS, FederationConfig, load_config, load_saved_con
 from .evaluation import (
     FinalTest,
     Metrics,
+    choice_groups,
     institution_score,
     kept_now,
     validate_round,
@@ -200,7 +202,7 @@ def continue_run(
             # an entry without a val_loss does not compete: a forgotten run's copied
             # curves, whose states the new folder does not keep (unlearning._curve_without)
             earlier = [scores_of(c) for c in curves if "val_loss" in c]
-            if improved := kept_now(ev.keep, earlier, scores_of(entry)):
+            if improved := kept_now(ev.keep, earlier, scores_of(entry), choice_groups(cfg.institutions)):
                 save_kept(fed, run_dir, rnd, improved, averaged or set())
         curves.append(entry)
         write_json_atomic(curves_path, curves)
@@ -713,13 +715,13 @@ KEPT = "kept"  # run_dir/kept/: the state early stopping keeps (shared + every p
 
 def save_kept(fed: Federation, run_dir: Path, rnd: int, names: list[str], averaged: set[str] = frozenset()) -> None:
     """Write the current state as the one to test for the institutions ``names``: the
-    server's shared state, or its average over rounds for those in ``averaged``. With
-    ``evaluation.keep = "each"`` each institution has its own checkpoint under ``kept/``
+    server's shared state, or its average over rounds for those in ``averaged``. With a
+    state per institution (``evaluation.keep`` ``group`` or ``each``) each has its own checkpoint under ``kept/``
     (the shared components it takes and its personal ones); otherwise one checkpoint
     holds the server's components and every institution's personal ones (round
     checkpoints keep only the latest personal state)."""
     server = fed.server
-    if fed.config.evaluation.keep != "each":
+    if not fed.config.evaluation.per_institution:
         shared = server.averaged if averaged else server.state
         tensors = join_owners({"@server": shared, **{n: i.personal_state for n, i in fed.institutions.items()}})
         save_checkpoint(Path(run_dir) / KEPT, tensors, {"round": rnd, "averaged": bool(averaged)})
@@ -732,9 +734,9 @@ def save_kept(fed: Federation, run_dir: Path, rnd: int, names: list[str], averag
 
 
 def load_kept(fed: Federation, run_dir: Path) -> int | dict[str, int]:
-    """Load the kept state into the federation; return its round (with ``keep = "each"``,
-    each institution's)."""
-    if fed.config.evaluation.keep == "each":
+    """Load the kept state into the federation; return its round (with a state per
+    institution, each institution's)."""
+    if fed.config.evaluation.per_institution:
         rounds = {}
         for name, inst in fed.institutions.items():
             tensors, meta = load_checkpoint(Path(run_dir) / KEPT / name)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..build import Federation, build_federation
 from ..config import FederationConfig
-from ..evaluation import institution_score, kept_now, mean_score, validate_round
+from ..evaluation import choice_groups, institution_score, kept_now, mean_score, validate_round
 from ..institution import Institution
 from .base import BaselineContext
 
@@ -73,10 +73,11 @@ def train_variant(
     ``carry`` is state the baseline keeps beside the federation per institution (Ditto's
     personal models), kept and restored with it. Returns the variant holding the kept
     state (an institution's model as tested: ``Institution.tested_model``), the kept
-    round (per institution with ``keep = "each"``) and the validation curve."""
+    round (per institution with ``keep = "group"`` or ``"each"``) and the validation curve."""
     data = {n: i.data for n, i in fed.institutions.items()}
     variant = build_federation(cfg, fed.server.catalogue, data=data)
-    every, keep = fed.config.evaluation.every, fed.config.evaluation.keep
+    ev = fed.config.evaluation
+    every, keep, groups = ev.every, ev.keep, choice_groups(cfg.institutions)
     kept: dict[str, int] = {}
     snaps: dict[str, dict[str, Any]] = {}
     curve, earlier = [], []
@@ -94,7 +95,7 @@ def train_variant(
             scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": mean_score(scores)})
         ctx.progress(f"  {label}: round {rnd}/{cfg.rounds}, val loss {curve[-1]['val_loss']:.4f}")
-        if improved := kept_now(keep, earlier, scores):  # the rule of the federated MoE's run
+        if improved := kept_now(keep, earlier, scores, groups):  # the rule of the federated MoE's run
             # one copy per kept round (and of its average), shared by its institutions
             shared = copy.deepcopy(variant.server.state)
             average = copy.deepcopy(variant.server.averaged) if averaged & set(improved) else None
@@ -102,12 +103,13 @@ def train_variant(
                 kept[name], snaps[name] = rnd, snapshot(variant, name, average if name in averaged else shared, carry)
         earlier.append(scores)
     for name, snap in snaps.items():
-        restore(variant, name, snap, carry, each=keep == "each")
-    return variant, (kept if keep == "each" else next(iter(kept.values()))), curve
+        restore(variant, name, snap, carry, each=ev.per_institution)
+    return variant, (kept if ev.per_institution else next(iter(kept.values()))), curve
 
 
 def kept_text(kept: int | dict[str, int]) -> str:
-    """``round 7``, or with ``keep = "each"`` the range of the institutions' own rounds."""
+    """``round 7``, or with a state per institution (``keep = "group"`` / ``"each"``) the
+    range of the institutions' own rounds."""
     if isinstance(kept, int):
         return f"round {kept}"
     lo, hi = min(kept.values()), max(kept.values())

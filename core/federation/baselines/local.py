@@ -1,14 +1,18 @@
 """``local``: each institution alone — the same architecture, initial weights and steps
 as in the federation (``rounds`` x its local steps), on its own data only. It validates
 after every ``evaluation.every`` rounds' worth of steps, and its state averaged over
-rounds (``evaluation.average``) as the federation's is, and keeps its best state."""
+rounds (``evaluation.average``) as the federation's is, and keeps a state per
+institution by the federation's rule: with ``keep = "group"`` the round (and candidate)
+where the mean validation loss of its group (the institutions with its tasks and
+modalities) is lowest, else the one of its own lowest. Pooling validation scores is a
+choice of when to stop, as the tuning grid's is: no model or data leaves anyone."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from ..build import Federation
-from ..evaluation import exponential_average, lower_of
+from ..evaluation import averaged_wins, choice_groups, exponential_average, kept_now, mean_score
 from ..institution import Institution, seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
@@ -23,25 +27,40 @@ class Local:
     def run(self, fed: Federation, ctx: BaselineContext) -> Results:
         fed = federation_at(fed, self.name)  # at the method's learning rate and local steps
         cfg = fed.config
+        ev, beta = cfg.evaluation, cfg.evaluation.average
+        keep, groups = ("group" if ev.keep == "group" else "each"), choice_groups(cfg.institutions)
         init = initial_state(cfg, fed.server.catalogue)
-        every = cfg.evaluation.every
-        out, curves = {}, {}
-        for name, inst in fed.institutions.items():
-            alone = Institution(dataclasses.replace(inst.config, personal=[]), inst.data, inst.experts, inst.settings, inst.pool)
-            model = alone.load(init)
-            best, kept, average = float("inf"), None, None
-            for rnd in range(1, cfg.rounds + 1):
-                alone.fit(model, inst.local_steps(), cfg.federation.lr, seed_for(cfg.seed, "local", name, rnd))
-                current = model.trainable_state()
-                if beta := cfg.evaluation.average:  # its state averaged over rounds, as the server's is
-                    average = exponential_average(average, current, beta)
-                if rnd % every and rnd != cfg.rounds:
-                    continue
-                score, state = lower_of(model, current, average if rnd > 1 else None, lambda alone=alone, model=model: alone.validation_loss(model))
-                curves.setdefault(rnd, []).append(score)
-                if kept is None or score < best:  # a NaN score (diverged) keeps the first state
-                    best, kept = score, state
-            model.load_trainable_state(kept)
-            out[name] = ctx.final.evaluate(self.name, alone, model)[0]
-        ctx.curves[self.name] = [{"round": r, "val_loss": sum(v) / len(v)} for r, v in sorted(curves.items())]
+        alone = {n: Institution(dataclasses.replace(i.config, personal=[]), i.data, i.experts, i.settings, i.pool) for n, i in fed.institutions.items()}
+        state = {n: a.load(init).trainable_state() for n, a in alone.items()}  # each its own model
+        average: dict = dict.fromkeys(alone)
+        kept, earlier, curve = {}, [], []
+        for rnd in range(1, cfg.rounds + 1):
+            evaluated = not rnd % ev.every or rnd == cfg.rounds
+            scores, other = {}, {}
+            for name, inst in alone.items():  # round by round, so a group can choose together
+                model = inst.load(init)
+                model.load_trainable_state(state[name])
+                inst.fit(model, fed.institutions[name].local_steps(), cfg.federation.lr, seed_for(cfg.seed, "local", name, rnd))
+                state[name] = model.trainable_state()
+                if beta:  # its state averaged over rounds, as the server's is
+                    average[name] = exponential_average(average[name], state[name], beta)
+                if evaluated:
+                    scores[name] = inst.validation_loss(model)
+                    if beta and rnd > 1:  # after round 1 the average is that round's state
+                        model.load_trainable_state(average[name])
+                        other[name] = inst.validation_loss(model)
+            if not evaluated:
+                continue
+            averaged = averaged_wins(keep, scores, other, groups) if other else set()
+            scores.update({n: other[n] for n in averaged})
+            curve.append({"round": rnd, "val_loss": mean_score(scores)})
+            for name in kept_now(keep, earlier, scores, groups):
+                kept[name] = average[name] if name in averaged else state[name]
+            earlier.append(scores)
+        ctx.curves[self.name] = curve
+        out = {}
+        for name, inst in alone.items():
+            model = inst.load(init)
+            model.load_trainable_state(kept[name])
+            out[name] = ctx.final.evaluate(self.name, inst, model)[0]
         return out
