@@ -128,13 +128,18 @@ def test_every_method_with_rounds_may_keep_its_average():
 def test_a_group_chooses_by_its_mean():
     groups = {"a": "g", "b": "g", "c": "h"}
     earlier = [{"a": 1.0, "b": 2.0, "c": 1.0}]
-    # a is lower alone, but its group's mean (1.25 + 1.75) / 2 = 1.5 is level with 1.5: not kept
+    # a is lower alone, but its group's mean (0.5 + 2.5) / 2 = 1.5 is level with 1.5: not kept
     assert kept_now("group", earlier, {"a": 0.5, "b": 2.5, "c": 0.9}, groups) == ["c"]
     assert kept_now("each", earlier, {"a": 0.5, "b": 2.5, "c": 0.9}) == ["a", "c"]
     assert kept_now("group", earlier, {"a": 1.2, "b": 1.7, "c": 1.1}, groups) == ["a", "b"]  # b kept with its group
     # the averaged state stands in for a whole group, by the group's means
     assert averaged_wins("group", {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.7, "b": 1.1, "c": 1.2}, groups) == {"a", "b"}
     assert averaged_wins("each", {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.7, "b": 1.1, "c": 1.2}) == {"a"}
+    # a member that diverged (NaN) is never kept and does not hold its group back
+    nan = float("nan")
+    assert kept_now("group", [{"a": 1.0, "b": 1.0, "c": 1.0}], {"a": nan, "b": 0.1, "c": 2.0}, groups) == ["b"]
+    # an earlier round without every member of this one is no yardstick for a group mean
+    assert kept_now("group", [{"a": 0.5, "c": 1.0}, {"a": 0.6, "b": 0.9, "c": 1.0}], {"a": 0.6, "b": 0.7, "c": 0.9}, groups) == ["a", "b", "c"]
 
 
 def same_group_config(keep: str) -> dict:

@@ -104,7 +104,8 @@ def test_a_run_reads_test_once_per_method_and_keeps_the_best_validation_round(tm
     assert out["test_reads"] == {m: dict.fromkeys(names, 1) for m in ("fed_moe", "personalized", "local", "dense_fedavg", "centralized")}
     curves = json.loads((tmp_path / "p" / "curves.json").read_text())
     assert [c["round"] for c in curves] == [1, 2, 3]
-    # evaluation.keep = "each" (the default): every institution its own best round
+    # evaluation.keep = "group" (the default): no two of these share tasks and modalities,
+    # so every institution keeps its own best round
     own = {n: min(curves, key=lambda c: sum(m["loss"] for m in c["metrics"][n].values()))["round"] for n in names}
     assert out["kept_round"] == own
     # the curves are validation metrics: the same numbers a fresh validation pass gives

@@ -145,7 +145,7 @@ class EvaluationSettings:
         0.5,
         ge=0,
         lt=1,
-        doc="each evaluated round after the first also validates the trained state averaged over rounds (an exponential average with this weight on the past; training goes on from each round's own state): the server's shared state, with each institution's personal parts as they are (the server's round checkpoints carry it); `local`'s and Ditto's own models whole; the centralized bound's pooled model. An institution keeps the averaged state where its validation loss is lower (with `keep = \"group\"` by its group's mean; one choice for all by the mean with `best` and `last`; Ditto's personal models choose each their own); 0 = off",
+        doc="each evaluated round after the first also validates the trained state averaged over rounds (an exponential average with this weight on the past; training goes on from each round's own state): the server's shared state, with each institution's personal parts as they are (the server's round checkpoints carry it); `local`'s and Ditto's own models whole; the centralized bound's pooled model. An institution keeps the averaged state where its validation loss is lower (with `keep = \"group\"` by its group's mean; one choice for all by the mean with `best` and `last`, where `local` chooses per institution; Ditto's personal models choose each their own); 0 = off",
     )
     workers: int = setting(1, ge=0, doc="runs (seeds, grid points) at once, each in a process of its own; 0 = every usable core")
     grid: TuningGrid = setting(factory=TuningGrid, doc="shared tuning grid of the deep methods, chosen on validation on the first seed; empty = no tuning")

@@ -34,7 +34,12 @@ def institution_score(tasks: Metrics) -> float:
 def validation_score(metrics: dict[str, Metrics]) -> float:
     """What early stopping with one round for all minimises: the mean over institutions
     of their scores."""
-    return mean_score({n: institution_score(tasks) for n, tasks in metrics.items()})
+    return mean_score(scores_of(metrics))
+
+
+def scores_of(metrics: dict[str, Metrics]) -> dict[str, float]:
+    """Each institution's validation score (:func:`institution_score`) from its metrics."""
+    return {n: institution_score(tasks) for n, tasks in metrics.items()}
 
 
 def mean_score(scores: dict[str, float]) -> float:
@@ -50,11 +55,14 @@ def choice_groups(institutions: Iterable[Any]) -> dict[str, tuple]:
 
 
 def pooled(scores: dict[str, float], groups: dict[str, tuple]) -> dict[str, float]:
-    """Each institution's score replaced by the mean of its group's (those in ``scores``)."""
-    members: dict[tuple, list[float]] = {}
+    """Each institution's score replaced by the mean of its group's (those in ``scores``)
+    that are numbers: a member that diverged (NaN) keeps its NaN, which is never the
+    lowest, and does not hold the rest of its group back."""
+    members: dict[tuple, dict[str, float]] = {}
     for n, score in scores.items():
-        members.setdefault(groups[n], []).append(score)
-    return {n: sum(members[groups[n]]) / len(members[groups[n]]) for n in scores}
+        if score == score:
+            members.setdefault(groups[n], {})[n] = score
+    return {n: mean_score(members[groups[n]]) if score == score else score for n, score in scores.items()}
 
 
 def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float], groups: dict[str, tuple] | None = None) -> list[str]:
@@ -64,8 +72,9 @@ def kept_now(keep: str, earlier: list[dict[str, float]], now: dict[str, float], 
     whose own score is the lowest so far, with ``group`` those whose group's mean score
     (:func:`choice_groups`, :func:`pooled`) is. The first evaluated round is always kept;
     a NaN score (diverged) is never the lowest."""
-    if keep == "group":
-        return kept_now("each", [pooled(e, groups) for e in earlier], pooled(now, groups))
+    if keep == "group":  # earlier rounds pooled over the same institutions as this one
+        earlier = [pooled(e, groups) for e in earlier if e.keys() >= now.keys()]
+        return kept_now("each", earlier, pooled(now, groups))
     if keep == "last" or not earlier:
         return list(now)
     if keep == "best":
@@ -146,8 +155,7 @@ def validate_round(fed: Any, keep: str, limit: int | None = None) -> tuple[dict[
     if fed.server.averaged is None or fed.server.round <= 1:
         return metrics, None
     other, _ = validate(fed, fed.server.averaged, limit)
-    scores = [{n: institution_score(t) for n, t in m.items()} for m in (metrics, other)]
-    averaged = averaged_wins(keep, *scores, choice_groups(fed.config.institutions))
+    averaged = averaged_wins(keep, scores_of(metrics), scores_of(other), choice_groups(fed.config.institutions))
     return {**metrics, **{n: other[n] for n in averaged}}, averaged
 
 

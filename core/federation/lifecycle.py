@@ -55,8 +55,8 @@ from .evaluation import (
     FinalTest,
     Metrics,
     choice_groups,
-    institution_score,
     kept_now,
+    scores_of,
     validate_round,
     validation_score,
 )
@@ -201,8 +201,8 @@ def continue_run(
             entry["val_loss"] = validation_score(entry["metrics"])
             # an entry without a val_loss does not compete: a forgotten run's copied
             # curves, whose states the new folder does not keep (unlearning._curve_without)
-            earlier = [scores_of(c) for c in curves if "val_loss" in c]
-            if improved := kept_now(ev.keep, earlier, scores_of(entry), choice_groups(cfg.institutions)):
+            earlier = [scores_of(c["metrics"]) for c in curves if "val_loss" in c]
+            if improved := kept_now(ev.keep, earlier, scores_of(entry["metrics"]), choice_groups(cfg.institutions)):
                 save_kept(fed, run_dir, rnd, improved, averaged or set())
         curves.append(entry)
         write_json_atomic(curves_path, curves)
@@ -693,11 +693,6 @@ def _clock(seconds: float) -> str:
 
 
 # -- validation and early stopping ---------------------------------------------------------
-def scores_of(entry: dict) -> dict[str, float]:
-    """A curve entry's validation score per institution."""
-    return {n: institution_score(tasks) for n, tasks in entry["metrics"].items()}
-
-
 def read_test_once(fed: Federation, final: FinalTest, method: str = "fed_moe") -> tuple[dict[str, Metrics], dict, dict[str, str]]:
     """The federation's one read of every institution's test split, as ``method``, and
     which model each institution with a personal model was tested with."""

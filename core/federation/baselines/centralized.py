@@ -32,7 +32,7 @@ from ...data import iterate_batches, model_inputs
 from ...model import M3TModel, component_of
 from ...training import make_optimizer
 from ..build import Federation
-from ..evaluation import exponential_average, lower_of
+from ..evaluation import exponential_average, lower, lower_of
 from ..institution import seed_for
 from ..server import initial_state
 from .base import BaselineContext, Results
@@ -171,7 +171,7 @@ class Centralized:
             score, state = lower_of(pooled.model, current, average if rnd > 1 else None, pooled.validation_score)
             curve.append({"round": rnd, "val_loss": score})
             ctx.progress(f"  centralized: round {rnd}/{cfg.rounds}, val loss {score:.4f}")
-            if kept is None or score < best:  # a NaN score (diverged) keeps the first state
+            if kept is None or lower(score, best):  # a NaN score (diverged) is never the lower
                 best, kept = score, (state, copy.deepcopy(pooled.own_state))
         shared_state, pooled.own_state = kept
         pooled.model.load_trainable_state(shared_state)

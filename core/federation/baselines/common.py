@@ -13,7 +13,7 @@ from typing import Any
 
 from ..build import Federation, build_federation
 from ..config import FederationConfig
-from ..evaluation import choice_groups, institution_score, kept_now, mean_score, validate_round
+from ..evaluation import choice_groups, kept_now, mean_score, scores_of, validate_round
 from ..institution import Institution
 from .base import BaselineContext
 
@@ -64,9 +64,10 @@ def train_variant(
     carry: dict[str, Any] | None = None,
 ) -> tuple[Federation, int | dict[str, int], list[dict[str, float]]]:
     """Build ``cfg`` as a federation on ``fed``'s data, run its rounds and keep, as the
-    federated MoE's run does (``evaluation.keep``), each institution's state of its own
-    lowest validation loss, or the round with the lowest mean (every
-    ``evaluation.every`` rounds and after the last), a round's server state or its
+    federated MoE's run does (``evaluation.keep``), each institution's state of its
+    group's lowest mean validation loss (or its own lowest), or the round with the lowest
+    mean for all (every ``evaluation.every`` rounds and after the last; on the whole
+    validation split), a round's server state or its
     average over rounds (``evaluation.average``; with ``model_of``, the caller's to offer). ``after_round`` runs after each
     round (Ditto's personal step); ``model_of(variant, institution)`` gives the model an
     institution is judged by (default: as the federated MoE's, ``Institution.tested``);
@@ -90,7 +91,7 @@ def train_variant(
         averaged: set[str] = set()
         if model_of is None:  # as the federated MoE's run validates (and its average)
             metrics, with_average = validate_round(variant, keep)
-            scores, averaged = {n: institution_score(t) for n, t in metrics.items()}, with_average or set()
+            scores, averaged = scores_of(metrics), with_average or set()
         else:
             scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
         curve.append({"round": rnd, "val_loss": mean_score(scores)})
@@ -109,11 +110,11 @@ def train_variant(
 
 def kept_text(kept: int | dict[str, int]) -> str:
     """``round 7``, or with a state per institution (``keep = "group"`` / ``"each"``) the
-    range of the institutions' own rounds."""
+    range of the institutions' rounds."""
     if isinstance(kept, int):
         return f"round {kept}"
     lo, hi = min(kept.values()), max(kept.values())
-    return f"each institution its own round ({lo}-{hi})" if lo != hi else f"round {lo} (each institution's own)"
+    return f"a round per institution ({lo}-{hi})" if lo != hi else f"round {lo} (a round per institution)"
 
 
 def snapshot(fed: Federation, name: str, shared: State, carry: dict[str, Any] | None = None) -> dict[str, Any]:

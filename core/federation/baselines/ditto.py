@@ -2,7 +2,8 @@
 round every institution also trains its own personal model v for the same local steps
 on its loss + (lambda/2)||v - w_global||^2. Each institution is judged by its v (or v
 averaged over rounds where that validates lower, ``evaluation.average``, as every method
-may); the round kept is chosen on validation. ``lambda`` = 0.1 (the middle of the paper's grid).
+may: each institution its own choice, whatever ``evaluation.keep``); the round kept is
+chosen on validation by the federation's rule (``keep``: with its group). ``lambda`` = 0.1 (the middle of the paper's grid).
 
 It differs from the federated MoE's own Ditto form (``federation.personal_model``, which
 this dense model turns off): that one trains v inside each sampled institution's round
