@@ -184,3 +184,25 @@ def test_local_chooses_by_the_same_rule(monkeypatch):
             assert last["university"] == last["rural_school"]
         else:
             assert last["university"] != last["rural_school"]
+
+
+def test_the_dense_baselines_choose_by_the_same_rule(monkeypatch):
+    """train_variant (dense FedAvg, FedProx, FedAvg + fine-tuning, Ditto's rounds) keeps a
+    group's institutions at the round of their lowest mean, as the federated MoE's run;
+    scripted validation losses: alone the university would keep round 2, the rural school
+    round 4, together round 3."""
+    import m3tfed.federation.baselines.common as common
+    from m3tfed.federation.baselines.dense_fedavg import dense_config
+
+    losses = {"university": [0.9, 0.5, 0.6, 0.9, 0.9, 0.9], "rural_school": [0.9, 0.9, 0.6, 0.5, 0.9, 0.9]}
+
+    def scripted(fed, keep, limit=None):
+        rnd = fed.server.round
+        return {n: {"grade": {"loss": losses.get(n, [0.5] * 6)[rnd - 1]}} for n in fed.institutions}, None
+
+    monkeypatch.setattr(common, "validate_round", scripted)
+    ctx = BaselineContext(final=FinalTest("val"), progress=lambda m: None)
+    for keep, university, rural in (("group", 3, 3), ("each", 2, 4)):
+        cfg = load_config(same_group_config(keep))
+        _, kept, _ = common.train_variant(build_federation(cfg), dense_config(cfg), ctx, "dense")
+        assert (kept["university"], kept["rural_school"]) == (university, rural), keep
