@@ -58,7 +58,8 @@ class Ditto:
             inst, mine = variant.institutions[name], own[name]
             model = inst.model()
             model.load_trainable_state(mine["v"])
-            _, chosen = lower_of(model, mine["v"], mine["average"], lambda: inst.validation_loss(model))
+            average = mine["average"] if variant.server.round > 1 else None  # after round 1 it is v
+            _, chosen = lower_of(model, mine["v"], average, lambda: inst.validation_loss(model))
             model.load_trainable_state(chosen)
             return model
 
