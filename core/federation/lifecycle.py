@@ -190,7 +190,7 @@ def continue_run(
     for name, sel in fed.selections.items():
         progress(f"  {name:<20} experts: {', '.join(sel)}")
     t0, cpu0 = time.perf_counter(), cpu_seconds()
-    ev = cfg.evaluation
+    ev, groups = cfg.evaluation, choice_groups(cfg.institutions)
     for rep in run_rounds(fed.server, run_dir, start_round):
         rnd = rep.round
         entry: dict[str, Any] = {"round": rnd, "loss": rep.loss}
@@ -202,7 +202,7 @@ def continue_run(
             # an entry without a val_loss does not compete: a forgotten run's copied
             # curves, whose states the new folder does not keep (unlearning._curve_without)
             earlier = [scores_of(c["metrics"]) for c in curves if "val_loss" in c]
-            if improved := kept_now(ev.keep, earlier, scores_of(entry["metrics"]), choice_groups(cfg.institutions)):
+            if improved := kept_now(ev.keep, earlier, scores_of(entry["metrics"]), groups):
                 save_kept(fed, run_dir, rnd, improved, averaged or set())
         curves.append(entry)
         write_json_atomic(curves_path, curves)
