@@ -3,6 +3,7 @@ round's own state and kept where it validates lower; it changes nothing in train
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_config_dict
 from m3tfed.federation.baselines import BASELINES, BaselineContext
@@ -140,6 +141,11 @@ def test_a_group_chooses_by_its_mean():
     assert kept_now("group", [{"a": 1.0, "b": 1.0, "c": 1.0}], {"a": nan, "b": 0.1, "c": 2.0}, groups) == ["b"]
     # an earlier round without every member of this one is no yardstick for a group mean
     assert kept_now("group", [{"a": 0.5, "c": 1.0}, {"a": 0.6, "b": 0.9, "c": 1.0}], {"a": 0.6, "b": 0.7, "c": 0.9}, groups) == ["a", "b", "c"]
+    # the group rule without the groups is a named error, not a TypeError deep inside
+    with pytest.raises(ValueError, match=r"choice group .*\['a', 'b', 'c'\]"):
+        kept_now("group", earlier, {"a": 0.5, "b": 2.5, "c": 0.9})
+    with pytest.raises(ValueError, match=r"none for \['c'\]"):
+        averaged_wins("group", {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.7, "b": 1.1, "c": 1.2}, {"a": "g", "b": "g"})
 
 
 def same_group_config(keep: str) -> dict:
@@ -196,7 +202,7 @@ def test_the_dense_baselines_choose_by_the_same_rule(monkeypatch):
 
     losses = {"university": [0.9, 0.5, 0.6, 0.9, 0.9, 0.9], "rural_school": [0.9, 0.9, 0.6, 0.5, 0.9, 0.9]}
 
-    def scripted(fed, keep, limit=None):
+    def scripted(fed, keep, groups, limit=None):
         rnd = fed.server.round
         return {n: {"grade": {"loss": losses.get(n, [0.5] * 6)[rnd - 1]}} for n in fed.institutions}, None
 

@@ -54,10 +54,13 @@ def choice_groups(institutions: Iterable[Any]) -> dict[str, tuple]:
     return {i.name: (tuple(sorted(i.tasks)), tuple(sorted(i.modalities))) for i in institutions}
 
 
-def pooled(scores: dict[str, float], groups: dict[str, tuple]) -> dict[str, float]:
+def pooled(scores: dict[str, float], groups: dict[str, tuple] | None) -> dict[str, float]:
     """Each institution's score replaced by the mean of its group's (those in ``scores``)
     that are numbers: a member that diverged (NaN) keeps its NaN, which is never the
     lowest, and does not hold the rest of its group back."""
+    missing = sorted(set(scores) - set(groups or {}))
+    if missing:
+        raise ValueError(f'evaluation.keep = "group" needs the choice group of every institution (choice_groups); none for {missing}')
     members: dict[tuple, dict[str, float]] = {}
     for n, score in scores.items():
         if score == score:
@@ -145,17 +148,18 @@ def validate(fed: Any, shared: dict, limit: int | None = None) -> tuple[dict[str
     return metrics, routing
 
 
-def validate_round(fed: Any, keep: str, limit: int | None = None) -> tuple[dict[str, Metrics], set[str] | None]:
+def validate_round(fed: Any, keep: str, groups: dict[str, tuple], limit: int | None = None) -> tuple[dict[str, Metrics], set[str] | None]:
     """A federation's validation after a round, every method with a server alike: each
     institution's metrics (:func:`validate`) with the round's state, or with the state
     averaged over rounds (``evaluation.average``) for the institutions in the returned
-    set, where :func:`averaged_wins`. The set is None when no average was validated: off,
-    or after round 1, when the average is that round's state."""
+    set, where :func:`averaged_wins` (``groups``: :func:`choice_groups`, derived once per
+    run). The set is None when no average was validated: off, or after round 1, when the
+    average is that round's state."""
     metrics, _ = validate(fed, fed.server.state, limit)
     if fed.server.averaged is None or fed.server.round <= 1:
         return metrics, None
     other, _ = validate(fed, fed.server.averaged, limit)
-    averaged = averaged_wins(keep, scores_of(metrics), scores_of(other), choice_groups(fed.config.institutions))
+    averaged = averaged_wins(keep, scores_of(metrics), scores_of(other), groups)
     return {**metrics, **{n: other[n] for n in averaged}}, averaged
 
 

@@ -195,7 +195,7 @@ def continue_run(
         rnd = rep.round
         entry: dict[str, Any] = {"round": rnd, "loss": rep.loss}
         if rnd % ev.every == 0 or rnd == cfg.rounds:
-            entry["metrics"], averaged = validate_round(fed, ev.keep, ev.val_samples)
+            entry["metrics"], averaged = validate_round(fed, ev.keep, groups, ev.val_samples)
             if averaged is not None:
                 entry["averaged"] = sorted(averaged)  # whose figures are the averaged state's
             entry["val_loss"] = validation_score(entry["metrics"])

@@ -90,7 +90,7 @@ def train_variant(
             continue
         averaged: set[str] = set()
         if model_of is None:  # as the federated MoE's run validates (and its average)
-            metrics, with_average = validate_round(variant, keep)
+            metrics, with_average = validate_round(variant, keep, groups)
             scores, averaged = scores_of(metrics), with_average or set()
         else:
             scores = {n: inst.validation_loss(model_of(variant, n)) for n, inst in variant.institutions.items()}
