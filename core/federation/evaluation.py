@@ -57,7 +57,8 @@ def choice_groups(institutions: Iterable[Any]) -> dict[str, tuple]:
 def pooled(scores: dict[str, float], groups: dict[str, tuple] | None) -> dict[str, float]:
     """Each institution's score replaced by the mean of its group's (those in ``scores``)
     that are numbers: a member that diverged (NaN) keeps its NaN, which is never the
-    lowest, and does not hold the rest of its group back."""
+    lowest, and does not hold the rest of its group back. ValueError, naming them, for
+    institutions without a group."""
     missing = sorted(set(scores) - set(groups or {}))
     if missing:
         raise ValueError(f'evaluation.keep = "group" needs the choice group of every institution (choice_groups); none for {missing}')
@@ -148,7 +149,7 @@ def validate(fed: Any, shared: dict, limit: int | None = None) -> tuple[dict[str
     return metrics, routing
 
 
-def validate_round(fed: Any, keep: str, groups: dict[str, tuple], limit: int | None = None) -> tuple[dict[str, Metrics], set[str] | None]:
+def validate_round(fed: Any, keep: str, groups: dict[str, tuple] | None, limit: int | None = None) -> tuple[dict[str, Metrics], set[str] | None]:
     """A federation's validation after a round, every method with a server alike: each
     institution's metrics (:func:`validate`) with the round's state, or with the state
     averaged over rounds (``evaluation.average``) for the institutions in the returned
