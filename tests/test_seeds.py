@@ -8,7 +8,13 @@ import pytest
 from conftest import tiny_config_dict
 from m3tfed.cli import build_parser
 from m3tfed.federation.lifecycle import run_seeds
-from m3tfed.federation.report import across_seeds, mean_interval, wilson
+from m3tfed.federation.report import (
+    across_seeds,
+    mean_interval,
+    seeds_to_resolve,
+    unresolved,
+    wilson,
+)
 
 
 def summary(fed, local):
@@ -43,6 +49,35 @@ def test_better_counts_only_a_paired_difference_beyond_its_interval():
     assert c["share_better"] == pytest.approx(1 / 3) and c["share_better_interval"] == pytest.approx(wilson(1, 3))
     one = across_seeds(seeds[:1])["comparison"]["local"]
     assert one["better_at"] == [] and one["mean_relative_advantage"]["lo"] is None  # one seed claims nothing
+
+
+def test_every_method_is_held_against_local_by_the_same_rule():
+    def three(fed, cen, local):
+        rows = {i: {"fed_moe": fed[k], "centralized": cen[k], "local": local[k]} for k, i in enumerate("abc")}
+        agg = {m: {"mean": 0.0, "worst": 0.0} for m in ("fed_moe", "centralized", "local")}
+        return {"pass": {"metric": "accuracy", "higher_is_better": True, "institutions": rows, "summary": agg}}
+
+    seeds = [three(fed=[0.8, 0.7, 0.6], cen=[0.9, 0.70, 0.5], local=[0.7, 0.7, 0.6]),
+             three(fed=[0.8, 0.7, 0.6], cen=[0.9, 0.72, 0.5], local=[0.7, 0.7, 0.6]),
+             three(fed=[0.8, 0.7, 0.6], cen=[0.9, 0.74, 0.5], local=[0.7, 0.7, 0.6])]  # fmt: skip
+    out = across_seeds(seeds)
+    assert list(out["against_local"]) == ["fed_moe", "centralized"]  # the method first; local not against itself
+    assert out["against_local"]["fed_moe"] == out["comparison"]["local"]
+    cen = out["against_local"]["centralized"]
+    # a: +0.2 every seed (better); c: -0.1 every seed (worse); b: 0, +0.02, +0.04 (open, ahead)
+    assert cen["better_at"] == ["a"] and cen["worse_at"] == ["c"]
+    # b's mean is its spread (0.02 / 0.667 each): t(n-1)/sqrt(n) < 1 first at n = 7 (2.447 / 2.646)
+    assert cen["seeds_to_resolve"]["b"] == 7 and cen["seeds_to_resolve"]["a"] == 2
+    assert unresolved(cen).startswith("1 open (0 behind on the mean); those ahead would need ")
+
+
+def test_seeds_to_resolve_is_the_fewest_seeds_whose_interval_excludes_zero():
+    # mean 0.2, sd 0.1: t(2)*0.1/sqrt(3) = 0.248 > 0.2, t(3)*0.1/2 = 0.159 < 0.2
+    assert seeds_to_resolve([0.1, 0.2, 0.3]) == 4
+    assert seeds_to_resolve([-0.1, -0.2, -0.3]) == 4  # worse resolves the same way
+    assert seeds_to_resolve([0.1, 0.1]) == 2  # no spread: two seeds
+    assert seeds_to_resolve([0.5]) is None and seeds_to_resolve([1.0, -1.0]) is None
+    assert seeds_to_resolve([1.0, -0.9], cap=50) == 51  # beyond the cap
 
 
 def test_tables_carry_intervals_and_the_worst_institution():

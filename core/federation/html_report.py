@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..privacy.ledger import PrivacyLedger
-from .report import across_seeds, fmt_interval
+from .report import across_seeds, fmt_interval, unresolved
 from .routing_stats import routing_mutual_information
 
 _CSS = """
@@ -138,6 +138,19 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tun
         ])  # fmt: skip
     parts.append(_table(["baseline", "mean relative advantage", "share better (beyond interval)", "institutions better", "institutions worse"], comp_rows))
     parts.append("<p class=note>An institution counts as better (worse) only when the 95% interval of its paired relative difference over seeds lies above (below) zero; the share carries a Wilson interval.</p>")
+
+    if combined.get("against_local"):
+        parts.append("<h2>Each method against local-only</h2>")
+        rows = [
+            [html.escape(m), fmt_interval(c["mean_relative_advantage"], pct=True), f"{len(c['better_at'])}/{len(c['institutions'])}", f"{len(c['worse_at'])}/{len(c['institutions'])}", html.escape(unresolved(c))]
+            for m, c in combined["against_local"].items()
+        ]  # fmt: skip
+        parts.append(_table(["method", "mean relative advantage", "better at", "worse at", "open"], rows))
+        parts.append(
+            "<p class=note>The same rule for every method, the centralized bound (all data pooled) included: how many institutions any"
+            " method can show better than training alone at this many seeds. Seeds needed: the fewest seeds whose 95% interval, at the"
+            " spread seen, would exclude zero if the mean held; an estimate, not a promise.</p>"
+        )
 
     # Does the smallest institution gain most? The gain over local-only against training size.
     sizes = {i: r.get("train") for i, r in (_read(run_dirs[0], "data_report.json") or {}).items()}

@@ -180,25 +180,55 @@ def across_seeds(summaries: list[dict[str, Any]], method: str = "fed_moe") -> di
         higher = first["higher_is_better"]
         worst_inst = {m: (min if higher else max)(rows, key=lambda i, m=m: rows[i][m]["mean"]) for m in methods}
         tasks[task] = {"metric": first["metric"], "higher_is_better": higher, "institutions": rows, "summary": agg, "worst_institution": worst_inst}
-    comparison = {}
     others = sorted({m for s in summaries[0].values() for m in s["summary"]} - {method})
-    for base in others:
-        per_seed = [relative_advantage(s, method, base) for s in summaries]
-        if not per_seed[0]:
-            continue
-        insts = {i: mean_interval([adv[i] for adv in per_seed]) for i in per_seed[0]}
-        better = sorted(i for i, c in insts.items() if c["lo"] is not None and c["lo"] > 0)
-        worse = sorted(i for i, c in insts.items() if c["hi"] is not None and c["hi"] < 0)
-        n = len(insts)
-        comparison[base] = {
-            "mean_relative_advantage": mean_interval([sum(adv.values()) / len(adv) for adv in per_seed]),
-            "better_at": better,
-            "worse_at": worse,
-            "share_better": len(better) / n,
-            "share_better_interval": wilson(len(better), n),
-            "institutions": insts,
-        }
-    return {"seeds": len(summaries), "tasks": tasks, "comparison": comparison}
+    comparison = {base: c for base in others if (c := paired(summaries, method, base))}
+    # Every method against training alone by the same rule, the centralized bound too:
+    # what pooling the data can show at this many seeds, the yardstick for ``method``'s.
+    against_local = {m: c for m in [method, *sorted(set(others) - {"local"})] if (c := paired(summaries, m, "local"))}
+    return {"seeds": len(summaries), "tasks": tasks, "comparison": comparison, "against_local": against_local}
+
+
+def paired(summaries: list[dict[str, Any]], method: str, base: str) -> dict[str, Any] | None:
+    """``method`` against ``base`` over seeds: each institution's relative advantage per
+    seed, then its mean and 95% interval; *better* (*worse*) where the interval lies wholly
+    above (below) zero. ``seeds_to_resolve`` estimates, per institution, the fewest seeds
+    at which an interval of the observed spread would exclude zero if the observed mean
+    held (:func:`seeds_to_resolve`): how far the verdict is a question of seeds. None when
+    the two methods share no institution."""
+    per_seed = [relative_advantage(s, method, base) for s in summaries]
+    if not per_seed[0]:
+        return None
+    values = {i: [adv[i] for adv in per_seed] for i in per_seed[0]}
+    insts = {i: mean_interval(v) for i, v in values.items()}
+    better = sorted(i for i, c in insts.items() if c["lo"] is not None and c["lo"] > 0)
+    worse = sorted(i for i, c in insts.items() if c["hi"] is not None and c["hi"] < 0)
+    n = len(insts)
+    return {
+        "mean_relative_advantage": mean_interval([sum(adv.values()) / len(adv) for adv in per_seed]),
+        "better_at": better,
+        "worse_at": worse,
+        "share_better": len(better) / n,
+        "share_better_interval": wilson(len(better), n),
+        "institutions": insts,
+        "seeds_to_resolve": {i: seeds_to_resolve(v) for i, v in values.items()},
+    }
+
+
+def seeds_to_resolve(values: list[float], cap: int = 1000) -> int | None:
+    """The fewest seeds n ≥ 2 whose 95% t-interval, at the spread of ``values``, would
+    exclude zero around their mean: t(n-1)·sd/√n < |mean| (``cap + 1``: more than ``cap``;
+    None: one value, or a mean of 0). A power estimate from the seeds run, not a promise:
+    more seeds will have another mean and spread."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    if mean == 0:
+        return None
+    for n in range(2, cap + 1):
+        if t_quantile(n - 1) * sd / n**0.5 < abs(mean):
+            return n
+    return cap + 1
 
 
 def fmt_interval(c: dict[str, Any], pct: bool = False) -> str:
@@ -221,7 +251,27 @@ def format_seeds_table(combined: dict[str, Any], method: str = "fed_moe") -> str
         )
     if combined["seeds"] < 2:
         lines.append("  (one seed: no interval, so no institution is counted as better or worse; run --seeds 3)")
+    if combined.get("against_local"):
+        lines.append("\neach method against local by the same rule (the centralized bound: what pooling the data shows at this many seeds)")
+        for m, c in combined["against_local"].items():
+            lines.append(f"  {m:<20} {fmt_interval(c['mean_relative_advantage'], pct=True):>16}   better at {len(c['better_at'])}/{len(c['institutions'])}, worse at {len(c['worse_at'])}; {unresolved(c)}")
     return "\n".join(lines)
+
+
+def unresolved(c: dict[str, Any]) -> str:
+    """What the seeds left open in a :func:`paired` comparison: the institutions neither
+    better nor worse, how many of them are behind on the mean, and the seeds an interval
+    of the observed spread would need for those ahead (median and range)."""
+    open_ = [i for i in c["institutions"] if i not in c["better_at"] and i not in c["worse_at"]]
+    if not open_:
+        return "none open"
+    ahead = sorted(n for i in open_ if c["institutions"][i]["mean"] > 0 and (n := c["seeds_to_resolve"].get(i)) is not None)
+    behind = sum(c["institutions"][i]["mean"] <= 0 for i in open_)
+    text = f"{len(open_)} open ({behind} behind on the mean)"
+    if ahead:
+        median, low, high = (str(n) if n <= 1000 else ">1000" for n in (ahead[len(ahead) // 2], ahead[0], ahead[-1]))
+        text += f"; those ahead would need {median} seeds (median; {low}-{high}) at the spread seen"
+    return text
 
 
 def markdown_tables(combined: dict[str, Any], method: str = "fed_moe") -> str:
@@ -242,4 +292,9 @@ def markdown_tables(combined: dict[str, Any], method: str = "fed_moe") -> str:
             f"| {base} | {fmt_interval(c['mean_relative_advantage'], pct=True)} | {len(c['better_at'])}/{len(c['institutions'])} | "
             f"{c['share_better']:.0%} ({lo:.0%}–{hi:.0%}) | {len(c['worse_at'])}/{len(c['institutions'])} |"
         )
+    if combined.get("against_local"):
+        lines += ["", "| vs local | mean relative advantage | better at | worse at | open |", "|---|---|---|---|---|"]
+        for m, c in combined["against_local"].items():
+            n = len(c["institutions"])
+            lines.append(f"| {m} | {fmt_interval(c['mean_relative_advantage'], pct=True)} | {len(c['better_at'])}/{n} | {len(c['worse_at'])}/{n} | {unresolved(c)} |")
     return "\n".join(lines)
