@@ -68,7 +68,7 @@ def test_every_method_is_held_against_local_by_the_same_rule():
     assert cen["better_at"] == ["a"] and cen["worse_at"] == ["c"]
     # b's mean is its spread (0.02 / 0.667 each): t(n-1)/sqrt(n) < 1 first at n = 7 (2.447 / 2.646)
     assert cen["seeds_to_resolve"]["b"] == 7 and cen["seeds_to_resolve"]["a"] == 2
-    assert unresolved(cen).startswith("1 open (0 behind on the mean); those ahead would need ")
+    assert unresolved(cen).startswith("1 open (0 behind or level on the mean); those ahead would need ")
 
 
 def test_seeds_to_resolve_is_the_fewest_seeds_whose_interval_excludes_zero():

@@ -260,14 +260,14 @@ def format_seeds_table(combined: dict[str, Any], method: str = "fed_moe") -> str
 
 def unresolved(c: dict[str, Any]) -> str:
     """What the seeds left open in a :func:`paired` comparison: the institutions neither
-    better nor worse, how many of them are behind on the mean, and the seeds an interval
-    of the observed spread would need for those ahead (median and range)."""
+    better nor worse, how many of them are behind or level on the mean, and the seeds an
+    interval of the observed spread would need for those ahead (median and range)."""
     open_ = [i for i in c["institutions"] if i not in c["better_at"] and i not in c["worse_at"]]
     if not open_:
         return "none open"
     ahead = sorted(n for i in open_ if c["institutions"][i]["mean"] > 0 and (n := c["seeds_to_resolve"].get(i)) is not None)
     behind = sum(c["institutions"][i]["mean"] <= 0 for i in open_)
-    text = f"{len(open_)} open ({behind} behind on the mean)"
+    text = f"{len(open_)} open ({behind} behind or level on the mean)"
     if ahead:
         median, low, high = (str(n) if n <= 1000 else ">1000" for n in (ahead[len(ahead) // 2], ahead[0], ahead[-1]))
         text += f"; those ahead would need {median} seeds (median; {low}-{high}) at the spread seen"
