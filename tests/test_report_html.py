@@ -37,7 +37,8 @@ def test_report_html_renders_its_plots_and_tables_without_console_errors(tmp_pat
         assert heading in page, heading
     # routing specialization and the gain against institution size, also in metrics.json
     assert "I(task; expert | institution)" in page and "Gain against institution size" in page
-    assert "<h2>Each method against local-only</h2>" in page and "<td>personalized</td>" in page
+    against_local = page.split("<h2>Each method against local-only</h2>")[1].split("<h2>")[0]
+    assert "<td>fed_moe</td>" in against_local and "<td>personalized</td>" in against_local and "open (" in against_local
     assert "Expert usage per institution × modality" in page and "I(modality; expert | institution)" in page
     mi = json.loads((tmp_path / "r" / "metrics.json").read_text())["routing_mutual_information"]
     assert set(mi) == {"task", "institution", "task_within_institution", "modality", "modality_within_institution"}

@@ -78,6 +78,10 @@ def test_seeds_to_resolve_is_the_fewest_seeds_whose_interval_excludes_zero():
     assert seeds_to_resolve([0.1, 0.1]) == 2  # no spread: two seeds
     assert seeds_to_resolve([0.5]) is None and seeds_to_resolve([1.0, -1.0]) is None
     assert seeds_to_resolve([1.0, -0.9], cap=50) == 51  # beyond the cap
+    assert seeds_to_resolve([0.1, float("nan"), 0.2]) is None  # a diverged seed claims nothing
+    # past 30 degrees of freedom still a t interval, not the normal's: mean 0.28, sd 1:
+    # t(51) = t(40) = 2.021, 2.021 / sqrt(52) = 0.2803 > 0.28 > 2.021 / sqrt(53) = 0.2776
+    assert seeds_to_resolve([0.28 + 0.5**0.5, 0.28 - 0.5**0.5]) == 53
 
 
 def test_tables_carry_intervals_and_the_worst_institution():

@@ -148,8 +148,8 @@ def write_report(path: Path, run_dirs: list[Path], title: str | None = None, tun
         parts.append(_table(["method", "mean relative advantage", "better at", "worse at", "open"], rows))
         parts.append(
             "<p class=note>The same rule for every method, the centralized bound (all data pooled) included: how many institutions any"
-            " method can show better than training alone at this many seeds. Seeds needed: the fewest seeds whose 95% interval, at the"
-            " spread seen, would exclude zero if the mean held; an estimate, not a promise.</p>"
+            " method can show better than training alone at this many seeds. Seeds needed (in total): where a 95% interval of the"
+            " spread seen would just exclude zero around the mean seen; if both held, about an even chance: an estimate, not a promise.</p>"
         )
 
     # Does the smallest institution gain most? The gain over local-only against training size.

@@ -126,18 +126,19 @@ def task_tables(tasks: dict[str, Any], cell: Callable[[Any], str], width: int) -
 
 
 # -- several seeds: means, intervals, paired comparisons ----------------------------------
-# Two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96).
+# Two-sided 95% Student t quantiles by degrees of freedom (beyond 120: the normal's 1.96).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
-         25: 2.060, 30: 2.042}  # fmt: skip
+         25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}  # fmt: skip
 
 
 def t_quantile(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (from a table)."""
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (from a table;
+    between its rows the lower row's, the wider interval)."""
     if df in _T975:
         return _T975[df]
     below = [d for d in _T975 if d < df]
-    return _T975[max(below)] if df <= 30 else 1.96
+    return _T975[max(below)] if df <= 120 else 1.96
 
 
 def mean_interval(values: list[float]) -> dict[str, Any]:
@@ -184,7 +185,7 @@ def across_seeds(summaries: list[dict[str, Any]], method: str = "fed_moe") -> di
     comparison = {base: c for base in others if (c := paired(summaries, method, base))}
     # Every method against training alone by the same rule, the centralized bound too:
     # what pooling the data can show at this many seeds, the yardstick for ``method``'s.
-    against_local = {m: c for m in [method, *sorted(set(others) - {"local"})] if (c := paired(summaries, m, "local"))}
+    against_local = {m: c for m in [method, *others] if m != "local" and (c := paired(summaries, m, "local"))}
     return {"seeds": len(summaries), "tasks": tasks, "comparison": comparison, "against_local": against_local}
 
 
@@ -214,16 +215,21 @@ def paired(summaries: list[dict[str, Any]], method: str, base: str) -> dict[str,
     }
 
 
-def seeds_to_resolve(values: list[float], cap: int = 1000) -> int | None:
-    """The fewest seeds n ≥ 2 whose 95% t-interval, at the spread of ``values``, would
-    exclude zero around their mean: t(n-1)·sd/√n < |mean| (``cap + 1``: more than ``cap``;
-    None: one value, or a mean of 0). A power estimate from the seeds run, not a promise:
-    more seeds will have another mean and spread."""
+RESOLVE_CAP = 1000  # seeds_to_resolve looks no further
+
+
+def seeds_to_resolve(values: list[float], cap: int = RESOLVE_CAP) -> int | None:
+    """The number of seeds n ≥ 2, in total, at which a 95% t-interval of the spread of
+    ``values`` would just exclude zero around their mean: the fewest n with t(n-1)·sd/√n <
+    |mean| (``cap + 1``: more than ``cap``; None: one value, a mean of 0, or a NaN). If
+    the observed mean and spread were the truth, n seeds would resolve the institution
+    about half the time; from 2-3 seeds the spread itself is uncertain: an estimate,
+    not a promise."""
     if len(values) < 2:
         return None
     mean = sum(values) / len(values)
     sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    if mean == 0:
+    if mean == 0 or not math.isfinite(mean) or not math.isfinite(sd):
         return None
     for n in range(2, cap + 1):
         if t_quantile(n - 1) * sd / n**0.5 < abs(mean):
@@ -260,8 +266,9 @@ def format_seeds_table(combined: dict[str, Any], method: str = "fed_moe") -> str
 
 def unresolved(c: dict[str, Any]) -> str:
     """What the seeds left open in a :func:`paired` comparison: the institutions neither
-    better nor worse, how many of them are behind or level on the mean, and the seeds an
-    interval of the observed spread would need for those ahead (median and range)."""
+    better nor worse, how many of them are behind or level on the mean, and the seeds in
+    total an interval of the observed spread would need for those ahead (median and
+    range; :func:`seeds_to_resolve`)."""
     open_ = [i for i in c["institutions"] if i not in c["better_at"] and i not in c["worse_at"]]
     if not open_:
         return "none open"
@@ -269,8 +276,8 @@ def unresolved(c: dict[str, Any]) -> str:
     behind = sum(c["institutions"][i]["mean"] <= 0 for i in open_)
     text = f"{len(open_)} open ({behind} behind or level on the mean)"
     if ahead:
-        median, low, high = (str(n) if n <= 1000 else ">1000" for n in (ahead[len(ahead) // 2], ahead[0], ahead[-1]))
-        text += f"; those ahead would need {median} seeds (median; {low}-{high}) at the spread seen"
+        median, low, high = (str(n) if n <= RESOLVE_CAP else f">{RESOLVE_CAP}" for n in (ahead[len(ahead) // 2], ahead[0], ahead[-1]))
+        text += f"; those ahead would need {median} seeds in total (median; {low}-{high}) at the spread seen"
     return text
 
 
