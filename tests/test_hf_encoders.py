@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config_dict
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.config import load_config
-from m3tfed.plugins.encoders.hf_backbone import resolve_model_dir
+from m3tfed.plugins.encoders.hf_backbone import EmbeddingCache, resolve_model_dir
 from m3tfed.plugins.encoders.hf_text import HFTextEncoder
 from m3tfed.plugins.encoders.hf_vision import HFVisionEncoder
 from m3tfed.testing import check_encoder
@@ -144,6 +144,21 @@ def test_embedding_cache_is_hit_and_returns_identical_tokens():
     small = HFTextEncoder(8, adapter="projection", cache=True, cache_size=2)
     small(["one", "two", "three"])
     assert len(small.cache) == 2 and list(small.cache.entries) == ["two", "three"]  # bounded, least recent out
+
+
+def test_a_cached_embedding_does_not_depend_on_the_batch_it_first_came_in():
+    # Padded beside a longer text, MiniLM's output for a text differs in the last bits; the
+    # cache must hold the text's own, or a method's results depend on what ran before it.
+    long = " ".join(["Reading every day helps learners grow their vocabulary."] * 12)
+
+    def cached_after(first_batch):
+        enc = HFTextEncoder(8, path=MINILM, adapter="projection", max_length=256, max_tokens=4, cache=True)
+        enc.cache = EmbeddingCache(8)  # a fresh one, not the process-wide cache
+        with torch.no_grad():
+            enc.features(first_batch)
+            return enc.features([TEXTS[0]])[0]
+
+    assert torch.equal(cached_after([TEXTS[0]]), cached_after([TEXTS[0], long]))
 
 
 def test_check_encoder_passes_on_defaults_and_on_minilm():

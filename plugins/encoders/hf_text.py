@@ -89,13 +89,16 @@ class HFTextEncoder(FrozenBackbone, TextEncoder):
         missing = [t for t in dict.fromkeys(texts) if t not in entries]
         self.cache.hits += len(texts) - sum(texts.count(t) for t in missing)
         self.cache.misses += len(missing)
-        if missing:
+        # One text at a time: padded beside a longer text, the backbone's output differs in
+        # the last bits, and a cached embedding would depend on the batch that first held
+        # it, so a method's results on the process's history (no slower: no padding).
+        for t in missing:
             with torch.no_grad():
-                chunks, mask = super().features(missing)
-            for t, c, m in zip(missing, chunks.cpu(), mask.cpu()):
-                kept = int(m.nonzero().max()) + 1 if m.any() else 1  # drop trailing padding chunks
-                entries[t] = (c[:kept].clone(), m[:kept].clone())
-                self.cache.put(t, entries[t])
+                chunks, mask = super().features([t])
+            c, m = chunks[0].cpu(), mask[0].cpu()
+            kept = int(m.nonzero().max()) + 1 if m.any() else 1  # drop trailing padding chunks
+            entries[t] = (c[:kept].clone(), m[:kept].clone())
+            self.cache.put(t, entries[t])
         device = self.proj.weight.device
         chunks = pad_sequence([entries[t][0] for t in texts], batch_first=True).to(device)
         mask = pad_sequence(
