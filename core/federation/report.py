@@ -192,9 +192,9 @@ def across_seeds(summaries: list[dict[str, Any]], method: str = "fed_moe") -> di
 def paired(summaries: list[dict[str, Any]], method: str, base: str) -> dict[str, Any] | None:
     """``method`` against ``base`` over seeds: each institution's relative advantage per
     seed, then its mean and 95% interval; *better* (*worse*) where the interval lies wholly
-    above (below) zero. ``seeds_to_resolve`` estimates, per institution, the fewest seeds
-    at which an interval of the observed spread would exclude zero if the observed mean
-    held (:func:`seeds_to_resolve`): how far the verdict is a question of seeds. None when
+    above (below) zero. ``seeds_to_resolve``, per institution: the seeds in total at
+    which an interval of the observed spread would just exclude zero around the observed
+    mean (:func:`seeds_to_resolve`), how far the verdict is a question of seeds. None when
     the two methods share no institution."""
     per_seed = [relative_advantage(s, method, base) for s in summaries]
     if not per_seed[0]:
