@@ -141,14 +141,20 @@ def t_quantile(df: int) -> float:
     return _T975[max(below)] if df <= 120 else 1.96
 
 
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None with one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+
+
 def mean_interval(values: list[float]) -> dict[str, Any]:
     """Mean and 95% t-interval over seeds; ``lo``/``hi`` are None with one value (no
     interval can be claimed from one seed)."""
     n = len(values)
-    mean = sum(values) / n
-    if n < 2:
+    mean, sd = mean_sd(values)
+    if sd is None:
         return {"mean": mean, "lo": None, "hi": None, "n": n}
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
     half = t_quantile(n - 1) * sd / n**0.5
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
 
@@ -225,11 +231,8 @@ def seeds_to_resolve(values: list[float], cap: int = RESOLVE_CAP) -> int | None:
     the observed mean and spread were the truth, n seeds would resolve the institution
     about half the time; from 2-3 seeds the spread itself is uncertain: an estimate,
     not a promise."""
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    if mean == 0 or not math.isfinite(mean) or not math.isfinite(sd):
+    mean, sd = mean_sd(values)
+    if sd is None or mean == 0 or not math.isfinite(mean) or not math.isfinite(sd):
         return None
     for n in range(2, cap + 1):
         if t_quantile(n - 1) * sd / n**0.5 < abs(mean):
