@@ -50,3 +50,31 @@ def test_the_example_federation_trains_on_question_logs(tmp_path):
     aucs = [r["next_response"]["auc"] for r in out["results"]["fed_moe"].values()]
     assert len(aucs) == 5 and all(0.0 <= a <= 1.0 for a in aucs)
     assert set(out["results"]) == {"fed_moe", "local"}
+
+
+def test_a_cohort_with_a_curriculum_of_its_own_asks_its_share_of_the_bank():
+    src = QuestionLogs(cohorts={"a": {"n": 10}, "b": {"n": 10, "bank_share": 0.25, "concept_shift": 1.0}}, questions=200, concepts=10)
+    bank = src.curriculum(0)
+    same = src.localized(src.cohorts["a"], bank, torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(same, bank))  # no options: the shared bank, untouched
+    concept, difficulty, popularity = src.localized(src.cohorts["b"], bank, torch.Generator().manual_seed(1))
+    assert int((popularity > 0).sum()) == 50 and torch.equal(concept, bank[0])
+    offset = difficulty - bank[1]
+    for c in range(10):  # one offset per concept, shared by its questions
+        assert torch.allclose(offset[concept == c], offset[concept == c][0].expand(int((concept == c).sum())))
+    assert offset.abs().max() > 0.1
+    data = src.load([type("I", (), {"name": n, "tasks": ["next_response"]})() for n in "ab"], seed=0)
+    from m3tfed.seeds import seed_for
+
+    popularity = src.localized(src.cohorts["b"], bank, torch.Generator().manual_seed(seed_for(0, "curriculum", "b")))[2]
+    asked = torch.cat([data["b"].train["interactions"]["query_skill"], data["b"].test["interactions"]["query_skill"]])
+    share = set(torch.nonzero(popularity).flatten().tolist())
+    assert set(asked.tolist()) <= share
+    assert not set(data["a"].train["interactions"]["query_skill"].tolist()) <= share  # "a" draws from the whole bank
+
+
+def test_a_bad_curriculum_names_the_cohort():
+    import pytest
+
+    with pytest.raises(ValueError, match="cohort 'b'.*bank_share"):
+        QuestionLogs(cohorts={"b": {"n": 10, "bank_share": 0.0}})

@@ -13,6 +13,10 @@ popularity, correctly with probability sigmoid(ability + 0.15 x practice on the 
 difficulty). Each student gives five samples: predict attempt 8, 16, 24, 32 and 40 from
 the (up to) ``history`` attempts before it. Institutions differ in size and mean ability.
 
+A cohort may also have a curriculum of its own (``bank_share``, ``concept_shift``): the
+non-IID federation a real one is, where what one school learns of a question transfers
+only in part (``examples/question-logs-shifted.toml``).
+
 ``ids = "question"`` passes question ids as ``skill`` (``num_skills = questions``, no
 concepts: what a third party with only question ids does); ``"concept"`` passes the
 concept as ``skill`` and the question ids as ``question`` / ``query_question``
@@ -42,6 +46,12 @@ class Cohort:
 
     n: int = 200
     ability_mean: float = 0.0
+    # Non-IID curricula (defaults: none). ``bank_share``: the share of the question bank
+    # this institution's students are asked (its own random subset, as schools on
+    # different textbooks); ``concept_shift``: the sd of a per-concept difficulty offset
+    # here (concepts taught earlier or later, or in another language).
+    bank_share: float = 1.0
+    concept_shift: float = 0.0
 
 
 # Five institutions of 58-802 students, as in docs/results.md.
@@ -73,6 +83,9 @@ class QuestionLogs:
         if min(questions, concepts, history) < 1:
             raise ValueError(f"questions, concepts and history must be >= 1, got {questions}, {concepts}, {history}")
         self.cohorts = {k: Cohort(**v) for k, v in (DEFAULT_COHORTS if cohorts is None else cohorts).items()}
+        for name, c in self.cohorts.items():
+            if not 0.0 < c.bank_share <= 1.0 or c.concept_shift < 0:
+                raise ValueError(f"cohort {name!r}: bank_share must be in (0, 1] and concept_shift >= 0, got {c.bank_share}, {c.concept_shift}")
         self.questions, self.concepts, self.history, self.ids = questions, concepts, history, ids
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
@@ -86,6 +99,19 @@ class QuestionLogs:
         difficulty = 0.5 * torch.randn(self.concepts, generator=g)[concept] + torch.randn(self.questions, generator=g)
         popularity = 1.0 / torch.arange(1, self.questions + 1).float() ** 0.7
         return concept, difficulty, popularity[torch.randperm(self.questions, generator=g)]
+
+    def localized(self, cohort: Cohort, bank: tuple[torch.Tensor, ...], g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """The bank as one institution sees it: its share of the questions (the rest never
+        asked) and its per-concept difficulty offsets. Drawn from a generator of its own,
+        so a cohort without them keeps the shared bank's stream unchanged."""
+        concept, difficulty, popularity = bank
+        if cohort.concept_shift > 0:
+            difficulty = difficulty + cohort.concept_shift * torch.randn(self.concepts, generator=g)[concept]
+        if cohort.bank_share < 1.0:
+            kept = torch.zeros(self.questions, dtype=torch.bool)
+            kept[torch.randperm(self.questions, generator=g)[: max(1, round(cohort.bank_share * self.questions))]] = True
+            popularity = torch.where(kept, popularity, 0.0)
+        return concept, difficulty, popularity
 
     def students(self, cohort: Cohort, bank: tuple[torch.Tensor, ...], g: torch.Generator) -> tuple[dict[str, Any], torch.Tensor]:
         """One institution's samples and the student each row belongs to."""
@@ -131,7 +157,8 @@ class QuestionLogs:
         for inst in institutions:
             cohort = self.cohorts.get(inst.name, Cohort())
             g = torch.Generator().manual_seed(seed_for(seed, "data", inst.name))
-            tree, units = self.students(cohort, bank, g)
+            own = self.localized(cohort, bank, torch.Generator().manual_seed(seed_for(seed, "curriculum", inst.name)))
+            tree, units = self.students(cohort, own, g)
             tree["targets"] = {t: v for t, v in tree["targets"].items() if t in inst.tasks}
             train, val, test = split_tree(tree, self.val_fraction, self.test_fraction, g, units=units)
             out[inst.name] = InstitutionData(
