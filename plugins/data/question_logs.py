@@ -171,9 +171,9 @@ class QuestionLogs:
 SPEC = DataSourceSpec(
     name="question_logs",
     build=QuestionLogs,
-    version="0.1.0",
+    version="0.2.0",  # 0.2: cohorts with curricula of their own (bank_share, concept_shift)
     license="Apache-2.0",
     modalities=("interactions",),
     tasks=("next_response",),
-    description="generated question-level response logs: five institutions sharing a 1000-question bank, next-response prediction (ids='question' or 'concept')",
+    description="generated question-level response logs: five institutions sharing a 1000-question bank (or each its own share of it), next-response prediction (ids='question' or 'concept')",
 )
