@@ -139,13 +139,13 @@ class EvaluationSettings:
     val_samples: int | None = setting(None, ge=1, doc="validation samples per institution per pass (unset = all)")
     keep: Literal["group", "each", "best", "last"] = setting(
         "group",
-        doc="`group`: the institutions that serve the same tasks from the same modalities choose together: each is tested with the round where their mean validation loss is lowest (that round's shared state and its own personal parts), and `local` chooses so too; `each`: every institution the round of its own lowest validation loss, as `local` then does; `best`: the round with the lowest mean validation loss, for every institution; `last`: the last",
+        doc="`group`: the institutions that serve the same tasks from the same modalities choose together: each is tested with the round where their mean validation loss is lowest (that round's shared state and its own personal parts; `local`, training alone, always chooses alone); `each`: every institution the round of its own lowest validation loss; `best`: the round with the lowest mean validation loss, for every institution; `last`: the last",
     )
     average: float = setting(
         0.5,
         ge=0,
         lt=1,
-        doc="each evaluated round after the first also validates the trained state averaged over rounds (an exponential average with this weight on the past; training goes on from each round's own state): the server's shared state, with each institution's personal parts as they are (the server's round checkpoints carry it); `local`'s and Ditto's own models whole; the centralized bound's pooled model. An institution keeps the averaged state where its validation loss is lower (with `keep = \"group\"` by its group's mean; one choice for all by the mean with `best` and `last`, where `local` chooses per institution; Ditto's personal models choose each their own); 0 = off",
+        doc="each evaluated round after the first also validates the trained state averaged over rounds (an exponential average with this weight on the past; training goes on from each round's own state): the server's shared state, with each institution's personal parts as they are (the server's round checkpoints carry it); `local`'s and Ditto's own models whole; the centralized bound's pooled model. An institution keeps the averaged state where its validation loss is lower (with `keep = \"group\"` by its group's mean; one choice for all by the mean with `best` and `last`; `local` always chooses per institution, as one training alone would; Ditto's personal models choose each their own); 0 = off",
     )
     workers: int = setting(1, ge=0, doc="runs (seeds, grid points) at once, each in a process of its own; 0 = every usable core")
     grid: TuningGrid = setting(factory=TuningGrid, doc="shared tuning grid of the deep methods, chosen on validation on the first seed; empty = no tuning")
