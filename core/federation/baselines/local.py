@@ -5,7 +5,7 @@ rounds (``evaluation.average``) as the federation's is, and keeps each instituti
 state at the round (and candidate) of its own lowest validation loss, whatever
 ``evaluation.keep`` says: an institution training alone chooses alone. Sessions 18-20
 applied the group rule here too; on split validation (choose on half, score on the
-other) it raised local's loss on all three question-log federations measured
+other) it raised local's mean loss on all three question-log federations measured
 (docs/results.md, "Learning quality" 22), so it weakened the baseline."""
 
 from __future__ import annotations
