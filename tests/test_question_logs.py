@@ -76,5 +76,6 @@ def test_a_cohort_with_a_curriculum_of_its_own_asks_its_share_of_the_bank():
 def test_a_bad_curriculum_names_the_cohort():
     import pytest
 
-    with pytest.raises(ValueError, match="cohort 'b'.*bank_share"):
-        QuestionLogs(cohorts={"b": {"n": 10, "bank_share": 0.0}})
+    for bad in ({"bank_share": 0.0}, {"bank_share": 1.5}, {"concept_shift": -1.0}, {"concept_shift": float("nan")}):
+        with pytest.raises(ValueError, match="cohort 'b'.*bank_share"):
+            QuestionLogs(cohorts={"b": {"n": 10, **bad}})

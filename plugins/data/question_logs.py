@@ -28,6 +28,7 @@ concept ids ``question``, ``query_question``); task ``next_response`` (binary).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,8 +85,8 @@ class QuestionLogs:
             raise ValueError(f"questions, concepts and history must be >= 1, got {questions}, {concepts}, {history}")
         self.cohorts = {k: Cohort(**v) for k, v in (DEFAULT_COHORTS if cohorts is None else cohorts).items()}
         for name, c in self.cohorts.items():
-            if not 0.0 < c.bank_share <= 1.0 or c.concept_shift < 0:
-                raise ValueError(f"cohort {name!r}: bank_share must be in (0, 1] and concept_shift >= 0, got {c.bank_share}, {c.concept_shift}")
+            if not (0.0 < c.bank_share <= 1.0 and 0.0 <= c.concept_shift < math.inf):
+                raise ValueError(f"cohort {name!r}: bank_share must be in (0, 1] and concept_shift a finite number >= 0, got {c.bank_share}, {c.concept_shift}")
         self.questions, self.concepts, self.history, self.ids = questions, concepts, history, ids
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
