@@ -1,12 +1,14 @@
 """The generated question-level response logs (``question_logs``): a valid source,
 split by student, one question bank for every institution, and a federation that trains."""
 
+import pytest
 import torch
 from conftest import tiny_config_dict  # noqa: F401  (conftest sets the test environment)
 from m3tfed.config import load_toml
 from m3tfed.data import num_samples
 from m3tfed.federation.lifecycle import run_job
 from m3tfed.plugins.data.question_logs import PREDICT_AT, QuestionLogs
+from m3tfed.seeds import seed_for
 from m3tfed.testing import check_data_source
 
 EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "question-logs.toml"
@@ -53,7 +55,8 @@ def test_the_example_federation_trains_on_question_logs(tmp_path):
 
 
 def test_a_cohort_with_a_curriculum_of_its_own_asks_its_share_of_the_bank():
-    src = QuestionLogs(cohorts={"a": {"n": 10}, "b": {"n": 10, "bank_share": 0.25, "concept_shift": 1.0}}, questions=200, concepts=10)
+    options = {"cohorts": {"a": {"n": 10}, "b": {"n": 10, "bank_share": 0.25, "concept_shift": 1.0}}, "questions": 200, "concepts": 10}
+    src = QuestionLogs(**options)
     bank = src.curriculum(0)
     same = src.localized(src.cohorts["a"], bank, torch.Generator().manual_seed(1))
     assert all(torch.equal(x, y) for x, y in zip(same, bank))  # no options: the shared bank, untouched
@@ -63,9 +66,7 @@ def test_a_cohort_with_a_curriculum_of_its_own_asks_its_share_of_the_bank():
     for c in range(10):  # one offset per concept, shared by its questions
         assert torch.allclose(offset[concept == c], offset[concept == c][0].expand(int((concept == c).sum())))
     assert offset.abs().max() > 0.1
-    data = src.load([type("I", (), {"name": n, "tasks": ["next_response"]})() for n in "ab"], seed=0)
-    from m3tfed.seeds import seed_for
-
+    data = check_data_source("question_logs", seed=0, **options)  # a valid source with the options too
     popularity = src.localized(src.cohorts["b"], bank, torch.Generator().manual_seed(seed_for(0, "curriculum", "b")))[2]
     asked = torch.cat([data["b"].train["interactions"]["query_skill"], data["b"].test["interactions"]["query_skill"]])
     share = set(torch.nonzero(popularity).flatten().tolist())
@@ -74,8 +75,6 @@ def test_a_cohort_with_a_curriculum_of_its_own_asks_its_share_of_the_bank():
 
 
 def test_a_bad_curriculum_names_the_cohort():
-    import pytest
-
     for bad in ({"bank_share": 0.0}, {"bank_share": 1.5}, {"concept_shift": -1.0}, {"concept_shift": float("nan")}):
         with pytest.raises(ValueError, match="cohort 'b'.*bank_share"):
             QuestionLogs(cohorts={"b": {"n": 10, **bad}})
