@@ -14,6 +14,7 @@ Parameter names map onto federation components (:func:`component_of`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -553,3 +554,64 @@ class M3TModel(nn.Module):
                 raise ValueError(f"component {component!r}: {name} has shape {tuple(value.shape)}, model expects {tuple(params[name].shape)}")
         with torch.no_grad():
             torch._foreach_copy_([params[n] for n in state], list(state.values()))
+
+
+def twin(model: M3TModel) -> M3TModel:
+    """A copy of ``model`` whose frozen tensors (a pretrained backbone) are the same
+    objects: a second model of the same selection, for one backbone's memory."""
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return copy.deepcopy(model, memo=frozen)
+
+
+# The weights of the federation's model an interpolation tries, from all-federation down
+# (ties keep the first: the more federated).
+MIX_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+PERSONAL_PREFIX = "personal:"  # an interpolation's personal components in its trainable state
+
+
+class InterpolatedModel(nn.Module):
+    """Two models of one selection served as one: every prediction is ``weight`` x
+    ``federation``'s + (1 - ``weight``) x ``personal``'s, in the head's output space
+    (logits for classifiers, values for regression): the model interpolation of Mansour
+    et al. 2020 ("Three approaches for personalization"). Routing counts are the
+    federation model's. Not trained as one: each part trains on its own."""
+
+    def __init__(self, federation: M3TModel, personal: M3TModel, weight: float):
+        super().__init__()
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"an interpolation's weight is in [0, 1], not {weight}")
+        self.federation, self.personal, self.weight = federation, personal, weight
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.federation.config
+
+    @property
+    def selection(self) -> dict[str, list[str]]:
+        return self.federation.selection
+
+    @property
+    def tasks(self) -> nn.ModuleDict:
+        return self.federation.tasks
+
+    @property
+    def expert_names(self) -> list[str]:
+        return self.federation.expert_names
+
+    def forward(self, inputs: dict[str, Any], task: str) -> ModelOutput:
+        out = self.federation(inputs, task)
+        if self.weight == 1.0:
+            return out
+        own = self.personal(inputs, task).pred
+        return out._replace(pred=self.weight * out.pred + (1.0 - self.weight) * own, deep_pred=None, wide_pred=None)
+
+    def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Both parts' trainable tensors: the personal part's components prefixed."""
+        return {**self.federation.trainable_state(), **{PERSONAL_PREFIX + c: s for c, s in self.personal.trainable_state().items()}}
+
+    def load_trainable_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for component, tensors in state.items():
+            if component.startswith(PERSONAL_PREFIX):
+                self.personal.load_component_state(component.removeprefix(PERSONAL_PREFIX), tensors)
+            else:
+                self.federation.load_component_state(component, tensors)

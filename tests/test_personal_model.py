@@ -7,12 +7,16 @@ import json
 
 import torch
 from conftest import tiny_config_dict
+from m3tfed.data import eval_batches, model_inputs
+from m3tfed.federation.baselines.common import fine_tune_if_better
 from m3tfed.federation.baselines.dense_fedavg import dense_config
 from m3tfed.federation.build import build_federation
 from m3tfed.federation.checkpoint import load_checkpoint, personal_path, unflatten_components
 from m3tfed.federation.config import load_config
+from m3tfed.federation.evaluation import institution_score
 from m3tfed.federation.institution import PERSONAL_MODEL, PERSONAL_OPTIMIZER
 from m3tfed.federation.lifecycle import resume_job, run_job
+from m3tfed.model import MIX_WEIGHTS, InterpolatedModel
 
 
 def federation(**federation):
@@ -73,6 +77,65 @@ def test_lambda_pulls_the_personal_model_toward_the_received_one():
         own = unflatten_components(inst.personal_state[PERSONAL_MODEL])
         far[lam] = distance({c: s for c, s in own.items() if not inst.is_personal(c)}, start)
     assert far[100.0] < 0.6 * far[1e-3], far
+
+
+def test_with_lambda_zero_the_personal_model_trains_alone():
+    """``personal_lambda = 0``: after its first round the personal model never reads what
+    the server sends (a model of the institution's own data, kept beside the federation's)."""
+    feds = [federation(personal_model="ditto", personal_lambda=0.0) for _ in range(2)]
+    for fed in feds:
+        fed.server.run_round(1)
+    for state in feds[1].server.state.values():  # the second federation sends other weights
+        for v in state.values():
+            v.mul_(0.5).add_(0.1)
+    for fed in feds:
+        fed.server.run_round(2)
+    for name in feds[0].institutions:
+        one, two = (f.institutions[name].personal_state[PERSONAL_MODEL] for f in feds)
+        assert all(torch.equal(one[k], two[k]) for k in one), name
+    assert any(not torch.equal(feds[0].server.state[c][k], feds[1].server.state[c][k]) for c in feds[0].server.state for k in feds[0].server.state[c])
+
+
+def test_mixing_serves_the_interpolation_of_the_lowest_validation_loss():
+    """``personal_serve = "mix"``: each institution is tested with w x the federation's
+    prediction + (1 - w) x its personal model's, w of the lowest validation loss."""
+    fed = federation(personal_model="ditto", personal_lambda=0.0, personal_serve="mix", local_steps=4)
+    fed.server.run_round(1)
+    weights = set()
+    for name, inst in fed.institutions.items():
+        tested = inst.tested(fed.server.state)
+        mixed = tested.model
+        assert isinstance(mixed, InterpolatedModel) and tested.served == f"mix {mixed.weight:g}", name
+        losses = {w: inst.validation_loss(InterpolatedModel(mixed.federation, mixed.personal, w)) for w in MIX_WEIGHTS}
+        assert losses[mixed.weight] == min(losses.values()) == institution_score(tested.val[0]), (name, losses)
+        assert losses[1.0] == inst.validation_loss(inst.load(fed.server.state))  # one end: the federation's model
+        personal = unflatten_components(inst.personal_state[PERSONAL_MODEL])
+        assert distance({c: mixed.personal.component_state(c) for c in personal}, personal) == 0  # the other: its own
+        assert len(set(losses.values())) > 1, name
+        mixed.eval()
+        batch = model_inputs(next(eval_batches(inst.data.val, 8)))
+        task = inst.config.tasks[0]
+        with torch.no_grad():
+            for w in (0.25, 0.5):
+                out = InterpolatedModel(mixed.federation, mixed.personal, w)(batch, task).pred
+                want = w * mixed.federation(batch, task).pred + (1 - w) * mixed.personal(batch, task).pred
+                assert torch.allclose(out, want), (name, w)
+        weights.add(mixed.weight)
+    assert weights != {1.0}  # the personal model took part somewhere
+
+
+def test_fine_tuning_a_mix_trains_its_federation_part_and_judges_the_whole():
+    fed = federation(personal_model="ditto", personal_lambda=0.0, personal_serve="mix")
+    fed.server.run_round(1)
+    inst = fed.institutions["university"]
+    mixed = inst.tested_model(fed.server.state)
+    mixed.weight = 0.5
+    personal, shared = mixed.personal.trainable_state(), mixed.federation.trainable_state()
+    before = inst.validation_loss(mixed)
+    kept = fine_tune_if_better(inst, mixed, 4, 3e-2, 0, only=lambda c: c == "router" or c.startswith("task."))
+    assert distance(mixed.personal.trainable_state(), personal) == 0
+    moved = distance(mixed.federation.trainable_state(), shared)
+    assert (moved > 0) == kept and (inst.validation_loss(mixed) <= before)
 
 
 def test_a_run_with_personal_models_resumes_to_the_same_tested_results(tmp_path):

@@ -80,6 +80,26 @@ def test_the_first_seed_is_read_from_the_tuning_runs_with_a_fresh_runs_numbers(t
     assert not list((tmp_path / "t").glob("tune_*/tested"))  # read once, then removed
 
 
+def test_an_interpolated_federated_moe_is_read_from_its_tuning_run_with_a_fresh_runs_numbers(tmp_path):
+    """``personal_serve = "mix"``: the scored state holds both parts and the weight, so the
+    first seed's read (and the personalized fine-tune over it) matches training again."""
+    from m3tfed.config import to_dict
+    from m3tfed.federation.lifecycle import at_points
+
+    d = tiny_config_dict(rounds=2, n=16, personalize_steps=2, personal_model="ditto", personal_lambda=0.0, personal_serve="mix")
+    d["evaluation"].update(grid={"lr": [1e-3, 3e-2]}, baselines=[], personalize=True)
+    out = run_seeds(d, seeds=1, name="t", runs_dir=tmp_path, progress=quiet, workers=1)
+    seed = json.loads((tmp_path / "t" / "seed_0" / "metrics.json").read_text())
+    assert set(seed["tested_from"]) == {"fed_moe", "personalized"}
+    base = to_dict(load_config(d))
+    base["evaluation"]["grid"] = {}
+    fresh = run_job(at_points(base, out["tuning"]["chosen"]), name="fresh", runs_dir=tmp_path, progress=quiet, echo=False)
+    for method in ("fed_moe", "personalized"):
+        assert json.dumps(seed["results"][method]) == json.dumps(fresh["results"][method]), method
+    assert seed["tested_with"] == fresh["tested_with"] and all(v.startswith("mix ") for v in fresh["tested_with"].values())
+    assert any(v != "mix 1" for v in fresh["tested_with"].values())
+
+
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_a_method_tested_from_a_base_at_another_point_matches_a_fresh_run(tmp_path, monkeypatch, keep):
     """When personalized (or FedAvg + fine-tuning) chose another point than the method it

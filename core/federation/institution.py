@@ -24,7 +24,7 @@ from ..data import InstitutionData
 from ..errors import InstitutionTimeout
 from ..interfaces import LocalRun, LocalTrainer, RoundContext, UpdateStage
 from ..messages import ComponentUpdate, State, TrainJob, TrainResult
-from ..model import M3TModel, ModelConfig
+from ..model import MIX_WEIGHTS, InterpolatedModel, M3TModel, ModelConfig, twin
 from ..privacy.dp import privacy_report
 from ..privacy.dpsgd import DPSGDTrainer
 from ..seeds import seed_for  # (the federation's modules import it from here too)
@@ -33,7 +33,7 @@ from ..threads import apply_threads
 from ..training import PlainTrainer
 from .checkpoint import flatten_components, unflatten_components
 from .config import FederationSettings, InstitutionConfig
-from .evaluation import evaluate_model, institution_score
+from .evaluation import evaluate_model, institution_score, lower
 from .zero import ShardedTrainer
 
 # The key in ``Institution.personal_state`` under which an institution keeps its own
@@ -139,9 +139,10 @@ _ACCELERATOR = None
 class Tested(NamedTuple):
     """An institution's model as tested (:meth:`Institution.tested`): ``val`` holds its
     validation metrics and routing where choosing it computed them (None otherwise), and
-    ``served`` which model it is with a personal model ("personal" or "federation")."""
+    ``served`` which model it is with a personal model ("personal", "federation", or
+    "mix <w>": the interpolation with the federation's weight w)."""
 
-    model: M3TModel
+    model: M3TModel | InterpolatedModel
     val: tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]] | None = None
     served: str | None = None
 
@@ -265,23 +266,43 @@ class Institution:
         """Its model as tested (and validated): ``shared`` (the federation's kept state) with
         its personal parts, or the shared state of its own kept round (``evaluation.keep =
         "group"`` or ``"each"``). With a Ditto personal model, that model (``personal_serve =
-        "personal"``) or whichever of the two has the lower loss on its validation split
-        (``"lower"``: the choice an institution makes on its own data), with the chosen
-        one's validation results, so that no caller evaluates it a third time.
+        "personal"``), whichever of the two has the lower loss on its validation split
+        (``"lower"``: the choice an institution makes on its own data), or their
+        interpolation of the lowest (``"mix"``, an :class:`InterpolatedModel`), with the
+        chosen one's validation results, so that no caller evaluates it again.
         ``validated``: ``val`` is filled in any case (one pass where no choice made it)."""
         shared = shared if self.kept_shared is None else self.kept_shared
         model = self.load(shared)
         if PERSONAL_MODEL not in self.personal_state:
             return Tested(model, self.evaluate(model, "val") if validated else None)
+        if self.settings.personal_serve == "mix":
+            return self._mixed(model)
         federation = self.evaluate(model, "val") if self.settings.personal_serve == "lower" else None
-        for comp, state in unflatten_components(self.personal_state[PERSONAL_MODEL]).items():
-            model.load_component_state(comp, state)
+        self._load_personal_model(model)
         if federation is None:
             return Tested(model, self.evaluate(model, "val") if validated else None, "personal")
         personal = self.evaluate(model, "val")
         if institution_score(personal[0]) <= institution_score(federation[0]):
             return Tested(model, personal, "personal")
         return Tested(self.load(shared), federation, "federation")
+
+    def _load_personal_model(self, model: M3TModel) -> None:
+        for comp, state in unflatten_components(self.personal_state[PERSONAL_MODEL]).items():
+            model.load_component_state(comp, state)
+
+    def _mixed(self, federation: M3TModel) -> Tested:
+        """``personal_serve = "mix"``: its federation model and its personal model
+        interpolated, with the federation's weight in :data:`MIX_WEIGHTS` of the lowest
+        loss on its validation split (the choice an institution makes on its own data)."""
+        personal = twin(federation)
+        self._load_personal_model(personal)
+        best: Tested | None = None
+        for w in MIX_WEIGHTS:
+            mixed = InterpolatedModel(federation, personal, w)
+            val = self.evaluate(mixed, "val")
+            if best is None or lower(institution_score(val[0]), institution_score(best.val[0])):
+                best = Tested(mixed, val, f"mix {w:g}")
+        return best
 
     def tested_model(self, shared: State) -> M3TModel:
         """The model of :meth:`tested`."""

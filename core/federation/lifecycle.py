@@ -255,7 +255,7 @@ def finish(
     cpu: dict[str, float] = {}
     routing: dict[str, dict] = {}
     kept_round = None
-    tested_with: dict[str, str] = {}  # institution -> the model fed_moe tested: "personal" or "federation"
+    tested_with: dict[str, str] = {}  # institution -> the model fed_moe tested: "personal", "federation" or "mix <w>"
     history = [to_dict(r) for r in fed.server.history]
     communication = {"bytes_down": sum(r.bytes_down for r in fed.server.history), "bytes_up": sum(r.bytes_up for r in fed.server.history)}
     ctx = BaselineContext(final=final, progress=progress)

@@ -26,7 +26,7 @@ import torch
 
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError
-from ..model import M3TModel, ModelConfig
+from ..model import InterpolatedModel, M3TModel, ModelConfig, twin
 from .build import Federation
 from .checkpoint import (
     join_owners,
@@ -39,7 +39,7 @@ from .evaluation import FinalTest, Metrics
 
 TESTED = "tested"  # run_dir/tested/<method>: the states a tuning run scored
 
-Scored = dict[str, dict[str, tuple[M3TModel, dict[str, dict[str, torch.Tensor]]]]]  # method -> institution -> (model, state)
+Scored = dict[str, dict[str, tuple[M3TModel | InterpolatedModel, dict[str, dict[str, torch.Tensor]]]]]  # method -> institution -> (model, state)
 
 
 def frozen_sha256(model: M3TModel) -> str:
@@ -58,13 +58,16 @@ def save_scored(scored: Scored, run_dir: Path) -> None:
         models: list[dict[str, Any]] = []
         index: dict[int, int] = {}  # id(model) -> its entry in models
         institutions: dict[str, int] = {}
+        mix: dict[str, float] = {}  # institution -> its interpolation's weight (personal_serve = "mix")
         for name, (model, _) in by_inst.items():
+            if isinstance(model, InterpolatedModel):
+                model, mix[name] = model.federation, model.weight  # its state holds both parts
             if id(model) not in index:
                 index[id(model)] = len(models)
                 models.append({"config": to_dict(model.config), "selection": model.selection, "frozen_sha256": frozen_sha256(model)})
             institutions[name] = index[id(model)]
         tensors = join_owners({name: state for name, (_, state) in by_inst.items()})
-        save_checkpoint(Path(run_dir) / TESTED / method, tensors, {"method": method, "models": models, "institutions": institutions})
+        save_checkpoint(Path(run_dir) / TESTED / method, tensors, {"method": method, "models": models, "institutions": institutions, "mix": mix})
 
 
 def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalTest) -> tuple[dict[str, Metrics], dict[str, dict]]:
@@ -90,7 +93,8 @@ def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalT
                 raise CheckpointError(f"{where}: {name}'s model has other frozen weights than the one the tuning run scored")
         model = models[k]
         model.wide_stats = inst.wide_stats
-        for comp, state in unflatten_components(owners.get(name, {})).items():
-            model.load_component_state(comp, state)
+        if name in meta.get("mix", {}):
+            model = InterpolatedModel(model, twin(model), meta["mix"][name])
+        model.load_trainable_state(unflatten_components(owners.get(name, {})))
         metrics[name], routing[name] = final.evaluate(method, inst, model)
     return metrics, routing

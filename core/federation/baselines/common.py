@@ -11,6 +11,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+from ...model import InterpolatedModel
 from ..build import Federation, build_federation
 from ..config import FederationConfig
 from ..evaluation import choice_groups, kept_now, mean_score, scores_of, validate_round
@@ -23,13 +24,16 @@ State = dict[str, dict[str, Any]]
 def fine_tune_if_better(inst: Institution, model: Any, steps: int, lr: float, seed: int, only: Callable[[str], bool] | None = None) -> bool:
     """Fine-tune ``model`` on ``inst``'s own data (``only`` the components it selects)
     and keep the result only if it lowers the institution's validation loss, else put
-    the model back: the choice is made on validation. Returns whether it was kept."""
+    the model back: the choice is made on validation. Returns whether it was kept. An
+    interpolation (``personal_serve = "mix"``) is fine-tuned in its federation part (the
+    other is the institution's own already) and judged whole."""
+    trained = model.federation if isinstance(model, InterpolatedModel) else model
     before = inst.validation_loss(model)
-    saved = model.trainable_state()
-    inst.fit(model, steps, lr, seed, only=only)
+    saved = trained.trainable_state()
+    inst.fit(trained, steps, lr, seed, only=only)
     if inst.validation_loss(model) <= before:
         return True
-    model.load_trainable_state(saved)
+    trained.load_trainable_state(saved)
     return False
 
 
