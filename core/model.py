@@ -14,7 +14,6 @@ Parameter names map onto federation components (:func:`component_of`):
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -556,11 +555,14 @@ class M3TModel(nn.Module):
             torch._foreach_copy_([params[n] for n in state], list(state.values()))
 
 
-def twin(model: M3TModel) -> M3TModel:
-    """A copy of ``model`` whose frozen tensors (a pretrained backbone) are the same
-    objects: a second model of the same selection, for one backbone's memory."""
-    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
-    return copy.deepcopy(model, memo=frozen)
+def interpolate(weight: float, federation: torch.Tensor, personal: torch.Tensor) -> torch.Tensor:
+    """``weight`` x ``federation`` + (1 - ``weight``) x ``personal``; at either end that
+    prediction itself (a diverged other one does not leak in as NaN)."""
+    if weight == 1.0:
+        return federation
+    if weight == 0.0:
+        return personal
+    return weight * federation + (1.0 - weight) * personal
 
 
 # The weights of the federation's model an interpolation tries, from all-federation down
@@ -574,13 +576,15 @@ class InterpolatedModel(nn.Module):
     ``federation``'s + (1 - ``weight``) x ``personal``'s, in the head's output space
     (logits for classifiers, values for regression): the model interpolation of Mansour
     et al. 2020 ("Three approaches for personalization"). Routing counts are the
-    federation model's. Not trained as one: each part trains on its own."""
+    federation model's, at any weight. Not trained as one: each part trains on its own.
+    It starts in the federation model's mode (train or eval), which evaluation restores."""
 
     def __init__(self, federation: M3TModel, personal: M3TModel, weight: float):
         super().__init__()
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"an interpolation's weight is in [0, 1], not {weight}")
         self.federation, self.personal, self.weight = federation, personal, weight
+        self.training = federation.training
 
     @property
     def config(self) -> ModelConfig:
@@ -602,8 +606,12 @@ class InterpolatedModel(nn.Module):
         out = self.federation(inputs, task)
         if self.weight == 1.0:
             return out
-        own = self.personal(inputs, task).pred
-        return out._replace(pred=self.weight * out.pred + (1.0 - self.weight) * own, deep_pred=None, wide_pred=None)
+        pred = interpolate(self.weight, out.pred, self.personal(inputs, task).pred)
+        return out._replace(pred=pred, deep_pred=None, wide_pred=None)
+
+    def component_names(self) -> list[str]:
+        """Both parts' components, the personal part's prefixed (as in :meth:`trainable_state`)."""
+        return [*self.federation.component_names(), *(PERSONAL_PREFIX + c for c in self.personal.component_names())]
 
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Both parts' trainable tensors: the personal part's components prefixed."""

@@ -85,6 +85,7 @@ def test_with_lambda_zero_the_personal_model_trains_alone():
     feds = [federation(personal_model="ditto", personal_lambda=0.0) for _ in range(2)]
     for fed in feds:
         fed.server.run_round(1)
+    first = {n: dict(i.personal_state[PERSONAL_MODEL]) for n, i in feds[0].institutions.items()}
     for state in feds[1].server.state.values():  # the second federation sends other weights
         for v in state.values():
             v.mul_(0.5).add_(0.1)
@@ -93,6 +94,7 @@ def test_with_lambda_zero_the_personal_model_trains_alone():
     for name in feds[0].institutions:
         one, two = (f.institutions[name].personal_state[PERSONAL_MODEL] for f in feds)
         assert all(torch.equal(one[k], two[k]) for k in one), name
+        assert any(not torch.equal(one[k], first[name][k]) for k in one), name  # and it did train in round 2
     assert any(not torch.equal(feds[0].server.state[c][k], feds[1].server.state[c][k]) for c in feds[0].server.state for k in feds[0].server.state[c])
 
 
@@ -132,10 +134,15 @@ def test_fine_tuning_a_mix_trains_its_federation_part_and_judges_the_whole():
     mixed.weight = 0.5
     personal, shared = mixed.personal.trainable_state(), mixed.federation.trainable_state()
     before = inst.validation_loss(mixed)
-    kept = fine_tune_if_better(inst, mixed, 4, 3e-2, 0, only=lambda c: c == "router" or c.startswith("task."))
+    heads = lambda c: c == "router" or c.startswith("task.")  # noqa: E731
+    kept = fine_tune_if_better(inst, mixed, 4, 3e-2, 0, only=heads)
     assert distance(mixed.personal.trainable_state(), personal) == 0
     moved = distance(mixed.federation.trainable_state(), shared)
     assert (moved > 0) == kept and (inst.validation_loss(mixed) <= before)
+    mixed.weight = 0.0  # the federation part has no say: nothing is tuned
+    shared = mixed.federation.trainable_state()
+    assert not fine_tune_if_better(inst, mixed, 4, 3e-2, 0, only=heads)
+    assert distance(mixed.federation.trainable_state(), shared) == 0
 
 
 def test_a_run_with_personal_models_resumes_to_the_same_tested_results(tmp_path):

@@ -17,8 +17,10 @@ import torch
 
 from ..data import eval_batches, model_inputs, num_samples, take
 from ..errors import M3TError
+from ..model import interpolate
 
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
+Routing = dict[str, dict[str, list[int]]]  # "tasks" / "modalities" -> name -> tokens per expert
 
 
 class RepeatedTestRead(M3TError, RuntimeError):
@@ -170,33 +172,56 @@ def lowest(scores: Iterable[float]) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model: Any, tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> tuple[Metrics, dict[str, dict[str, list[int]]]]:
+def evaluate_model(model: Any, tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> tuple[Metrics, Routing]:
     """Metrics per task on ``split`` and the routing: ``{"tasks": task -> tokens routed
     to each expert, "modalities": modality -> the same for that modality's tokens, over
     every task}``. In eval mode routers drop nothing, so a sample's prediction does not
     depend on its batch."""
+    preds, routing = predictions(model, tasks, split, batch_size)
+    return task_metrics(model, preds), routing
+
+
+@torch.no_grad()
+def evaluate_interpolations(federation: Any, personal: Any, weights: Iterable[float], tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> dict[float, tuple[Metrics, Routing]]:
+    """:func:`evaluate_model` of ``InterpolatedModel(federation, personal, w)`` for every
+    ``w`` in ``weights``, from one pass of each model (the routing is the federation's)."""
+    fed, routing = predictions(federation, tasks, split, batch_size)
+    own, _ = predictions(personal, tasks, split, batch_size)
+    return {w: (task_metrics(federation, {t: (interpolate(w, fed[t][0], own[t][0]), fed[t][1]) for t in tasks}), routing) for w in weights}
+
+
+def predictions(model: Any, tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Routing]:
+    """Every task's predictions and targets on ``split``, in eval mode, and the routing
+    (:func:`evaluate_model`)."""
     was_training = model.training
     model.eval()
-    metrics, routing = {}, {}
+    out, routing = {}, {}
     by_modality: dict[str, torch.Tensor] = {}
     try:
         for task in tasks:
             preds, targets = [], []
             counts = torch.zeros(len(model.expert_names), dtype=torch.long)
             for batch in eval_batches(split, batch_size):
-                out = model(model_inputs(batch), task)
-                preds.append(out.pred)
+                step = model(model_inputs(batch), task)
+                preds.append(step.pred)
                 targets.append(batch["targets"][task])
-                counts += out.tokens_per_expert
-                for m, c in out.tokens_per_modality.items():
+                counts += step.tokens_per_expert
+                for m, c in step.tokens_per_modality.items():
                     by_modality[m] = by_modality.get(m, 0) + c
-            head = model.tasks[task].head
-            pred, target = torch.cat(preds), torch.cat(targets)
-            metrics[task] = {"loss": float(head.loss(pred, target)), **head.metrics(pred, target)}
+            out[task] = (torch.cat(preds), torch.cat(targets))
             routing[task] = counts.tolist()
     finally:
         model.train(was_training)
-    return metrics, {"tasks": routing, "modalities": {m: c.tolist() for m, c in by_modality.items()}}
+    return out, {"tasks": routing, "modalities": {m: c.tolist() for m, c in by_modality.items()}}
+
+
+def task_metrics(model: Any, preds: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Metrics:
+    """Each task's loss and metrics, by its head, from (prediction, target)."""
+    metrics = {}
+    for task, (pred, target) in preds.items():
+        head = model.tasks[task].head
+        metrics[task] = {"loss": float(head.loss(pred, target)), **head.metrics(pred, target)}
+    return metrics
 
 
 class FinalTest:

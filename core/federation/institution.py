@@ -24,7 +24,7 @@ from ..data import InstitutionData
 from ..errors import InstitutionTimeout
 from ..interfaces import LocalRun, LocalTrainer, RoundContext, UpdateStage
 from ..messages import ComponentUpdate, State, TrainJob, TrainResult
-from ..model import MIX_WEIGHTS, InterpolatedModel, M3TModel, ModelConfig, twin
+from ..model import MIX_WEIGHTS, InterpolatedModel, M3TModel, ModelConfig
 from ..privacy.dp import privacy_report
 from ..privacy.dpsgd import DPSGDTrainer
 from ..seeds import seed_for  # (the federation's modules import it from here too)
@@ -33,7 +33,7 @@ from ..threads import apply_threads
 from ..training import PlainTrainer
 from .checkpoint import flatten_components, unflatten_components
 from .config import FederationSettings, InstitutionConfig
-from .evaluation import evaluate_model, institution_score, lower
+from .evaluation import evaluate_interpolations, evaluate_model, institution_score, lower
 from .zero import ShardedTrainer
 
 # The key in ``Institution.personal_state`` under which an institution keeps its own
@@ -97,11 +97,13 @@ class ModelPool:
         self.models: dict[tuple, M3TModel] = {}
         self.frozen: dict[str, torch.nn.Parameter] = {}  # one copy of each frozen tensor per process
 
-    def get(self, modalities: list[str], tasks: list[str], experts: list[str]) -> M3TModel:
+    def get(self, modalities: list[str], tasks: list[str], experts: list[str], second: bool = False) -> M3TModel:
+        """The selection's model; ``second``: another one of the same selection, for a model
+        that serves beside it (a personal model in ``personal_serve = "mix"``)."""
         # Order does not change a model (modules are keyed by name): normalise the key.
-        key = (tuple(sorted(modalities)), tuple(sorted(tasks)), tuple(sorted(experts)))
+        key = (tuple(sorted(modalities)), tuple(sorted(tasks)), tuple(sorted(experts)), second)
         if key not in self.models:
-            self.models[key] = self.prepare(M3TModel(self.config, *map(list, key), catalogue=self.catalogue))
+            self.models[key] = self.prepare(M3TModel(self.config, *map(list, key[:3]), catalogue=self.catalogue))
         return self.models[key]
 
     def prepare(self, model: M3TModel) -> M3TModel:
@@ -294,21 +296,22 @@ class Institution:
         """``personal_serve = "mix"``: its federation model and its personal model
         interpolated, with the federation's weight in :data:`MIX_WEIGHTS` of the lowest
         loss on its validation split (the choice an institution makes on its own data)."""
-        personal = twin(federation)
+        c = self.config
+        personal = self.pool.get(c.modalities, c.tasks, self.experts, second=True)
+        personal.wide_stats = self.wide_stats
         self._load_personal_model(personal)
-        best: Tested | None = None
-        for w in MIX_WEIGHTS:
-            mixed = InterpolatedModel(federation, personal, w)
-            val = self.evaluate(mixed, "val")
-            if best is None or lower(institution_score(val[0]), institution_score(best.val[0])):
-                best = Tested(mixed, val, f"mix {w:g}")
-        return best
+        scored = evaluate_interpolations(federation, personal, MIX_WEIGHTS, c.tasks, self.data.val)
+        best = MIX_WEIGHTS[0]
+        for w in MIX_WEIGHTS[1:]:
+            if lower(institution_score(scored[w][0]), institution_score(scored[best][0])):
+                best = w
+        return Tested(InterpolatedModel(federation, personal, best), scored[best], f"mix {best:g}")
 
-    def tested_model(self, shared: State) -> M3TModel:
+    def tested_model(self, shared: State) -> M3TModel | InterpolatedModel:
         """The model of :meth:`tested`."""
         return self.tested(shared).model
 
-    def validation_loss(self, model: M3TModel) -> float:
+    def validation_loss(self, model: M3TModel | InterpolatedModel) -> float:
         """Its summed task losses on its validation split (what choices minimise)."""
         return institution_score(self.evaluate(model, "val")[0])
 
@@ -431,7 +434,7 @@ class Institution:
         return done.loss, done.tokens
 
     # -- evaluation --------------------------------------------------------------
-    def evaluate(self, model: M3TModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
+    def evaluate(self, model: M3TModel | InterpolatedModel, split: str = "val", batch_size: int = 256) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[int]]]]:
         """Metrics per task on ``"val"`` or ``"train"``, and tokens routed to each expert
         per task and per modality (``evaluate_model``). The test split is read once, at
         the end, through ``FinalTest`` only."""

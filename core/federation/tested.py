@@ -26,7 +26,7 @@ import torch
 
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError
-from ..model import InterpolatedModel, M3TModel, ModelConfig, twin
+from ..model import InterpolatedModel, M3TModel, ModelConfig
 from .build import Federation
 from .checkpoint import (
     join_owners,
@@ -79,22 +79,29 @@ def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalT
     missing = sorted(set(fed.institutions) - set(meta["institutions"]))
     if missing:
         raise CheckpointError(f"{where}: no state for institution(s) {', '.join(missing)}")
-    models: dict[int, M3TModel] = {}  # entry of meta["models"] -> the model built for it
+    models: dict[tuple[int, bool], M3TModel] = {}  # (entry of meta["models"], second) -> the model built for it
     metrics, routing = {}, {}
-    for name, inst in fed.institutions.items():
-        k = meta["institutions"][name]
-        if k not in models:
+
+    def built(k: int, second: bool = False) -> M3TModel:
+        if (k, second) not in models:
             spec = meta["models"][k]
             # in the scored model's own module order (a pool's would sort it): the same
             # sums; with the institutions' frozen tensors and accelerator
             model = M3TModel(from_dict(ModelConfig, spec["config"]), **spec["selection"], catalogue=fed.server.catalogue)
-            models[k] = model = inst.pool.prepare(model)
+            models[k, second] = model = inst.pool.prepare(model)
             if frozen_sha256(model) != spec["frozen_sha256"]:
                 raise CheckpointError(f"{where}: {name}'s model has other frozen weights than the one the tuning run scored")
-        model = models[k]
-        model.wide_stats = inst.wide_stats
+        models[k, second].wide_stats = inst.wide_stats
+        return models[k, second]
+
+    for name, inst in fed.institutions.items():
+        k = meta["institutions"][name]
+        model: M3TModel | InterpolatedModel = built(k)
         if name in meta.get("mix", {}):
-            model = InterpolatedModel(model, twin(model), meta["mix"][name])
-        model.load_trainable_state(unflatten_components(owners.get(name, {})))
+            model = InterpolatedModel(model, built(k, second=True), meta["mix"][name])
+        state = unflatten_components(owners.get(name, {}))
+        if missing := sorted(set(model.component_names()) - set(state)):
+            raise CheckpointError(f"{where}: no state for {name}'s component(s) {', '.join(missing)}")
+        model.load_trainable_state(state)
         metrics[name], routing[name] = final.evaluate(method, inst, model)
     return metrics, routing

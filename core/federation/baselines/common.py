@@ -26,8 +26,11 @@ def fine_tune_if_better(inst: Institution, model: Any, steps: int, lr: float, se
     and keep the result only if it lowers the institution's validation loss, else put
     the model back: the choice is made on validation. Returns whether it was kept. An
     interpolation (``personal_serve = "mix"``) is fine-tuned in its federation part (the
-    other is the institution's own already) and judged whole."""
+    other is the institution's own already) and judged whole; not at all where that part
+    has no weight in it."""
     trained = model.federation if isinstance(model, InterpolatedModel) else model
+    if isinstance(model, InterpolatedModel) and model.weight == 0.0:
+        return False
     before = inst.validation_loss(model)
     saved = trained.trainable_state()
     inst.fit(trained, steps, lr, seed, only=only)
