@@ -190,6 +190,7 @@ def evaluate_interpolations(federation: Any, personal: Any, weights: Iterable[fl
     return {w: (task_metrics(federation, {t: (interpolate(w, fed[t][0], own[t][0]), fed[t][1]) for t in tasks}), routing) for w in weights}
 
 
+@torch.no_grad()
 def predictions(model: Any, tasks: list[str], split: dict[str, Any], batch_size: int = 256) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], Routing]:
     """Every task's predictions and targets on ``split``, in eval mode, and the routing
     (:func:`evaluate_model`)."""

@@ -36,6 +36,7 @@ from .checkpoint import (
     unflatten_components,
 )
 from .evaluation import FinalTest, Metrics
+from .institution import Institution
 
 TESTED = "tested"  # run_dir/tested/<method>: the states a tuning run scored
 
@@ -82,7 +83,7 @@ def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalT
     models: dict[tuple[int, bool], M3TModel] = {}  # (entry of meta["models"], second) -> the model built for it
     metrics, routing = {}, {}
 
-    def built(k: int, second: bool = False) -> M3TModel:
+    def built(k: int, inst: Institution, second: bool = False) -> M3TModel:
         if (k, second) not in models:
             spec = meta["models"][k]
             # in the scored model's own module order (a pool's would sort it): the same
@@ -90,15 +91,15 @@ def read_test_from(fed: Federation, tuning_run: Path, method: str, final: FinalT
             model = M3TModel(from_dict(ModelConfig, spec["config"]), **spec["selection"], catalogue=fed.server.catalogue)
             models[k, second] = model = inst.pool.prepare(model)
             if frozen_sha256(model) != spec["frozen_sha256"]:
-                raise CheckpointError(f"{where}: {name}'s model has other frozen weights than the one the tuning run scored")
+                raise CheckpointError(f"{where}: {inst.name}'s model has other frozen weights than the one the tuning run scored")
         models[k, second].wide_stats = inst.wide_stats
         return models[k, second]
 
     for name, inst in fed.institutions.items():
         k = meta["institutions"][name]
-        model: M3TModel | InterpolatedModel = built(k)
+        model: M3TModel | InterpolatedModel = built(k, inst)
         if name in meta.get("mix", {}):
-            model = InterpolatedModel(model, built(k, second=True), meta["mix"][name])
+            model = InterpolatedModel(model, built(k, inst, second=True), meta["mix"][name])
         state = unflatten_components(owners.get(name, {}))
         if missing := sorted(set(model.component_names()) - set(state)):
             raise CheckpointError(f"{where}: no state for {name}'s component(s) {', '.join(missing)}")

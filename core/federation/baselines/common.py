@@ -28,9 +28,11 @@ def fine_tune_if_better(inst: Institution, model: Any, steps: int, lr: float, se
     interpolation (``personal_serve = "mix"``) is fine-tuned in its federation part (the
     other is the institution's own already) and judged whole; not at all where that part
     has no weight in it."""
-    trained = model.federation if isinstance(model, InterpolatedModel) else model
-    if isinstance(model, InterpolatedModel) and model.weight == 0.0:
-        return False
+    trained = model
+    if isinstance(model, InterpolatedModel):
+        if model.weight == 0.0:
+            return False
+        trained = model.federation
     before = inst.validation_loss(model)
     saved = trained.trainable_state()
     inst.fit(trained, steps, lr, seed, only=only)
